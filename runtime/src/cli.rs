@@ -1,0 +1,316 @@
+//! The command line. Exit codes are a contract scripts rely on:
+//! 0 success, 1 a stage failed, 2 a usage or validation error.
+
+use crate::dataflow::{self, RunShared};
+use crate::diag::{Diagnostic, SourceFile};
+use crate::pipeline::{self, ResolvedPipeline};
+use crate::plugin::{self, Registry};
+use crate::report::Printer;
+use crate::rundir::{self, Existing, Prepared};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// hone: RLHF pipelines as timely dataflows of plugin stages.
+#[derive(Parser)]
+#[command(name = "hone", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a pipeline file without running it (exit 0 valid, 2 invalid).
+    Validate {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run a pipeline.
+    Run(RunArgs),
+    /// List every stage kind with its ports and documented config.
+    Plugins {
+        /// Extra directories to load plugins from.
+        #[arg(long = "plugin-path", value_name = "DIR")]
+        plugin_path: Vec<PathBuf>,
+        /// Print the descriptors as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a pipeline's graph as Mermaid.
+    Graph {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Scaffold an out-of-tree stage crate that builds against the SDK.
+    NewStage {
+        /// Crate name (lower case, `-` and `_` allowed).
+        name: String,
+        /// Directory to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Override a config value: STAGE.KEY=VALUE (VALUE is TOML; bare words are strings).
+    #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+    set: Vec<String>,
+    /// Extra directories to load plugins from (searched first).
+    #[arg(long = "plugin-path", value_name = "DIR")]
+    plugin_path: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    #[command(flatten)]
+    common: Common,
+    /// The run directory (default: runs/PIPELINE_NAME).
+    #[arg(long = "run-dir", value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Worker threads in this process.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    workers: usize,
+    /// Processes in the cluster (timely cluster mode).
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// This process's index in the cluster.
+    #[arg(long, default_value_t = 0)]
+    process: usize,
+    /// File with one `host:port` line per process.
+    #[arg(long)]
+    hostfile: Option<PathBuf>,
+    /// Continue an existing run directory.
+    #[arg(long, conflicts_with = "replace")]
+    resume: bool,
+    /// Delete an existing run directory and start over.
+    #[arg(long)]
+    replace: bool,
+    /// Print failures only.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// A failed command: the message and the exit code.
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure { code: 2, message: message.into() }
+}
+
+/// Runs the CLI; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let result = match cli.command {
+        Command::Validate { pipeline, common } => load(&pipeline, &common).map(|(p, _, _)| {
+            println!("{}: valid ({} stages, {} rounds)", pipeline.display(), p.stages.len(), p.pipeline.rounds);
+        }),
+        Command::Graph { pipeline, common } => {
+            load(&pipeline, &common).map(|(p, _, _)| print!("{}", crate::graph::mermaid(&p)))
+        }
+        Command::Plugins { plugin_path, json } => {
+            plugins(&plugin_path, json);
+            Ok(())
+        }
+        Command::NewStage { name, dir } => crate::scaffold::new_stage(&name, &dir).map_err(usage).map(|d| {
+            println!("created {}", d.display());
+            println!("build it with `cargo build --release --manifest-path {}/Cargo.toml`", d.display());
+            println!("then run with `--plugin-path {}/target/release`", d.display());
+        }),
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(f) => {
+            eprintln!("{}", f.message);
+            f.code
+        }
+    }
+}
+
+/// Reads, parses, overrides and validates a pipeline.
+fn load(path: &Path, common: &Common) -> Result<(ResolvedPipeline, Registry, SourceFile), Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| usage(format!("{}: cannot read pipeline file: {e}", path.display())))?;
+    let source = SourceFile::new(path, text);
+    let render = |ds: Vec<Diagnostic>| {
+        let lines: Vec<String> = ds.iter().map(|d| source.render(d)).collect();
+        usage(crate::diag::Diagnostics(lines).to_string())
+    };
+    let mut p = pipeline::parse_pipeline(path, &source.text).map_err(render)?;
+    let overrides: Vec<Diagnostic> =
+        common.set.iter().filter_map(|arg| pipeline::apply_override(&mut p, arg).err()).collect();
+    if !overrides.is_empty() {
+        return Err(render(overrides));
+    }
+    let registry = Registry::load(&plugin::search_path(&common.plugin_path, &p.plugin_path));
+    for refused in &registry.refused {
+        eprintln!("warning: plugin refused: {refused}");
+    }
+    let resolved = pipeline::validate(p, &registry.descriptors()).map_err(render)?;
+    Ok((resolved, registry, source))
+}
+
+fn plugins(extra: &[PathBuf], json: bool) {
+    let registry = Registry::load(&plugin::search_path(extra, &[]));
+    for refused in &registry.refused {
+        eprintln!("warning: plugin refused: {refused}");
+    }
+    if json {
+        let all: Vec<_> = registry.kinds.values().map(|k| &k.descriptor).collect();
+        println!("{}", serde_json::to_string_pretty(&all).expect("descriptors encode"));
+        return;
+    }
+    if registry.kinds.is_empty() {
+        println!("no plugins found: build the workspace (`cargo build`) or pass --plugin-path DIR");
+    }
+    for kind in registry.kinds.values() {
+        let d = &kind.descriptor;
+        println!("{}  ({})", d.kind, kind.library.display());
+        println!("    {}", d.description);
+        println!("    placement: {:?}", d.placement);
+        let ports = |ps: &[hone_sdk::Port]| {
+            if ps.is_empty() {
+                "-".to_string()
+            } else {
+                ps.iter().map(|p| format!("{}: {}", p.name, p.kind)).collect::<Vec<_>>().join(", ")
+            }
+        };
+        println!("    inputs:  {}", ports(&d.inputs));
+        println!("    outputs: {}", ports(&d.outputs));
+        if !d.config.is_empty() {
+            println!("    config:");
+            for f in &d.config {
+                let default = match &f.default {
+                    Some(v) => format!(" = {v}"),
+                    None => " (required)".into(),
+                };
+                println!("      {} ({}){default}", f.name, f.ty.describe());
+                println!("          {}", f.doc);
+            }
+        }
+        println!();
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), Failure> {
+    let (resolved, registry, source) = load(&args.pipeline, &args.common)?;
+    if args.workers == 0 || args.processes == 0 || args.process >= args.processes {
+        return Err(usage("--workers and --processes must be at least 1, and --process below --processes"));
+    }
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&resolved.pipeline.name));
+    let existing = if args.replace {
+        Existing::Replace
+    } else if args.resume {
+        Existing::Resume
+    } else {
+        Existing::Refuse
+    };
+    if args.process == 0 {
+        match rundir::prepare(&run_dir, existing, resolved.pipeline.rounds).map_err(usage)? {
+            Prepared::AlreadyComplete => {
+                println!("{}: every round already completed; nothing to do", run_dir.display());
+                return Ok(());
+            }
+            Prepared::Run => {}
+        }
+        hone_sdk::fs::atomic_write(&run_dir.join("pipeline.toml"), resolved.to_toml().as_bytes())
+            .map_err(|e| Failure { code: 1, message: format!("cannot write the run directory: {e}") })?;
+    } else {
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| Failure { code: 1, message: format!("cannot create {}: {e}", run_dir.display()) })?;
+    }
+    let run_dir = run_dir.canonicalize().unwrap_or(run_dir);
+
+    let mut timely_args = vec![
+        "-w".to_string(),
+        args.workers.to_string(),
+        "-n".into(),
+        args.processes.to_string(),
+        "-p".into(),
+        args.process.to_string(),
+    ];
+    if let Some(h) = &args.hostfile {
+        timely_args.extend(["-h".to_string(), h.to_string_lossy().into_owned()]);
+    }
+    let config = timely::Config::from_args(timely_args.into_iter()).map_err(usage)?;
+
+    let (reporter, printer) = Printer::start(args.quiet);
+    let shared = Arc::new(RunShared {
+        pipeline: resolved,
+        registry,
+        run_dir: run_dir.clone(),
+        failures: Mutex::new(Vec::new()),
+        reporter,
+    });
+    let started = std::time::Instant::now();
+    let worker_shared = shared.clone();
+    let outcome = timely::execute(config, move |worker| dataflow::build(worker, worker_shared.clone()))
+        .map(|guards| guards.join());
+    let failures = shared.failures.lock().map(|f| f.clone()).unwrap_or_default();
+    let pipeline = shared.pipeline.clone();
+    drop(shared);
+    printer.finish();
+    match outcome {
+        Err(e) => return Err(Failure { code: 1, message: format!("error: cannot start the dataflow: {e}") }),
+        Ok(results) => {
+            if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+                return Err(Failure { code: 1, message: format!("error: a worker crashed: {e}") });
+            }
+        }
+    }
+    if let Some(first) = failures.first() {
+        let mut seen = Vec::new();
+        let mut lines = Vec::new();
+        let mut config_error = false;
+        for f in &failures {
+            let text = f.error.to_string();
+            if seen.contains(&(f.stage.clone(), text.clone())) {
+                continue;
+            }
+            seen.push((f.stage.clone(), text));
+            let stage = pipeline.stages.iter().find(|s| s.decl.id == f.stage);
+            match (f.at_create, f.error.config_field(), stage) {
+                (true, Some(field), Some(stage)) => {
+                    config_error = true;
+                    let origin = pipeline::config_origin(&stage.decl, field);
+                    lines.push(source.render(&Diagnostic::new(
+                        &origin,
+                        format!("stage `{}` ({}) rejected config `{field}`: {}", f.stage, stage.decl.kind, f.error.message),
+                    )));
+                }
+                _ => lines.push(format!("error: stage `{}` failed on worker {}: {}", f.stage, f.worker, f.error)),
+            }
+        }
+        lines.push(format!("run directory: {} (what completed before the failure is kept)", run_dir.display()));
+        let _ = first;
+        return Err(Failure { code: if config_error { 2 } else { 1 }, message: lines.join("\n") });
+    }
+    if !args.quiet {
+        eprintln!(
+            "finished {} round(s) of `{}` in {:.1}s; run directory: {}",
+            pipeline.pipeline.rounds,
+            pipeline.pipeline.name,
+            started.elapsed().as_secs_f64(),
+            run_dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! The pipeline as a timely dataflow. Rounds are timestamps (`u64`); every
+//! stage is one operator that feeds batches to its plugin instance as they
+//! arrive and calls its round end once the input frontier has passed the
+//! round. Feedback edges carry round `t` output into round `t + 1`.
+
+use crate::pipeline::{Edge, ResolvedPipeline};
+use crate::plugin::{Emitted, Registry, StageInstance};
+use crate::report::{Report, Reporter};
+use crate::rundir::EventLog;
+use hone_sdk::{Event, Placement, Record, StageInit};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use timely::dataflow::channels::pact::{Exchange, ParallelizationContract, Pipeline};
+use timely::dataflow::operators::generic::operator::{empty, Operator};
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Capability, ConnectLoop, Feedback};
+use timely::dataflow::Stream;
+use timely::worker::Worker;
+
+/// What flows on the dataflow's edges.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Msg {
+    /// A record on a port (an output port leaving a stage, an input port entering one).
+    Data(u32, Record),
+    /// A metric or artifact on its way to worker 0, which writes the run directory.
+    Event(RoutedEvent),
+}
+
+/// An event with where it came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoutedEvent {
+    /// The stage id.
+    pub stage: String,
+    /// The worker.
+    pub worker: usize,
+    /// The round.
+    pub round: u64,
+    /// The event.
+    pub event: Event,
+}
+
+type MsgStream<'s> = Stream<'s, u64, Vec<Msg>>;
+
+/// A stage that failed, as the runtime reports it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The stage id.
+    pub stage: String,
+    /// The worker it failed on.
+    pub worker: usize,
+    /// The error.
+    pub error: hone_sdk::StageError,
+    /// Whether it failed while being created (a config problem, exit 2).
+    pub at_create: bool,
+}
+
+/// Everything the workers of one process share.
+pub struct RunShared {
+    /// The validated pipeline.
+    pub pipeline: ResolvedPipeline,
+    /// The loaded plugins.
+    pub registry: Registry,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Stage failures, in the order they happened.
+    pub failures: Mutex<Vec<Failure>>,
+    /// Progress and log lines.
+    pub reporter: Reporter,
+}
+
+/// Builds the dataflow on one worker.
+pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
+    let index = worker.index();
+    let peers = worker.peers();
+    worker.dataflow::<u64, _, _>(|scope| {
+        let p = &shared.pipeline;
+        let rounds = p.pipeline.rounds;
+        let n = p.stages.len();
+        let mut loops = Vec::new();
+        let mut loop_inputs: Vec<Vec<MsgStream>> = vec![Vec::new(); n];
+        for (to, stage) in p.stages.iter().enumerate() {
+            for edge in stage.edges.iter().filter(|e| e.feedback) {
+                let (handle, stream) = scope.feedback::<Vec<Msg>>(1);
+                loop_inputs[to].push(stream);
+                loops.push((handle, edge.clone()));
+            }
+        }
+        let mut outputs: Vec<Option<MsgStream>> = vec![None; n];
+        for &s in &p.order {
+            let stage = &p.stages[s];
+            let mut inputs: Vec<MsgStream> = stage
+                .edges
+                .iter()
+                .filter(|e| !e.feedback)
+                .map(|e| route(outputs[e.from].clone().expect("topological order"), e, None))
+                .collect();
+            inputs.append(&mut loop_inputs[s]);
+            let input = if inputs.is_empty() { empty(scope) } else { scope.concatenate(inputs) };
+            let op = StageOp::new(shared.clone(), s, index, peers);
+            let out = match stage.descriptor.placement {
+                Placement::DataParallel => stage_operator(input, Exchange::new(shard), op),
+                Placement::Single => stage_operator(input, Exchange::new(|_: &Msg| 0u64), op),
+                Placement::PerMember { .. } => stage_operator(input.broadcast(), Pipeline, op),
+            };
+            outputs[s] = Some(out);
+        }
+        for (handle, edge) in loops {
+            let last = if rounds == 0 { None } else { Some(rounds - 1) };
+            route(outputs[edge.from].clone().expect("all stages built"), &edge, last).connect_loop(handle);
+        }
+        let events: Vec<MsgStream> = outputs.into_iter().flatten().collect();
+        let mut log = (index == 0).then(|| EventLog::new(&shared.run_dir, rounds));
+        scope.concatenate(events).sink(Exchange::new(|_: &Msg| 0u64), "RunDirectory", move |(input, frontier)| {
+            let Some(log) = log.as_mut() else { return };
+            input.for_each(|_, data| {
+                for msg in data.drain(..) {
+                    if let Msg::Event(e) = msg {
+                        log.record(e);
+                    }
+                }
+            });
+            log.advance(frontier.frontier().first().copied());
+        });
+    });
+}
+
+use timely::dataflow::operators::Concatenate;
+
+fn shard(m: &Msg) -> u64 {
+    match m {
+        Msg::Data(_, r) => r.shard_key(),
+        Msg::Event(_) => 0,
+    }
+}
+
+/// Keeps the records of one output port and relabels them with the input
+/// port they feed. With `last`, drops what would arrive after the last round.
+fn route<'s>(stream: MsgStream<'s>, edge: &Edge, last: Option<u64>) -> MsgStream<'s> {
+    let (from_port, to_port) = (edge.from_port as u32, edge.to_port as u32);
+    stream.unary(Pipeline, "Route", move |_, _| {
+        move |input, output| {
+            input.for_each(|cap, data| {
+                if last.is_some_and(|l| cap.least().is_some_and(|t| *t >= l)) {
+                    return;
+                }
+                let mut session = output.session(&cap);
+                for msg in data.drain(..) {
+                    if let Msg::Data(p, r) = msg {
+                        if p == from_port {
+                            session.give(Msg::Data(to_port, r));
+                        }
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// The state of one stage's operator on one worker.
+struct StageOp {
+    shared: Arc<RunShared>,
+    stage: usize,
+    worker: usize,
+    instance: Option<StageInstance>,
+    next_round: u64,
+    stash: BTreeMap<u64, Vec<Msg>>,
+}
+
+impl StageOp {
+    fn new(shared: Arc<RunShared>, stage: usize, worker: usize, peers: usize) -> Self {
+        let mut op = StageOp { shared, stage, worker, instance: None, next_round: 0, stash: BTreeMap::new() };
+        let s = &op.shared.pipeline.stages[stage];
+        let members: Vec<usize> = match s.descriptor.placement {
+            Placement::DataParallel => vec![0],
+            Placement::Single => if worker == 0 { vec![0] } else { vec![] },
+            Placement::PerMember { .. } => (0..s.members).filter(|m| m % peers == worker).collect(),
+        };
+        if members.is_empty() {
+            return op;
+        }
+        let init = StageInit {
+            stage_id: s.decl.id.clone(),
+            kind: s.decl.kind.clone(),
+            config: s.config.clone(),
+            worker,
+            workers: peers,
+            members,
+            run_dir: op.shared.run_dir.clone(),
+            rounds: op.shared.pipeline.pipeline.rounds,
+            seed: op.shared.pipeline.pipeline.seed,
+        };
+        let kind = &op.shared.registry.kinds[&s.decl.kind];
+        match StageInstance::create(kind, &init) {
+            Ok(instance) => op.instance = Some(instance),
+            Err(error) => op.fail(error, true),
+        }
+        op
+    }
+
+    fn id(&self) -> &str {
+        &self.shared.pipeline.stages[self.stage].decl.id
+    }
+
+    fn fail(&mut self, error: hone_sdk::StageError, at_create: bool) {
+        let failure = Failure { stage: self.id().to_string(), worker: self.worker, error, at_create };
+        self.shared.reporter.send(Report::Failed(format!("stage `{}` failed: {}", failure.stage, failure.error)));
+        self.shared.failures.lock().expect("failures lock").push(failure);
+        self.instance = None;
+    }
+
+    /// Hands a call's output to the dataflow and the reporter.
+    fn deliver(&self, emitted: Emitted, round: u64, out: &mut impl FnMut(Msg)) {
+        for (port, batch) in emitted.records {
+            for record in batch {
+                out(Msg::Data(port, record));
+            }
+        }
+        for event in emitted.events {
+            match event {
+                Event::Progress { label, done, total } => {
+                    self.shared.reporter.send(Report::Progress { stage: self.id().to_string(), label, done, total })
+                }
+                Event::Log { message } => {
+                    self.shared.reporter.send(Report::Log(format!("[{}] {message}", self.id())))
+                }
+                event => out(Msg::Event(RoutedEvent { stage: self.id().to_string(), worker: self.worker, round, event })),
+            }
+        }
+    }
+
+    fn feed(&mut self, round: u64, msgs: Vec<Msg>, out: &mut impl FnMut(Msg)) {
+        // Group consecutive records of one port into a batch.
+        let mut batches: Vec<(u32, Vec<Record>)> = Vec::new();
+        for msg in msgs {
+            if let Msg::Data(port, r) = msg {
+                match batches.last_mut() {
+                    Some((p, b)) if *p == port => b.push(r),
+                    _ => batches.push((port, vec![r])),
+                }
+            }
+        }
+        for (port, batch) in batches {
+            let Some(instance) = self.instance.as_mut() else { return };
+            let mut emitted = Emitted::default();
+            let result = instance.on_batch(port, round, &batch, &mut emitted);
+            self.deliver(emitted, round, out);
+            if let Err(e) = result {
+                self.fail(e, false);
+            }
+        }
+    }
+
+    fn round_end(&mut self, round: u64, out: &mut impl FnMut(Msg)) {
+        let Some(instance) = self.instance.as_mut() else { return };
+        let mut emitted = Emitted::default();
+        let result = instance.on_round_end(round, &mut emitted);
+        self.deliver(emitted, round, out);
+        if let Err(e) = result {
+            self.fail(e, false);
+        }
+    }
+}
+
+fn stage_operator<'s, P>(input: MsgStream<'s>, pact: P, mut op: StageOp) -> MsgStream<'s>
+where
+    P: ParallelizationContract<u64, Vec<Msg>>,
+{
+    let name = format!("Stage({})", op.id());
+    let rounds = op.shared.pipeline.pipeline.rounds;
+    input.unary_frontier(pact, &name, move |cap, _info| {
+        let mut cap: Option<Capability<u64>> = op.instance.is_some().then_some(cap);
+        move |(input, frontier), output| {
+            input.for_each(|time, data| {
+                let Some(&t) = time.least() else { return };
+                if rounds == 0 || t < rounds {
+                    op.stash.entry(t).or_default().append(data);
+                }
+            });
+            loop {
+                let Some(c) = cap.as_mut() else {
+                    op.stash.clear();
+                    break;
+                };
+                let round = op.next_round;
+                let mut session = output.session(c);
+                let mut give = |m: Msg| session.give(m);
+                if let Some(msgs) = op.stash.remove(&round) {
+                    op.feed(round, msgs, &mut give);
+                }
+                if frontier.less_equal(&round) {
+                    break;
+                }
+                op.round_end(round, &mut give);
+                drop(session);
+                op.next_round += 1;
+                if op.instance.is_none() || (rounds != 0 && op.next_round >= rounds) {
+                    cap = None;
+                } else {
+                    c.downgrade(&op.next_round);
+                }
+            }
+        }
+    })
+}

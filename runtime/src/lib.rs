@@ -1,0 +1,15 @@
+//! The hone runtime: reads pipeline files, loads stage plugins through the
+//! SDK's C ABI, and runs them as a timely dataflow.
+//!
+//! The binary (`hone`) is a thin CLI over [`cli`]; the library exists so
+//! that benchmarks and tests can drive the same code.
+
+pub mod cli;
+pub mod dataflow;
+pub mod diag;
+pub mod graph;
+pub mod pipeline;
+pub mod plugin;
+pub mod report;
+pub mod rundir;
+pub mod scaffold;

@@ -1,0 +1,5 @@
+//! The `hone` command.
+
+fn main() {
+    std::process::exit(hone::cli::main());
+}

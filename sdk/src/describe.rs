@@ -1,0 +1,172 @@
+//! How a stage describes itself: name, ports, config schema, placement.
+
+use crate::RecordKind;
+use serde::{Deserialize, Serialize};
+
+/// A typed input or output port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Port {
+    /// Port name, unique among the stage's inputs (or outputs).
+    pub name: String,
+    /// The records it carries.
+    pub kind: RecordKind,
+}
+
+/// The type of a config field, checked by the runtime before anything runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FieldType {
+    /// A string.
+    String,
+    /// A path; a relative path is resolved against the pipeline file's directory.
+    Path,
+    /// An integer.
+    Integer,
+    /// A float (an integer is accepted too).
+    Float,
+    /// A boolean.
+    Bool,
+    /// One of a fixed set of strings.
+    Enum(Vec<String>),
+    /// A list of values of one type.
+    List(Box<FieldType>),
+}
+
+impl FieldType {
+    /// A short human name, used in messages and docs.
+    pub fn describe(&self) -> String {
+        match self {
+            FieldType::String => "string".into(),
+            FieldType::Path => "path".into(),
+            FieldType::Integer => "integer".into(),
+            FieldType::Float => "float".into(),
+            FieldType::Bool => "boolean".into(),
+            FieldType::Enum(options) => {
+                let quoted: Vec<String> = options.iter().map(|o| format!("\"{o}\"")).collect();
+                format!("one of {}", quoted.join(", "))
+            }
+            FieldType::List(inner) => format!("list of {}", inner.describe()),
+        }
+    }
+}
+
+/// One documented config field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigField {
+    /// The key in the stage's `config` table.
+    pub name: String,
+    /// Its type.
+    pub ty: FieldType,
+    /// What it does, in one or two sentences.
+    pub doc: String,
+    /// The default as JSON; `None` makes the field required.
+    pub default: Option<serde_json::Value>,
+}
+
+/// Where a stage's instances run and how input reaches them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Placement {
+    /// One instance, on worker 0; all input is routed there.
+    Single,
+    /// One instance per worker; records are exchanged by [`crate::Record::shard_key`].
+    DataParallel,
+    /// An ensemble: member `i` runs on worker `i mod N`; every instance sees
+    /// all input. The member count is read from the named integer config field.
+    PerMember {
+        /// The config field holding the number of members.
+        members_field: String,
+    },
+}
+
+/// Everything the runtime knows about a stage kind before creating it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageDescriptor {
+    /// The kind named in pipeline files (`family.name`, e.g. `jsonl.read-pairs`).
+    pub kind: String,
+    /// One line saying what it does.
+    pub description: String,
+    /// Typed input ports.
+    pub inputs: Vec<Port>,
+    /// Typed output ports.
+    pub outputs: Vec<Port>,
+    /// The config schema.
+    pub config: Vec<ConfigField>,
+    /// Where it runs.
+    pub placement: Placement,
+}
+
+impl StageDescriptor {
+    /// A stage with no ports, no config, placed on a single worker.
+    pub fn new(kind: impl Into<String>, description: impl Into<String>) -> Self {
+        StageDescriptor {
+            kind: kind.into(),
+            description: description.into(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            config: Vec::new(),
+            placement: Placement::Single,
+        }
+    }
+
+    /// Adds an input port.
+    pub fn input(mut self, name: &str, kind: RecordKind) -> Self {
+        self.inputs.push(Port { name: name.into(), kind });
+        self
+    }
+
+    /// Adds an output port.
+    pub fn output(mut self, name: &str, kind: RecordKind) -> Self {
+        self.outputs.push(Port { name: name.into(), kind });
+        self
+    }
+
+    /// Adds a required config field.
+    pub fn required(mut self, name: &str, ty: FieldType, doc: &str) -> Self {
+        self.config.push(ConfigField { name: name.into(), ty, doc: doc.into(), default: None });
+        self
+    }
+
+    /// Adds an optional config field with its default.
+    pub fn optional(
+        mut self,
+        name: &str,
+        ty: FieldType,
+        default: impl Into<serde_json::Value>,
+        doc: &str,
+    ) -> Self {
+        self.config.push(ConfigField {
+            name: name.into(),
+            ty,
+            doc: doc.into(),
+            default: Some(default.into()),
+        });
+        self
+    }
+
+    /// Sets the placement.
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Index of the input port with this name.
+    pub fn input_index(&self, name: &str) -> Option<usize> {
+        self.inputs.iter().position(|p| p.name == name)
+    }
+
+    /// Index of the output port with this name.
+    pub fn output_index(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().position(|p| p.name == name)
+    }
+}
+
+/// Builds an `Enum` field type from string literals.
+pub fn one_of(options: &[&str]) -> FieldType {
+    FieldType::Enum(options.iter().map(|s| s.to_string()).collect())
+}
+
+impl FieldType {
+    /// Shorthand for [`one_of`].
+    pub fn one_of(options: &[&str]) -> FieldType {
+        one_of(options)
+    }
+}

@@ -1,0 +1,65 @@
+//! The hone SDK: everything a stage author depends on.
+//!
+//! A stage is a plain Rust type implementing [`Stage`] and [`StageFactory`];
+//! [`export_stages!`] turns a list of them into a plugin library that the
+//! `hone` runtime loads with `libloading`. The C ABI, bincode batches, panic
+//! containment and memory ownership are this crate's business, not the
+//! author's.
+//!
+//! ```
+//! use hone_sdk::prelude::*;
+//!
+//! /// Upper-cases every prompt.
+//! struct Shout;
+//!
+//! impl StageFactory for Shout {
+//!     fn descriptor() -> StageDescriptor {
+//!         StageDescriptor::new("example.shout", "Upper-cases every prompt.")
+//!             .input("prompts", RecordKind::Prompt)
+//!             .output("prompts", RecordKind::Prompt)
+//!     }
+//!     fn create(_init: &StageInit) -> Result<Self, StageError> {
+//!         Ok(Shout)
+//!     }
+//! }
+//!
+//! impl Stage for Shout {
+//!     fn on_batch(&mut self, ctx: &mut Context, _port: usize, batch: Vec<Record>) -> Result<(), StageError> {
+//!         for record in batch {
+//!             if let Record::Prompt(mut p) = record {
+//!                 p.text = p.text.to_uppercase();
+//!                 ctx.emit(0, Record::Prompt(p));
+//!             }
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! hone_sdk::export_stages!(Shout);
+//! ```
+
+pub mod abi;
+mod context;
+mod describe;
+mod error;
+pub mod fs;
+mod records;
+mod stage;
+pub mod text;
+
+pub use context::{Collected, Context, Event, HostLink};
+pub use describe::{one_of, ConfigField, FieldType, Placement, Port, StageDescriptor};
+pub use error::StageError;
+pub use records::{ArtifactRef, Completion, PreferencePair, Prompt, Record, RecordKind, Score};
+pub use stage::{Stage, StageFactory, StageInit};
+
+/// The SDK's semantic version, exchanged in the plugin handshake.
+pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The names most stage code needs.
+pub mod prelude {
+    pub use crate::{
+        ArtifactRef, Completion, ConfigField, Context, FieldType, Placement, PreferencePair, Prompt,
+        Record, RecordKind, Score, Stage, StageDescriptor, StageError, StageFactory, StageInit,
+    };
+}
