@@ -105,7 +105,10 @@ struct Failure {
 }
 
 fn usage(message: impl Into<String>) -> Failure {
-    Failure { code: 2, message: message.into() }
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
 }
 
 /// Runs the CLI; returns the exit code.
@@ -120,7 +123,12 @@ pub fn main() -> i32 {
     };
     let result = match cli.command {
         Command::Validate { pipeline, common } => load(&pipeline, &common).map(|(p, _, _)| {
-            println!("{}: valid ({} stages, {} rounds)", pipeline.display(), p.stages.len(), p.pipeline.rounds);
+            println!(
+                "{}: valid ({} stages, {} rounds)",
+                pipeline.display(),
+                p.stages.len(),
+                p.pipeline.rounds
+            );
         }),
         Command::Graph { pipeline, common } => {
             load(&pipeline, &common).map(|(p, _, _)| print!("{}", crate::graph::mermaid(&p)))
@@ -129,11 +137,19 @@ pub fn main() -> i32 {
             plugins(&plugin_path, json);
             Ok(())
         }
-        Command::NewStage { name, dir } => crate::scaffold::new_stage(&name, &dir).map_err(usage).map(|d| {
-            println!("created {}", d.display());
-            println!("build it with `cargo build --release --manifest-path {}/Cargo.toml`", d.display());
-            println!("then run with `--plugin-path {}/target/release`", d.display());
-        }),
+        Command::NewStage { name, dir } => crate::scaffold::new_stage(&name, &dir)
+            .map_err(usage)
+            .map(|d| {
+                println!("created {}", d.display());
+                println!(
+                    "build it with `cargo build --release --manifest-path {}/Cargo.toml`",
+                    d.display()
+                );
+                println!(
+                    "then run with `--plugin-path {}/target/release`",
+                    d.display()
+                );
+            }),
         Command::Run(args) => run(args),
     };
     match result {
@@ -147,16 +163,23 @@ pub fn main() -> i32 {
 
 /// Reads, parses, overrides and validates a pipeline.
 fn load(path: &Path, common: &Common) -> Result<(ResolvedPipeline, Registry, SourceFile), Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| usage(format!("{}: cannot read pipeline file: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        usage(format!(
+            "{}: cannot read pipeline file: {e}",
+            path.display()
+        ))
+    })?;
     let source = SourceFile::new(path, text);
     let render = |ds: Vec<Diagnostic>| {
         let lines: Vec<String> = ds.iter().map(|d| source.render(d)).collect();
         usage(crate::diag::Diagnostics(lines).to_string())
     };
     let mut p = pipeline::parse_pipeline(path, &source.text).map_err(render)?;
-    let overrides: Vec<Diagnostic> =
-        common.set.iter().filter_map(|arg| pipeline::apply_override(&mut p, arg).err()).collect();
+    let overrides: Vec<Diagnostic> = common
+        .set
+        .iter()
+        .filter_map(|arg| pipeline::apply_override(&mut p, arg).err())
+        .collect();
     if !overrides.is_empty() {
         return Err(render(overrides));
     }
@@ -175,7 +198,10 @@ fn plugins(extra: &[PathBuf], json: bool) {
     }
     if json {
         let all: Vec<_> = registry.kinds.values().map(|k| &k.descriptor).collect();
-        println!("{}", serde_json::to_string_pretty(&all).expect("descriptors encode"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all).expect("descriptors encode")
+        );
         return;
     }
     if registry.kinds.is_empty() {
@@ -190,7 +216,10 @@ fn plugins(extra: &[PathBuf], json: bool) {
             if ps.is_empty() {
                 "-".to_string()
             } else {
-                ps.iter().map(|p| format!("{}: {}", p.name, p.kind)).collect::<Vec<_>>().join(", ")
+                ps.iter()
+                    .map(|p| format!("{}: {}", p.name, p.kind))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         };
         println!("    inputs:  {}", ports(&d.inputs));
@@ -198,9 +227,10 @@ fn plugins(extra: &[PathBuf], json: bool) {
         if !d.config.is_empty() {
             println!("    config:");
             for f in &d.config {
-                let default = match &f.default {
-                    Some(v) => format!(" = {v}"),
-                    None => " (required)".into(),
+                let default = match (f.required, &f.default) {
+                    (true, _) => " (required)".to_string(),
+                    (false, serde_json::Value::Null) => " (unset by default)".to_string(),
+                    (false, v) => format!(" = {v}"),
                 };
                 println!("      {} ({}){default}", f.name, f.ty.describe());
                 println!("          {}", f.doc);
@@ -213,9 +243,14 @@ fn plugins(extra: &[PathBuf], json: bool) {
 fn run(args: RunArgs) -> Result<(), Failure> {
     let (resolved, registry, source) = load(&args.pipeline, &args.common)?;
     if args.workers == 0 || args.processes == 0 || args.process >= args.processes {
-        return Err(usage("--workers and --processes must be at least 1, and --process below --processes"));
+        return Err(usage(
+            "--workers and --processes must be at least 1, and --process below --processes",
+        ));
     }
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&resolved.pipeline.name));
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&resolved.pipeline.name));
     let existing = if args.replace {
         Existing::Replace
     } else if args.resume {
@@ -226,16 +261,27 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     if args.process == 0 {
         match rundir::prepare(&run_dir, existing, resolved.pipeline.rounds).map_err(usage)? {
             Prepared::AlreadyComplete => {
-                println!("{}: every round already completed; nothing to do", run_dir.display());
+                println!(
+                    "{}: every round already completed; nothing to do",
+                    run_dir.display()
+                );
                 return Ok(());
             }
             Prepared::Run => {}
         }
-        hone_sdk::fs::atomic_write(&run_dir.join("pipeline.toml"), resolved.to_toml().as_bytes())
-            .map_err(|e| Failure { code: 1, message: format!("cannot write the run directory: {e}") })?;
+        hone_sdk::fs::atomic_write(
+            &run_dir.join("pipeline.toml"),
+            resolved.to_toml().as_bytes(),
+        )
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot write the run directory: {e}"),
+        })?;
     } else {
-        std::fs::create_dir_all(&run_dir)
-            .map_err(|e| Failure { code: 1, message: format!("cannot create {}: {e}", run_dir.display()) })?;
+        std::fs::create_dir_all(&run_dir).map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot create {}: {e}", run_dir.display()),
+        })?;
     }
     let run_dir = run_dir.canonicalize().unwrap_or(run_dir);
 
@@ -259,20 +305,35 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         run_dir: run_dir.clone(),
         failures: Mutex::new(Vec::new()),
         reporter,
+        abort: Default::default(),
     });
     let started = std::time::Instant::now();
     let worker_shared = shared.clone();
-    let outcome = timely::execute(config, move |worker| dataflow::build(worker, worker_shared.clone()))
-        .map(|guards| guards.join());
-    let failures = shared.failures.lock().map(|f| f.clone()).unwrap_or_default();
+    let outcome = timely::execute(config, move |worker| {
+        dataflow::build(worker, worker_shared.clone())
+    })
+    .map(|guards| guards.join());
+    let failures = shared
+        .failures
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
     let pipeline = shared.pipeline.clone();
     drop(shared);
     printer.finish();
     match outcome {
-        Err(e) => return Err(Failure { code: 1, message: format!("error: cannot start the dataflow: {e}") }),
+        Err(e) => {
+            return Err(Failure {
+                code: 1,
+                message: format!("error: cannot start the dataflow: {e}"),
+            })
+        }
         Ok(results) => {
             if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
-                return Err(Failure { code: 1, message: format!("error: a worker crashed: {e}") });
+                return Err(Failure {
+                    code: 1,
+                    message: format!("error: a worker crashed: {e}"),
+                });
             }
         }
     }
@@ -293,15 +354,27 @@ fn run(args: RunArgs) -> Result<(), Failure> {
                     let origin = pipeline::config_origin(&stage.decl, field);
                     lines.push(source.render(&Diagnostic::new(
                         &origin,
-                        format!("stage `{}` ({}) rejected config `{field}`: {}", f.stage, stage.decl.kind, f.error.message),
+                        format!(
+                            "stage `{}` ({}) rejected config `{field}`: {}",
+                            f.stage, stage.decl.kind, f.error.message
+                        ),
                     )));
                 }
-                _ => lines.push(format!("error: stage `{}` failed on worker {}: {}", f.stage, f.worker, f.error)),
+                _ => lines.push(format!(
+                    "error: stage `{}` failed on worker {}: {}",
+                    f.stage, f.worker, f.error
+                )),
             }
         }
-        lines.push(format!("run directory: {} (what completed before the failure is kept)", run_dir.display()));
+        lines.push(format!(
+            "run directory: {} (what completed before the failure is kept)",
+            run_dir.display()
+        ));
         let _ = first;
-        return Err(Failure { code: if config_error { 2 } else { 1 }, message: lines.join("\n") });
+        return Err(Failure {
+            code: if config_error { 2 } else { 1 },
+            message: lines.join("\n"),
+        });
     }
     if !args.quiet {
         eprintln!(

@@ -11,6 +11,7 @@ use hone_sdk::{Event, Placement, Record, StageInit};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use timely::dataflow::channels::pact::{Exchange, ParallelizationContract, Pipeline};
 use timely::dataflow::operators::generic::operator::{empty, Operator};
@@ -68,6 +69,9 @@ pub struct RunShared {
     pub failures: Mutex<Vec<Failure>>,
     /// Progress and log lines.
     pub reporter: Reporter,
+    /// Set by the first failure: every stage of this process stops, so a
+    /// failed run ends promptly instead of training on for hours.
+    pub abort: AtomicBool,
 }
 
 /// Builds the dataflow on one worker.
@@ -97,7 +101,11 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
                 .map(|e| route(outputs[e.from].clone().expect("topological order"), e, None))
                 .collect();
             inputs.append(&mut loop_inputs[s]);
-            let input = if inputs.is_empty() { empty(scope) } else { scope.concatenate(inputs) };
+            let input = if inputs.is_empty() {
+                empty(scope)
+            } else {
+                scope.concatenate(inputs)
+            };
             let op = StageOp::new(shared.clone(), s, index, peers);
             let out = match stage.descriptor.placement {
                 Placement::DataParallel => stage_operator(input, Exchange::new(shard), op),
@@ -108,21 +116,30 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
         }
         for (handle, edge) in loops {
             let last = if rounds == 0 { None } else { Some(rounds - 1) };
-            route(outputs[edge.from].clone().expect("all stages built"), &edge, last).connect_loop(handle);
+            route(
+                outputs[edge.from].clone().expect("all stages built"),
+                &edge,
+                last,
+            )
+            .connect_loop(handle);
         }
         let events: Vec<MsgStream> = outputs.into_iter().flatten().collect();
         let mut log = (index == 0).then(|| EventLog::new(&shared.run_dir, rounds));
-        scope.concatenate(events).sink(Exchange::new(|_: &Msg| 0u64), "RunDirectory", move |(input, frontier)| {
-            let Some(log) = log.as_mut() else { return };
-            input.for_each(|_, data| {
-                for msg in data.drain(..) {
-                    if let Msg::Event(e) = msg {
-                        log.record(e);
+        scope.concatenate(events).sink(
+            Exchange::new(|_: &Msg| 0u64),
+            "RunDirectory",
+            move |(input, frontier)| {
+                let Some(log) = log.as_mut() else { return };
+                input.for_each(|_, data| {
+                    for msg in data.drain(..) {
+                        if let Msg::Event(e) = msg {
+                            log.record(e);
+                        }
                     }
-                }
-            });
-            log.advance(frontier.frontier().first().copied());
-        });
+                });
+                log.advance(frontier.frontier().first().copied());
+            },
+        );
     });
 }
 
@@ -170,11 +187,24 @@ struct StageOp {
 
 impl StageOp {
     fn new(shared: Arc<RunShared>, stage: usize, worker: usize, peers: usize) -> Self {
-        let mut op = StageOp { shared, stage, worker, instance: None, next_round: 0, stash: BTreeMap::new() };
+        let mut op = StageOp {
+            shared,
+            stage,
+            worker,
+            instance: None,
+            next_round: 0,
+            stash: BTreeMap::new(),
+        };
         let s = &op.shared.pipeline.stages[stage];
         let members: Vec<usize> = match s.descriptor.placement {
             Placement::DataParallel => vec![0],
-            Placement::Single => if worker == 0 { vec![0] } else { vec![] },
+            Placement::Single => {
+                if worker == 0 {
+                    vec![0]
+                } else {
+                    vec![]
+                }
+            }
             Placement::PerMember { .. } => (0..s.members).filter(|m| m % peers == worker).collect(),
         };
         if members.is_empty() {
@@ -204,9 +234,22 @@ impl StageOp {
     }
 
     fn fail(&mut self, error: hone_sdk::StageError, at_create: bool) {
-        let failure = Failure { stage: self.id().to_string(), worker: self.worker, error, at_create };
-        self.shared.reporter.send(Report::Failed(format!("stage `{}` failed: {}", failure.stage, failure.error)));
-        self.shared.failures.lock().expect("failures lock").push(failure);
+        let failure = Failure {
+            stage: self.id().to_string(),
+            worker: self.worker,
+            error,
+            at_create,
+        };
+        self.shared.reporter.send(Report::Failed(format!(
+            "stage `{}` failed: {}",
+            failure.stage, failure.error
+        )));
+        self.shared.abort.store(true, Ordering::SeqCst);
+        self.shared
+            .failures
+            .lock()
+            .expect("failures lock")
+            .push(failure);
         self.instance = None;
     }
 
@@ -220,12 +263,23 @@ impl StageOp {
         for event in emitted.events {
             match event {
                 Event::Progress { label, done, total } => {
-                    self.shared.reporter.send(Report::Progress { stage: self.id().to_string(), label, done, total })
+                    self.shared.reporter.send(Report::Progress {
+                        stage: self.id().to_string(),
+                        label,
+                        done,
+                        total,
+                    })
                 }
-                Event::Log { message } => {
-                    self.shared.reporter.send(Report::Log(format!("[{}] {message}", self.id())))
-                }
-                event => out(Msg::Event(RoutedEvent { stage: self.id().to_string(), worker: self.worker, round, event })),
+                Event::Log { message } => self
+                    .shared
+                    .reporter
+                    .send(Report::Log(format!("[{}] {message}", self.id()))),
+                event => out(Msg::Event(RoutedEvent {
+                    stage: self.id().to_string(),
+                    worker: self.worker,
+                    round,
+                    event,
+                })),
             }
         }
     }
@@ -242,7 +296,9 @@ impl StageOp {
             }
         }
         for (port, batch) in batches {
-            let Some(instance) = self.instance.as_mut() else { return };
+            let Some(instance) = self.instance.as_mut() else {
+                return;
+            };
             let mut emitted = Emitted::default();
             let result = instance.on_batch(port, round, &batch, &mut emitted);
             self.deliver(emitted, round, out);
@@ -253,7 +309,9 @@ impl StageOp {
     }
 
     fn round_end(&mut self, round: u64, out: &mut impl FnMut(Msg)) {
-        let Some(instance) = self.instance.as_mut() else { return };
+        let Some(instance) = self.instance.as_mut() else {
+            return;
+        };
         let mut emitted = Emitted::default();
         let result = instance.on_round_end(round, &mut emitted);
         self.deliver(emitted, round, out);
@@ -278,6 +336,10 @@ where
                     op.stash.entry(t).or_default().append(data);
                 }
             });
+            if op.shared.abort.load(Ordering::SeqCst) {
+                op.instance = None;
+                cap = None;
+            }
             loop {
                 let Some(c) = cap.as_mut() else {
                     op.stash.clear();

@@ -26,12 +26,18 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// A diagnostic at a byte range of the file.
     pub fn at(span: Range<usize>, message: impl Into<String>) -> Self {
-        Diagnostic { origin: Origin::File(span), message: message.into() }
+        Diagnostic {
+            origin: Origin::File(span),
+            message: message.into(),
+        }
     }
 
     /// A diagnostic at an origin.
     pub fn new(origin: &Origin, message: impl Into<String>) -> Self {
-        Diagnostic { origin: origin.clone(), message: message.into() }
+        Diagnostic {
+            origin: origin.clone(),
+            message: message.into(),
+        }
     }
 }
 
@@ -50,7 +56,11 @@ impl SourceFile {
     pub fn new(path: &Path, text: String) -> Self {
         let mut line_starts = vec![0];
         line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        SourceFile { path: path.to_path_buf(), text, line_starts }
+        SourceFile {
+            path: path.to_path_buf(),
+            text,
+            line_starts,
+        }
     }
 
     /// 1-based line and column (in characters) of a byte offset.
@@ -58,7 +68,11 @@ impl SourceFile {
         let offset = offset.min(self.text.len());
         let line = self.line_starts.partition_point(|&s| s <= offset) - 1;
         let start = self.line_starts[line];
-        let col = self.text.get(start..offset).map(|s| s.chars().count()).unwrap_or(0);
+        let col = self
+            .text
+            .get(start..offset)
+            .map(|s| s.chars().count())
+            .unwrap_or(0);
         (line + 1, col + 1)
     }
 
@@ -83,7 +97,12 @@ impl fmt::Display for Diagnostics {
         for line in &self.0 {
             writeln!(f, "{line}")?;
         }
-        write!(f, "{} error{} found", self.0.len(), if self.0.len() == 1 { "" } else { "s" })
+        write!(
+            f,
+            "{} error{} found",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )
     }
 }
 

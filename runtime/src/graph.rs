@@ -8,7 +8,13 @@ use std::fmt::Write as _;
 pub fn mermaid(p: &ResolvedPipeline) -> String {
     let mut s = String::from("flowchart LR\n");
     for stage in &p.stages {
-        let _ = writeln!(s, "    {}[\"{}<br/><i>{}</i>\"]", node_id(&stage.decl.id), stage.decl.id, stage.decl.kind);
+        let _ = writeln!(
+            s,
+            "    {}[\"{}<br/><i>{}</i>\"]",
+            node_id(&stage.decl.id),
+            stage.decl.id,
+            stage.decl.kind
+        );
     }
     for stage in &p.stages {
         for e in &stage.edges {
@@ -17,8 +23,17 @@ pub fn mermaid(p: &ResolvedPipeline) -> String {
                 "{} → {}",
                 from.descriptor.outputs[e.from_port].name, stage.descriptor.inputs[e.to_port].name
             );
-            let arrow = if e.feedback { format!("-. \"{label} (t+1)\" .->") } else { format!("-- \"{label}\" -->") };
-            let _ = writeln!(s, "    {} {arrow} {}", node_id(&from.decl.id), node_id(&stage.decl.id));
+            let arrow = if e.feedback {
+                format!("-. \"{label} (t+1)\" .->")
+            } else {
+                format!("-- \"{label}\" -->")
+            };
+            let _ = writeln!(
+                s,
+                "    {} {arrow} {}",
+                node_id(&from.decl.id),
+                node_id(&stage.decl.id)
+            );
         }
     }
     s

@@ -33,8 +33,13 @@ impl Registry {
         let mut reg = Registry::default();
         let mut seen = Vec::new();
         for dir in dirs {
-            let Ok(read) = std::fs::read_dir(dir) else { continue };
-            let mut files: Vec<PathBuf> = read.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_library(p)).collect();
+            let Ok(read) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut files: Vec<PathBuf> = read
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_library(p))
+                .collect();
             files.sort();
             for file in files {
                 let canonical = file.canonicalize().unwrap_or(file.clone());
@@ -46,11 +51,13 @@ impl Registry {
                     Ok(None) => {}
                     Ok(Some((table, descriptors))) => {
                         for descriptor in descriptors {
-                            reg.kinds.entry(descriptor.kind.clone()).or_insert(StageKind {
-                                descriptor,
-                                library: file.clone(),
-                                table,
-                            });
+                            reg.kinds
+                                .entry(descriptor.kind.clone())
+                                .or_insert(StageKind {
+                                    descriptor,
+                                    library: file.clone(),
+                                    table,
+                                });
                         }
                     }
                     Err(e) => reg.refused.push(e),
@@ -62,7 +69,10 @@ impl Registry {
 
     /// Descriptors by kind, for validation.
     pub fn descriptors(&self) -> BTreeMap<String, StageDescriptor> {
-        self.kinds.iter().map(|(k, v)| (k.clone(), v.descriptor.clone())).collect()
+        self.kinds
+            .iter()
+            .map(|(k, v)| (k.clone(), v.descriptor.clone()))
+            .collect()
     }
 }
 
@@ -80,7 +90,10 @@ pub fn search_path(cli: &[PathBuf], pipeline: &[PathBuf]) -> Vec<PathBuf> {
     if let Some(env) = std::env::var_os("HONE_PLUGIN_PATH") {
         dirs.extend(std::env::split_paths(&env));
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         dirs.push(dir.clone());
         // `cargo test` binaries live in target/<profile>/deps.
         if dir.ends_with("deps") {
@@ -148,7 +161,10 @@ fn load_library(path: &Path) -> Result<Option<Loaded>, String> {
     // them may outlive any handle we could drop.
     std::mem::forget(lib);
     if table.is_null() {
-        return Err(format!("{}: plugin entry returned no table", path.display()));
+        return Err(format!(
+            "{}: plugin entry returned no table",
+            path.display()
+        ));
     }
     // The ABI version is the first field of every table version: read it
     // before trusting the rest of the layout.
@@ -166,7 +182,11 @@ fn load_library(path: &Path) -> Result<Option<Loaded>, String> {
     let bytes = take(table, unsafe { (table.describe)() });
     let descriptors: Vec<StageDescriptor> = serde_json::from_slice(&bytes).map_err(|_| {
         let e = abi::parse_error(&bytes);
-        format!("{}: describing its stages failed: {}", path.display(), e.message)
+        format!(
+            "{}: describing its stages failed: {}",
+            path.display(),
+            e.message
+        )
     })?;
     Ok(Some((table, descriptors)))
 }
@@ -233,15 +253,27 @@ impl StageInstance {
         if let Some(e) = err {
             return Err(e);
         }
-        Ok(StageInstance { table: kind.table, instance, stage_id: init.stage_id.clone() })
+        Ok(StageInstance {
+            table: kind.table,
+            instance,
+            stage_id: init.stage_id.clone(),
+        })
     }
 
     /// Feeds a batch to input `port` in `round`.
-    pub fn on_batch(&mut self, port: u32, round: u64, records: &[Record], out: &mut Emitted) -> Result<(), StageError> {
+    pub fn on_batch(
+        &mut self,
+        port: u32,
+        round: u64,
+        records: &[Record],
+        out: &mut Emitted,
+    ) -> Result<(), StageError> {
         let bytes = abi::encode_batch(records);
         let cb = callbacks(out);
         // SAFETY: ABI contract; `out` outlives the call.
-        let err = unsafe { (self.table.on_batch)(self.instance, &cb, port, round, Bytes::from_slice(&bytes)) };
+        let err = unsafe {
+            (self.table.on_batch)(self.instance, &cb, port, round, Bytes::from_slice(&bytes))
+        };
         self.finish(err, out)
     }
 
@@ -265,7 +297,11 @@ impl StageInstance {
 }
 
 fn callbacks(out: &mut Emitted) -> HostCallbacks {
-    HostCallbacks { host: out as *mut Emitted as *mut c_void, emit: host_emit, event: host_event }
+    HostCallbacks {
+        host: out as *mut Emitted as *mut c_void,
+        emit: host_emit,
+        event: host_event,
+    }
 }
 
 fn take_error(table: &PluginTable, buf: OwnedBytes) -> Option<StageError> {
@@ -291,8 +327,14 @@ mod tests {
         let p = Path::new("libx.so");
         assert!(check_versions(p, abi::ABI_VERSION, hone_sdk::SDK_VERSION).is_ok());
         let e = check_versions(p, abi::ABI_VERSION + 1, "9.9.9").unwrap_err();
-        assert!(e.contains("ABI version 2") && e.contains(&format!("ABI version {}", abi::ABI_VERSION)), "{e}");
+        assert!(
+            e.contains("ABI version 2") && e.contains(&format!("ABI version {}", abi::ABI_VERSION)),
+            "{e}"
+        );
         let e = check_versions(p, abi::ABI_VERSION, "7.0.0").unwrap_err();
-        assert!(e.contains("hone-sdk 7.0.0") && e.contains(hone_sdk::SDK_VERSION), "{e}");
+        assert!(
+            e.contains("hone-sdk 7.0.0") && e.contains(hone_sdk::SDK_VERSION),
+            "{e}"
+        );
     }
 }

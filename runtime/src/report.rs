@@ -67,10 +67,11 @@ fn print_loop(rx: Receiver<Report>, quiet: bool) {
     let mut last_line: HashMap<(String, String), (Instant, u64)> = HashMap::new();
     for report in rx {
         match report {
+            // The summary at the end of the run repeats it; on a terminal
+            // show it at once above the bars.
             Report::Failed(msg) => {
-                let _ = multi.println(format!("error: {msg}"));
-                if !tty {
-                    eprintln!("error: {msg}");
+                if tty {
+                    let _ = multi.println(format!("error: {msg}"));
                 }
             }
             _ if quiet => {}
@@ -81,15 +82,22 @@ fn print_loop(rx: Receiver<Report>, quiet: bool) {
                     eprintln!("{msg}");
                 }
             }
-            Report::Progress { stage, label, done, total } => {
+            Report::Progress {
+                stage,
+                label,
+                done,
+                total,
+            } => {
                 let key = (stage.clone(), label.clone());
                 if tty {
                     let bar = bars.entry(key).or_insert_with(|| {
                         let bar = multi.add(ProgressBar::new(total));
                         bar.set_style(
-                            ProgressStyle::with_template("{prefix:>12} {msg:<16} [{bar:30}] {pos}/{len} {eta}")
-                                .expect("static template")
-                                .progress_chars("=> "),
+                            ProgressStyle::with_template(
+                                "{prefix:>12} {msg:<16} [{bar:30}] {pos}/{len} {eta}",
+                            )
+                            .expect("static template")
+                            .progress_chars("=> "),
                         );
                         bar.set_prefix(stage);
                         bar.set_message(label);
@@ -103,9 +111,13 @@ fn print_loop(rx: Receiver<Report>, quiet: bool) {
                 } else {
                     // Plain lines: at most one every 2 s per step, plus the last.
                     let now = Instant::now();
-                    let entry = last_line.entry(key).or_insert((now - Duration::from_secs(10), u64::MAX));
+                    let entry = last_line
+                        .entry(key)
+                        .or_insert((now - Duration::from_secs(10), u64::MAX));
                     let finished = total > 0 && done >= total;
-                    if entry.1 != done && (finished || now.duration_since(entry.0) >= Duration::from_secs(2)) {
+                    if entry.1 != done
+                        && (finished || now.duration_since(entry.0) >= Duration::from_secs(2))
+                    {
                         *entry = (now, done);
                         if total > 0 {
                             eprintln!("[{stage}] {label}: {done}/{total}");

@@ -31,7 +31,11 @@ pub enum Prepared {
 
 /// Makes the run directory ready, honouring `existing`.
 pub fn prepare(dir: &Path, existing: Existing, rounds: u64) -> Result<Prepared, String> {
-    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
         match existing {
             Existing::Refuse => {
                 return Err(format!(
@@ -49,7 +53,8 @@ pub fn prepare(dir: &Path, existing: Existing, rounds: u64) -> Result<Prepared, 
                 let attempts = dir.join("attempts");
                 let n = std::fs::read_dir(&attempts).map(|d| d.count()).unwrap_or(0);
                 let target = attempts.join(n.to_string());
-                std::fs::create_dir_all(&target).map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+                std::fs::create_dir_all(&target)
+                    .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
                 for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
                     if entry.file_name() != "attempts" {
                         std::fs::rename(entry.path(), target.join(entry.file_name()))
@@ -59,19 +64,27 @@ pub fn prepare(dir: &Path, existing: Existing, rounds: u64) -> Result<Prepared, 
             }
         }
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create run directory {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create run directory {}: {e}", dir.display()))?;
     Ok(Prepared::Run)
 }
 
 /// Rounds recorded as complete in the run's journal.
 pub fn completed_rounds(dir: &Path) -> u64 {
     std::fs::read_to_string(dir.join("journal.jsonl"))
-        .map(|s| s.lines().filter(|l| l.contains("\"completed\":true")).count() as u64)
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.contains("\"completed\":true"))
+                .count() as u64
+        })
         .unwrap_or(0)
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Worker 0's writer of metrics, manifest and journal.
@@ -112,7 +125,11 @@ impl EventLog {
                 self.metrics.push_str(&line.to_string());
                 &mut self.metrics
             }
-            Event::Artifact { artifact, inputs, lineage } => {
+            Event::Artifact {
+                artifact,
+                inputs,
+                lineage,
+            } => {
                 let line = serde_json::json!({
                     "id": artifact.id, "kind": artifact.kind, "path": artifact.path,
                     "sha256": artifact.sha256, "stage": e.stage, "round": artifact.round,
@@ -137,21 +154,27 @@ impl EventLog {
         };
         let mut round_completed = false;
         while self.completed < done_up_to {
-            let line = serde_json::json!({ "round": self.completed, "completed": true, "time": now() });
+            let line =
+                serde_json::json!({ "round": self.completed, "completed": true, "time": now() });
             self.journal.push_str(&line.to_string());
             self.journal.push('\n');
             self.completed += 1;
             round_completed = true;
         }
-        if round_completed || frontier.is_none() || (self.dirty && self.last_write.elapsed() > Duration::from_secs(2)) {
+        if round_completed
+            || frontier.is_none()
+            || (self.dirty && self.last_write.elapsed() > Duration::from_secs(2))
+        {
             self.flush();
         }
     }
 
     fn flush(&mut self) {
-        for (name, text) in
-            [("metrics.jsonl", &self.metrics), ("manifest.jsonl", &self.manifest), ("journal.jsonl", &self.journal)]
-        {
+        for (name, text) in [
+            ("metrics.jsonl", &self.metrics),
+            ("manifest.jsonl", &self.manifest),
+            ("journal.jsonl", &self.journal),
+        ] {
             if let Err(e) = atomic_write(&self.dir.join(name), text.as_bytes()) {
                 eprintln!("error: cannot write {}: {e}", self.dir.join(name).display());
             }

@@ -4,13 +4,17 @@ use std::path::{Path, PathBuf};
 
 /// Where the SDK this hone was built with lives, if it is still there.
 pub fn sdk_path() -> Option<PathBuf> {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk")).canonicalize().ok()
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk"))
+        .canonicalize()
+        .ok()
 }
 
 /// Writes a new stage crate `NAME` under `parent`. Returns its directory.
 pub fn new_stage(name: &str, parent: &Path) -> Result<PathBuf, String> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if !valid {
         return Err(format!(
             "stage name \"{name}\" must start with a lower-case letter and use only a-z, 0-9, `-` and `_`"
@@ -18,7 +22,10 @@ pub fn new_stage(name: &str, parent: &Path) -> Result<PathBuf, String> {
     }
     let dir = parent.join(name);
     if dir.exists() {
-        return Err(format!("{} already exists: pick another name or --dir", dir.display()));
+        return Err(format!(
+            "{} already exists: pick another name or --dir",
+            dir.display()
+        ));
     }
     let sdk_dep = match sdk_path() {
         Some(p) => format!("hone-sdk = {{ path = {:?} }}", p.to_string_lossy()),

@@ -43,7 +43,10 @@ pub struct Bytes {
 impl Bytes {
     /// Borrows a slice.
     pub fn from_slice(s: &[u8]) -> Self {
-        Bytes { ptr: s.as_ptr(), len: s.len() }
+        Bytes {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
     }
 
     /// Views the bytes.
@@ -74,12 +77,20 @@ pub struct OwnedBytes {
 
 impl OwnedBytes {
     fn empty() -> Self {
-        OwnedBytes { ptr: std::ptr::null_mut(), len: 0, cap: 0 }
+        OwnedBytes {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+            cap: 0,
+        }
     }
 
     fn from_vec(v: Vec<u8>) -> Self {
         let mut v = std::mem::ManuallyDrop::new(v);
-        OwnedBytes { ptr: v.as_mut_ptr(), len: v.len(), cap: v.capacity() }
+        OwnedBytes {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+            cap: v.capacity(),
+        }
     }
 
     /// Whether this carries nothing.
@@ -133,8 +144,11 @@ pub struct PluginTable {
         batch: Bytes,
     ) -> OwnedBytes,
     /// Tells the instance `round` is complete. Returns an error or empty.
-    pub on_round_end:
-        unsafe extern "C" fn(instance: *mut c_void, host: *const HostCallbacks, round: u64) -> OwnedBytes,
+    pub on_round_end: unsafe extern "C" fn(
+        instance: *mut c_void,
+        host: *const HostCallbacks,
+        round: u64,
+    ) -> OwnedBytes,
     /// Drops an instance.
     pub destroy: unsafe extern "C" fn(instance: *mut c_void),
     /// Frees a buffer the plugin returned.
@@ -179,7 +193,10 @@ static FACTORIES: OnceLock<Vec<Factory>> = OnceLock::new();
 
 static TABLE: PluginTable = PluginTable {
     abi_version: ABI_VERSION,
-    sdk_version: Bytes { ptr: crate::SDK_VERSION.as_ptr(), len: crate::SDK_VERSION.len() },
+    sdk_version: Bytes {
+        ptr: crate::SDK_VERSION.as_ptr(),
+        len: crate::SDK_VERSION.len(),
+    },
     describe: ffi_describe,
     create: ffi_create,
     on_batch: ffi_on_batch,
@@ -216,7 +233,9 @@ thread_local! {
 fn install_panic_hook() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let loc = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        let loc = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
         PANIC_LOCATION.with(|p| *p.borrow_mut() = loc);
         if std::env::var_os("HONE_PLUGIN_PANIC_TRACE").is_some() {
             previous(info);
@@ -247,7 +266,10 @@ pub fn parse_error(bytes: &[u8]) -> StageError {
     let v: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
     StageError {
         location: v["location"].as_str().unwrap_or("").to_string(),
-        message: v["message"].as_str().unwrap_or("unreadable error from plugin").to_string(),
+        message: v["message"]
+            .as_str()
+            .unwrap_or("unreadable error from plugin")
+            .to_string(),
     }
 }
 
@@ -300,7 +322,9 @@ unsafe extern "C" fn ffi_create(init: Bytes, out: *mut *mut c_void) -> OwnedByte
         let factory = factories()
             .iter()
             .find(|f| (f.descriptor)().kind == init.kind)
-            .ok_or_else(|| StageError::new(format!("this plugin has no stage kind '{}'", init.kind)))?;
+            .ok_or_else(|| {
+                StageError::new(format!("this plugin has no stage kind '{}'", init.kind))
+            })?;
         let stage = (factory.create)(&init)?;
         let instance = Box::new(Instance { stage, init });
         // SAFETY: the host passes a valid out-pointer.

@@ -82,7 +82,12 @@ pub struct Context<'a> {
 impl<'a> Context<'a> {
     /// A context for one call. The runtime's glue makes these; tests may too.
     pub fn new(link: &'a mut dyn HostLink, init: &'a StageInit, round: u64) -> Self {
-        Context { link, init, round, pending: BTreeMap::new() }
+        Context {
+            link,
+            init,
+            round,
+            pending: BTreeMap::new(),
+        }
     }
 
     /// Emits a record on output port `port`. Records are batched.
@@ -97,22 +102,36 @@ impl<'a> Context<'a> {
 
     /// Records a metric for this round.
     pub fn metric(&mut self, name: &str, value: f64) {
-        self.link.event(Event::Metric { name: name.into(), value, step: None });
+        self.link.event(Event::Metric {
+            name: name.into(),
+            value,
+            step: None,
+        });
     }
 
     /// Records a metric at a training step.
     pub fn metric_at(&mut self, name: &str, value: f64, step: u64) {
-        self.link.event(Event::Metric { name: name.into(), value, step: Some(step) });
+        self.link.event(Event::Metric {
+            name: name.into(),
+            value,
+            step: Some(step),
+        });
     }
 
     /// Reports progress (shown as a bar on a terminal, log lines otherwise).
     pub fn progress(&mut self, label: &str, done: u64, total: u64) {
-        self.link.event(Event::Progress { label: label.into(), done, total });
+        self.link.event(Event::Progress {
+            label: label.into(),
+            done,
+            total,
+        });
     }
 
     /// Writes a log line.
     pub fn log(&mut self, message: impl Into<String>) {
-        self.link.event(Event::Log { message: message.into() });
+        self.link.event(Event::Log {
+            message: message.into(),
+        });
     }
 
     /// Registers a file already written under the run directory as an
@@ -124,10 +143,18 @@ impl<'a> Context<'a> {
         inputs: Vec<String>,
         lineage: Vec<String>,
     ) -> Result<ArtifactRef, StageError> {
-        let sha256 = crate::fs::sha256_file(path)
-            .map_err(|e| StageError::new(format!("cannot hash artifact {}: {e}", path.display())))?;
-        let rel = self.init.relative_to_run(path).to_string_lossy().into_owned();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let sha256 = crate::fs::sha256_file(path).map_err(|e| {
+            StageError::new(format!("cannot hash artifact {}: {e}", path.display()))
+        })?;
+        let rel = self
+            .init
+            .relative_to_run(path)
+            .to_string_lossy()
+            .into_owned();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let artifact = ArtifactRef {
             id: format!("{}/{}@{}", self.init.stage_id, name, self.round),
             kind: kind.into(),
@@ -135,7 +162,11 @@ impl<'a> Context<'a> {
             sha256,
             round: self.round,
         };
-        self.link.event(Event::Artifact { artifact: artifact.clone(), inputs, lineage });
+        self.link.event(Event::Artifact {
+            artifact: artifact.clone(),
+            inputs,
+            lineage,
+        });
         Ok(artifact)
     }
 
@@ -153,7 +184,10 @@ impl<'a> Context<'a> {
     pub fn output_dir(&self) -> Result<PathBuf, StageError> {
         let dir = self.init.output_dir();
         std::fs::create_dir_all(&dir).map_err(|e| {
-            StageError::new(format!("cannot create output directory {}: {e}", dir.display()))
+            StageError::new(format!(
+                "cannot create output directory {}: {e}",
+                dir.display()
+            ))
         })?;
         Ok(dir)
     }

@@ -58,8 +58,10 @@ pub struct ConfigField {
     pub ty: FieldType,
     /// What it does, in one or two sentences.
     pub doc: String,
-    /// The default as JSON; `None` makes the field required.
-    pub default: Option<serde_json::Value>,
+    /// Whether the field must be given (then `default` is unused).
+    pub required: bool,
+    /// The default as JSON (`null` for "unset").
+    pub default: serde_json::Value,
 }
 
 /// Where a stage's instances run and how input reaches them.
@@ -109,19 +111,31 @@ impl StageDescriptor {
 
     /// Adds an input port.
     pub fn input(mut self, name: &str, kind: RecordKind) -> Self {
-        self.inputs.push(Port { name: name.into(), kind });
+        self.inputs.push(Port {
+            name: name.into(),
+            kind,
+        });
         self
     }
 
     /// Adds an output port.
     pub fn output(mut self, name: &str, kind: RecordKind) -> Self {
-        self.outputs.push(Port { name: name.into(), kind });
+        self.outputs.push(Port {
+            name: name.into(),
+            kind,
+        });
         self
     }
 
     /// Adds a required config field.
     pub fn required(mut self, name: &str, ty: FieldType, doc: &str) -> Self {
-        self.config.push(ConfigField { name: name.into(), ty, doc: doc.into(), default: None });
+        self.config.push(ConfigField {
+            name: name.into(),
+            ty,
+            doc: doc.into(),
+            required: true,
+            default: serde_json::Value::Null,
+        });
         self
     }
 
@@ -137,7 +151,8 @@ impl StageDescriptor {
             name: name.into(),
             ty,
             doc: doc.into(),
-            default: Some(default.into()),
+            required: false,
+            default: default.into(),
         });
         self
     }

@@ -14,18 +14,27 @@ pub struct StageError {
 impl StageError {
     /// An error with no particular location.
     pub fn new(message: impl Into<String>) -> Self {
-        StageError { location: String::new(), message: message.into() }
+        StageError {
+            location: String::new(),
+            message: message.into(),
+        }
     }
 
     /// An error about one config field; the runtime maps it to the field's
     /// line and column in the pipeline file.
     pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
-        StageError { location: format!("config.{}", field.into()), message: message.into() }
+        StageError {
+            location: format!("config.{}", field.into()),
+            message: message.into(),
+        }
     }
 
     /// An error at a place in an input file (`"data.jsonl:12"`).
     pub fn at(location: impl Into<String>, message: impl Into<String>) -> Self {
-        StageError { location: location.into(), message: message.into() }
+        StageError {
+            location: location.into(),
+            message: message.into(),
+        }
     }
 
     /// The config field this error names, if it names one.

@@ -59,7 +59,8 @@ pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The names most stage code needs.
 pub mod prelude {
     pub use crate::{
-        ArtifactRef, Completion, ConfigField, Context, FieldType, Placement, PreferencePair, Prompt,
-        Record, RecordKind, Score, Stage, StageDescriptor, StageError, StageFactory, StageInit,
+        ArtifactRef, Completion, ConfigField, Context, FieldType, Placement, PreferencePair,
+        Prompt, Record, RecordKind, Score, Stage, StageDescriptor, StageError, StageFactory,
+        StageInit,
     };
 }

@@ -73,7 +73,9 @@ pub trait Stage: Send {
         batch: Vec<Record>,
     ) -> Result<(), StageError> {
         let _ = (ctx, batch);
-        Err(StageError::new(format!("this stage takes no input, but got records on port {port}")))
+        Err(StageError::new(format!(
+            "this stage takes no input, but got records on port {port}"
+        )))
     }
 
     /// No more input can arrive for `ctx.round()`. Called once per round, in

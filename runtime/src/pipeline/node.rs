@@ -69,7 +69,10 @@ impl Value {
             Value::Bool(b) => (*b).into(),
             Value::Array(items) => items.iter().map(|n| n.value.to_json()).collect(),
             Value::Table(entries) => serde_json::Value::Object(
-                entries.iter().map(|e| (e.key.clone(), e.node.value.to_json())).collect(),
+                entries
+                    .iter()
+                    .map(|e| (e.key.clone(), e.node.value.to_json()))
+                    .collect(),
             ),
         }
     }
@@ -82,7 +85,11 @@ impl Value {
             Value::Int(i) => i.to_string(),
             Value::Float(f) => {
                 let s = f.to_string();
-                if s.contains(['.', 'e', 'n', 'i']) { s } else { format!("{s}.0") }
+                if s.contains(['.', 'e', 'n', 'i']) {
+                    s
+                } else {
+                    format!("{s}.0")
+                }
             }
             Value::Bool(b) => b.to_string(),
             Value::Array(items) => {
@@ -121,7 +128,10 @@ pub fn toml_string(s: &str) -> String {
 
 /// A bare key where TOML allows one, else a quoted key.
 pub fn toml_key(k: &str) -> String {
-    if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         k.to_string()
     } else {
         toml_string(k)
@@ -141,7 +151,10 @@ pub fn parse_document(text: &str) -> Result<Node, Vec<Diagnostic>> {
             .collect());
     }
     let span = table.span();
-    Ok(Node { origin: Origin::File(span), value: convert_table(table.into_inner()) })
+    Ok(Node {
+        origin: Origin::File(span),
+        value: convert_table(table.into_inner()),
+    })
 }
 
 /// Parses a single TOML value (for `--set KEY=VALUE`); `None` if it is not one.
@@ -212,8 +225,12 @@ mod tests {
     fn keeps_spans_of_keys_and_values() {
         let text = "[a]\nx = 1\ny = [\"s\", 2.5]\n";
         let doc = parse_document(text).unwrap();
-        let Value::Table(top) = doc.value else { panic!() };
-        let Value::Table(a) = &top[0].node.value else { panic!() };
+        let Value::Table(top) = doc.value else {
+            panic!()
+        };
+        let Value::Table(a) = &top[0].node.value else {
+            panic!()
+        };
         assert_eq!(a[0].key, "x");
         assert_eq!(a[0].key_origin, Origin::File(4..5));
         assert_eq!(a[0].node.value, Value::Int(1));

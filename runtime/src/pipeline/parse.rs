@@ -14,9 +14,16 @@ const STAGE_KEYS: &[&str] = &["kind", "inputs", "feedback", "config"];
 pub fn parse_pipeline(path: &Path, text: &str) -> Result<Pipeline, Vec<Diagnostic>> {
     let doc = node::parse_document(text)?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let dir = if dir.as_os_str().is_empty() { ".".into() } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        ".".into()
+    } else {
+        dir
+    };
     let mut p = Pipeline {
-        name: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        name: path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         description: String::new(),
         rounds: 1,
         seed: 0,
@@ -25,14 +32,18 @@ pub fn parse_pipeline(path: &Path, text: &str) -> Result<Pipeline, Vec<Diagnosti
         dir,
     };
     let mut errors = Vec::new();
-    let Value::Table(top) = doc.value else { unreachable!("a document is a table") };
+    let Value::Table(top) = doc.value else {
+        unreachable!("a document is a table")
+    };
     let mut saw_stages = false;
     for entry in top {
         match entry.key.as_str() {
             "pipeline" => parse_header(&entry.node, &mut p, &mut errors),
             "stages" => {
                 saw_stages = true;
-                let Some(stages) = expect_table(&entry, "stages", &mut errors) else { continue };
+                let Some(stages) = expect_table(&entry, "stages", &mut errors) else {
+                    continue;
+                };
                 for stage in stages {
                     if let Some(decl) = parse_stage(stage, &mut errors) {
                         p.stages.push(decl);
@@ -57,7 +68,10 @@ pub fn parse_pipeline(path: &Path, text: &str) -> Result<Pipeline, Vec<Diagnosti
 
 fn parse_header(node: &Node, p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
     let Value::Table(entries) = &node.value else {
-        errors.push(Diagnostic::new(&node.origin, "`pipeline` must be a table: write `[pipeline]`"));
+        errors.push(Diagnostic::new(
+            &node.origin,
+            "`pipeline` must be a table: write `[pipeline]`",
+        ));
         return;
     };
     for e in entries {
@@ -91,7 +105,11 @@ fn parse_header(node: &Node, p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
 
 fn parse_stage(entry: &Entry, errors: &mut Vec<Diagnostic>) -> Option<StageDecl> {
     let id = entry.key.clone();
-    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         errors.push(Diagnostic::new(
             &entry.key_origin,
             format!("stage id \"{id}\" may only use letters, digits, `_` and `-` (no dots)"),
@@ -186,7 +204,9 @@ fn references(
         _ => vec![node],
     };
     for item in items {
-        let Some(text) = string(item, field, errors) else { continue };
+        let Some(text) = string(item, field, errors) else {
+            continue;
+        };
         let (source, source_port) = match text.split_once('.') {
             Some((s, p)) => (s.to_string(), Some(p.to_string())),
             None => (text.clone(), None),
@@ -194,11 +214,18 @@ fn references(
         if source.is_empty() || source_port.as_deref() == Some("") {
             errors.push(Diagnostic::new(
                 &item.origin,
-                format!("`{field}` = \"{text}\" is not a reference: write \"STAGE\" or \"STAGE.PORT\""),
+                format!(
+                    "`{field}` = \"{text}\" is not a reference: write \"STAGE\" or \"STAGE.PORT\""
+                ),
             ));
             continue;
         }
-        out.push(Binding { port: port.clone(), source, source_port, origin: item.origin.clone() });
+        out.push(Binding {
+            port: port.clone(),
+            source,
+            source_port,
+            origin: item.origin.clone(),
+        });
     }
 }
 
@@ -212,7 +239,10 @@ fn expect_table<'a>(
         other => {
             errors.push(Diagnostic::new(
                 &entry.node.origin,
-                format!("`{field}` must be a table of stages, found {}", other.type_name()),
+                format!(
+                    "`{field}` must be a table of stages, found {}",
+                    other.type_name()
+                ),
             ));
             None
         }
@@ -272,13 +302,21 @@ fn unknown_key(entry: &Entry, place: &str, known: &[&str]) -> Diagnostic {
 pub fn apply_override(p: &mut Pipeline, arg: &str) -> Result<(), Diagnostic> {
     let origin = Origin::Cli(arg.to_string());
     let Some((path, raw)) = arg.split_once('=') else {
-        return Err(Diagnostic::new(&origin, "expected STAGE.KEY=VALUE, e.g. `--set filter.min_chars=10`"));
+        return Err(Diagnostic::new(
+            &origin,
+            "expected STAGE.KEY=VALUE, e.g. `--set filter.min_chars=10`",
+        ));
     };
     let Some((stage, key)) = path.trim().split_once('.') else {
-        return Err(Diagnostic::new(&origin, "expected STAGE.KEY=VALUE: the key needs a stage id before a dot"));
+        return Err(Diagnostic::new(
+            &origin,
+            "expected STAGE.KEY=VALUE: the key needs a stage id before a dot",
+        ));
     };
-    let node = node::parse_value(raw.trim(), &origin)
-        .unwrap_or(Node { origin: origin.clone(), value: Value::Str(raw.to_string()) });
+    let node = node::parse_value(raw.trim(), &origin).unwrap_or(Node {
+        origin: origin.clone(),
+        value: Value::Str(raw.to_string()),
+    });
     if stage == "pipeline" {
         let mut errors = Vec::new();
         match key {
@@ -297,9 +335,16 @@ pub fn apply_override(p: &mut Pipeline, arg: &str) -> Result<(), Diagnostic> {
     let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
     let known = ids.join(", ");
     let Some(decl) = p.stages.iter_mut().find(|s| s.id == stage) else {
-        return Err(Diagnostic::new(&origin, format!("no stage `{stage}` in the pipeline; stages: {known}")));
+        return Err(Diagnostic::new(
+            &origin,
+            format!("no stage `{stage}` in the pipeline; stages: {known}"),
+        ));
     };
-    let entry = Entry { key: key.to_string(), key_origin: origin, node };
+    let entry = Entry {
+        key: key.to_string(),
+        key_origin: origin,
+        node,
+    };
     match decl.config.iter_mut().find(|e| e.key == key) {
         Some(existing) => *existing = entry,
         None => decl.config.push(entry),

@@ -54,8 +54,12 @@ pub fn validate(
     kinds: &BTreeMap<String, StageDescriptor>,
 ) -> Result<ResolvedPipeline, Vec<Diagnostic>> {
     let mut errors = Vec::new();
-    let index: BTreeMap<&str, usize> =
-        p.stages.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+    let index: BTreeMap<&str, usize> = p
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect();
     let descriptors: Vec<Option<&StageDescriptor>> = p
         .stages
         .iter()
@@ -83,29 +87,51 @@ pub fn validate(
 
     let mut stages = Vec::new();
     for (i, decl) in p.stages.iter().enumerate() {
-        let Some(descriptor) = descriptors[i] else { continue };
+        let Some(descriptor) = descriptors[i] else {
+            continue;
+        };
         let mut edges = Vec::new();
         for (feedback, list) in [(false, &decl.inputs), (true, &decl.feedback)] {
             for b in list {
-                if let Some(edge) = resolve_binding(decl, descriptor, b, feedback, &index, &descriptors, &mut errors) {
+                if let Some(edge) = resolve_binding(
+                    decl,
+                    descriptor,
+                    b,
+                    feedback,
+                    &index,
+                    &descriptors,
+                    &mut errors,
+                ) {
                     edges.push(edge);
                 }
             }
         }
         let config = check_config(decl, descriptor, &p, &mut errors);
         let members = match &descriptor.placement {
-            Placement::PerMember { members_field } => {
-                config.get(members_field).and_then(|v| v.as_u64()).unwrap_or(1).max(1) as usize
-            }
+            Placement::PerMember { members_field } => config
+                .get(members_field)
+                .and_then(|v| v.as_u64())
+                .unwrap_or(1)
+                .max(1) as usize,
             _ => 1,
         };
-        stages.push(ResolvedStage { decl: decl.clone(), descriptor: descriptor.clone(), config, edges, members });
+        stages.push(ResolvedStage {
+            decl: decl.clone(),
+            descriptor: descriptor.clone(),
+            config,
+            edges,
+            members,
+        });
     }
     if !errors.is_empty() {
         return Err(errors);
     }
     match topological_order(&stages) {
-        Ok(order) => Ok(ResolvedPipeline { pipeline: p, stages, order }),
+        Ok(order) => Ok(ResolvedPipeline {
+            pipeline: p,
+            stages,
+            order,
+        }),
         Err(e) => Err(vec![e]),
     }
 }
@@ -147,7 +173,11 @@ fn resolve_binding(
                     descriptor.kind,
                     descriptor.inputs.len(),
                     port_list(&descriptor.inputs),
-                    descriptor.inputs.first().map(|p| p.name.as_str()).unwrap_or("PORT"),
+                    descriptor
+                        .inputs
+                        .first()
+                        .map(|p| p.name.as_str())
+                        .unwrap_or("PORT"),
                     b.source
                 ),
             ));
@@ -183,7 +213,10 @@ fn resolve_binding(
                 "stage `{}` ({}) has no output port {}; its outputs: {} (write \"{}.PORT\")",
                 b.source,
                 upstream.kind,
-                b.source_port.as_deref().map(|p| format!("`{p}`")).unwrap_or_else(|| "to pick by default".into()),
+                b.source_port
+                    .as_deref()
+                    .map(|p| format!("`{p}`"))
+                    .unwrap_or_else(|| "to pick by default".into()),
                 port_list(&upstream.outputs),
                 b.source
             ),
@@ -202,14 +235,23 @@ fn resolve_binding(
         ));
         return None;
     }
-    Some(Edge { from, from_port, to_port, feedback })
+    Some(Edge {
+        from,
+        from_port,
+        to_port,
+        feedback,
+    })
 }
 
 fn port_list(ports: &[hone_sdk::Port]) -> String {
     if ports.is_empty() {
         return "none".into();
     }
-    ports.iter().map(|p| format!("{} ({})", p.name, p.kind)).collect::<Vec<_>>().join(", ")
+    ports
+        .iter()
+        .map(|p| format!("{} ({})", p.name, p.kind))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn check_config(
@@ -232,7 +274,11 @@ fn check_config(
                     entry.key,
                     decl.id,
                     d.kind,
-                    if names.is_empty() { "none".into() } else { names.join(", ") }
+                    if names.is_empty() {
+                        "none".into()
+                    } else {
+                        names.join(", ")
+                    }
                 ),
             ));
             continue;
@@ -246,11 +292,11 @@ fn check_config(
         if out.contains_key(&field.name) || decl.config.iter().any(|e| e.key == field.name) {
             continue;
         }
-        match &field.default {
-            Some(default) => {
-                out.insert(field.name.clone(), default.clone());
+        match field.required {
+            false => {
+                out.insert(field.name.clone(), field.default.clone());
             }
-            None => errors.push(Diagnostic::new(
+            true => errors.push(Diagnostic::new(
                 &decl.config_origin,
                 format!(
                     "stage `{}` ({}) needs config `{}` ({}): {}",
@@ -298,10 +344,15 @@ fn check_value(
         }
         (FieldType::Integer, Value::Int(i)) => Some((*i).into()),
         (FieldType::Float, Value::Int(i)) => Some((*i as f64).into()),
-        (FieldType::Float, Value::Float(f)) => Some(node.value.to_json()).filter(|_| f.is_finite()).or_else(|| {
-            errors.push(Diagnostic::new(&node.origin, format!("`{name}` must be a finite number, found {f}")));
-            None
-        }),
+        (FieldType::Float, Value::Float(f)) => Some(node.value.to_json())
+            .filter(|_| f.is_finite())
+            .or_else(|| {
+                errors.push(Diagnostic::new(
+                    &node.origin,
+                    format!("`{name}` must be a finite number, found {f}"),
+                ));
+                None
+            }),
         (FieldType::Bool, Value::Bool(b)) => Some((*b).into()),
         (FieldType::Enum(options), Value::Str(s)) => {
             if options.contains(s) {
@@ -312,7 +363,10 @@ fn check_value(
                     .unwrap_or_default();
                 errors.push(Diagnostic::new(
                     &node.origin,
-                    format!("`{name}` = \"{s}\" is not allowed{hint}; use {}", ty.describe()),
+                    format!(
+                        "`{name}` = \"{s}\" is not allowed{hint}; use {}",
+                        ty.describe()
+                    ),
                 ));
                 None
             }
@@ -320,7 +374,13 @@ fn check_value(
         (FieldType::List(inner), Value::Array(items)) => {
             let mut out = Vec::new();
             for (i, item) in items.iter().enumerate() {
-                out.push(check_value(item, inner, &format!("{name}[{i}]"), p, errors)?);
+                out.push(check_value(
+                    item,
+                    inner,
+                    &format!("{name}[{i}]"),
+                    p,
+                    errors,
+                )?);
             }
             Some(out.into())
         }
@@ -352,8 +412,10 @@ fn topological_order(stages: &[ResolvedStage]) -> Result<Vec<usize>, Diagnostic>
                 Mark::New => visit(e.from, stages, marks, path, order)?,
                 Mark::Active => {
                     let start = path.iter().position(|&s| s == e.from).unwrap_or(0);
-                    let mut names: Vec<&str> =
-                        path[start..].iter().map(|&s| stages[s].decl.id.as_str()).collect();
+                    let mut names: Vec<&str> = path[start..]
+                        .iter()
+                        .map(|&s| stages[s].decl.id.as_str())
+                        .collect();
                     names.reverse();
                     names.insert(0, &stages[i].decl.id);
                     let binding = stages[i]
@@ -398,14 +460,23 @@ impl ResolvedPipeline {
     pub fn to_toml(&self) -> String {
         let p = &self.pipeline;
         let mut s = String::new();
-        let _ = writeln!(s, "# Resolved by hone {}: defaults filled in, --set applied.", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(
+            s,
+            "# Resolved by hone {}: defaults filled in, --set applied.",
+            env!("CARGO_PKG_VERSION")
+        );
         let _ = writeln!(s, "[pipeline]\nname = {}", toml_string(&p.name));
         if !p.description.is_empty() {
             let _ = writeln!(s, "description = {}", toml_string(&p.description));
         }
         let _ = writeln!(s, "rounds = {}\nseed = {}", p.rounds, p.seed);
         for stage in &self.stages {
-            let _ = writeln!(s, "\n[stages.{}]\nkind = {}", toml_key(&stage.decl.id), toml_string(&stage.decl.kind));
+            let _ = writeln!(
+                s,
+                "\n[stages.{}]\nkind = {}",
+                toml_key(&stage.decl.id),
+                toml_string(&stage.decl.kind)
+            );
             for (feedback, key) in [(false, "inputs"), (true, "feedback")] {
                 let mut ports: BTreeMap<&str, Vec<String>> = BTreeMap::new();
                 for e in stage.edges.iter().filter(|e| e.feedback == feedback) {
@@ -413,18 +484,23 @@ impl ResolvedPipeline {
                     ports
                         .entry(stage.descriptor.inputs[e.to_port].name.as_str())
                         .or_default()
-                        .push(toml_string(&format!("{}.{}", from.decl.id, from.descriptor.outputs[e.from_port].name)));
+                        .push(toml_string(&format!(
+                            "{}.{}",
+                            from.decl.id, from.descriptor.outputs[e.from_port].name
+                        )));
                 }
                 if !ports.is_empty() {
-                    let parts: Vec<String> =
-                        ports.iter().map(|(k, v)| format!("{} = [{}]", toml_key(k), v.join(", "))).collect();
+                    let parts: Vec<String> = ports
+                        .iter()
+                        .map(|(k, v)| format!("{} = [{}]", toml_key(k), v.join(", ")))
+                        .collect();
                     let _ = writeln!(s, "{key} = {{ {} }}", parts.join(", "));
                 }
             }
             if let Some(obj) = stage.config.as_object() {
                 if !obj.is_empty() {
                     let _ = writeln!(s, "[stages.{}.config]", toml_key(&stage.decl.id));
-                    for (k, v) in obj {
+                    for (k, v) in obj.iter().filter(|(_, v)| !v.is_null()) {
                         let _ = writeln!(s, "{} = {}", toml_key(k), json_to_toml(v));
                     }
                 }
@@ -446,10 +522,16 @@ fn json_to_toml(v: &serde_json::Value) -> String {
             }
         }
         serde_json::Value::String(s) => toml_string(s),
-        serde_json::Value::Array(a) => format!("[{}]", a.iter().map(json_to_toml).collect::<Vec<_>>().join(", ")),
+        serde_json::Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(json_to_toml).collect::<Vec<_>>().join(", ")
+        ),
         serde_json::Value::Object(o) => format!(
             "{{ {} }}",
-            o.iter().map(|(k, v)| format!("{} = {}", toml_key(k), json_to_toml(v))).collect::<Vec<_>>().join(", ")
+            o.iter()
+                .map(|(k, v)| format!("{} = {}", toml_key(k), json_to_toml(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }

@@ -1,0 +1,203 @@
+//! The `testing` stage family: synthetic data and failure injection, for
+//! hone's own tests and benchmarks (and for checking a deployment).
+
+use hone_sdk::prelude::*;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct GenerateConfig {
+    count: u64,
+    prompts: u64,
+    every_round: bool,
+}
+
+/// Emits synthetic preference pairs.
+pub struct GeneratePairs {
+    config: GenerateConfig,
+}
+
+impl StageFactory for GeneratePairs {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "testing.generate-pairs",
+            "Emits synthetic preference pairs (for tests and benchmarks).",
+        )
+        .output("pairs", RecordKind::PreferencePair)
+        .optional("count", FieldType::Integer, 1000, "Pairs to emit.")
+        .optional(
+            "prompts",
+            FieldType::Integer,
+            0,
+            "Distinct prompts to cycle through (0 = one per pair).",
+        )
+        .optional(
+            "every_round",
+            FieldType::Bool,
+            false,
+            "Emit in every round, not just round 0.",
+        )
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        Ok(GeneratePairs {
+            config: init.config()?,
+        })
+    }
+}
+
+impl Stage for GeneratePairs {
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        if ctx.round() > 0 && !self.config.every_round {
+            return Ok(());
+        }
+        let round = ctx.round();
+        for i in 0..self.config.count {
+            let p = if self.config.prompts == 0 {
+                i
+            } else {
+                i % self.config.prompts
+            };
+            let pair = PreferencePair::new(
+                format!("gen:{round}:{i:09}"),
+                format!("prompt number {p}: say something helpful"),
+                format!("a helpful and complete answer, variant {}", i % 97),
+                format!("an unhelpful reply {}", i % 89),
+                "synthetic",
+            );
+            ctx.emit(0, Record::Pair(pair));
+        }
+        ctx.metric("generated", self.config.count as f64);
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct FaultConfig {
+    mode: String,
+    after: u64,
+    message: String,
+}
+
+/// Passes records through, then fails (panics or errors) after N records.
+pub struct Fault {
+    config: FaultConfig,
+    seen: u64,
+}
+
+impl StageFactory for Fault {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "testing.fault",
+            "Passes records through, then panics or fails after `after` records.",
+        )
+        .input("records", RecordKind::Any)
+        .output("records", RecordKind::Any)
+        .placement(Placement::DataParallel)
+        .optional(
+            "mode",
+            FieldType::one_of(&["panic", "error"]),
+            "panic",
+            "How to fail.",
+        )
+        .optional(
+            "after",
+            FieldType::Integer,
+            0,
+            "Records to pass before failing.",
+        )
+        .optional(
+            "message",
+            FieldType::String,
+            "injected fault",
+            "The panic or error message.",
+        )
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        Ok(Fault {
+            config: init.config()?,
+            seen: 0,
+        })
+    }
+}
+
+impl Fault {
+    fn trip(&self) -> Result<(), StageError> {
+        if self.config.mode == "panic" {
+            panic!("{}", self.config.message);
+        }
+        Err(StageError::new(self.config.message.clone()))
+    }
+}
+
+impl Stage for Fault {
+    fn on_batch(
+        &mut self,
+        ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for r in batch {
+            if self.seen >= self.config.after {
+                return self.trip();
+            }
+            self.seen += 1;
+            ctx.emit(0, r);
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, _ctx: &mut Context) -> Result<(), StageError> {
+        if self.seen >= self.config.after {
+            return self.trip();
+        }
+        Ok(())
+    }
+}
+
+/// Emits, at each round's end, what it received in the round plus what it
+/// emitted in the previous round (through a feedback edge): round `t` emits
+/// the input of rounds `0..=t`.
+#[derive(Default)]
+pub struct Accumulate {
+    buffer: Vec<Record>,
+}
+
+impl StageFactory for Accumulate {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "testing.accumulate",
+            "Emits its round's input plus its previous round's output (wire `previous` as feedback).",
+        )
+        .input("records", RecordKind::Any)
+        .input("previous", RecordKind::Any)
+        .output("records", RecordKind::Any)
+    }
+
+    fn create(_init: &StageInit) -> Result<Self, StageError> {
+        Ok(Accumulate::default())
+    }
+}
+
+impl Stage for Accumulate {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        self.buffer.extend(batch);
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let records = std::mem::take(&mut self.buffer);
+        ctx.metric("emitted", records.len() as f64);
+        for r in records {
+            ctx.emit(0, r);
+        }
+        Ok(())
+    }
+}
+
+hone_sdk::export_stages!(GeneratePairs, Fault, Accumulate);
