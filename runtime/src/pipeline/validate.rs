@@ -412,12 +412,14 @@ fn topological_order(stages: &[ResolvedStage]) -> Result<Vec<usize>, Diagnostic>
                 Mark::New => visit(e.from, stages, marks, path, order)?,
                 Mark::Active => {
                     let start = path.iter().position(|&s| s == e.from).unwrap_or(0);
+                    // `path` follows edges upstream; print the cycle the way data
+                    // flows, starting from the stage the closing edge comes from.
                     let mut names: Vec<&str> = path[start..]
                         .iter()
+                        .rev()
                         .map(|&s| stages[s].decl.id.as_str())
                         .collect();
-                    names.reverse();
-                    names.insert(0, &stages[i].decl.id);
+                    names.rotate_right(1);
                     let binding = stages[i]
                         .decl
                         .inputs
