@@ -108,21 +108,6 @@ impl fmt::Display for Diagnostics {
 
 impl std::error::Error for Diagnostics {}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn line_col_counts_from_one_and_in_characters() {
-        let f = SourceFile::new(Path::new("p.toml"), "a = 1\nbé = 2\n".into());
-        assert_eq!(f.line_col(0), (1, 1));
-        assert_eq!(f.line_col(6), (2, 1));
-        assert_eq!(f.line_col(9), (2, 3)); // after the two-byte 'é'
-        let d = Diagnostic::at(6..7, "bad");
-        assert_eq!(f.render(&d), "p.toml:2:1: bad");
-    }
-}
-
 /// The known name closest to `name` (edit distance at most 2), for
 /// "did you mean" hints.
 pub fn closest<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
@@ -146,4 +131,19 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one_and_in_characters() {
+        let f = SourceFile::new(Path::new("p.toml"), "a = 1\nbé = 2\n".into());
+        assert_eq!(f.line_col(0), (1, 1));
+        assert_eq!(f.line_col(6), (2, 1));
+        assert_eq!(f.line_col(9), (2, 3)); // after the two-byte 'é'
+        let d = Diagnostic::at(6..7, "bad");
+        assert_eq!(f.render(&d), "p.toml:2:1: bad");
+    }
 }

@@ -17,6 +17,9 @@ fn shingles(text: &str) -> HashSet<u64> {
         .collect()
 }
 
+/// The shingles of a kept pair's chosen and rejected responses.
+type PairShingles = (HashSet<u64>, HashSet<u64>);
+
 fn jaccard(a: &HashSet<u64>, b: &HashSet<u64>) -> f64 {
     let inter = a.intersection(b).count() as f64;
     let union = (a.len() + b.len()) as f64 - inter;
@@ -39,7 +42,7 @@ pub fn dedup(
     if mode == "none" {
         return (pairs, 0, 0);
     }
-    let mut groups: BTreeMap<String, Vec<(HashSet<u64>, HashSet<u64>)>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Vec<PairShingles>> = BTreeMap::new();
     let mut exact_seen = HashSet::new();
     let (mut exact, mut near) = (0, 0);
     let mut kept = Vec::new();

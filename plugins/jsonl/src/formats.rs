@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 /// What one input record turned into.
 pub enum Parsed {
     /// A pair.
-    Pair(PreferencePair),
+    Pair(Box<PreferencePair>),
     /// A record deliberately dropped (a PandaLM tie), with the reason for the metrics.
     Dropped(&'static str),
 }
@@ -70,13 +70,8 @@ pub fn hh(id: String, v: &Value) -> Result<Parsed, String> {
                 .into(),
         );
     }
-    Ok(Parsed::Pair(PreferencePair::new(
-        id,
-        p1,
-        c.trim_start(),
-        r.trim_start(),
-        "human",
-    )))
+    let pair = PreferencePair::new(id, p1, c.trim_start(), r.trim_start(), "human");
+    Ok(Parsed::Pair(Box::new(pair)))
 }
 
 /// A chat message list rendered as an HH-style transcript; a string as is.
@@ -140,7 +135,7 @@ pub fn trl(id: String, v: &Value) -> Result<Parsed, String> {
     if let Some(src) = v.get("label_source").and_then(Value::as_str) {
         pair.label_source = src.to_string();
     }
-    Ok(Parsed::Pair(pair))
+    Ok(Parsed::Pair(Box::new(pair)))
 }
 
 /// A PandaLM three-annotator record: majority vote, ties dropped.
@@ -184,7 +179,7 @@ pub fn pandalm(id: String, v: &Value) -> Result<Parsed, String> {
                 .to_string(),
         ),
     ]);
-    Ok(Parsed::Pair(pair))
+    Ok(Parsed::Pair(Box::new(pair)))
 }
 
 /// A prompt from `{"prompt"}`, `{"text"}`, MT-Bench `{"turns": [...]}` (first
@@ -194,13 +189,8 @@ pub fn prompt(id: String, v: &Value) -> Result<Prompt, String> {
     if let Some(c) = v.get("category").and_then(Value::as_str) {
         meta.insert("category".to_string(), c.to_string());
     }
-    let text = if let Some(p) = v.get("prompt") {
-        chat_text(v, "prompt").or_else(|_| {
-            Err(format!(
-                "field `prompt` must be a string, found {}",
-                type_name(p)
-            ))
-        })?
+    let text = if v.get("prompt").is_some() {
+        chat_text(v, "prompt")?
     } else if let Some(t) = v.get("text").and_then(Value::as_str) {
         t.to_string()
     } else if let Some(turns) = v.get("turns").and_then(Value::as_array) {

@@ -187,7 +187,7 @@ impl Stage for ReadPairs {
             match parsed {
                 Ok(Parsed::Pair(pair)) => {
                     counts.read += 1;
-                    ctx.emit(0, Record::Pair(pair));
+                    ctx.emit(0, Record::Pair(*pair));
                     if counts.read % 1000 == 0 {
                         ctx.progress("reading", counts.read, 0);
                     }
