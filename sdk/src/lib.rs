@@ -56,6 +56,9 @@ pub use stage::{Stage, StageFactory, StageInit};
 /// The SDK's semantic version, exchanged in the plugin handshake.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+#[doc = include_str!("../../docs/plugin-guide.md")]
+pub mod guide {}
+
 /// The names most stage code needs.
 pub mod prelude {
     pub use crate::{
