@@ -8,7 +8,10 @@ use std::process::Command;
 #[test]
 fn scaffolded_stage_builds_loads_by_path_and_runs() {
     let dir = TempDir::new("newstage");
-    let out = hone(&dir.0, &["new-stage", "my-tagger", "--dir", dir.0.to_str().unwrap()]);
+    let out = hone(
+        &dir.0,
+        &["new-stage", "my-tagger", "--dir", dir.0.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     let krate = dir.join("my-tagger");
     // Shared target dir: later runs reuse the compiled SDK.
@@ -19,10 +22,17 @@ fn scaffolded_stage_builds_loads_by_path_and_runs() {
         .env("CARGO_TARGET_DIR", &target)
         .output()
         .expect("cargo runs");
-    assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
     let plugin_dir = target.join("debug");
 
-    let out = hone(&dir.0, &["plugins", "--plugin-path", plugin_dir.to_str().unwrap()]);
+    let out = hone(
+        &dir.0,
+        &["plugins", "--plugin-path", plugin_dir.to_str().unwrap()],
+    );
     assert!(text(&out).0.contains("my_tagger.tag"), "{:?}", text(&out));
 
     let pipeline = dir.write(
@@ -50,7 +60,16 @@ inputs = ["tag"]
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("--plugin-path"), "{:?}", text(&out));
 
-    let out = hone(&dir.0, &["run", p, "--plugin-path", plugin_dir.to_str().unwrap(), "-q"]);
+    let out = hone(
+        &dir.0,
+        &[
+            "run",
+            p,
+            "--plugin-path",
+            plugin_dir.to_str().unwrap(),
+            "-q",
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     let lines = read_lines(&dir.join("runs/tagged/outputs/write/records.jsonl"));
     assert_eq!(lines.len(), 5);
@@ -74,7 +93,11 @@ pub extern "C" fn hone_plugin_entry_v1() -> *const Table { &TABLE }
     );
     let libs = dir.join("libs");
     std::fs::create_dir_all(&libs).unwrap();
-    let lib = libs.join(format!("{}bad{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
+    let lib = libs.join(format!(
+        "{}bad{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let status = Command::new(rustc)
         .args(["--crate-type", "cdylib", "--edition", "2021", "-o"])
@@ -83,12 +106,18 @@ pub extern "C" fn hone_plugin_entry_v1() -> *const Table { &TABLE }
         .status()
         .expect("rustc runs");
     assert!(status.success());
-    let out = hone(&dir.0, &["plugins", "--plugin-path", libs.to_str().unwrap()]);
+    let out = hone(
+        &dir.0,
+        &["plugins", "--plugin-path", libs.to_str().unwrap()],
+    );
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0));
     assert!(stderr.contains("plugin refused"), "{stderr}");
     assert!(stderr.contains("plugin ABI version 99"), "{stderr}");
-    assert!(stderr.contains(&format!("ABI version {}", hone_sdk::abi::ABI_VERSION)), "{stderr}");
+    assert!(
+        stderr.contains(&format!("ABI version {}", hone_sdk::abi::ABI_VERSION)),
+        "{stderr}"
+    );
     // The built-in plugins still load.
     assert!(stdout.contains("filter.pairs"));
 }

@@ -29,7 +29,9 @@ fn common(d: StageDescriptor) -> StageDescriptor {
             "fail",
             "A malformed line: `fail` stops the run naming the file and line; `skip` counts it in the `skipped` metric.",
         )
-        .optional("limit", FieldType::Integer, 0, "Read at most this many records (0 = all).")
+        .optional("limit", FieldType::Integer, 0, "Read at most this many input records (0 = all).")
+        // Every worker reads the file and parses its share of the records.
+        .placement(Placement::DataParallel)
 }
 
 /// Opens a possibly gzipped file.
@@ -47,9 +49,13 @@ fn open(path: &Path) -> Result<Box<dyn BufRead>, StageError> {
 }
 
 /// Calls `each(location, id, value)` for every record of a JSON-lines file or
-/// a JSON array; stops at the first error `each` returns.
+/// a JSON array that belongs to this worker's shard (record `i` goes to worker
+/// `i mod workers`, so parsing runs in parallel), and for at most `limit`
+/// records in all (0 = no limit); stops at the first error `each` returns.
 fn for_each_record(
     path: &Path,
+    (worker, workers): (usize, usize),
+    limit: u64,
     mut each: impl FnMut(&str, String, Result<Value, String>) -> Result<bool, StageError>,
 ) -> Result<(), StageError> {
     let mut reader = open(path)?;
@@ -70,6 +76,12 @@ fn for_each_record(
             )
         })?;
         for (i, item) in items.into_iter().enumerate() {
+            if limit > 0 && i as u64 >= limit {
+                break;
+            }
+            if i % workers != worker {
+                continue;
+            }
             let location = format!("{} element {i}", path.display());
             if !each(&location, format!("{stem}:{i:06}"), Ok(item))? {
                 break;
@@ -77,11 +89,19 @@ fn for_each_record(
         }
         return Ok(());
     }
+    let mut index = 0u64;
     for (i, line) in reader.lines().enumerate() {
         let line_no = i + 1;
         let location = format!("{}:{line_no}", path.display());
         let line = line.map_err(|e| StageError::at(&location, format!("cannot read: {e}")))?;
         if line.trim().is_empty() {
+            continue;
+        }
+        index += 1;
+        if limit > 0 && index > limit {
+            break;
+        }
+        if (index - 1) % workers as u64 != worker as u64 {
             continue;
         }
         let value = serde_json::from_str::<Value>(&line).map_err(|e| format!("invalid JSON: {e}"));
@@ -171,7 +191,8 @@ impl Stage for ReadPairs {
         }
         let c = &self.config;
         let mut counts = Counts::default();
-        for_each_record(&c.path, |location, id, value| {
+        let shard = (ctx.init().worker, ctx.init().workers);
+        for_each_record(&c.path, shard, c.limit, |location, id, value| {
             let parsed = value.and_then(|v| {
                 let format = if c.format == "auto" {
                     formats::detect(&v)?
@@ -195,7 +216,7 @@ impl Stage for ReadPairs {
                 Ok(Parsed::Dropped(reason)) => *counts.dropped.entry(reason).or_default() += 1,
                 Err(msg) => counts.malformed(ctx, &c.on_error, location, msg)?,
             }
-            Ok(c.limit == 0 || counts.read < c.limit)
+            Ok(true)
         })?;
         counts.report(ctx);
         Ok(())
@@ -235,7 +256,8 @@ impl Stage for ReadPrompts {
         }
         let c = &self.config;
         let mut counts = Counts::default();
-        for_each_record(&c.path, |location, id, value| {
+        let shard = (ctx.init().worker, ctx.init().workers);
+        for_each_record(&c.path, shard, c.limit, |location, id, value| {
             match value.and_then(|v| formats::prompt(id, &v)) {
                 Ok(p) => {
                     counts.read += 1;
@@ -243,7 +265,7 @@ impl Stage for ReadPrompts {
                 }
                 Err(msg) => counts.malformed(ctx, &c.on_error, location, msg)?,
             }
-            Ok(c.limit == 0 || counts.read < c.limit)
+            Ok(true)
         })?;
         counts.report(ctx);
         Ok(())

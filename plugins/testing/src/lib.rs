@@ -200,4 +200,76 @@ impl Stage for Accumulate {
     }
 }
 
-hone_sdk::export_stages!(GeneratePairs, Fault, Accumulate);
+/// Passes every record through unchanged (measures the plugin boundary).
+pub struct Passthrough;
+
+impl StageFactory for Passthrough {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "testing.passthrough",
+            "Passes every record through unchanged.",
+        )
+        .input("records", RecordKind::Any)
+        .output("records", RecordKind::Any)
+        .placement(Placement::DataParallel)
+    }
+
+    fn create(_init: &StageInit) -> Result<Self, StageError> {
+        Ok(Passthrough)
+    }
+}
+
+impl Stage for Passthrough {
+    fn on_batch(
+        &mut self,
+        ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for r in batch {
+            ctx.emit(0, r);
+        }
+        Ok(())
+    }
+}
+
+/// Counts and drops every record: a sink that costs nothing.
+#[derive(Default)]
+pub struct Discard {
+    received: u64,
+}
+
+impl StageFactory for Discard {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "testing.discard",
+            "Counts records (metric `received`) and drops them.",
+        )
+        .input("records", RecordKind::Any)
+        .placement(Placement::DataParallel)
+    }
+
+    fn create(_init: &StageInit) -> Result<Self, StageError> {
+        Ok(Discard::default())
+    }
+}
+
+impl Stage for Discard {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        self.received += batch.len() as u64;
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        ctx.metric("received", self.received as f64);
+        self.received = 0;
+        Ok(())
+    }
+}
+
+hone_sdk::export_stages!(GeneratePairs, Fault, Accumulate, Passthrough, Discard);

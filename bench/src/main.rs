@@ -1,0 +1,216 @@
+//! hone's benchmarks, printed as tables with medians and ratios measured in
+//! the same run. Build the release workspace first:
+//!
+//! ```sh
+//! cargo build --release && ./target/release/hone-bench
+//! ```
+//!
+//! 1. Pipeline throughput: records/s through `jsonl.read-pairs -> filter.pairs
+//!    -> testing.discard` at 1 and 2 workers, against reading alone.
+//! 2. The plugin boundary: `testing.passthrough` called through the C ABI
+//!    (bincode batches both ways) against the same stage called in-process.
+
+use hone::plugin::{Emitted, Registry, StageInstance};
+use hone_sdk::{Collected, Context, PreferencePair, Record, Stage, StageFactory, StageInit};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const REPEATS: usize = 5;
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    xs[xs.len() / 2]
+}
+
+fn release_dir() -> PathBuf {
+    std::env::current_exe()
+        .expect("exe")
+        .parent()
+        .expect("dir")
+        .to_path_buf()
+}
+
+fn pair(i: usize) -> PreferencePair {
+    PreferencePair::new(
+        format!("bench:{i:09}"),
+        format!(
+            "\n\nHuman: question number {i}: how do I keep my {} plants alive?\n\nAssistant:",
+            i % 13
+        ),
+        format!(
+            " Water them when the top inch of soil is dry, variant {}.",
+            i % 101
+        ),
+        format!(" Plants are hard, variant {}.", i % 89),
+        "synthetic",
+    )
+}
+
+fn write_dataset(dir: &Path, n: usize) -> PathBuf {
+    let path = dir.join("pairs.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("create dataset"));
+    for i in 0..n {
+        let p = pair(i);
+        let line =
+            serde_json::json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected});
+        writeln!(f, "{line}").expect("write dataset");
+    }
+    path
+}
+
+fn run_pipeline(hone: &Path, dir: &Path, data: &Path, with_filter: bool, workers: usize) -> f64 {
+    let filter = if with_filter {
+        "[stages.filter]\nkind = \"filter.pairs\"\ninputs = [\"read\"]\nconfig = { dedup = \"exact\" }\n\n"
+    } else {
+        ""
+    };
+    let sink_input = if with_filter { "filter" } else { "read" };
+    let pipeline = format!(
+        "[stages.read]\nkind = \"jsonl.read-pairs\"\nconfig = {{ path = {:?}, format = \"trl\" }}\n\n{filter}\
+         [stages.sink]\nkind = \"testing.discard\"\ninputs = [\"{sink_input}\"]\n",
+        data.to_string_lossy()
+    );
+    let p = dir.join("bench.toml");
+    std::fs::write(&p, pipeline).expect("write pipeline");
+    let start = Instant::now();
+    let out = Command::new(hone)
+        .args([
+            "run",
+            p.to_str().expect("utf-8"),
+            "--replace",
+            "-q",
+            "--workers",
+            &workers.to_string(),
+        ])
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .output()
+        .expect("hone runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    start.elapsed().as_secs_f64()
+}
+
+fn pipeline_bench(n: usize) {
+    let dir = std::env::temp_dir().join(format!("hone-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let data = write_dataset(&dir, n);
+    let hone = release_dir().join("hone");
+    println!(
+        "## Pipeline throughput ({n} pairs, {} MB of JSON lines, median of {REPEATS})\n",
+        std::fs::metadata(&data)
+            .map(|m| m.len() / 1_000_000)
+            .unwrap_or(0)
+    );
+    println!("| pipeline | workers | wall s | records/s | vs read only, 1 worker |");
+    println!("|---|---|---|---|---|");
+    let mut baseline = None;
+    for (with_filter, label) in [
+        (false, "jsonl.read-pairs -> discard"),
+        (true, "jsonl.read-pairs -> filter.pairs -> discard"),
+    ] {
+        for workers in [1, 2] {
+            let secs = median(
+                (0..REPEATS)
+                    .map(|_| run_pipeline(&hone, &dir, &data, with_filter, workers))
+                    .collect(),
+            );
+            let rate = n as f64 / secs;
+            let base = *baseline.get_or_insert(rate);
+            println!(
+                "| {label} | {workers} | {secs:.3} | {rate:.0} | {:.2}x |",
+                rate / base
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn score(i: usize) -> Record {
+    Record::Score(hone_sdk::Score {
+        id: format!("s{i}"),
+        name: "r".into(),
+        value: i as f64,
+    })
+}
+
+fn boundary_bench(total: usize) {
+    let registry = Registry::load(&[release_dir()]);
+    let kind = registry
+        .kinds
+        .get("testing.passthrough")
+        .expect("build the workspace in release first");
+    let init = StageInit::for_test("testing.passthrough", serde_json::json!({}));
+    println!("\n## Plugin boundary: testing.passthrough, {total} records per measurement, median of {REPEATS}\n");
+    println!("| record | batch | in-process records/s | through the C ABI records/s | ABI / in-process |");
+    println!("|---|---|---|---|---|");
+    let cases: [(&str, fn(usize) -> Record); 2] = [
+        ("PreferencePair (~150 B of text)", |i| Record::Pair(pair(i))),
+        ("Score (small)", score),
+    ];
+    for (label, make) in cases {
+        for batch in [1usize, 16, 64, 256, 1024, 4096] {
+            let records: Vec<Record> = (0..batch).map(make).collect();
+            let calls = total / batch;
+            let in_process = median(
+                (0..REPEATS)
+                    .map(|_| {
+                        let mut stage = hone_testing::Passthrough::create(&init).expect("create");
+                        let start = Instant::now();
+                        let mut emitted = 0;
+                        for _ in 0..calls {
+                            let mut out = Collected::default();
+                            {
+                                let mut ctx = Context::new(&mut out, &init, 0);
+                                stage.on_batch(&mut ctx, 0, records.clone()).expect("batch");
+                            }
+                            emitted += out.records.values().map(Vec::len).sum::<usize>();
+                        }
+                        assert_eq!(emitted, calls * batch);
+                        (calls * batch) as f64 / start.elapsed().as_secs_f64()
+                    })
+                    .collect(),
+            );
+            let through_abi = median(
+                (0..REPEATS)
+                    .map(|_| {
+                        let mut stage = StageInstance::create(kind, &init).expect("create");
+                        let start = Instant::now();
+                        let mut emitted = 0;
+                        for _ in 0..calls {
+                            let mut out = Emitted::default();
+                            stage.on_batch(0, 0, &records, &mut out).expect("batch");
+                            emitted += out.records.iter().map(|(_, b)| b.len()).sum::<usize>();
+                        }
+                        assert_eq!(emitted, calls * batch);
+                        (calls * batch) as f64 / start.elapsed().as_secs_f64()
+                    })
+                    .collect(),
+            );
+            println!(
+                "| {label} | {batch} | {in_process:.0} | {through_abi:.0} | {:.2} |",
+                through_abi / in_process
+            );
+        }
+    }
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200_000);
+    println!(
+        "# hone benchmarks ({} cores)\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    pipeline_bench(n);
+    boundary_bench(200_000);
+}
