@@ -125,11 +125,13 @@ fn wrong_value_types_name_field_and_value() {
         "3:10",
         &["pipeline.rounds", "non-negative integer", "\"three\""],
     );
+    let p = GOOD.replace("name = \"gen\"", "name = \"gen\"\nrounds = 0");
+    assert_invalid(&p, "3:10", &["pipeline.rounds", "at least 1"]);
     let p = GOOD.replace("count = 50", "count = 5.5");
     assert_invalid(
         &p,
         "6:20",
-        &["stages.gen.config.count", "must be integer", "5.5"],
+        &["stages.gen.config.count", "must be an integer", "5.5"],
     );
 }
 
@@ -266,7 +268,7 @@ fn set_overrides_config_and_reports_bad_values() {
     let (_, err) = text(&out);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        err.contains("--set gen.count=lots: `stages.gen.config.count` must be integer"),
+        err.contains("--set gen.count=lots: `stages.gen.config.count` must be an integer"),
         "{err}"
     );
     let out = hone(&dir.0, &["validate", p, "--set", "nosuch.count=1"]);
@@ -303,6 +305,11 @@ fn panicking_stage_exits_1_with_stage_id_and_message() {
         metric(&dir.join("runs/gen"), "gen", "generated"),
         Some(50.0)
     );
+    // The failed round is not journalled as complete, so --resume runs it again.
+    assert!(read_lines(&dir.join("runs/gen/journal.jsonl")).is_empty());
+    let out = hone(&dir.0, &["run", path.to_str().unwrap(), "--resume"]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(dir.join("runs/gen/attempts/0/pipeline.toml").exists());
 }
 
 #[test]

@@ -367,7 +367,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             }
         }
         lines.push(format!(
-            "run directory: {} (what completed before the failure is kept)",
+            "run directory: {} (metrics, artifacts and outputs written before the failure are kept; journal.jsonl lists the rounds that completed)",
             run_dir.display()
         ));
         let _ = first;

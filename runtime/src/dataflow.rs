@@ -123,8 +123,9 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
             )
             .connect_loop(handle);
         }
-        let events: Vec<MsgStream> = outputs.into_iter().flatten().collect();
+        let events: Vec<MsgStream> = outputs.into_iter().flatten().map(events_only).collect();
         let mut log = (index == 0).then(|| EventLog::new(&shared.run_dir, rounds));
+        let run = shared.clone();
         scope.concatenate(events).sink(
             Exchange::new(|_: &Msg| 0u64),
             "RunDirectory",
@@ -137,13 +138,30 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
                         }
                     }
                 });
-                log.advance(frontier.frontier().first().copied());
+                let aborted = run.abort.load(Ordering::SeqCst);
+                log.advance(frontier.frontier().first().copied(), aborted);
             },
         );
     });
 }
 
 use timely::dataflow::operators::Concatenate;
+
+/// Keeps only the events of a stage's output (records stay on their workers).
+fn events_only(stream: MsgStream<'_>) -> MsgStream<'_> {
+    stream.unary(Pipeline, "Events", |_, _| {
+        |input, output| {
+            input.for_each(|cap, data| {
+                let mut session = output.session(&cap);
+                for msg in data.drain(..) {
+                    if let Msg::Event(_) = msg {
+                        session.give(msg);
+                    }
+                }
+            });
+        }
+    })
+}
 
 fn shard(m: &Msg) -> u64 {
     match m {

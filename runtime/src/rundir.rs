@@ -146,11 +146,13 @@ impl EventLog {
 
     /// Called with the sink's frontier: journals completed rounds and writes
     /// the files when a round completes, the run ends, or 2 s have passed.
-    pub fn advance(&mut self, frontier: Option<u64>) {
+    /// After a failure (`aborted`) the frontier runs out without the rounds
+    /// completing, so nothing more is journalled.
+    pub fn advance(&mut self, frontier: Option<u64>, aborted: bool) {
         let done_up_to = match frontier {
+            _ if aborted => self.completed,
             Some(t) => t,
-            None if self.rounds > 0 => self.rounds,
-            None => self.completed,
+            None => self.rounds,
         };
         let mut round_completed = false;
         while self.completed < done_up_to {

@@ -47,6 +47,15 @@ impl FieldType {
             FieldType::List(inner) => format!("list of {}", inner.describe()),
         }
     }
+
+    /// [`FieldType::describe`] with an article, for "must be ..." messages.
+    pub fn expected(&self) -> String {
+        match self {
+            FieldType::Enum(_) => self.describe(),
+            FieldType::Integer => "an integer".into(),
+            _ => format!("a {}", self.describe()),
+        }
+    }
 }
 
 /// One documented config field.

@@ -19,6 +19,8 @@ pub fn parse_pipeline(path: &Path, text: &str) -> Result<Pipeline, Vec<Diagnosti
     } else {
         dir
     };
+    // Absolute, so that the resolved pipeline.toml in the run directory runs from anywhere.
+    let dir = dir.canonicalize().unwrap_or(dir);
     let mut p = Pipeline {
         name: path
             .file_stem()
@@ -79,7 +81,7 @@ fn parse_header(node: &Node, p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
         match e.key.as_str() {
             "name" => p.name = string(&e.node, &field, errors).unwrap_or_default(),
             "description" => p.description = string(&e.node, &field, errors).unwrap_or_default(),
-            "rounds" => p.rounds = non_negative(&e.node, &field, errors).unwrap_or(1),
+            "rounds" => p.rounds = rounds(&e.node, errors).unwrap_or(1),
             "seed" => p.seed = non_negative(&e.node, &field, errors).unwrap_or(0),
             "plugin_path" => match &e.node.value {
                 Value::Array(items) => {
@@ -283,6 +285,20 @@ fn non_negative(node: &Node, field: &str, errors: &mut Vec<Diagnostic>) -> Optio
     }
 }
 
+/// `rounds` must be at least 1: a run that goes on until stopped (rounds = 0)
+/// is not supported yet.
+fn rounds(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<u64> {
+    let n = non_negative(node, "pipeline.rounds", errors)?;
+    if n == 0 {
+        errors.push(Diagnostic::new(
+            &node.origin,
+            "`pipeline.rounds` must be at least 1 (runs that go on until stopped are not supported yet)",
+        ));
+        return None;
+    }
+    Some(n)
+}
+
 fn unknown_key(entry: &Entry, place: &str, known: &[&str]) -> Diagnostic {
     let hint = crate::diag::closest(&entry.key, known.iter().copied())
         .map(|k| format!(" (did you mean `{k}`?)"))
@@ -304,7 +320,7 @@ pub fn apply_override(p: &mut Pipeline, arg: &str) -> Result<(), Diagnostic> {
     let Some((path, raw)) = arg.split_once('=') else {
         return Err(Diagnostic::new(
             &origin,
-            "expected STAGE.KEY=VALUE, e.g. `--set filter.min_chars=10`",
+            "expected STAGE.KEY=VALUE, e.g. `--set filter.min_response_chars=10`",
         ));
     };
     let Some((stage, key)) = path.trim().split_once('.') else {
@@ -320,7 +336,7 @@ pub fn apply_override(p: &mut Pipeline, arg: &str) -> Result<(), Diagnostic> {
     if stage == "pipeline" {
         let mut errors = Vec::new();
         match key {
-            "rounds" => p.rounds = non_negative(&node, "pipeline.rounds", &mut errors).unwrap_or(p.rounds),
+            "rounds" => p.rounds = rounds(&node, &mut errors).unwrap_or(p.rounds),
             "seed" => p.seed = non_negative(&node, "pipeline.seed", &mut errors).unwrap_or(p.seed),
             "name" => p.name = string(&node, "pipeline.name", &mut errors).unwrap_or_default(),
             _ => {

@@ -324,7 +324,7 @@ fn check_value(
             &node.origin,
             format!(
                 "`{name}` must be {}, found {} {}",
-                ty.describe(),
+                ty.expected(),
                 node.value.type_name(),
                 node.value.to_toml_text()
             ),
@@ -472,6 +472,14 @@ impl ResolvedPipeline {
             let _ = writeln!(s, "description = {}", toml_string(&p.description));
         }
         let _ = writeln!(s, "rounds = {}\nseed = {}", p.rounds, p.seed);
+        if !p.plugin_path.is_empty() {
+            let dirs: Vec<String> = p
+                .plugin_path
+                .iter()
+                .map(|d| toml_string(&d.to_string_lossy()))
+                .collect();
+            let _ = writeln!(s, "plugin_path = [{}]", dirs.join(", "));
+        }
         for stage in &self.stages {
             let _ = writeln!(
                 s,
