@@ -11,6 +11,7 @@
 //!    (bincode batches both ways) against the same stage called in-process.
 
 use hone::plugin::{Emitted, Registry, StageInstance};
+use hone_sdk::abi::{decode_batch, encode_batch};
 use hone_sdk::{Collected, Context, PreferencePair, Record, Stage, StageFactory, StageInit};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -139,6 +140,23 @@ fn score(i: usize) -> Record {
     })
 }
 
+/// Makes the `i`-th record of a case.
+type MakeRecord = fn(usize) -> Record;
+
+/// Records/s of `calls` calls of one batch, median of [`REPEATS`].
+fn rate(calls: usize, batch: usize, mut call: impl FnMut() -> usize) -> f64 {
+    median(
+        (0..REPEATS)
+            .map(|_| {
+                let start = Instant::now();
+                let emitted: usize = (0..calls).map(|_| call()).sum();
+                assert_eq!(emitted, calls * batch);
+                (calls * batch) as f64 / start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
 fn boundary_bench(total: usize) {
     let registry = Registry::load(&[release_dir()]);
     let kind = registry
@@ -147,9 +165,11 @@ fn boundary_bench(total: usize) {
         .expect("build the workspace in release first");
     let init = StageInit::for_test("testing.passthrough", serde_json::json!({}));
     println!("\n## Plugin boundary: testing.passthrough, {total} records per measurement, median of {REPEATS}\n");
-    println!("| record | batch | in-process records/s | through the C ABI records/s | ABI / in-process |");
-    println!("|---|---|---|---|---|");
-    let cases: [(&str, fn(usize) -> Record); 2] = [
+    println!(
+        "| record | batch | in-process | in-process + the same bincode round trips | through the C ABI | ABI / in-process | ABI / in-process + bincode |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let cases: [(&str, MakeRecord); 2] = [
         ("PreferencePair (~150 B of text)", |i| Record::Pair(pair(i))),
         ("Score (small)", score),
     ];
@@ -157,44 +177,39 @@ fn boundary_bench(total: usize) {
         for batch in [1usize, 16, 64, 256, 1024, 4096] {
             let records: Vec<Record> = (0..batch).map(make).collect();
             let calls = total / batch;
-            let in_process = median(
-                (0..REPEATS)
-                    .map(|_| {
-                        let mut stage = hone_testing::Passthrough::create(&init).expect("create");
-                        let start = Instant::now();
-                        let mut emitted = 0;
-                        for _ in 0..calls {
-                            let mut out = Collected::default();
-                            {
-                                let mut ctx = Context::new(&mut out, &init, 0);
-                                stage.on_batch(&mut ctx, 0, records.clone()).expect("batch");
-                            }
-                            emitted += out.records.values().map(Vec::len).sum::<usize>();
-                        }
-                        assert_eq!(emitted, calls * batch);
-                        (calls * batch) as f64 / start.elapsed().as_secs_f64()
-                    })
-                    .collect(),
-            );
-            let through_abi = median(
-                (0..REPEATS)
-                    .map(|_| {
-                        let mut stage = StageInstance::create(kind, &init).expect("create");
-                        let start = Instant::now();
-                        let mut emitted = 0;
-                        for _ in 0..calls {
-                            let mut out = Emitted::default();
-                            stage.on_batch(0, 0, &records, &mut out).expect("batch");
-                            emitted += out.records.iter().map(|(_, b)| b.len()).sum::<usize>();
-                        }
-                        assert_eq!(emitted, calls * batch);
-                        (calls * batch) as f64 / start.elapsed().as_secs_f64()
-                    })
-                    .collect(),
-            );
+            let mut stage = hone_testing::Passthrough::create(&init).expect("create");
+            let in_process = rate(calls, batch, || {
+                let mut out = Collected::default();
+                {
+                    let mut ctx = Context::new(&mut out, &init, 0);
+                    stage.on_batch(&mut ctx, 0, records.clone()).expect("batch");
+                }
+                out.records.values().map(Vec::len).sum()
+            });
+            // What the boundary does besides the call: encode, decode, and the same for the output.
+            let with_bincode = rate(calls, batch, || {
+                let bytes = encode_batch(&records);
+                let input = decode_batch(&bytes).expect("decode");
+                let mut out = Collected::default();
+                {
+                    let mut ctx = Context::new(&mut out, &init, 0);
+                    stage.on_batch(&mut ctx, 0, input).expect("batch");
+                }
+                out.records
+                    .values()
+                    .map(|b| decode_batch(&encode_batch(b)).expect("decode").len())
+                    .sum()
+            });
+            let mut instance = StageInstance::create(kind, &init).expect("create");
+            let through_abi = rate(calls, batch, || {
+                let mut out = Emitted::default();
+                instance.on_batch(0, 0, &records, &mut out).expect("batch");
+                out.records.iter().map(|(_, b)| b.len()).sum()
+            });
             println!(
-                "| {label} | {batch} | {in_process:.0} | {through_abi:.0} | {:.2} |",
-                through_abi / in_process
+                "| {label} | {batch} | {in_process:.0} | {with_bincode:.0} | {through_abi:.0} | {:.2} | {:.2} |",
+                through_abi / in_process,
+                through_abi / with_bincode
             );
         }
     }
