@@ -597,3 +597,35 @@ fn usage_errors_exit_2() {
         .1
         .contains("/nonexistent/p.toml: cannot read pipeline file"));
 }
+
+#[test]
+fn data_parallel_stages_get_every_artifact_on_every_worker() {
+    let p = r#"[stages.gen]
+kind = "testing.generate-pairs"
+config = { count = 3 }
+
+[stages.first]
+kind = "jsonl.write"
+inputs = ["gen"]
+
+[stages.pass]
+kind = "testing.passthrough"
+inputs = ["first.artifact"]
+
+[stages.second]
+kind = "jsonl.write"
+inputs = ["pass"]
+"#;
+    let dir = TempDir::new("broadcast");
+    let path = dir.write("p.toml", p);
+    for workers in ["1", "2"] {
+        let run = dir.join(&format!("w{workers}"));
+        let args = ["run", path.to_str().unwrap(), "-q", "--workers", workers, "--run-dir"];
+        let out = hone(&dir.0, &[&args[..], &[run.to_str().unwrap()]].concat());
+        assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+        let lines = read_lines(&run.join("outputs/second/records.jsonl"));
+        // One copy of the artifact per worker running the data-parallel stage.
+        assert_eq!(lines.len().to_string(), workers);
+        assert!(lines[0].contains("first/records.jsonl@0"), "{}", lines[0]);
+    }
+}

@@ -108,7 +108,18 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
             };
             let op = StageOp::new(shared.clone(), s, index, peers);
             let out = match stage.descriptor.placement {
-                Placement::DataParallel => stage_operator(input, Exchange::new(shard), op),
+                Placement::DataParallel => {
+                    // Records are sharded by key; artifacts (a policy, a reward
+                    // model) are needed by every shard, so they are broadcast.
+                    let artifacts = keep(input.clone(), "Artifacts", is_artifact).broadcast();
+                    let records = keep(input, "Records", |m| !is_artifact(m));
+                    let records = records.unary(Exchange::new(shard), "Shard", |_, _| {
+                        |input, output| {
+                            input.for_each(|cap, data| output.session(&cap).give_container(data));
+                        }
+                    });
+                    stage_operator(scope.concatenate([records, artifacts]), Pipeline, op)
+                }
                 Placement::Single => stage_operator(input, Exchange::new(|_: &Msg| 0u64), op),
                 Placement::PerMember { .. } => stage_operator(input.broadcast(), Pipeline, op),
             };
@@ -149,12 +160,21 @@ use timely::dataflow::operators::Concatenate;
 
 /// Keeps only the events of a stage's output (records stay on their workers).
 fn events_only(stream: MsgStream<'_>) -> MsgStream<'_> {
-    stream.unary(Pipeline, "Events", |_, _| {
-        |input, output| {
+    keep(stream, "Events", |m| matches!(m, Msg::Event(_)))
+}
+
+fn is_artifact(m: &Msg) -> bool {
+    matches!(m, Msg::Data(_, Record::Artifact(_)))
+}
+
+/// Keeps the messages `pred` accepts, on the same worker.
+fn keep<'s>(stream: MsgStream<'s>, name: &str, pred: fn(&Msg) -> bool) -> MsgStream<'s> {
+    stream.unary(Pipeline, name, move |_, _| {
+        move |input, output| {
             input.for_each(|cap, data| {
                 let mut session = output.session(&cap);
                 for msg in data.drain(..) {
-                    if let Msg::Event(_) = msg {
+                    if pred(&msg) {
                         session.give(msg);
                     }
                 }

@@ -21,9 +21,10 @@ impl StageFactory for Write {
     fn descriptor() -> StageDescriptor {
         StageDescriptor::new(
             "jsonl.write",
-            "Writes records as JSON lines (gzip when the name ends in .gz).",
+            "Writes records as JSON lines (gzip when the name ends in .gz); emits the file as a dataset artifact.",
         )
         .input("records", RecordKind::Any)
+        .output("artifact", RecordKind::Artifact)
         .optional(
             "file",
             FieldType::String,
@@ -116,12 +117,13 @@ impl Stage for Write {
         let path = ctx.output_dir()?.join(&name);
         hone_sdk::fs::atomic_write(&path, &bytes)
             .map_err(|e| StageError::new(format!("cannot write {}: {e}", path.display())))?;
-        ctx.register_artifact(
+        let artifact = ctx.register_artifact(
             "dataset",
             &path,
             Vec::new(),
             vec![format!("{} records", records.len())],
         )?;
+        ctx.emit(0, Record::Artifact(artifact));
         ctx.metric("written", records.len() as f64);
         Ok(())
     }
