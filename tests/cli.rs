@@ -620,7 +620,14 @@ inputs = ["pass"]
     let path = dir.write("p.toml", p);
     for workers in ["1", "2"] {
         let run = dir.join(&format!("w{workers}"));
-        let args = ["run", path.to_str().unwrap(), "-q", "--workers", workers, "--run-dir"];
+        let args = [
+            "run",
+            path.to_str().unwrap(),
+            "-q",
+            "--workers",
+            workers,
+            "--run-dir",
+        ];
         let out = hone(&dir.0, &[&args[..], &[run.to_str().unwrap()]].concat());
         assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
         let lines = read_lines(&run.join("outputs/second/records.jsonl"));

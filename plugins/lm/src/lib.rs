@@ -1,0 +1,1 @@
+//! The `lm` stage family (work in progress).

@@ -1,0 +1,1 @@
+//! hone's model core (work in progress).
