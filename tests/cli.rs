@@ -636,3 +636,27 @@ inputs = ["pass"]
         assert!(lines[0].contains("first/records.jsonl@0"), "{}", lines[0]);
     }
 }
+
+#[test]
+fn pandalm_majority_vote_on_the_bundled_test_set() {
+    let dir = TempDir::new("pandalm");
+    let data = workspace().join("data/pandalm-human-testset/testset-v1.json");
+    let p = format!(
+        "[stages.read]\nkind = \"jsonl.read-pairs\"\nconfig = {{ path = {:?} }}\n\n[stages.write]\nkind = \"jsonl.write\"\ninputs = [\"read\"]\n",
+        data.to_str().unwrap()
+    );
+    let path = dir.write("p.toml", &p);
+    let out = hone(
+        &dir.0,
+        &["run", path.to_str().unwrap(), "-q", "--workers", "2"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let run = dir.join("runs/p");
+    // PROVENANCE.md: majority 2 -> 472, 1 -> 422, tie -> 105 of 999.
+    assert_eq!(metric(&run, "read", "read"), Some(894.0));
+    assert_eq!(metric(&run, "read", "ties_dropped"), Some(105.0));
+    let lines = read_lines(&run.join("outputs/write/records.jsonl"));
+    assert_eq!(lines.len(), 894);
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["label_source"], "majority-of-3");
+}

@@ -138,6 +138,18 @@ pub fn trl(id: String, v: &Value) -> Result<Parsed, String> {
     Ok(Parsed::Pair(Box::new(pair)))
 }
 
+/// A PandaLM response. Six of the 999 test records hold a JSON boolean where
+/// the model answered "True"/"False" (the file was written from Python):
+/// those are read back as the text the model produced.
+fn response_text(v: &Value, key: &str) -> Result<String, String> {
+    match v.get(key) {
+        Some(Value::Bool(true)) => Ok("True".into()),
+        Some(Value::Bool(false)) => Ok("False".into()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        _ => text_field(v, key).map(str::to_string),
+    }
+}
+
 /// A PandaLM three-annotator record: majority vote, ties dropped.
 pub fn pandalm(id: String, v: &Value) -> Result<Parsed, String> {
     let mut votes = [0u32; 3];
@@ -165,7 +177,10 @@ pub fn pandalm(id: String, v: &Value) -> Result<Parsed, String> {
     } else {
         format!("{instruction}\n\n{input}")
     };
-    let (r1, r2) = (text_field(v, "response1")?, text_field(v, "response2")?);
+    let (r1, r2) = (
+        response_text(v, "response1")?,
+        response_text(v, "response2")?,
+    );
     let (chosen, rejected) = if winner == 1 { (r1, r2) } else { (r2, r1) };
     let mut pair = PreferencePair::new(id, prompt, chosen, rejected, "majority-of-3");
     let agree = votes[winner as usize];

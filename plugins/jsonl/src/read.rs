@@ -56,7 +56,7 @@ fn for_each_record(
     path: &Path,
     (worker, workers): (usize, usize),
     limit: u64,
-    mut each: impl FnMut(&str, String, Result<Value, String>) -> Result<bool, StageError>,
+    mut each: impl FnMut(&str, String, Result<Value, String>) -> Result<(), StageError>,
 ) -> Result<(), StageError> {
     let mut reader = open(path)?;
     let stem = path.file_name().and_then(|n| n.to_str()).unwrap_or("input");
@@ -83,9 +83,7 @@ fn for_each_record(
                 continue;
             }
             let location = format!("{} element {i}", path.display());
-            if !each(&location, format!("{stem}:{i:06}"), Ok(item))? {
-                break;
-            }
+            each(&location, format!("{stem}:{i:06}"), Ok(item))?;
         }
         return Ok(());
     }
@@ -105,10 +103,62 @@ fn for_each_record(
             continue;
         }
         let value = serde_json::from_str::<Value>(&line).map_err(|e| format!("invalid JSON: {e}"));
-        if !each(&location, format!("{stem}:{line_no:06}"), value)? {
-            break;
-        }
+        each(&location, format!("{stem}:{line_no:06}"), value)?;
     }
+    Ok(())
+}
+
+impl ReadConfig {
+    /// The validated config: the input file must exist.
+    fn load(init: &StageInit) -> Result<Self, StageError> {
+        let config: ReadConfig = init.config()?;
+        if !config.path.is_file() {
+            return Err(StageError::config(
+                "path",
+                format!("{} does not exist or is not a file", config.path.display()),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+/// What one input record became.
+// Lives on the stack for one record at a time: boxing would cost an allocation per record.
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    /// A record to emit.
+    Emit(Record),
+    /// Dropped on purpose, counted under this metric name.
+    Dropped(&'static str),
+}
+
+/// In round 0, reads this worker's share of the file and emits what `parse`
+/// makes of each record, counting what was read, skipped and dropped.
+fn read_round(
+    ctx: &mut Context,
+    c: &ReadConfig,
+    mut parse: impl FnMut(String, Value) -> Result<Outcome, String>,
+) -> Result<(), StageError> {
+    if ctx.round() > 0 {
+        return Ok(());
+    }
+    let mut counts = Counts::default();
+    let shard = (ctx.init().worker, ctx.init().workers);
+    for_each_record(&c.path, shard, c.limit, |location, id, value| {
+        match value.and_then(|v| parse(id, v)) {
+            Ok(Outcome::Emit(record)) => {
+                counts.read += 1;
+                ctx.emit(0, record);
+                if counts.read % 1000 == 0 {
+                    ctx.progress("reading", counts.read, 0);
+                }
+            }
+            Ok(Outcome::Dropped(reason)) => *counts.dropped.entry(reason).or_default() += 1,
+            Err(msg) => counts.malformed(ctx, &c.on_error, location, msg)?,
+        }
+        Ok(())
+    })?;
+    counts.report(ctx);
     Ok(())
 }
 
@@ -173,53 +223,30 @@ impl StageFactory for ReadPairs {
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
-        let config: ReadConfig = init.config()?;
-        if !config.path.is_file() {
-            return Err(StageError::config(
-                "path",
-                format!("{} does not exist or is not a file", config.path.display()),
-            ));
-        }
+        let config = ReadConfig::load(init)?;
         Ok(ReadPairs { config })
     }
 }
 
 impl Stage for ReadPairs {
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        if ctx.round() > 0 {
-            return Ok(());
-        }
-        let c = &self.config;
-        let mut counts = Counts::default();
-        let shard = (ctx.init().worker, ctx.init().workers);
-        for_each_record(&c.path, shard, c.limit, |location, id, value| {
-            let parsed = value.and_then(|v| {
-                let format = if c.format == "auto" {
-                    formats::detect(&v)?
-                } else {
-                    c.format.as_str()
-                };
-                match format {
-                    "hh-rlhf" => formats::hh(id, &v),
-                    "trl" => formats::trl(id, &v),
-                    _ => formats::pandalm(id, &v),
-                }
-            });
-            match parsed {
-                Ok(Parsed::Pair(pair)) => {
-                    counts.read += 1;
-                    ctx.emit(0, Record::Pair(*pair));
-                    if counts.read % 1000 == 0 {
-                        ctx.progress("reading", counts.read, 0);
-                    }
-                }
-                Ok(Parsed::Dropped(reason)) => *counts.dropped.entry(reason).or_default() += 1,
-                Err(msg) => counts.malformed(ctx, &c.on_error, location, msg)?,
-            }
-            Ok(true)
-        })?;
-        counts.report(ctx);
-        Ok(())
+        let format = self.config.format.clone();
+        read_round(ctx, &self.config, |id, v| {
+            let format = if format == "auto" {
+                formats::detect(&v)?
+            } else {
+                format.as_str()
+            };
+            let parsed = match format {
+                "hh-rlhf" => formats::hh(id, &v),
+                "trl" => formats::trl(id, &v),
+                _ => formats::pandalm(id, &v),
+            }?;
+            Ok(match parsed {
+                Parsed::Pair(pair) => Outcome::Emit(Record::Pair(*pair)),
+                Parsed::Dropped(reason) => Outcome::Dropped(reason),
+            })
+        })
     }
 }
 
@@ -238,36 +265,15 @@ impl StageFactory for ReadPrompts {
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
-        let config: ReadConfig = init.config()?;
-        if !config.path.is_file() {
-            return Err(StageError::config(
-                "path",
-                format!("{} does not exist or is not a file", config.path.display()),
-            ));
-        }
+        let config = ReadConfig::load(init)?;
         Ok(ReadPrompts { config })
     }
 }
 
 impl Stage for ReadPrompts {
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        if ctx.round() > 0 {
-            return Ok(());
-        }
-        let c = &self.config;
-        let mut counts = Counts::default();
-        let shard = (ctx.init().worker, ctx.init().workers);
-        for_each_record(&c.path, shard, c.limit, |location, id, value| {
-            match value.and_then(|v| formats::prompt(id, &v)) {
-                Ok(p) => {
-                    counts.read += 1;
-                    ctx.emit(0, Record::Prompt(p));
-                }
-                Err(msg) => counts.malformed(ctx, &c.on_error, location, msg)?,
-            }
-            Ok(true)
-        })?;
-        counts.report(ctx);
-        Ok(())
+        read_round(ctx, &self.config, |id, v| {
+            formats::prompt(id, &v).map(|p| Outcome::Emit(Record::Prompt(p)))
+        })
     }
 }
