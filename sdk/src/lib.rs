@@ -43,6 +43,7 @@ mod context;
 mod describe;
 mod error;
 pub mod fs;
+pub mod pretrained;
 mod records;
 mod stage;
 pub mod text;
