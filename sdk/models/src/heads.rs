@@ -1,0 +1,162 @@
+//! Heads on a [`Gpt`] backbone: a scalar reward model and a per-token value
+//! head for PPO.
+
+use crate::gpt::{linear, Gpt, GptConfig};
+use crate::{Error, Result, Tensor, VarBuilder};
+use candle_core::{Module, D};
+use candle_nn::Linear;
+
+/// Scalar reward from the hidden state at each sequence's last non-padding
+/// token. Variables: the backbone's at the root, the head under
+/// `reward_head`. The backbone's `lm_head.weight` is unused by [`score`]
+/// and gets no gradient (it keeps a checkpoint loadable as a plain [`Gpt`]).
+///
+/// [`score`]: RewardModel::score
+pub struct RewardModel {
+    /// The transformer whose final hidden states are scored.
+    pub backbone: Gpt,
+    head: Linear,
+}
+
+impl RewardModel {
+    /// Builds the backbone at `vb`'s root and the head under `reward_head`.
+    pub fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            backbone: Gpt::new(cfg, vb.clone())?,
+            head: linear(cfg.d_model, 1, true, vb.pp("reward_head"))?,
+        })
+    }
+
+    /// Rewards [B] of right-padded ids [B,T], where sequence b has
+    /// `lengths[b]` real tokens (1..=T).
+    pub fn score(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if lengths.len() != b {
+            return Err(Error::Invalid(format!(
+                "score: {} lengths for a batch of {b}",
+                lengths.len()
+            )));
+        }
+        let rows = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                if len == 0 || len > t {
+                    Err(Error::Invalid(format!(
+                        "score: length {len} of sequence {i} is outside 1..={t}"
+                    )))
+                } else {
+                    Ok((i * t + len - 1) as u32)
+                }
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let hidden = self.backbone.hidden(ids)?;
+        let d = hidden.dim(2)?;
+        let rows = Tensor::from_vec(rows, b, ids.device())?;
+        let last = hidden.reshape((b * t, d))?.index_select(&rows, 0)?;
+        Ok(self.head.forward(&last)?.squeeze(D::Minus1)?)
+    }
+}
+
+/// Per-token value estimates for PPO. Variables `weight` and `bias` at
+/// `vb`'s root.
+pub struct ValueHead {
+    head: Linear,
+}
+
+impl ValueHead {
+    /// A linear map from `d_model` to one value.
+    pub fn new(d_model: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            head: linear(d_model, 1, true, vb)?,
+        })
+    }
+
+    /// Values [B,T] of hidden states [B,T,D].
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.head.forward(hidden)?.squeeze(D::Minus1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpt::init_seeded;
+    use crate::gpt::tests::ids;
+    use crate::{DType, Device, VarMap};
+
+    fn reward_model() -> (RewardModel, VarMap) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let rm = RewardModel::new(&GptConfig::tiny(259), vb).unwrap();
+        init_seeded(&varmap, 5).unwrap();
+        (rm, varmap)
+    }
+
+    #[test]
+    fn every_reward_model_parameter_gets_a_gradient() {
+        let (rm, varmap) = reward_model();
+        let x = ids(&[&[1, 2, 3, 4], &[5, 6, 258, 258]]);
+        let scores = rm.score(&x, &[4, 2]).unwrap();
+        assert_eq!(scores.dims(), &[2]);
+        // A Bradley-Terry loss plus the usual centring term (the margin
+        // alone cancels the head's bias).
+        let margin = (scores.get(0).unwrap() - scores.get(1).unwrap()).unwrap();
+        let bt = candle_nn::ops::sigmoid(&margin)
+            .unwrap()
+            .log()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let centring = (scores.sum_all().unwrap().sqr().unwrap() * 0.01).unwrap();
+        let loss = (bt + centring).unwrap();
+        let grads = loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        assert!(data.contains_key("reward_head.weight"));
+        assert!(data.contains_key("wte.weight"));
+        assert!(grads.get(&data["lm_head.weight"]).is_none());
+        for (name, var) in data.iter().filter(|(n, _)| n.as_str() != "lm_head.weight") {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let s = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(s > 0.0, "zero gradient for {name}");
+        }
+    }
+
+    #[test]
+    fn score_ignores_padding_after_length() {
+        let (rm, _) = reward_model();
+        let a = rm.score(&ids(&[&[5, 6, 258, 258]]), &[2]).unwrap();
+        let b = rm.score(&ids(&[&[5, 6, 1, 2]]), &[2]).unwrap();
+        let c = rm.score(&ids(&[&[5, 6, 1, 2]]), &[4]).unwrap();
+        let (a, b, c) = (
+            a.to_vec1::<f32>().unwrap()[0],
+            b.to_vec1::<f32>().unwrap()[0],
+            c.to_vec1::<f32>().unwrap()[0],
+        );
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        assert!((a - c).abs() > 1e-7);
+        assert!(rm.score(&ids(&[&[5, 6]]), &[3]).is_err());
+    }
+
+    #[test]
+    fn value_head_shape_and_gradient() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let head = ValueHead::new(8, vb.pp("value_head")).unwrap();
+        let hidden = Tensor::randn(0f32, 1.0, (2, 3, 8), &Device::Cpu).unwrap();
+        let values = head.forward(&hidden).unwrap();
+        assert_eq!(values.dims(), &[2, 3]);
+        let grads = values.sum_all().unwrap().backward().unwrap();
+        for var in varmap.all_vars() {
+            assert!(grads.get(&var).is_some());
+        }
+    }
+}

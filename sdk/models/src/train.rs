@@ -1,0 +1,256 @@
+//! Training utilities: learning-rate schedule, gradient clipping and
+//! accumulation, the masked LM loss and batch padding. Optimise with
+//! [`candle_nn::AdamW`] (`set_learning_rate` each step, then
+//! [`candle_nn::Optimizer::step`] with the [`GradStore`]).
+
+use crate::{DType, Device, Error, Result, Tensor, Var};
+use candle_core::backprop::GradStore;
+use candle_core::D;
+
+/// Linear warm-up to `peak` over `warmup` steps (step `warmup - 1` reaches
+/// `peak`), then cosine decay from `peak` at step `warmup` to `min_lr` at
+/// step `total` and after.
+pub fn lr_at(step: usize, warmup: usize, total: usize, peak: f64, min_lr: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    if step >= total || total <= warmup {
+        return min_lr;
+    }
+    let progress = (step - warmup) as f64 / (total - warmup) as f64;
+    min_lr + 0.5 * (peak - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Clips the gradients of `vars` in place to a global L2 norm of at most
+/// `max_norm`; returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+    let mut sum = 0.0;
+    for var in vars {
+        if let Some(g) = grads.get(var) {
+            sum += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    let norm = sum.sqrt();
+    if norm > max_norm && norm > 0.0 {
+        let scale = max_norm / norm;
+        for var in vars {
+            if let Some(g) = grads.remove(var) {
+                grads.insert(var, (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Adds `other`'s gradients of `vars` into `acc` (gradient accumulation);
+/// entries missing from `acc` are inserted, and an empty `acc` takes `other`.
+pub fn accumulate(acc: &mut Option<GradStore>, other: GradStore, vars: &[Var]) -> Result<()> {
+    let Some(store) = acc.as_mut() else {
+        *acc = Some(other);
+        return Ok(());
+    };
+    for var in vars {
+        if let Some(g) = other.get(var) {
+            let sum = match store.get(var) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            store.insert(var, sum);
+        }
+    }
+    Ok(())
+}
+
+/// Next-token cross-entropy averaged over positions where mask == 1.
+/// `logits` [B,T,V]; `targets` [B,T] u32 holds the token each position must
+/// predict (the caller shifts: `targets[t] = ids[t + 1]`); `mask` [B,T] f32.
+/// A mask of all zeros gives a loss of 0.
+pub fn masked_lm_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, t, _) = logits.dims3()?;
+    if targets.dims() != [b, t] || mask.dims() != [b, t] {
+        return Err(Error::Invalid(format!(
+            "masked_lm_loss: logits {:?} need targets and mask [{b}, {t}], got {:?} and {:?}",
+            logits.dims(),
+            targets.dims(),
+            mask.dims()
+        )));
+    }
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = log_probs
+        .gather(&targets.to_dtype(DType::U32)?.unsqueeze(2)?, 2)?
+        .squeeze(2)?;
+    let mask = mask.to_dtype(logits.dtype())?;
+    let count = mask.sum_all()?.maximum(1.0)?;
+    Ok((picked * &mask)?.sum_all()?.neg()?.div(&count)?)
+}
+
+/// Pads `seqs` (each truncated to its first `max_len` tokens) with `pad` into
+/// ids [B,L] u32 and mask [B,L] f32 (1 = real token), L the longest
+/// truncated length (at least 1).
+pub fn pad_batch(
+    seqs: &[Vec<u32>],
+    pad: u32,
+    max_len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let len = seqs
+        .iter()
+        .map(|s| s.len().min(max_len))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut ids = Vec::with_capacity(seqs.len() * len);
+    let mut mask = Vec::with_capacity(seqs.len() * len);
+    for seq in seqs {
+        let real = seq.len().min(max_len);
+        ids.extend_from_slice(&seq[..real]);
+        ids.extend(std::iter::repeat_n(pad, len - real));
+        mask.extend(std::iter::repeat_n(1f32, real));
+        mask.extend(std::iter::repeat_n(0f32, len - real));
+    }
+    let b = seqs.len();
+    Ok((
+        Tensor::from_vec(ids, (b, len), device)?,
+        Tensor::from_vec(mask, (b, len), device)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpt::tests::tiny;
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+    #[test]
+    fn lr_schedule_endpoints() {
+        let (peak, min) = (1e-3, 1e-5);
+        assert!((lr_at(0, 10, 100, peak, min) - peak / 10.0).abs() < 1e-12);
+        assert!((lr_at(9, 10, 100, peak, min) - peak).abs() < 1e-12);
+        assert!((lr_at(10, 10, 100, peak, min) - peak).abs() < 1e-12);
+        let mid = lr_at(55, 10, 100, peak, min);
+        assert!((mid - (min + peak) / 2.0).abs() < 1e-9, "{mid}");
+        assert!((lr_at(100, 10, 100, peak, min) - min).abs() < 1e-12);
+        assert!((lr_at(500, 10, 100, peak, min) - min).abs() < 1e-12);
+        assert!((lr_at(0, 0, 100, peak, min) - peak).abs() < 1e-12);
+    }
+
+    fn norm(grads: &GradStore, vars: &[Var]) -> f64 {
+        vars.iter()
+            .filter_map(|v| grads.get(v))
+            .map(|g| {
+                g.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
+            })
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    #[test]
+    fn clipping_reduces_the_norm_to_max_norm() {
+        let a = Var::new(&[3f32, 0.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[0f32, 4.0], &Device::Cpu).unwrap();
+        // d/dx of sum(x^2 / 2) is x: gradient norm 5.
+        let loss = ((a.as_tensor().sqr().unwrap().sum_all().unwrap()
+            + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+        .unwrap()
+            * 0.5)
+            .unwrap();
+        let vars = [a.clone(), b.clone()];
+        let mut grads = loss.backward().unwrap();
+        let before = clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
+        assert!((before - 5.0).abs() < 1e-5);
+        assert!((norm(&grads, &vars) - 1.0).abs() < 1e-5);
+        let g: Vec<f32> = grads.get(&a).unwrap().to_vec1().unwrap();
+        assert!((g[0] - 0.6).abs() < 1e-5);
+        // Under the limit: unchanged.
+        let again = clip_grad_norm(&mut grads, &vars, 10.0).unwrap();
+        assert!((again - 1.0).abs() < 1e-5);
+        assert!((norm(&grads, &vars) - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn accumulate_adds_and_inserts() {
+        let a = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[1f32], &Device::Cpu).unwrap();
+        let vars = [a.clone(), b.clone()];
+        let mut acc = None;
+        let g1 = a.as_tensor().sum_all().unwrap().backward().unwrap();
+        accumulate(&mut acc, g1, &vars).unwrap();
+        let l2 =
+            (a.as_tensor().sum_all().unwrap() * 2.0 + b.as_tensor().sum_all().unwrap()).unwrap();
+        accumulate(&mut acc, l2.backward().unwrap(), &vars).unwrap();
+        let acc = acc.unwrap();
+        assert_eq!(
+            acc.get(&a).unwrap().to_vec1::<f32>().unwrap(),
+            vec![3.0, 3.0]
+        );
+        assert_eq!(acc.get(&b).unwrap().to_vec1::<f32>().unwrap(), vec![1.0]);
+    }
+
+    #[test]
+    fn masked_loss_ignores_masked_positions() {
+        let logits = Tensor::new(&[[[0f32, 0.0], [10.0, -10.0]]], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[[0u32, 1]], &Device::Cpu).unwrap();
+        let only_first = Tensor::new(&[[1f32, 0.0]], &Device::Cpu).unwrap();
+        let loss = masked_lm_loss(&logits, &targets, &only_first).unwrap();
+        let loss = loss.to_scalar::<f32>().unwrap();
+        assert!((loss - std::f32::consts::LN_2).abs() < 1e-5, "{loss}");
+        let both = Tensor::ones((1, 2), DType::F32, &Device::Cpu).unwrap();
+        let loss = masked_lm_loss(&logits, &targets, &both).unwrap();
+        assert!(
+            (loss.to_scalar::<f32>().unwrap() - (std::f32::consts::LN_2 + 20.0) / 2.0).abs() < 1e-3
+        );
+    }
+
+    #[test]
+    fn pad_batch_truncates_and_masks() {
+        let (ids, mask) = pad_batch(&[vec![1, 2, 3, 4], vec![5]], 9, 3, &Device::Cpu).unwrap();
+        assert_eq!(
+            ids.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 2, 3], vec![5, 9, 9]]
+        );
+        assert_eq!(
+            mask.to_vec2::<f32>().unwrap(),
+            vec![vec![1., 1., 1.], vec![1., 0., 0.]]
+        );
+    }
+
+    #[test]
+    fn adamw_training_halves_the_loss() {
+        let (gpt, varmap) = tiny(21);
+        let text: Vec<u32> = "the quick brown fox jumps over the lazy dog"
+            .bytes()
+            .map(u32::from)
+            .collect();
+        let n = text.len() - 1;
+        let x = Tensor::from_vec(text[..n].to_vec(), (1, n), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(text[1..].to_vec(), (1, n), &Device::Cpu).unwrap();
+        let mask = Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap();
+        let vars = varmap.all_vars();
+        let params = ParamsAdamW {
+            lr: 3e-3,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vars.clone(), params).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..100 {
+            opt.set_learning_rate(lr_at(step, 10, 100, 3e-3, 3e-4));
+            let loss = masked_lm_loss(&gpt.forward(&x).unwrap(), &y, &mask).unwrap();
+            losses.push(loss.to_scalar::<f32>().unwrap());
+            let mut grads = loss.backward().unwrap();
+            clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
+            opt.step(&grads).unwrap();
+        }
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < first / 2.0, "loss {first} -> {last}");
+    }
+}
