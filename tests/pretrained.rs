@@ -1,0 +1,188 @@
+//! The real pretrained models through `hone-pretrained`: each test fetches
+//! its model with `hone_sdk::pretrained::fetch` (a no-op once cached) and
+//! fails, never skips, when that is impossible.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use hone_pretrained::{minilm, smollm, Device, MiniLmRewardModel, SmolLm};
+
+fn fetch(name: &str) -> PathBuf {
+    hone_sdk::pretrained::fetch(name).unwrap_or_else(|e| panic!("cannot fetch {name}: {e}"))
+}
+
+fn reward_model(seed: u64) -> MiniLmRewardModel {
+    MiniLmRewardModel::load(&fetch(minilm::MODEL_NAME), &Device::Cpu, seed).expect("load MiniLM")
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    // The embeddings are L2-normalised: the dot product is the cosine.
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The first pair of the HH-RLHF harmless-base test split, as (prompt,
+/// chosen response, rejected response): the dialogue up to the last
+/// "Assistant:" turn is the prompt.
+fn hh_rlhf_pair() -> (String, String, String) {
+    let path = hone_tests::workspace().join("data/hh-rlhf-harmless-base-test/test.jsonl.gz");
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let line = std::io::BufReader::new(flate2::read::GzDecoder::new(file))
+        .lines()
+        .next()
+        .expect("a first line")
+        .expect("readable");
+    let record: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    let split = |text: &str| {
+        let at = text.rfind("\n\nAssistant:").expect("an Assistant turn") + "\n\nAssistant:".len();
+        (text[..at].to_string(), text[at..].trim().to_string())
+    };
+    let (prompt, chosen) = split(record["chosen"].as_str().expect("chosen"));
+    let (rejected_prompt, rejected) = split(record["rejected"].as_str().expect("rejected"));
+    assert_eq!(
+        prompt, rejected_prompt,
+        "chosen and rejected share the dialogue"
+    );
+    (prompt, chosen, rejected)
+}
+
+#[test]
+fn smollm2_greedy_answer_names_paris() {
+    let dir = fetch(smollm::MODEL_NAME);
+    let started = Instant::now();
+    let mut policy = SmolLm::load(&dir, &Device::Cpu).expect("load SmolLM2");
+    let loaded = started.elapsed();
+    let prompt = SmolLm::chat_prompt("What is the capital of France?");
+    let started = Instant::now();
+    let (text, logprobs) = policy.generate(&prompt, 32, 0.0, 0).expect("generate");
+    eprintln!(
+        "SmolLM2 loaded in {loaded:?}; {} tokens in {:?}: {text:?}",
+        logprobs.len(),
+        started.elapsed()
+    );
+    assert!(text.contains("Paris"), "greedy answer: {text:?}");
+    assert!(
+        !text.contains("<|im_end|>"),
+        "special tokens are left out: {text:?}"
+    );
+    assert!(!logprobs.is_empty() && logprobs.len() <= 32);
+    assert!(
+        logprobs.iter().all(|lp| lp.is_finite() && *lp <= 0.0),
+        "log-probs: {logprobs:?}"
+    );
+}
+
+#[test]
+fn smollm2_tokenizer_from_gguf_keeps_chatml_tokens_whole_and_round_trips() {
+    let policy = SmolLm::load(&fetch(smollm::MODEL_NAME), &Device::Cpu).expect("load SmolLM2");
+    let tokenizer = policy.tokenizer();
+    let prompt = SmolLm::chat_prompt("Hello, world! 1234 café");
+    let encoding = tokenizer.encode(prompt.as_str(), false).expect("encode");
+    let ids = encoding.get_ids();
+    assert_eq!(
+        ids[0],
+        tokenizer.token_to_id("<|im_start|>").expect("<|im_start|>")
+    );
+    let im_end = tokenizer.token_to_id("<|im_end|>").expect("<|im_end|>");
+    assert_eq!(ids.iter().filter(|&&id| id == im_end).count(), 2);
+    // SmolLM2 splits numbers into single digits.
+    let tokens = encoding.get_tokens();
+    for digit in ["1", "2", "3", "4"] {
+        assert!(tokens.iter().any(|t| t == digit), "tokens: {tokens:?}");
+    }
+    assert_eq!(tokenizer.decode(ids, false).expect("decode"), prompt);
+}
+
+#[test]
+fn smollm2_sampling_is_deterministic_for_a_seed() {
+    let mut policy = SmolLm::load(&fetch(smollm::MODEL_NAME), &Device::Cpu).expect("load SmolLM2");
+    let prompt = SmolLm::chat_prompt("Write one sentence about the sea.");
+    let first = policy.generate(&prompt, 12, 1.0, 7).expect("generate");
+    let again = policy.generate(&prompt, 12, 1.0, 7).expect("generate");
+    assert_eq!(first, again);
+    assert!(first.1.iter().all(|lp| lp.is_finite() && *lp <= 0.0));
+}
+
+#[test]
+fn minilm_embeddings_rank_paraphrases_above_unrelated_sentences() {
+    let model = reward_model(0);
+    let embeddings = model
+        .embed(&[
+            "A man is eating food.",
+            "A man is eating a piece of bread.",
+            "The sky is blue today.",
+        ])
+        .expect("embed");
+    assert_eq!(embeddings.dims(), [3, 384]);
+    let rows: Vec<Vec<f32>> = embeddings.to_vec2().expect("to_vec2");
+    let food_bread = cosine(&rows[0], &rows[1]);
+    let food_sky = cosine(&rows[0], &rows[2]);
+    let bread_sky = cosine(&rows[1], &rows[2]);
+    eprintln!(
+        "cosines: food/bread {food_bread:.3}, food/sky {food_sky:.3}, bread/sky {bread_sky:.3}"
+    );
+    assert!(food_bread > 0.5, "food/bread {food_bread}");
+    assert!(food_bread > food_sky + 0.3 && food_bread > bread_sky + 0.3);
+    for row in &rows {
+        let norm = cosine(row, row).sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    }
+}
+
+#[test]
+fn minilm_embedding_does_not_depend_on_batch_padding() {
+    let model = reward_model(0);
+    let alone: Vec<Vec<f32>> = model
+        .embed(&["A man is eating food."])
+        .expect("embed")
+        .to_vec2()
+        .expect("to_vec2");
+    let padded: Vec<Vec<f32>> = model
+        .embed(&[
+            "A man is eating food.",
+            "A much longer sentence that forces the first one to be padded with many pad tokens.",
+        ])
+        .expect("embed")
+        .to_vec2()
+        .expect("to_vec2");
+    let drift: f32 = alone[0]
+        .iter()
+        .zip(&padded[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(drift < 1e-4, "padding changed the embedding by {drift}");
+}
+
+#[test]
+fn minilm_reward_model_scores_an_hh_rlhf_pair_deterministically_per_seed() {
+    let (prompt, chosen, rejected) = hh_rlhf_pair();
+    let prompts = [prompt.as_str(), prompt.as_str()];
+    let responses = [chosen.as_str(), rejected.as_str()];
+    let scores = reward_model(42).score(&prompts, &responses).expect("score");
+    eprintln!("chosen {:.4}, rejected {:.4}", scores[0], scores[1]);
+    assert_eq!(scores.len(), 2);
+    assert!(scores.iter().all(|s| s.is_finite()), "scores {scores:?}");
+    assert_ne!(
+        scores[0], scores[1],
+        "different responses, different rewards"
+    );
+    assert_eq!(
+        reward_model(42).score(&prompts, &responses).expect("score"),
+        scores
+    );
+    assert_ne!(
+        reward_model(43).score(&prompts, &responses).expect("score"),
+        scores
+    );
+}
+
+#[test]
+fn minilm_score_rejects_unpaired_input() {
+    let err = reward_model(0)
+        .score(&["a prompt"], &[])
+        .expect_err("unpaired");
+    assert!(
+        err.to_string().contains("1 prompts but 0 responses"),
+        "{err}"
+    );
+}
