@@ -186,3 +186,27 @@ fn minilm_score_rejects_unpaired_input() {
         "{err}"
     );
 }
+
+#[test]
+fn minilm_reward_head_weight_and_bias_receive_gradients() {
+    let model = reward_model(0);
+    let scores = model
+        .score_tensor(&["Is the sky blue?"], &["Yes, on a clear day."])
+        .expect("score");
+    let grads = scores.sum_all().expect("sum").backward().expect("backward");
+    let vars = model.varmap().all_vars();
+    assert_eq!(
+        vars.len(),
+        2,
+        "the head's weight and bias are the only variables"
+    );
+    for var in &vars {
+        let grad = grads.get(var).expect("every head variable gets a gradient");
+        let size: f32 = grad
+            .abs()
+            .and_then(|g| g.sum_all())
+            .and_then(|g| g.to_scalar())
+            .expect("gradient size");
+        assert!(size > 0.0, "zero gradient for a {:?} variable", var.dims());
+    }
+}
