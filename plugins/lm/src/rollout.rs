@@ -1,0 +1,316 @@
+//! `lm.rollout`: samples completions of prompts from the latest policy
+//! artifact, recording each token's log-probability.
+
+use crate::{device, OrStageError};
+use hone_models::checkpoint;
+use hone_models::gpt::Gpt;
+use hone_models::sample::{generate, Rng, SamplingParams};
+use hone_models::tokenizer::{load_tokenizer, Tokenizer};
+use hone_models::Device;
+use hone_sdk::prelude::*;
+use hone_sdk::text::seeded_hash;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutConfig {
+    n: usize,
+    temperature: f64,
+    top_k: usize,
+    top_p: f64,
+    max_new_tokens: usize,
+    stop: Vec<String>,
+    seed: u64,
+    device: String,
+}
+
+/// Samples completions from a policy.
+pub struct Rollout {
+    config: RolloutConfig,
+    device: Device,
+    prompts: Vec<Prompt>,
+    /// The newest policy artifact seen (highest round, then last to arrive).
+    policy: Option<ArtifactRef>,
+    /// The loaded policy, kept while the artifact stays the same.
+    loaded: Option<(ArtifactRef, Gpt, Box<dyn Tokenizer>)>,
+}
+
+impl StageFactory for Rollout {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "lm.rollout",
+            "Samples n completions per prompt from the latest policy artifact, with per-token log-probabilities.",
+        )
+        .input("prompts", RecordKind::Prompt)
+        .input("policy", RecordKind::Artifact)
+        .output("completions", RecordKind::Completion)
+        .optional("n", FieldType::Integer, 1, "Completions sampled per prompt.")
+        .optional("temperature", FieldType::Float, 1.0, "Softmax temperature; 0 = greedy.")
+        .optional("top_k", FieldType::Integer, 0, "Sample among the k most likely tokens only (0 = off).")
+        .optional("top_p", FieldType::Float, 1.0, "Nucleus sampling: the smallest set of tokens reaching this probability (1 = off).")
+        .optional("max_new_tokens", FieldType::Integer, 64, "Most tokens generated per completion.")
+        .optional(
+            "stop",
+            FieldType::List(Box::new(FieldType::String)),
+            serde_json::json!([]),
+            "Stop strings: generation ends when one appears, and it is cut from the text.",
+        )
+        .optional("seed", FieldType::Integer, 0, "Sampling seed, combined with the pipeline seed; each sample draws from its own stream.")
+        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+        .placement(Placement::DataParallel)
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: RolloutConfig = init.config()?;
+        let device = device(&config.device)?;
+        if config.n == 0 {
+            return Err(StageError::config("n", "must be at least 1"));
+        }
+        if config.max_new_tokens == 0 {
+            return Err(StageError::config("max_new_tokens", "must be at least 1"));
+        }
+        if config.temperature < 0.0 {
+            let found = config.temperature;
+            return Err(StageError::config(
+                "temperature",
+                format!("must be >= 0, found {found}"),
+            ));
+        }
+        if !(config.top_p > 0.0 && config.top_p <= 1.0) {
+            let found = config.top_p;
+            return Err(StageError::config(
+                "top_p",
+                format!("must be in (0, 1], found {found}"),
+            ));
+        }
+        Ok(Rollout {
+            config,
+            device,
+            prompts: Vec::new(),
+            policy: None,
+            loaded: None,
+        })
+    }
+}
+
+impl Stage for Rollout {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for record in batch {
+            match record {
+                Record::Prompt(p) => self.prompts.push(p),
+                Record::Artifact(a) if a.kind == "policy" && self.is_newer(&a) => {
+                    self.policy = Some(a);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let mut prompts = std::mem::take(&mut self.prompts);
+        if prompts.is_empty() {
+            return Ok(());
+        }
+        // Sorted, so that the output does not depend on arrival order or workers.
+        prompts.sort_by(|a, b| a.id.cmp(&b.id));
+        self.load_policy(ctx)?;
+        let Some((policy, gpt, tok)) = &self.loaded else {
+            unreachable!("load_policy loads a policy or fails")
+        };
+        let c = &self.config;
+        let params = SamplingParams {
+            temperature: c.temperature,
+            top_k: c.top_k,
+            top_p: c.top_p,
+            max_new_tokens: c.max_new_tokens,
+            stop: c.stop.clone(),
+        };
+        let seed = c.seed ^ ctx.init().seed;
+        let round = ctx.round();
+        let (mut count, mut new_tokens) = (0u64, 0usize);
+        for (done, prompt) in prompts.iter().enumerate() {
+            let mut prompt_ids = vec![tok.bos_id()];
+            prompt_ids.extend(tok.encode(&prompt.text));
+            for i in 0..c.n {
+                let mut rng = Rng::new(seeded_hash(seed, &format!("{}#{i}#{round}", prompt.id)));
+                let (text, ids, token_logprobs) = generate(
+                    gpt,
+                    tok.as_ref(),
+                    &prompt_ids,
+                    &params,
+                    &mut rng,
+                    &self.device,
+                )
+                .or_stage(&format!("sampling a completion of prompt {}", prompt.id))?;
+                new_tokens += ids.len();
+                count += 1;
+                let meta = BTreeMap::from([
+                    ("sample".to_string(), i.to_string()),
+                    ("new_tokens".to_string(), ids.len().to_string()),
+                ]);
+                ctx.emit(
+                    0,
+                    Record::Completion(Completion {
+                        id: format!("{}#{i}", prompt.id),
+                        prompt_id: prompt.id.clone(),
+                        prompt: prompt.text.clone(),
+                        text,
+                        token_logprobs,
+                        policy: Some(policy.clone()),
+                        meta,
+                    }),
+                );
+            }
+            ctx.progress("rollout", done as u64 + 1, prompts.len() as u64);
+        }
+        ctx.metric("completions", count as f64);
+        ctx.metric("mean_new_tokens", new_tokens as f64 / count.max(1) as f64);
+        Ok(())
+    }
+}
+
+impl Rollout {
+    /// Whether `a` replaces the current policy: a later round, or the same
+    /// round and arriving later (lm.sft emits its final checkpoint last).
+    fn is_newer(&self, a: &ArtifactRef) -> bool {
+        self.policy
+            .as_ref()
+            .is_none_or(|current| a.round >= current.round)
+    }
+
+    /// Loads the newest policy artifact unless it is loaded already.
+    fn load_policy(&mut self, ctx: &Context) -> Result<(), StageError> {
+        let Some(policy) = &self.policy else {
+            return Err(StageError::new(format!(
+                "no policy artifact arrived in round {}: wire `policy` to a stage that emits one, e.g. lm.sft",
+                ctx.round()
+            )));
+        };
+        if self.loaded.as_ref().is_some_and(|(a, _, _)| a == policy) {
+            return Ok(());
+        }
+        let file = ctx.init().run_dir.join(&policy.path);
+        let dir = file.parent().unwrap_or(&file);
+        let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
+        let (gpt, _) = checkpoint::load_gpt(dir, &self.device).or_stage(&doing)?;
+        let tok = load_tokenizer(dir).or_stage(&doing)?;
+        self.loaded = Some((policy.clone(), gpt, tok));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sft::tests::{demos, run_sft, temp_run_dir, tiny_config};
+
+    fn config(overrides: serde_json::Value) -> serde_json::Value {
+        let mut config = serde_json::json!({
+            "n": 3, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 12,
+            "stop": [], "seed": 7, "device": "cpu",
+        });
+        for (k, v) in overrides.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        config
+    }
+
+    fn prompts() -> Vec<Record> {
+        ["b", "a"]
+            .iter()
+            .map(|id| {
+                let text = format!("Human: say apple {id}\n\nAssistant:");
+                Record::Prompt(Prompt {
+                    id: id.to_string(),
+                    text,
+                    meta: BTreeMap::new(),
+                })
+            })
+            .collect()
+    }
+
+    fn rollout(
+        run_dir: &std::path::Path,
+        policy: Option<&ArtifactRef>,
+    ) -> Result<Vec<Completion>, StageError> {
+        let mut init = StageInit::for_test("lm.rollout", config(serde_json::json!({})));
+        init.run_dir = run_dir.to_path_buf();
+        let mut stage = Rollout::create(&init)?;
+        let mut out = hone_sdk::Collected::default();
+        {
+            let mut ctx = Context::new(&mut out, &init, 0);
+            stage.on_batch(&mut ctx, 0, prompts())?;
+            if let Some(p) = policy {
+                stage.on_batch(&mut ctx, 1, vec![Record::Artifact(p.clone())])?;
+            }
+            stage.on_round_end(&mut ctx)?;
+        }
+        Ok(out
+            .records
+            .remove(&0)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| match r {
+                Record::Completion(c) => c,
+                other => panic!("{other:?}"),
+            })
+            .collect())
+    }
+
+    #[test]
+    fn rollout_samples_n_per_prompt_reproducibly() {
+        let dir = temp_run_dir("rollout");
+        let sft = run_sft(
+            &dir,
+            tiny_config(serde_json::json!({"steps": 10, "checkpoint_every": 0})),
+            demos(20),
+        );
+        let Some(Record::Artifact(policy)) = sft.records[&0].last() else {
+            panic!()
+        };
+        let completions = rollout(&dir, Some(policy)).unwrap();
+        let ids: Vec<&str> = completions.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["a#0", "a#1", "a#2", "b#0", "b#1", "b#2"]);
+        for c in &completions {
+            let new_tokens: usize = c.meta["new_tokens"].parse().unwrap();
+            assert!((1..=12).contains(&new_tokens));
+            assert_eq!(c.token_logprobs.len(), new_tokens);
+            assert!(
+                c.token_logprobs
+                    .iter()
+                    .all(|lp| lp.is_finite() && *lp <= 0.0),
+                "{:?}",
+                c.token_logprobs
+            );
+            assert_eq!(c.policy.as_ref(), Some(policy));
+        }
+        assert_ne!(
+            completions[0].token_logprobs, completions[1].token_logprobs,
+            "samples differ"
+        );
+        assert_eq!(
+            rollout(&dir, Some(policy)).unwrap(),
+            completions,
+            "same seed, same completions"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rollout_without_a_policy_fails_clearly() {
+        let err = rollout(&temp_run_dir("no-policy"), None).unwrap_err();
+        assert!(
+            err.message
+                .contains("no policy artifact arrived in round 0"),
+            "{err}"
+        );
+        assert!(err.message.contains("lm.sft"), "{err}");
+    }
+}
