@@ -9,6 +9,10 @@
 //!    -> testing.discard` at 1 and 2 workers, against reading alone.
 //! 2. The plugin boundary: `testing.passthrough` called through the C ABI
 //!    (bincode batches both ways) against the same stage called in-process.
+//! 3. `hone-bench lm --threads T`: the GPT of hone-models against PyTorch (run
+//!    through `bench/lm.sh`, which installs PyTorch in a virtualenv).
+
+mod lm;
 
 use hone::plugin::{Emitted, Registry, StageInstance};
 use hone_sdk::abi::{decode_batch, encode_batch};
@@ -216,10 +220,24 @@ fn boundary_bench(total: usize) {
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(200_000);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("lm") {
+        let threads = args
+            .iter()
+            .position(|a| a == "--threads")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(2);
+        lm::run(lm::LmBench {
+            threads,
+            batch: 16,
+            train_steps: 10,
+            repeats: 5,
+            gen_tokens: 64,
+        });
+        return;
+    }
+    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(200_000);
     println!(
         "# hone benchmarks ({} cores)\n",
         std::thread::available_parallelism()
