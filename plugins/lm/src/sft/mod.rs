@@ -1,15 +1,19 @@
 //! `lm.sft`: supervised fine-tuning of a causal LM on demonstrations, with
 //! the next-token loss masked to the responses.
 
+mod data;
+#[cfg(test)]
+pub(crate) mod tests;
+
 use crate::{device, OrStageError};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use data::{prepare, to_tensors, Demo, Example};
 use hone_models::checkpoint;
 use hone_models::gpt::{init_seeded, Gpt, GptConfig};
 use hone_models::tokenizer::{load_tokenizer, ByteTokenizer, Tokenizer};
 use hone_models::train::{accumulate, clip_grad_norm, lr_at, masked_lm_loss};
-use hone_models::{DType, Device, Tensor, Var, VarBuilder, VarMap};
+use hone_models::{DType, Device, Var, VarBuilder, VarMap};
 use hone_sdk::prelude::*;
-use hone_sdk::text::seeded_hash;
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -44,54 +48,6 @@ pub struct Sft {
     device: Device,
     demos: Vec<Demo>,
     ignored: u64,
-}
-
-/// A prompt and the response to imitate.
-struct Demo {
-    id: String,
-    prompt: String,
-    response: String,
-}
-
-/// One training sequence: `inputs[t]` predicts `targets[t]`, and `mask[t]`
-/// is 1 where that target is a response token (or the closing EOS).
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Example {
-    pub inputs: Vec<u32>,
-    pub targets: Vec<u32>,
-    pub mask: Vec<f32>,
-}
-
-/// Tokenizes `BOS prompt response EOS` into an [`Example`] of at most
-/// `context` positions. Too long a sequence loses the start of the prompt
-/// first (the turn being answered is at its end), then the end of the
-/// response.
-pub(crate) fn tokenize(
-    tok: &dyn Tokenizer,
-    prompt: &str,
-    response: &str,
-    context: usize,
-) -> Example {
-    let mut ids = vec![tok.bos_id()];
-    ids.extend(tok.encode(prompt));
-    let response_start = ids.len();
-    ids.extend(tok.encode(response));
-    ids.push(tok.eos_id());
-    // Keep one token before the response, so its first token is predicted.
-    let cut = ids
-        .len()
-        .saturating_sub(context + 1)
-        .min(response_start - 1);
-    let mut ids = ids.split_off(cut);
-    ids.truncate(context + 1);
-    let response_start = response_start - cut;
-    Example {
-        inputs: ids[..ids.len() - 1].to_vec(),
-        targets: ids[1..].to_vec(),
-        mask: (1..ids.len())
-            .map(|t| if t >= response_start { 1.0 } else { 0.0 })
-            .collect(),
-    }
 }
 
 impl StageFactory for Sft {
@@ -259,20 +215,8 @@ impl Sft {
         let seed = self.seed(ctx);
         let model = self.initial_model(seed)?;
         let context = model.gpt.config().context;
-        let (train, eval) = split(&demos, seed, c.eval_fraction);
-        let encode = |set: Vec<&Demo>| -> Vec<(String, Example)> {
-            set.into_iter()
-                .map(|d| {
-                    (
-                        d.id.clone(),
-                        tokenize(model.tok.as_ref(), &d.prompt, &d.response, context),
-                    )
-                })
-                .collect()
-        };
-        let (train, eval) = (encode(train), encode(eval));
-        let eval: Vec<Example> = eval.into_iter().map(|(_, e)| e).collect();
-        let mut batches = Batches::new(train, seed);
+        let (mut batches, eval) =
+            prepare(&demos, model.tok.as_ref(), context, seed, c.eval_fraction);
         let vars = model.varmap.all_vars();
         let params: usize = vars.iter().map(|v| v.elem_count()).sum();
         ctx.log(format!(
@@ -363,9 +307,9 @@ impl Sft {
     }
 }
 
-/// The loss table logged after training: a row every ~10% of the steps,
-/// with the mean train loss since the previous row and the eval loss if one
-/// was computed since.
+/// The loss table logged after training: a row every ~10% of the steps and
+/// after every evaluation, with the mean train loss since the previous row
+/// and the eval loss if one was computed since.
 struct LossTable {
     every: usize,
     last: usize,
@@ -386,9 +330,9 @@ impl LossTable {
         }
     }
 
-    /// Adds a row at `step` if it is due.
+    /// Adds a row at `step` if one is due.
     fn row(&mut self, step: usize) {
-        if !step.is_multiple_of(self.every) && step != self.last {
+        if !step.is_multiple_of(self.every) && step != self.last && self.eval.is_none() {
             return;
         }
         let train = match self.train.len() {
@@ -401,119 +345,6 @@ impl LossTable {
             .map_or("-".to_string(), |l| format!("{l:.4}"));
         self.rows.push(format!("{step:>6} {train:>10} {eval:>10}"));
     }
-}
-
-/// A uniform draw in [0, 1) from a seeded hash.
-fn draw(seed: u64, key: &str) -> f64 {
-    (seeded_hash(seed, key) >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Splits demos into training and held-out sets by a seeded draw per id, so
-/// the split does not depend on arrival order. With several demos and a
-/// non-zero fraction, at least one is held out.
-fn split(demos: &[Demo], seed: u64, eval_fraction: f64) -> (Vec<&Demo>, Vec<&Demo>) {
-    let mut sorted: Vec<&Demo> = demos.iter().collect();
-    sorted.sort_by(|a, b| a.id.cmp(&b.id));
-    let holdout = |d: &Demo| draw(seed, &format!("holdout:{}", d.id));
-    let (mut eval, mut train): (Vec<&Demo>, Vec<&Demo>) =
-        sorted.into_iter().partition(|d| holdout(d) < eval_fraction);
-    if eval.is_empty() && eval_fraction > 0.0 && train.len() > 1 {
-        let i = (0..train.len())
-            .min_by(|&a, &b| holdout(train[a]).total_cmp(&holdout(train[b])))
-            .unwrap_or(0);
-        eval.push(train.remove(i));
-    }
-    (train, eval)
-}
-
-/// Cycles through the training examples, reshuffled (seeded) every epoch.
-struct Batches {
-    examples: Vec<(String, Example)>,
-    order: Vec<usize>,
-    cursor: usize,
-    epoch: u64,
-    seed: u64,
-}
-
-impl Batches {
-    fn new(examples: Vec<(String, Example)>, seed: u64) -> Self {
-        let mut b = Batches {
-            examples,
-            order: Vec::new(),
-            cursor: 0,
-            epoch: 0,
-            seed,
-        };
-        b.shuffle();
-        b
-    }
-
-    fn len(&self) -> usize {
-        self.examples.len()
-    }
-
-    fn shuffle(&mut self) {
-        let key = |i: usize| {
-            seeded_hash(
-                self.seed,
-                &format!("order:{}:{}", self.epoch, self.examples[i].0),
-            )
-        };
-        let mut order: Vec<usize> = (0..self.examples.len()).collect();
-        order.sort_by_key(|&i| (key(i), i));
-        self.order = order;
-    }
-
-    fn next(&mut self, size: usize) -> Vec<Example> {
-        let mut batch = Vec::with_capacity(size);
-        while batch.len() < size.min(self.examples.len()) {
-            if self.cursor == self.order.len() {
-                self.cursor = 0;
-                self.epoch += 1;
-                self.shuffle();
-            }
-            batch.push(self.examples[self.order[self.cursor]].1.clone());
-            self.cursor += 1;
-        }
-        batch
-    }
-}
-
-/// Pads examples into inputs and targets [B,L] u32 and a loss mask [B,L] f32.
-fn to_tensors(
-    examples: &[Example],
-    pad: u32,
-    device: &Device,
-) -> hone_models::Result<(Tensor, Tensor, Tensor)> {
-    let len = examples
-        .iter()
-        .map(|e| e.inputs.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let (mut inputs, mut targets, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-    for e in examples {
-        let fill = len - e.inputs.len();
-        inputs.extend(
-            e.inputs
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad, fill)),
-        );
-        targets.extend(
-            e.targets
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad, fill)),
-        );
-        mask.extend(e.mask.iter().copied().chain(std::iter::repeat_n(0.0, fill)));
-    }
-    let shape = (examples.len(), len);
-    Ok((
-        Tensor::from_vec(inputs, shape, device)?,
-        Tensor::from_vec(targets, shape, device)?,
-        Tensor::from_vec(mask, shape, device)?,
-    ))
 }
 
 /// One optimiser step over `micro` batches (gradients averaged); returns the
@@ -560,157 +391,4 @@ fn eval_loss(
         count += tokens;
     }
     Ok(if count > 0.0 { sum / count } else { 0.0 })
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use hone_sdk::{Collected, Event};
-
-    /// The config of a tiny model that trains in seconds, with `overrides`.
-    pub(crate) fn tiny_config(overrides: serde_json::Value) -> serde_json::Value {
-        let mut config = serde_json::json!({
-            "init": "scratch", "d_model": 32, "n_layers": 1, "n_heads": 4, "context": 64,
-            "steps": 40, "batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup": 5, "grad_accum": 1,
-            "clip": 1.0, "weight_decay": 0.0, "eval_fraction": 0.2, "eval_every": 20,
-            "checkpoint_every": 20, "seed": 0, "device": "cpu",
-        });
-        for (k, v) in overrides.as_object().unwrap() {
-            config[k] = v.clone();
-        }
-        config
-    }
-
-    /// Demonstrations with a learnable pattern: the answer repeats a word of the question.
-    pub(crate) fn demos(n: usize) -> Vec<Record> {
-        let words = [
-            "apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano",
-        ];
-        (0..n)
-            .map(|i| {
-                let w = words[i % words.len()];
-                let prompt = format!("Human: say {w}\n\nAssistant:");
-                Record::Pair(PreferencePair::new(
-                    format!("d{i:03}"),
-                    prompt,
-                    format!(" {w} {w} {w}."),
-                    "no",
-                    "test",
-                ))
-            })
-            .collect()
-    }
-
-    /// Runs one SFT round in `run_dir`; returns emitted records and events.
-    pub(crate) fn run_sft(
-        run_dir: &std::path::Path,
-        config: serde_json::Value,
-        input: Vec<Record>,
-    ) -> Collected {
-        let mut init = StageInit::for_test("lm.sft", config);
-        init.stage_id = "sft".into();
-        init.run_dir = run_dir.to_path_buf();
-        let mut stage = Sft::create(&init).unwrap();
-        let mut out = Collected::default();
-        {
-            let mut ctx = Context::new(&mut out, &init, 0);
-            stage.on_batch(&mut ctx, 0, input).unwrap();
-            stage.on_round_end(&mut ctx).unwrap();
-        }
-        out
-    }
-
-    pub(crate) fn temp_run_dir(label: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("hone-lm-{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
-    }
-
-    fn metrics(out: &Collected, wanted: &str) -> Vec<f64> {
-        out.events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Metric { name, value, .. } if name == wanted => Some(*value),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn loss_mask_covers_only_the_response_and_eos() {
-        let t = ByteTokenizer;
-        let e = tokenize(&t, "ab", "xy", 64);
-        assert_eq!(e.inputs, vec![256, 97, 98, 120, 121]);
-        assert_eq!(e.targets, vec![97, 98, 120, 121, 257]);
-        assert_eq!(e.mask, vec![0.0, 0.0, 1.0, 1.0, 1.0]);
-        // Too long: the prompt loses its start, the response keeps its mask.
-        let e = tokenize(&t, "0123456789", "xy", 6);
-        assert_eq!(e.inputs, vec![54, 55, 56, 57, 120, 121]);
-        assert_eq!(e.targets, vec![55, 56, 57, 120, 121, 257]);
-        assert_eq!(e.mask, vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
-        // A response longer than the context keeps one prompt token and its own start.
-        let e = tokenize(&t, "a", "0123456789", 4);
-        assert_eq!(e.inputs, vec![97, 48, 49, 50]);
-        assert_eq!(e.mask, vec![1.0; 4]);
-    }
-
-    #[test]
-    fn sft_loss_falls_and_checkpoints_are_emitted() {
-        let dir = temp_run_dir("sft");
-        let out = run_sft(&dir, tiny_config(serde_json::json!({})), demos(60));
-        let eval = metrics(&out, "eval_loss");
-        let train = metrics(&out, "train_loss");
-        assert_eq!(train.len(), 40);
-        assert_eq!(eval.len(), 3, "before, at 20 and at the end: {eval:?}");
-        let (first, last) = (eval[0], *eval.last().unwrap());
-        assert!(last < first * 0.6, "eval loss {first} -> {last}");
-        let policies: Vec<&ArtifactRef> = out.records[&0]
-            .iter()
-            .map(|r| match r {
-                Record::Artifact(a) => a,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(policies.len(), 2, "ckpt-20 and final");
-        assert!(
-            policies[1].path.ends_with("final/model.safetensors"),
-            "{}",
-            policies[1].path
-        );
-        for a in &policies {
-            assert_eq!(a.kind, "policy");
-            let file = dir.join(&a.path);
-            assert_eq!(hone_sdk::fs::sha256_file(&file).unwrap(), a.sha256);
-            assert!(file.with_file_name("config.json").is_file());
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn an_empty_round_emits_nothing() {
-        let dir = temp_run_dir("sft-empty");
-        let prompt = Record::Prompt(Prompt {
-            id: "p".into(),
-            text: "hi".into(),
-            meta: Default::default(),
-        });
-        let out = run_sft(&dir, tiny_config(serde_json::json!({})), vec![prompt]);
-        assert!(out.records.is_empty());
-        assert_eq!(metrics(&out, "ignored"), vec![1.0]);
-    }
-
-    #[test]
-    fn bad_init_and_device_are_config_errors() {
-        let init = StageInit::for_test(
-            "lm.sft",
-            tiny_config(serde_json::json!({"init": "no/such/dir"})),
-        );
-        let err = Sft::create(&init).err().unwrap();
-        assert_eq!(err.config_field(), Some("init"), "{err}");
-        let init = StageInit::for_test("lm.sft", tiny_config(serde_json::json!({"device": "tpu"})));
-        assert_eq!(
-            Sft::create(&init).err().unwrap().config_field(),
-            Some("device")
-        );
-    }
 }

@@ -1,0 +1,162 @@
+//! In-process tests of `lm.sft`, and helpers the rollout tests reuse.
+
+use super::*;
+use hone_sdk::{Collected, Event};
+
+/// The config of a tiny model that trains in seconds, with `overrides`.
+pub(crate) fn tiny_config(overrides: serde_json::Value) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "init": "scratch", "d_model": 32, "n_layers": 1, "n_heads": 4, "context": 64,
+        "steps": 40, "batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup": 5, "grad_accum": 1,
+        "clip": 1.0, "weight_decay": 0.0, "eval_fraction": 0.2, "eval_every": 20,
+        "checkpoint_every": 20, "seed": 0, "device": "cpu",
+    });
+    for (k, v) in overrides.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    config
+}
+
+/// Demonstrations with a learnable pattern: the answer repeats a word of the question.
+pub(crate) fn demos(n: usize) -> Vec<Record> {
+    let words = [
+        "apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano",
+    ];
+    (0..n)
+        .map(|i| {
+            let w = words[i % words.len()];
+            let prompt = format!("Human: say {w}\n\nAssistant:");
+            Record::Pair(PreferencePair::new(
+                format!("d{i:03}"),
+                prompt,
+                format!(" {w} {w} {w}."),
+                "no",
+                "test",
+            ))
+        })
+        .collect()
+}
+
+/// Runs one SFT round as stage `sft` in `run_dir`; returns emitted records
+/// and events.
+pub(crate) fn run_sft(
+    run_dir: &std::path::Path,
+    config: serde_json::Value,
+    input: Vec<Record>,
+) -> Collected {
+    run_sft_as("sft", run_dir, config, input)
+}
+
+fn run_sft_as(
+    stage_id: &str,
+    run_dir: &std::path::Path,
+    config: serde_json::Value,
+    input: Vec<Record>,
+) -> Collected {
+    let mut init = StageInit::for_test("lm.sft", config);
+    init.stage_id = stage_id.into();
+    init.run_dir = run_dir.to_path_buf();
+    let mut stage = Sft::create(&init).unwrap();
+    let mut out = Collected::default();
+    {
+        let mut ctx = Context::new(&mut out, &init, 0);
+        stage.on_batch(&mut ctx, 0, input).unwrap();
+        stage.on_round_end(&mut ctx).unwrap();
+    }
+    out
+}
+
+pub(crate) fn temp_run_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hone-lm-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn metrics(out: &Collected, wanted: &str) -> Vec<f64> {
+    out.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Metric { name, value, .. } if name == wanted => Some(*value),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn sft_loss_falls_and_checkpoints_are_emitted() {
+    let dir = temp_run_dir("sft");
+    let out = run_sft(&dir, tiny_config(serde_json::json!({})), demos(60));
+    let eval = metrics(&out, "eval_loss");
+    let train = metrics(&out, "train_loss");
+    assert_eq!(train.len(), 40);
+    assert_eq!(eval.len(), 3, "before, at 20 and at the end: {eval:?}");
+    let (first, last) = (eval[0], *eval.last().unwrap());
+    assert!(last < first * 0.6, "eval loss {first} -> {last}");
+    let policies: Vec<&ArtifactRef> = out.records[&0]
+        .iter()
+        .map(|r| match r {
+            Record::Artifact(a) => a,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(policies.len(), 2, "ckpt-20 and final");
+    assert!(
+        policies[1].path.ends_with("final/model.safetensors"),
+        "{}",
+        policies[1].path
+    );
+    for a in &policies {
+        assert_eq!(a.kind, "policy");
+        let file = dir.join(&a.path);
+        assert_eq!(hone_sdk::fs::sha256_file(&file).unwrap(), a.sha256);
+        assert!(file.with_file_name("config.json").is_file());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_empty_round_emits_nothing() {
+    let dir = temp_run_dir("sft-empty");
+    let prompt = Record::Prompt(Prompt {
+        id: "p".into(),
+        text: "hi".into(),
+        meta: Default::default(),
+    });
+    let out = run_sft(&dir, tiny_config(serde_json::json!({})), vec![prompt]);
+    assert!(out.records.is_empty());
+    assert_eq!(metrics(&out, "ignored"), vec![1.0]);
+}
+
+#[test]
+fn bad_init_and_device_are_config_errors() {
+    let init = StageInit::for_test(
+        "lm.sft",
+        tiny_config(serde_json::json!({"init": "no/such/dir"})),
+    );
+    let err = Sft::create(&init).err().unwrap();
+    assert_eq!(err.config_field(), Some("init"), "{err}");
+    let init = StageInit::for_test("lm.sft", tiny_config(serde_json::json!({"device": "tpu"})));
+    assert_eq!(
+        Sft::create(&init).err().unwrap().config_field(),
+        Some("device")
+    );
+}
+
+#[test]
+fn fine_tuning_starts_from_the_init_checkpoint() {
+    let dir = temp_run_dir("sft-init");
+    let first = run_sft(&dir, tiny_config(serde_json::json!({})), demos(60));
+    let trained = *metrics(&first, "eval_loss").last().unwrap();
+    let config =
+        tiny_config(serde_json::json!({"init": "outputs/sft/final", "steps": 5, "d_model": 64}));
+    let second = run_sft_as("sft2", &dir, config, demos(60));
+    // Same seed, same held-out set: it starts where the first run ended
+    // (its shape is the checkpoint's, not d_model 64).
+    assert!((metrics(&second, "eval_loss")[0] - trained).abs() < 1e-4);
+    let lineage = second.events.iter().find_map(|e| match e {
+        Event::Artifact { lineage, .. } => Some(lineage.clone()),
+        _ => None,
+    });
+    assert_eq!(lineage.unwrap()[0], "fine-tuned from outputs/sft/final");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
