@@ -72,7 +72,7 @@ impl StageFactory for Sft {
         .optional("lr", float.clone(), 3e-3, "Peak learning rate (AdamW).")
         .optional("min_lr", float.clone(), 3e-4, "Learning rate at the end of the cosine decay.")
         .optional("warmup", int.clone(), 20, "Steps of linear warm-up.")
-        .optional("grad_accum", int.clone(), 1, "Micro-batches whose gradients are summed into one step.")
+        .optional("grad_accum", int.clone(), 1, "Micro-batches whose gradients are averaged into one optimiser step (effective batch = batch_size x grad_accum).")
         .optional("clip", float.clone(), 1.0, "Clip the global gradient norm to this.")
         .optional("weight_decay", float.clone(), 0.01, "AdamW weight decay.")
         .optional("eval_fraction", float.clone(), 0.1, "Fraction of demos held out for eval_loss (seeded per demo id).")
