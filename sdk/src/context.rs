@@ -151,9 +151,15 @@ impl<'a> Context<'a> {
             .relative_to_run(path)
             .to_string_lossy()
             .into_owned();
+        // Named by the path under the stage's output directory, so that
+        // checkpoints `ckpt-100/model.safetensors` and `final/model.safetensors`
+        // get distinct ids.
+        let output_dir = self.init.output_dir();
         let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+            .strip_prefix(&output_dir)
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+            .or_else(|| path.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_default();
         let artifact = ArtifactRef {
             id: format!("{}/{}@{}", self.init.stage_id, name, self.round),
@@ -206,5 +212,29 @@ impl<'a> Context<'a> {
 impl Drop for Context<'_> {
     fn drop(&mut self) {
         self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifacts_in_different_directories_get_different_ids() {
+        let init = StageInit::for_test("x", serde_json::json!({}));
+        let mut link = Collected::default();
+        let mut ctx = Context::new(&mut link, &init, 3);
+        let dir = ctx.output_dir().unwrap();
+        let mut ids = Vec::new();
+        for sub in ["ckpt-100", "final"] {
+            let path = dir.join(sub).join("model.safetensors");
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, sub).unwrap();
+            let a = ctx.register_artifact("policy", &path, vec![], vec![]).unwrap();
+            assert_eq!(a.path, format!("outputs/test/{sub}/model.safetensors"));
+            ids.push(a.id);
+        }
+        assert_eq!(ids, ["test/ckpt-100/model.safetensors@3", "test/final/model.safetensors@3"]);
+        std::fs::remove_dir_all(&init.run_dir).unwrap();
     }
 }
