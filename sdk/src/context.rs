@@ -230,11 +230,19 @@ mod tests {
             let path = dir.join(sub).join("model.safetensors");
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, sub).unwrap();
-            let a = ctx.register_artifact("policy", &path, vec![], vec![]).unwrap();
+            let a = ctx
+                .register_artifact("policy", &path, vec![], vec![])
+                .unwrap();
             assert_eq!(a.path, format!("outputs/test/{sub}/model.safetensors"));
             ids.push(a.id);
         }
-        assert_eq!(ids, ["test/ckpt-100/model.safetensors@3", "test/final/model.safetensors@3"]);
+        assert_eq!(
+            ids,
+            [
+                "test/ckpt-100/model.safetensors@3",
+                "test/final/model.safetensors@3"
+            ]
+        );
         std::fs::remove_dir_all(&init.run_dir).unwrap();
     }
 }
