@@ -82,3 +82,37 @@ fn quickstart_trains_a_policy_and_writes_samples_with_logprobs() {
         assert_eq!(policy, "outputs/sft/final/model.safetensors", "{line}");
     }
 }
+
+#[test]
+fn rollout_from_pretrained_smollm2_answers_and_records_logprobs() {
+    let dir = TempDir::new("smollm-rollout");
+    dir.write(
+        "prompts.jsonl",
+        "{\"prompt\": \"What is the capital of France?\"}\n",
+    );
+    let p = dir.write(
+        "p.toml",
+        r#"[stages.prompts]
+kind = "jsonl.read-prompts"
+config = { path = "prompts.jsonl" }
+
+[stages.rollout]
+kind = "lm.rollout"
+inputs = { prompts = "prompts" }
+config = { pretrained = "smollm2-135m-instruct", temperature = 0.0, max_new_tokens = 12 }
+
+[stages.write]
+kind = "jsonl.write"
+inputs = ["rollout"]
+"#,
+    );
+    let out = hone(&dir.0, &["run", p.to_str().unwrap(), "-q"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let lines = read_lines(&dir.join("runs/p/outputs/write/records.jsonl"));
+    assert_eq!(lines.len(), 1);
+    let c: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert!(c["text"].as_str().unwrap().contains("Paris"), "{c}");
+    let logprobs = c["token_logprobs"].as_array().unwrap();
+    assert!(!logprobs.is_empty() && logprobs.iter().all(|l| l.as_f64().unwrap() <= 0.0));
+    assert_eq!(c["meta"]["pretrained"], "smollm2-135m-instruct");
+}

