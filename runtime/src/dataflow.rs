@@ -299,27 +299,37 @@ impl StageOp {
             }
         }
         for event in emitted.events {
-            match event {
-                Event::Progress { label, done, total } => {
-                    self.shared.reporter.send(Report::Progress {
-                        stage: self.id().to_string(),
-                        label,
-                        done,
-                        total,
-                    })
-                }
-                Event::Log { message } => self
-                    .shared
-                    .reporter
-                    .send(Report::Log(format!("[{}] {message}", self.id()))),
-                event => out(Msg::Event(RoutedEvent {
-                    stage: self.id().to_string(),
-                    worker: self.worker,
-                    round,
-                    event,
-                })),
-            }
+            out(Msg::Event(RoutedEvent {
+                stage: self.id().to_string(),
+                worker: self.worker,
+                round,
+                event,
+            }));
         }
+    }
+
+    /// Collects a call's output; progress and log lines go to the terminal
+    /// at once.
+    fn emitted(&self) -> Emitted {
+        let reporter = self.shared.reporter.clone();
+        let stage = self.id().to_string();
+        Emitted::with_live_events(move |event| match event {
+            Event::Progress { label, done, total } => {
+                let stage = stage.clone();
+                reporter.send(Report::Progress {
+                    stage,
+                    label,
+                    done,
+                    total,
+                });
+                None
+            }
+            Event::Log { message } => {
+                reporter.send(Report::Log(format!("[{stage}] {message}")));
+                None
+            }
+            other => Some(other),
+        })
     }
 
     fn feed(&mut self, round: u64, msgs: Vec<Msg>, out: &mut impl FnMut(Msg)) {
@@ -334,10 +344,10 @@ impl StageOp {
             }
         }
         for (port, batch) in batches {
+            let mut emitted = self.emitted();
             let Some(instance) = self.instance.as_mut() else {
                 return;
             };
-            let mut emitted = Emitted::default();
             let result = instance.on_batch(port, round, &batch, &mut emitted);
             self.deliver(emitted, round, out);
             if let Err(e) = result {
@@ -347,10 +357,10 @@ impl StageOp {
     }
 
     fn round_end(&mut self, round: u64, out: &mut impl FnMut(Msg)) {
+        let mut emitted = self.emitted();
         let Some(instance) = self.instance.as_mut() else {
             return;
         };
-        let mut emitted = Emitted::default();
         let result = instance.on_round_end(round, &mut emitted);
         self.deliver(emitted, round, out);
         if let Err(e) = result {

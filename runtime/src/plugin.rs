@@ -201,15 +201,31 @@ fn take(table: &PluginTable, buf: OwnedBytes) -> Vec<u8> {
     }
 }
 
+/// Handles an event the moment the plugin raises it; returns it to keep it.
+type LiveEvents = Box<dyn FnMut(Event) -> Option<Event>>;
+
 /// What a stage produced during one call.
 #[derive(Default)]
 pub struct Emitted {
     /// Record batches per output port, in emission order.
     pub records: Vec<(u32, Vec<Record>)>,
-    /// Events in order.
+    /// Events in order (those `live` did not take).
     pub events: Vec<Event>,
     /// A batch or event that could not be decoded.
     pub corrupt: Option<String>,
+    /// Sees every event as it is raised, during the call: progress of a
+    /// long call must show while it runs, not when it returns.
+    live: Option<LiveEvents>,
+}
+
+impl Emitted {
+    /// Collects records and events, handing each event to `live` first.
+    pub fn with_live_events(live: impl FnMut(Event) -> Option<Event> + 'static) -> Self {
+        Emitted {
+            live: Some(Box::new(live)),
+            ..Default::default()
+        }
+    }
 }
 
 unsafe extern "C" fn host_emit(host: *mut c_void, port: u32, batch: Bytes) {
@@ -228,7 +244,13 @@ unsafe extern "C" fn host_event(host: *mut c_void, event: Bytes) {
         // SAFETY: as in `host_emit`.
         let (out, bytes) = unsafe { (&mut *(host as *mut Emitted), event.as_slice()) };
         match serde_json::from_slice(bytes) {
-            Ok(e) => out.events.push(e),
+            Ok(e) => {
+                let kept = match out.live.as_mut() {
+                    Some(live) => live(e),
+                    None => Some(e),
+                };
+                out.events.extend(kept);
+            }
             Err(e) => out.corrupt = Some(format!("corrupt event: {e}")),
         }
     }));
