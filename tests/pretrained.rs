@@ -6,7 +6,8 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use hone_pretrained::{minilm, smollm, Device, MiniLmRewardModel, SmolLm};
+use hone_pretrained::candle_nn;
+use hone_pretrained::{minilm, smollm, Device, Llama, MiniLmRewardModel, SmolLm, Tensor};
 
 fn fetch(name: &str) -> PathBuf {
     hone_sdk::pretrained::fetch(name).unwrap_or_else(|e| panic!("cannot fetch {name}: {e}"))
@@ -209,4 +210,141 @@ fn minilm_reward_head_weight_and_bias_receive_gradients() {
             .expect("gradient size");
         assert!(size > 0.0, "zero gradient for a {:?} variable", var.dims());
     }
+}
+
+fn smollm_gguf() -> PathBuf {
+    fetch(smollm::MODEL_NAME).join(smollm::GGUF_FILE)
+}
+
+fn encode(policy: &SmolLm, text: &str) -> Vec<u32> {
+    let encoding = policy.tokenizer().encode(text, false).expect("encode");
+    encoding.get_ids().to_vec()
+}
+
+fn last_logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
+    let input = Tensor::new(ids, model.device())
+        .and_then(|t| t.unsqueeze(0))
+        .expect("ids");
+    let logits = model.forward(&input).expect("forward");
+    let t = logits.dim(1).expect("dim");
+    logits
+        .get(0)
+        .and_then(|l| l.get(t - 1))
+        .and_then(|l| l.to_vec1())
+        .expect("last logits")
+}
+
+#[test]
+fn trainable_llama_matches_quantized_llama_and_answers_paris() {
+    let dir = fetch(smollm::MODEL_NAME);
+    let mut reference = SmolLm::load(&dir, &Device::Cpu).expect("load SmolLM2");
+    let started = Instant::now();
+    let (model, varmap) = Llama::from_gguf(&smollm_gguf(), &Device::Cpu).expect("load Llama");
+    let loaded = started.elapsed();
+    assert_eq!(model.config().hidden_size, 576);
+    assert_eq!(model.config().num_hidden_layers, 30);
+    assert!(!varmap.all_vars().is_empty());
+
+    let mut ids = encode(
+        &reference,
+        &SmolLm::chat_prompt("What is the capital of France?"),
+    );
+    let expected: Vec<f32> = reference
+        .next_token_logits(&ids)
+        .and_then(|l| Ok(l.to_vec1()?))
+        .expect("reference logits");
+    let started = Instant::now();
+    let actual = last_logits(&model, &ids);
+    let forward = started.elapsed();
+    let max_diff = expected
+        .iter()
+        .zip(&actual)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    let (lo, hi) = expected
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    eprintln!(
+        "loaded in {loaded:?}; forward of {} tokens in {forward:?}; max |diff| {max_diff} over logit range {}",
+        ids.len(),
+        hi - lo
+    );
+    assert!(max_diff < 1e-2 * (hi - lo), "max |diff| {max_diff}");
+
+    let prompt_len = ids.len();
+    for _ in 0..8 {
+        let logits = last_logits(&model, &ids);
+        let next = (0..logits.len())
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .expect("non-empty") as u32;
+        ids.push(next);
+    }
+    let answer = reference
+        .tokenizer()
+        .decode(&ids[prompt_len..], true)
+        .expect("decode");
+    eprintln!("greedy answer: {answer:?}");
+    assert!(answer.contains("Paris"), "greedy answer: {answer:?}");
+}
+
+/// Next-token cross-entropy of `ids` under `model`.
+fn next_token_loss(model: &Llama, ids: &[u32]) -> Tensor {
+    let input = Tensor::new(&ids[..ids.len() - 1], model.device())
+        .and_then(|t| t.unsqueeze(0))
+        .expect("input");
+    let targets = Tensor::new(&ids[1..], model.device()).expect("targets");
+    let logits = model.forward(&input).expect("forward");
+    let logits = logits.squeeze(0).expect("squeeze");
+    candle_nn::loss::cross_entropy(&logits, &targets).expect("loss")
+}
+
+#[test]
+fn every_trainable_llama_parameter_gets_a_gradient() {
+    let policy = SmolLm::load(&fetch(smollm::MODEL_NAME), &Device::Cpu).expect("load SmolLM2");
+    let (model, varmap) =
+        Llama::from_gguf_truncated(&smollm_gguf(), &Device::Cpu, 2).expect("load Llama");
+    let ids = encode(&policy, "The quick brown fox jumps over the lazy dog.");
+    let loss = next_token_loss(&model, &ids);
+    let grads = loss.backward().expect("backward");
+    let vars = varmap.all_vars();
+    assert_eq!(vars.len(), 2 + 2 * 9, "embedding, final norm, 9 per layer");
+    for var in &vars {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for a {:?} parameter", var.dims()));
+        let norm: f32 = grad
+            .sqr()
+            .and_then(|g| g.sum_all())
+            .and_then(|g| g.to_scalar())
+            .expect("norm");
+        assert!(norm > 0.0, "zero gradient for a {:?} parameter", var.dims());
+    }
+}
+
+#[test]
+fn adamw_steps_lower_a_sentence_loss() {
+    use candle_nn::Optimizer;
+    let policy = SmolLm::load(&fetch(smollm::MODEL_NAME), &Device::Cpu).expect("load SmolLM2");
+    let (model, varmap) =
+        Llama::from_gguf_truncated(&smollm_gguf(), &Device::Cpu, 2).expect("load Llama");
+    let ids = encode(&policy, "Zebras paint purple violins under the quiet moon.");
+    let params = candle_nn::ParamsAdamW {
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let mut opt = candle_nn::AdamW::new(varmap.all_vars(), params).expect("AdamW");
+    let mut losses = Vec::new();
+    let started = Instant::now();
+    for _ in 0..4 {
+        let loss = next_token_loss(&model, &ids);
+        losses.push(loss.to_scalar::<f32>().expect("scalar"));
+        opt.backward_step(&loss).expect("step");
+    }
+    losses.push(
+        next_token_loss(&model, &ids)
+            .to_scalar::<f32>()
+            .expect("scalar"),
+    );
+    eprintln!("losses {losses:?} in {:?}", started.elapsed());
+    assert!(losses[4] < losses[0] - 0.1, "losses {losses:?}");
 }

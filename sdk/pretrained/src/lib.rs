@@ -20,11 +20,16 @@
 //! ```
 
 mod error;
+pub mod llama;
 pub mod minilm;
 pub mod smollm;
 
 pub use candle_core::{DType, Device, Tensor};
+/// The candle-nn this crate builds on (optimisers, losses), for callers that
+/// train a [`Llama`].
+pub use candle_nn;
 pub use candle_nn::VarMap;
 pub use error::{Error, Result};
+pub use llama::{Llama, LlamaConfig};
 pub use minilm::MiniLmRewardModel;
 pub use smollm::SmolLm;

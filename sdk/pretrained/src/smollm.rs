@@ -80,6 +80,16 @@ impl SmolLm {
         &self.tokenizer
     }
 
+    /// Next-token logits [vocab] after `ids`, computed from scratch (the KV
+    /// cache is cleared first).
+    pub fn next_token_logits(&mut self, ids: &[u32]) -> Result<Tensor> {
+        self.model.clear_kv_cache();
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let logits = self.model.forward(&input, 0)?;
+        self.model.clear_kv_cache();
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
     /// A single user turn in SmolLM2's ChatML template with its default
     /// system prompt, ending where the assistant's answer begins.
     pub fn chat_prompt(user: &str) -> String {

@@ -1,0 +1,440 @@
+//! A trainable f32 Llama-family causal LM (SmolLM2's architecture), written
+//! from differentiable candle primitives: RMSNorm, rotate-half rotary
+//! embeddings, grouped-query attention with a causal mask and `ops::softmax`,
+//! and a SwiGLU MLP. The fused candle norms, `softmax_last_dim` and SDPA have
+//! no backward pass, so none of them appear here.
+//!
+//! [`Llama::from_gguf`] dequantizes a llama.cpp GGUF into `Var`s of a
+//! [`VarMap`] (named as in Hugging Face checkpoints), undoing the Q/K row
+//! permutation llama.cpp's converter applies for its interleaved RoPE.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
+
+use crate::{Error, Result};
+
+/// Shape of a [`Llama`], read from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaConfig {
+    /// Number of token ids.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads per layer.
+    pub num_attention_heads: usize,
+    /// Key/value heads per layer (grouped-query attention).
+    pub num_key_value_heads: usize,
+    /// Base of the rotary frequencies.
+    pub rope_theta: f64,
+    /// Epsilon of RMSNorm.
+    pub rms_norm_eps: f64,
+    /// Maximum sequence length.
+    pub max_position_embeddings: usize,
+    /// Whether the LM head shares the token embedding matrix.
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    fn from_gguf(content: &Content) -> Result<Self> {
+        let arch = get(content, "general.architecture")?
+            .to_string()
+            .map_err(|e| Error::Metadata(format!("general.architecture: {e}")))?
+            .clone();
+        let u = |key: &str| -> Result<usize> {
+            let key = format!("{arch}.{key}");
+            Ok(get(content, &key)?
+                .to_u32()
+                .map_err(|e| Error::Metadata(format!("{key}: {e}")))? as usize)
+        };
+        let f = |key: &str, default: f64| -> Result<f64> {
+            let key = format!("{arch}.{key}");
+            match content.metadata.get(&key) {
+                None => Ok(default),
+                Some(v) => Ok(v
+                    .to_f32()
+                    .map_err(|e| Error::Metadata(format!("{key}: {e}")))?
+                    as f64),
+            }
+        };
+        let vocab_size = get(content, "tokenizer.ggml.tokens")?
+            .to_vec()
+            .map_err(|e| Error::Metadata(format!("tokenizer.ggml.tokens: {e}")))?
+            .len();
+        Ok(Self {
+            vocab_size,
+            hidden_size: u("embedding_length")?,
+            intermediate_size: u("feed_forward_length")?,
+            num_hidden_layers: u("block_count")?,
+            num_attention_heads: u("attention.head_count")?,
+            num_key_value_heads: u("attention.head_count_kv")?,
+            rope_theta: f("rope.freq_base", 10_000.0)?,
+            rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5)?,
+            max_position_embeddings: u("context_length")?,
+            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        })
+    }
+}
+
+fn get<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
+    content
+        .metadata
+        .get(key)
+        .ok_or_else(|| Error::Metadata(format!("no {key}")))
+}
+
+/// RMSNorm from primitives: `x / sqrt(mean(x²) + eps) * weight`.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
+        x.broadcast_mul(&self.weight)
+    }
+}
+
+/// Cos/sin tables for rotate-half (Hugging Face layout) rotary embeddings.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+        let head_dim = cfg.head_dim();
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / head_dim as f64) as f32)
+            .collect();
+        let inv_freq = Tensor::new(inv_freq.as_slice(), device)?.unsqueeze(0)?;
+        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        let freqs = positions.broadcast_mul(&inv_freq)?;
+        let freqs = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+        })
+    }
+
+    /// Rotates `x` of shape [B, H, T, D].
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, t, d) = x.dims4()?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let head_dim = cfg.head_dim();
+        let (h, q, kv) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * head_dim,
+            cfg.num_key_value_heads * head_dim,
+        );
+        let linear =
+            |i, o, name| -> Result<Linear> { Ok(Linear::new(vb.get((o, i), name)?, None)) };
+        Ok(Self {
+            q_proj: linear(h, q, "q_proj.weight")?,
+            k_proj: linear(h, kv, "k_proj.weight")?,
+            v_proj: linear(h, kv, "v_proj.weight")?,
+            o_proj: linear(q, h, "o_proj.weight")?,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = rotary.apply(&heads(self.q_proj.forward(x)?, self.n_heads)?)?;
+        let k = rotary.apply(&heads(self.k_proj.forward(x)?, self.n_kv_heads)?)?;
+        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?;
+        let k = repeat_kv(k, self.n_heads / self.n_kv_heads)?;
+        let v = repeat_kv(v, self.n_heads / self.n_kv_heads)?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let scores = scores.broadcast_add(mask)?;
+        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out =
+            weights
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, self.n_heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+/// [B, KV, T, D] -> [B, KV * n_rep, T, D], each kv head repeated in place.
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    Ok(Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, kv * n_rep, t, d))?)
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::new(vb.get((i, h), "gate_proj.weight")?, None),
+            up_proj: Linear::new(vb.get((i, h), "up_proj.weight")?, None),
+            down_proj: Linear::new(vb.get((h, i), "down_proj.weight")?, None),
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?;
+        let silu = (&gate * candle_nn::ops::sigmoid(&gate)?)?;
+        self.down_proj.forward(&(silu * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct Layer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Layer {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rotary, mask)?;
+        let x = (x + h)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// A Llama-family causal LM whose weights are trainable `Var`s.
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    cfg: LlamaConfig,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from `vb` (Hugging Face tensor names).
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let embed = vb.get(
+            (cfg.vocab_size, cfg.hidden_size),
+            "model.embed_tokens.weight",
+        )?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, vb.pp(format!("model.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: Embedding::new(embed, cfg.hidden_size),
+            layers,
+            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?,
+            lm_head: Linear::new(lm_head, None),
+            rotary: Rotary::new(cfg, vb.device())?,
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Loads every layer of a llama.cpp GGUF as f32 `Var`s.
+    pub fn from_gguf(path: &Path, device: &Device) -> Result<(Self, VarMap)> {
+        Self::load_gguf(path, device, None)
+    }
+
+    /// Loads only the first `n_layers` layers (embedding, final norm and LM
+    /// head included): a smaller, faster model for tests.
+    pub fn from_gguf_truncated(
+        path: &Path,
+        device: &Device,
+        n_layers: usize,
+    ) -> Result<(Self, VarMap)> {
+        Self::load_gguf(path, device, Some(n_layers))
+    }
+
+    fn load_gguf(path: &Path, device: &Device, n_layers: Option<usize>) -> Result<(Self, VarMap)> {
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = Content::read(&mut file)
+            .map_err(|e| Error::Input(format!("{} is not a GGUF file: {e}", path.display())))?;
+        let mut cfg = LlamaConfig::from_gguf(&content)?;
+        if let Some(n) = n_layers {
+            cfg.num_hidden_layers = cfg.num_hidden_layers.min(n);
+        }
+        let varmap = VarMap::new();
+        {
+            let mut vars = varmap.data().lock().expect("VarMap lock");
+            let mut load = |gguf: &str, hf: String, unpermute: Option<usize>| -> Result<()> {
+                let tensor = content
+                    .tensor(&mut file, gguf, &Device::Cpu)?
+                    .dequantize(&Device::Cpu)?;
+                let tensor = match unpermute {
+                    Some(n_head) => unpermute_rows(&tensor, n_head)?,
+                    None => tensor,
+                };
+                vars.insert(hf, Var::from_tensor(&tensor.to_device(device)?)?);
+                Ok(())
+            };
+            load(
+                "token_embd.weight",
+                "model.embed_tokens.weight".into(),
+                None,
+            )?;
+            load("output_norm.weight", "model.norm.weight".into(), None)?;
+            if !cfg.tie_word_embeddings {
+                load("output.weight", "lm_head.weight".into(), None)?;
+            }
+            for i in 0..cfg.num_hidden_layers {
+                let hf = |name: &str| format!("model.layers.{i}.{name}");
+                let gguf = |name: &str| format!("blk.{i}.{name}.weight");
+                let heads = Some(cfg.num_attention_heads);
+                let kv_heads = Some(cfg.num_key_value_heads);
+                load(&gguf("attn_norm"), hf("input_layernorm.weight"), None)?;
+                load(&gguf("attn_q"), hf("self_attn.q_proj.weight"), heads)?;
+                load(&gguf("attn_k"), hf("self_attn.k_proj.weight"), kv_heads)?;
+                load(&gguf("attn_v"), hf("self_attn.v_proj.weight"), None)?;
+                load(&gguf("attn_output"), hf("self_attn.o_proj.weight"), None)?;
+                load(
+                    &gguf("ffn_norm"),
+                    hf("post_attention_layernorm.weight"),
+                    None,
+                )?;
+                load(&gguf("ffn_gate"), hf("mlp.gate_proj.weight"), None)?;
+                load(&gguf("ffn_up"), hf("mlp.up_proj.weight"), None)?;
+                load(&gguf("ffn_down"), hf("mlp.down_proj.weight"), None)?;
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = Self::new(&cfg, vb)?;
+        Ok((model, varmap))
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Final-norm hidden states [B, T, hidden] of token ids [B, T].
+    pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{t} tokens exceed the {}-token context",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mask = causal_mask(t, &self.device)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &self.rotary, &mask)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// Next-token logits [B, T, vocab] of token ids [B, T].
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.hidden(ids)?)?)
+    }
+}
+
+/// [T, T] additive mask: 0 on and below the diagonal, -inf above.
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_slice(&mask, (t, t), device)?)
+}
+
+/// Inverts llama.cpp's converter, which reorders each head's rows from
+/// rotate-half to interleaved pairs:
+/// `w.reshape(n_head, 2, hd/2, dim).swapaxes(1, 2).reshape(...)`.
+fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (rows, dim) = w.dims2()?;
+    let half = rows / n_head / 2;
+    Ok(w.reshape((n_head, half, 2, dim))?
+        .transpose(1, 2)?
+        .reshape((rows, dim))?)
+}
