@@ -348,3 +348,31 @@ fn adamw_steps_lower_a_sentence_loss() {
     eprintln!("losses {losses:?} in {:?}", started.elapsed());
     assert!(losses[4] < losses[0] - 0.1, "losses {losses:?}");
 }
+
+#[test]
+fn hf_tokenizer_from_gguf_saves_and_reloads_as_tokenizer_json() {
+    use hone_pretrained::hone_models::tokenizer::Tokenizer;
+    let policy = SmolLm::load(&fetch(smollm::MODEL_NAME), &Device::Cpu).expect("load SmolLM2");
+    let tokenizer = policy.hf_tokenizer();
+    let prompt = SmolLm::chat_prompt("Hello, world! 1234 café");
+    let ids = tokenizer.encode(&prompt);
+    assert_eq!(ids, encode(&policy, &prompt));
+    assert_eq!(tokenizer.vocab_size(), 49152);
+    let im_start = policy.tokenizer().token_to_id("<|im_start|>").expect("id");
+    let im_end = policy.tokenizer().token_to_id("<|im_end|>").expect("id");
+    assert_eq!((tokenizer.bos_id(), tokenizer.eos_id()), (im_start, im_end));
+    // Special tokens are skipped on decode.
+    assert!(tokenizer.decode(&ids).contains("Hello, world! 1234 café"));
+    assert!(!tokenizer.decode(&ids).contains("<|im_start|>"));
+
+    let dir = std::env::temp_dir().join(format!("hone-hf-tokenizer-{}", std::process::id()));
+    tokenizer.save(&dir).expect("save");
+    let reloaded =
+        hone_pretrained::HfTokenizer::from_file(&dir.join("tokenizer.json")).expect("reload");
+    assert_eq!(reloaded.encode(&prompt), ids);
+    assert_eq!(
+        (reloaded.bos_id(), reloaded.eos_id(), reloaded.vocab_size()),
+        (im_start, im_end, 49152)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

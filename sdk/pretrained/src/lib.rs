@@ -20,6 +20,7 @@
 //! ```
 
 mod error;
+pub mod hf_tokenizer;
 pub mod llama;
 pub mod minilm;
 pub mod smollm;
@@ -30,6 +31,9 @@ pub use candle_core::{DType, Device, Tensor};
 pub use candle_nn;
 pub use candle_nn::VarMap;
 pub use error::{Error, Result};
+pub use hf_tokenizer::HfTokenizer;
+/// The model core whose `Tokenizer` trait [`HfTokenizer`] implements.
+pub use hone_models;
 pub use llama::{Llama, LlamaConfig};
 pub use minilm::MiniLmRewardModel;
 pub use smollm::SmolLm;

@@ -26,7 +26,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::{Error, Result};
+use crate::{Error, HfTokenizer, Result};
 
 /// The model's name in [`hone_sdk::pretrained`].
 pub const MODEL_NAME: &str = "smollm2-135m-instruct";
@@ -47,6 +47,8 @@ pub struct SmolLm {
     tokenizer: Tokenizer,
     /// Generation ends at any of these: `<|im_end|>`, the GGUF's EOS, `<|endoftext|>`.
     stop_tokens: Vec<u32>,
+    /// The GGUF's BOS id (its EOS when it names none).
+    bos: u32,
     device: Device,
 }
 
@@ -65,12 +67,14 @@ impl SmolLm {
                 stop_tokens.push(id);
             }
         }
+        let bos = metadata_u32(&content, "tokenizer.ggml.bos_token_id").unwrap_or(stop_tokens[0]);
         let (content, mut f32_gguf) = dequantized(&content, &mut file)?;
         let model = ModelWeights::from_gguf(content, &mut f32_gguf, device)?;
         Ok(Self {
             model,
             tokenizer,
             stop_tokens,
+            bos,
             device: device.clone(),
         })
     }
@@ -88,6 +92,14 @@ impl SmolLm {
         let logits = self.model.forward(&input, 0)?;
         self.model.clear_kv_cache();
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// The rebuilt tokenizer as a [`hone_models::tokenizer::Tokenizer`]: BOS and EOS
+    /// from the GGUF metadata (`<|im_start|>`, `<|im_end|>` for SmolLM2),
+    /// padding with EOS.
+    pub fn hf_tokenizer(&self) -> HfTokenizer {
+        let eos = self.stop_tokens[0];
+        HfTokenizer::new(self.tokenizer.clone(), self.bos, eos, eos)
     }
 
     /// A single user turn in SmolLM2's ChatML template with its default
