@@ -5,6 +5,9 @@
 //!   its GGUF file (Q4_1 weights, inference only), with the byte-level BPE
 //!   tokenizer rebuilt from the GGUF metadata. A policy that samples text and
 //!   reports each token's log-probability.
+//! - [`Llama`]: the same GGUF as a trainable f32 Llama written from
+//!   differentiable primitives, its weights `Var`s in a `VarMap`: the init of
+//!   SFT and reward models. [`HfTokenizer`] is its `hone_models` tokenizer.
 //! - [`MiniLmRewardModel`]: all-MiniLM-L6-v2, a BERT sentence encoder, as a
 //!   frozen reward-model backbone under a trainable scalar head.
 //!

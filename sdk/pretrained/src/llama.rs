@@ -438,3 +438,48 @@ fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .reshape((rows, dim))?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's `permute`: per head, rows `[first half | second half]`
+    /// become interleaved pairs.
+    fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
+        let (rows, dim) = w.dims2().unwrap();
+        w.reshape((n_head, 2, rows / n_head / 2, dim))
+            .and_then(|w| w.transpose(1, 2))
+            .and_then(|w| w.reshape((rows, dim)))
+            .unwrap()
+    }
+
+    #[test]
+    fn unpermute_rows_inverts_llama_cpp_permute() {
+        let w = Tensor::arange(0f32, 3.0 * 8.0 * 2.0, &Device::Cpu)
+            .and_then(|w| w.reshape((24, 2)))
+            .unwrap();
+        let permuted = llama_cpp_permute(&w, 3);
+        assert_ne!(
+            permuted.to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
+        let restored = unpermute_rows(&permuted, 3).unwrap();
+        assert_eq!(
+            restored.to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn causal_mask_hides_only_the_future() {
+        let mask = causal_mask(3, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, row) in mask.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                assert_eq!(*v == f32::NEG_INFINITY, j > i, "mask[{i}][{j}] = {v}");
+            }
+        }
+    }
+}

@@ -7,9 +7,8 @@
 //! slower than f32 on an AVX2 CPU. The f32 copy takes ~540 MB.
 //!
 //! This is an inference-only policy: it samples responses and reports their
-//! log-probabilities. Training needs the f32 weights as candle `Var`s with
-//! llama.cpp's Q/K row permutation undone for Hugging Face-layout rotary
-//! code, which this module does not do.
+//! log-probabilities. For training, [`crate::Llama::from_gguf`] loads the
+//! same file as f32 `Var`s with llama.cpp's Q/K row permutation undone.
 
 use std::io::{Cursor, Read, Seek};
 use std::path::Path;
