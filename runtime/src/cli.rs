@@ -51,6 +51,14 @@ enum Command {
         #[command(subcommand)]
         action: ModelsAction,
     },
+    /// Write a self-contained HTML report of a run directory (plots as inline SVG).
+    Report {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// Output file (default: RUN_DIR/report.html).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Scaffold an out-of-tree stage crate that builds against the SDK.
     NewStage {
         /// Crate name (lower case, `-` and `_` allowed).
@@ -169,6 +177,7 @@ pub fn main() -> i32 {
             }),
         Command::Run(args) => run(args),
         Command::Models { action } => models(action),
+        Command::Report { run_dir, out } => report(&run_dir, out),
     };
     match result {
         Ok(()) => 0,
@@ -177,6 +186,23 @@ pub fn main() -> i32 {
             f.code
         }
     }
+}
+
+/// `hone report`: exit 2 when RUN_DIR holds no metrics.jsonl.
+fn report(dir: &Path, out: Option<PathBuf>) -> Result<(), Failure> {
+    if !dir.join("metrics.jsonl").is_file() {
+        return Err(usage(format!(
+            "{}: not a hone run directory (no metrics.jsonl)",
+            dir.display()
+        )));
+    }
+    let out = out.unwrap_or_else(|| dir.join("report.html"));
+    let warnings = crate::html_report::write(dir, &out).map_err(usage)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("wrote {}", out.display());
+    Ok(())
 }
 
 /// Reads, parses, overrides and validates a pipeline.

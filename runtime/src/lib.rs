@@ -8,6 +8,7 @@ pub mod cli;
 pub mod dataflow;
 pub mod diag;
 pub mod graph;
+pub mod html_report;
 pub mod pipeline;
 pub mod plugin;
 pub mod report;

@@ -1,0 +1,227 @@
+//! `hone report`: a self-contained HTML file, checked by hand and rendered in
+//! headless Chromium (installed by `.ci/run`).
+
+use hone_tests::{hone, text, workspace, TempDir};
+use std::fmt::Write;
+use std::path::Path;
+use std::process::Command;
+
+/// A metrics.jsonl with data for every section, plus one malformed line.
+fn synthetic(dir: &TempDir) {
+    let mut m = String::new();
+    let mut line = |stage: &str,
+                    round: u64,
+                    worker: u64,
+                    name: &str,
+                    value: f64,
+                    step: Option<f64>| {
+        let step = step.map(|s| s.to_string()).unwrap_or("null".into());
+        let _ = writeln!(
+            m,
+            r#"{{"stage":"{stage}","round":{round},"worker":{worker},"name":"{name}","value":{value},"step":{step},"time":0.0}}"#
+        );
+    };
+    for s in 0..50 {
+        let s = s as f64;
+        line("sft", 0, 0, "train_loss", 3.0 / (1.0 + s / 10.0), Some(s));
+        if (s as u64).is_multiple_of(10) {
+            line("sft", 0, 0, "eval_loss", 3.2 / (1.0 + s / 12.0), Some(s));
+        }
+        line("rm", 0, 0, "loss", 0.7 - s / 200.0, Some(s));
+    }
+    for n in [1u32, 2, 4, 8, 16, 32, 64] {
+        let n = n as f64;
+        let kl = n.ln() - (n - 1.0) / n;
+        line("bon", 0, 0, "kl", kl, Some(n));
+        line("bon", 0, 0, "proxy_reward", 0.2 + 0.3 * kl, Some(n));
+        line(
+            "bon",
+            0,
+            0,
+            "gold_reward",
+            0.2 + 0.4 * kl - 0.12 * kl * kl,
+            Some(n),
+        );
+    }
+    line("eval", 0, 0, "win_rate/rlhf_vs_sft", 0.71, None);
+    line("eval", 0, 0, "win_rate/sft_vs_base", 0.64, None);
+    line("eval", 0, 0, "elo/sft", 1010.0, None);
+    line("eval", 0, 0, "elo/rlhf", 1090.5, None);
+    line("eval", 0, 0, "elo/base", 900.0, None);
+    for (i, c) in [5.0, 12.0, 30.0, 22.0, 9.0, 3.0].iter().enumerate() {
+        line(
+            "prefs",
+            0,
+            0,
+            &format!("strength_hist/{}", i as f64 * 0.5),
+            *c,
+            None,
+        );
+        line(
+            "prefs",
+            0,
+            1,
+            &format!("strength_hist/{}", i as f64 * 0.5),
+            1.0,
+            None,
+        );
+    }
+    line("rm", 0, 0, "accuracy/clean", 0.81, None);
+    line("rm", 0, 0, "accuracy/ood", 0.66, None);
+    line("warm", 0, 0, "accuracy/clean", 0.84, None);
+    line("prefs", 0, 0, "pairs", 100.0, None);
+    line("prefs", 0, 1, "pairs", 60.0, None);
+    m.push_str("{not json\n");
+    dir.write("metrics.jsonl", &m);
+    dir.write(
+        "journal.jsonl",
+        "{\"completed\":true,\"round\":0,\"time\":0.0}\n",
+    );
+    dir.write("pipeline.toml", "[pipeline]\nname = \"synthetic\"\n");
+    dir.write(
+        "manifest.jsonl",
+        "{\"id\":\"rm/final@0\",\"kind\":\"reward_model\",\"stage\":\"rm\",\"round\":0,\"sha256\":\"0123456789abcdef0123\"}\n",
+    );
+}
+
+/// No external resources: every src/href is local or inline.
+fn assert_self_contained(html: &str) {
+    for attr in [
+        "src=\"http",
+        "href=\"http",
+        "src='http",
+        "href='http",
+        "<script src",
+        "<link",
+        "@import",
+        "url(http",
+    ] {
+        assert!(
+            !html.contains(attr),
+            "external reference `{attr}` in report"
+        );
+    }
+}
+
+/// Renders `html` in headless Chromium; returns (dumped DOM, stderr).
+fn chromium(html: &Path, tmp: &TempDir) -> (String, String) {
+    let found = Command::new("sh")
+        .args(["-c", "command -v chromium"])
+        .output();
+    assert!(
+        found.map(|o| o.status.success()).unwrap_or(false),
+        "chromium is not installed: `.ci/run` installs it (apt-get install chromium)"
+    );
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", tmp.join("chrome").display()),
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            &format!("file://{}", html.display()),
+        ])
+        .output()
+        .expect("chromium runs");
+    let (dom, err) = text(&out);
+    assert!(out.status.success(), "chromium failed: {err}");
+    assert!(!err.contains("Uncaught"), "script error: {err}");
+    assert!(!err.contains(":CONSOLE("), "console message: {err}");
+    (dom, err)
+}
+
+#[test]
+fn synthetic_run_has_every_section_and_renders() {
+    let dir = TempDir::new("report-syn");
+    synthetic(&dir);
+    let out = hone(&workspace(), &["report", dir.0.to_str().unwrap()]);
+    let (o, e) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{o}{e}");
+    assert!(
+        e.contains("metrics.jsonl:") && e.contains("skipped"),
+        "malformed line reported with file:line: {e}"
+    );
+    let path = dir.join("report.html");
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert_self_contained(&html);
+    // losses: sft and rm; reward against KL; win rates; strength histogram.
+    assert_eq!(html.matches("<svg").count(), 5, "one svg per plot");
+    for needle in [
+        "synthetic",
+        "rlhf",
+        "1090.5",
+        "accuracy",
+        "clean",
+        "ood",
+        "0123456789ab",
+        "eval_loss",
+        "gold",
+        "proxy",
+    ] {
+        assert!(html.contains(needle), "report lacks {needle}");
+    }
+    assert!(!html.contains("No data"), "every section has data");
+    assert!(
+        html.contains("<td class=\"n\">160</td>"),
+        "pairs summed over workers"
+    );
+    let (dom, _) = chromium(&path, &dir);
+    assert_eq!(dom.matches("<svg").count(), 5, "svgs in the rendered DOM");
+    assert!(
+        dom.contains("<path") && dom.contains("<rect"),
+        "plots have marks"
+    );
+}
+
+#[test]
+fn real_run_renders_and_notes_missing_sections() {
+    let dir = TempDir::new("report-hh");
+    let run = dir.join("run");
+    let out = hone(
+        &workspace(),
+        &[
+            "run",
+            "pipelines/hh-filter.toml",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "-q",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let html_path = dir.join("r.html");
+    let out = hone(
+        &workspace(),
+        &[
+            "report",
+            run.to_str().unwrap(),
+            "--out",
+            html_path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    assert_self_contained(&html);
+    assert!(
+        html.contains("hh-filter") && html.contains("No data"),
+        "{html}"
+    );
+    assert!(html.contains("Counts"));
+    chromium(&html_path, &dir);
+}
+
+#[test]
+fn not_a_run_directory_exits_2() {
+    let dir = TempDir::new("report-none");
+    let out = hone(&workspace(), &["report", dir.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out)
+        .1
+        .contains("not a hone run directory (no metrics.jsonl)"));
+}
