@@ -7,7 +7,7 @@ const W: f64 = 640.0;
 const H: f64 = 320.0;
 const LEFT: f64 = 64.0;
 const RIGHT: f64 = 160.0;
-const TOP: f64 = 28.0;
+const TOP: f64 = 34.0;
 const BOTTOM: f64 = 44.0;
 const COLORS: [&str; 8] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
@@ -121,7 +121,8 @@ fn axes(svg: &mut String, f: &Frame, xt: &[f64], yt: &[f64], xl: &str, yl: &str)
     );
 }
 
-/// A line chart of every series with axes, ticks and a legend; `markers` adds a dot per point.
+/// A line chart of every series with axes, ticks and a legend; `markers` adds a dot per
+/// point (series of 20 points or fewer always get them).
 pub fn line_chart(title: &str, xl: &str, yl: &str, series: &[Series], markers: bool) -> String {
     let pts = || series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -165,7 +166,7 @@ pub fn line_chart(title: &str, xl: &str, yl: &str, series: &[Series], markers: b
             r#"<path d="{}" fill="none" stroke="{c}" stroke-width="1.5"/>"#,
             d.join("")
         );
-        if markers {
+        if markers || ok.len() <= 20 {
             for (x, y) in &ok {
                 let _ = write!(
                     svg,
