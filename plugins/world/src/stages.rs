@@ -1,0 +1,320 @@
+//! `world.prompts`, `world.demos` and `world.gold`.
+
+use crate::draws::Draws;
+use crate::tasks::{self, Split, FAMILIES};
+use hone_sdk::prelude::*;
+use hone_sdk::text::seeded_hash;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// The stage's own seed combined with the pipeline's.
+fn stage_seed(init: &StageInit, kind: &str, seed: u64) -> u64 {
+    seeded_hash(init.seed, &format!("{kind}:{seed}"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromptsConfig {
+    families: Vec<String>,
+    count: u64,
+    split: String,
+    seed: u64,
+}
+
+/// Draws world task prompts.
+pub struct Prompts {
+    config: PromptsConfig,
+    split: Split,
+    seed: u64,
+}
+
+impl StageFactory for Prompts {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "world.prompts",
+            "Draws world task prompts (sort, arith, keywords) from the train or the shifted split, \
+             `count` per round, with ids `world:{split}:{i:06}` and meta `family` and `split`.",
+        )
+        .output("prompts", RecordKind::Prompt)
+        .optional(
+            "families",
+            FieldType::List(Box::new(FieldType::one_of(&FAMILIES))),
+            serde_json::json!(FAMILIES),
+            "Task families, taken in turn: `sort`, `arith`, `keywords`.",
+        )
+        .optional("count", FieldType::Integer, 100, "Prompts emitted per round.")
+        .optional(
+            "split",
+            FieldType::one_of(&["train", "shifted"]),
+            "train",
+            "`train`: 4-6 numbers below 50, two operands up to 20, train keywords. `shifted`: 8-12 numbers \
+             up to 1000, three operands up to 100, keywords never seen in train.",
+        )
+        .optional("seed", FieldType::Integer, 0, "Seed, combined with the pipeline seed.")
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: PromptsConfig = init.config()?;
+        let split = Split::parse(&config.split).ok_or_else(|| {
+            StageError::config(
+                "split",
+                format!("must be `train` or `shifted`, found `{}`", config.split),
+            )
+        })?;
+        if config.families.is_empty() {
+            return Err(StageError::config(
+                "families",
+                "must name at least one family",
+            ));
+        }
+        if let Some(bad) = config
+            .families
+            .iter()
+            .find(|f| !FAMILIES.contains(&f.as_str()))
+        {
+            return Err(StageError::config(
+                "families",
+                format!("unknown family `{bad}`; known: sort, arith, keywords"),
+            ));
+        }
+        let seed = stage_seed(init, "world.prompts", config.seed);
+        Ok(Prompts {
+            config,
+            split,
+            seed,
+        })
+    }
+}
+
+impl Stage for Prompts {
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let count = self.config.count;
+        let first = ctx.round() * count;
+        for i in first..first + count {
+            let family = &self.config.families[(i % self.config.families.len() as u64) as usize];
+            let id = format!("world:{}:{i:06}", self.config.split);
+            let text = tasks::generate(family, self.split, &mut Draws::new(self.seed, &id))
+                .expect("families are validated");
+            let meta = BTreeMap::from([
+                ("family".to_string(), family.clone()),
+                ("split".to_string(), self.config.split.clone()),
+            ]);
+            ctx.emit(0, Record::Prompt(Prompt { id, text, meta }));
+        }
+        ctx.metric("prompts", count as f64);
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DemosConfig {
+    quality: f64,
+    samples: u64,
+    seed: u64,
+}
+
+/// Answers world prompts with the reference solver.
+pub struct Demos {
+    config: DemosConfig,
+    seed: u64,
+}
+
+impl StageFactory for Demos {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "world.demos",
+            "Answers world prompts with the reference solver: `samples` Completion demonstrations per \
+             prompt (ids `PROMPT_ID:demoN`), of controllable quality. Prompts that are not world tasks are \
+             skipped and counted.",
+        )
+        .input("prompts", RecordKind::Prompt)
+        .output("completions", RecordKind::Completion)
+        .placement(Placement::DataParallel)
+        .optional(
+            "quality",
+            FieldType::Float,
+            1.0,
+            "1 = always right; below 1 each of three mistake opportunities strikes with probability 1 - quality.",
+        )
+        .optional("samples", FieldType::Integer, 1, "Demonstrations per prompt.")
+        .optional("seed", FieldType::Integer, 0, "Seed, combined with the pipeline seed.")
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: DemosConfig = init.config()?;
+        if !(0.0..=1.0).contains(&config.quality) {
+            return Err(StageError::config(
+                "quality",
+                format!("must be between 0 and 1, found {}", config.quality),
+            ));
+        }
+        if config.samples == 0 {
+            return Err(StageError::config("samples", "must be at least 1"));
+        }
+        let seed = stage_seed(init, "world.demos", config.seed);
+        Ok(Demos { config, seed })
+    }
+}
+
+impl Stage for Demos {
+    fn on_batch(
+        &mut self,
+        ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        let (mut made, mut skipped) = (0u64, 0u64);
+        for record in batch {
+            let Record::Prompt(prompt) = record else {
+                continue;
+            };
+            for s in 0..self.config.samples {
+                let id = format!("{}:demo{s}", prompt.id);
+                let mut rng = Draws::new(self.seed, &id);
+                let Some(text) = tasks::solve(&prompt.text, self.config.quality, &mut rng) else {
+                    skipped += 1;
+                    break;
+                };
+                let mut meta = prompt.meta.clone();
+                meta.insert("quality".into(), self.config.quality.to_string());
+                ctx.emit(
+                    0,
+                    Record::Completion(Completion {
+                        id,
+                        prompt_id: prompt.id.clone(),
+                        prompt: prompt.text.clone(),
+                        text,
+                        token_logprobs: Vec::new(),
+                        policy: None,
+                        meta,
+                    }),
+                );
+                made += 1;
+            }
+        }
+        self.add_counts(ctx, made, skipped);
+        Ok(())
+    }
+}
+
+impl Demos {
+    fn add_counts(&mut self, ctx: &mut Context, made: u64, skipped: u64) {
+        if made > 0 {
+            ctx.metric("demos", made as f64);
+        }
+        if skipped > 0 {
+            ctx.metric("skipped", skipped as f64);
+        }
+    }
+}
+
+/// Scores completions with the gold reward.
+pub struct Gold {
+    sum: f64,
+    scored: u64,
+    skipped: u64,
+}
+
+impl StageFactory for Gold {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "world.gold",
+            "Scores completions of world prompts with the gold reward: a Score (name `gold_reward`, id = \
+             the completion's id) each. Metrics: `scored`, `gold_reward_sum` and `mean_gold_reward` (per \
+             worker), `skipped` (not world prompts).",
+        )
+        .input("completions", RecordKind::Completion)
+        .output("scores", RecordKind::Score)
+        .placement(Placement::DataParallel)
+    }
+
+    fn create(_init: &StageInit) -> Result<Self, StageError> {
+        Ok(Gold {
+            sum: 0.0,
+            scored: 0,
+            skipped: 0,
+        })
+    }
+}
+
+impl Stage for Gold {
+    fn on_batch(
+        &mut self,
+        ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for record in batch {
+            let Record::Completion(c) = record else {
+                continue;
+            };
+            match tasks::gold_reward(&c.prompt, &c.text) {
+                Some(value) => {
+                    self.sum += value;
+                    self.scored += 1;
+                    let score = Score {
+                        id: c.id,
+                        name: "gold_reward".into(),
+                        value,
+                    };
+                    ctx.emit(0, Record::Score(score));
+                }
+                None => self.skipped += 1,
+            }
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        ctx.metric("scored", self.scored as f64);
+        ctx.metric("gold_reward_sum", self.sum);
+        if self.scored > 0 {
+            ctx.metric("mean_gold_reward", self.sum / self.scored as f64);
+        }
+        ctx.metric("skipped", self.skipped as f64);
+        (self.sum, self.scored, self.skipped) = (0.0, 0, 0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::run;
+
+    #[test]
+    fn prompts_are_seeded_and_follow_the_split() {
+        let cfg = serde_json::json!({"count": 30, "split": "shifted"});
+        let (a, m) = run::<Prompts>(cfg.clone(), vec![], 0);
+        let (b, _) = run::<Prompts>(cfg, vec![], 0);
+        assert_eq!(a, b);
+        assert_eq!(m["prompts"], 30.0);
+        let Record::Prompt(p) = &a[0] else { panic!() };
+        assert_eq!(p.id, "world:shifted:000000");
+        assert_eq!(p.meta["split"], "shifted");
+        let (c, _) = run::<Prompts>(
+            serde_json::json!({"count": 30, "split": "shifted", "seed": 1}),
+            vec![],
+            0,
+        );
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn demos_and_gold_agree_on_quality() {
+        let (prompts, _) = run::<Prompts>(serde_json::json!({"count": 60}), vec![], 0);
+        let mean = |quality: f64| {
+            let (demos, _) = run::<Demos>(
+                serde_json::json!({"quality": quality, "samples": 2}),
+                prompts.clone(),
+                0,
+            );
+            assert_eq!(demos.len(), 120);
+            let (_, m) = run::<Gold>(serde_json::json!({}), demos, 0);
+            m["mean_gold_reward"]
+        };
+        assert_eq!(mean(1.0), 1.0);
+        assert!(mean(0.5) < 0.9);
+    }
+}
