@@ -60,10 +60,17 @@ fn world_labels_are_the_same_on_one_and_two_workers_and_keep_ground_truth() {
     let mut flipped = 0;
     for line in &one {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let pair = v.get("Pair").unwrap_or(&v);
+        let pair = &v;
         assert_eq!(pair["label_source"], "simulated", "{line}");
         let meta = &pair["meta"];
-        for key in ["gold_chosen", "gold_rejected", "clean_label", "flipped", "annotator", "bias"] {
+        for key in [
+            "gold_chosen",
+            "gold_rejected",
+            "clean_label",
+            "flipped",
+            "annotator",
+            "bias",
+        ] {
             assert!(meta.get(key).is_some(), "{key} missing in {line}");
         }
         let gold = |k: &str| meta[k].as_str().unwrap().parse::<f64>().unwrap();
@@ -71,5 +78,9 @@ fn world_labels_are_the_same_on_one_and_two_workers_and_keep_ground_truth() {
         assert_eq!(meta["clean_label"], clean.to_string(), "{line}");
         flipped += usize::from(meta["flipped"] == "true");
     }
-    assert!(flipped > 0 && flipped < one.len() / 2, "{flipped} of {}", one.len());
+    assert!(
+        flipped > 0 && flipped < one.len() / 2,
+        "{flipped} of {}",
+        one.len()
+    );
 }
