@@ -310,8 +310,10 @@ fn models(action: ModelsAction) -> Result<(), Failure> {
             } else {
                 names
             };
+            for name in &names {
+                pretrained::find(name).map_err(usage)?;
+            }
             for name in names {
-                pretrained::find(&name).map_err(usage)?;
                 let dir = pretrained::fetch(&name).map_err(|e| Failure {
                     code: 1,
                     message: format!("error: {e}"),

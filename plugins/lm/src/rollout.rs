@@ -239,7 +239,13 @@ impl Rollout {
                 let (mut text, token_logprobs) = model
                     .generate(&chat, c.max_new_tokens, c.temperature, sample_seed)
                     .or_stage(&format!("sampling a completion of prompt {}", prompt.id))?;
-                if let Some(cut) = c.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                if let Some(cut) = c
+                    .stop
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .filter_map(|s| text.find(s.as_str()))
+                    .min()
+                {
                     text.truncate(cut);
                 }
                 new_tokens += token_logprobs.len();

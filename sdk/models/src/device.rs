@@ -3,7 +3,7 @@
 use crate::{Device, Error, Result};
 
 /// The message when CUDA is requested from a build without the `cuda` feature.
-pub const NO_CUDA: &str = "hone was built without CUDA: rebuild with `--features cuda` on a machine with the CUDA toolkit";
+pub const NO_CUDA: &str = "hone was built without CUDA: on a machine with the CUDA toolkit, rebuild the built-in stages with `cargo build --release --features hone-lm/cuda` (a stage of your own: enable the `cuda` feature of hone-models)";
 
 /// `"cpu"` gives [`Device::Cpu`]; `"cuda"` / `"cuda:N"` give CUDA device 0 /
 /// N when compiled with the feature `cuda`, and otherwise an error naming
@@ -53,7 +53,7 @@ mod tests {
     fn cuda_without_feature_names_the_feature() {
         for name in ["cuda", "cuda:1"] {
             let err = device(name).unwrap_err().to_string();
-            assert!(err.contains("--features cuda"), "{err}");
+            assert!(err.contains("--features hone-lm/cuda"), "{err}");
         }
     }
 
