@@ -1,0 +1,1 @@
+//! The `eval` stage family (work in progress).

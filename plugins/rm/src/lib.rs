@@ -1,0 +1,1 @@
+//! The `rm` stage family: reward models (work in progress).
