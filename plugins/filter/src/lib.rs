@@ -11,6 +11,9 @@
 //! `position_swapped`, against position bias.
 
 mod dedup;
+mod split;
+
+pub use split::Split;
 
 use hone_sdk::prelude::*;
 use hone_sdk::text::seeded_hash;
@@ -186,7 +189,7 @@ impl Stage for FilterPairs {
     }
 }
 
-hone_sdk::export_stages!(FilterPairs);
+hone_sdk::export_stages!(FilterPairs, Split);
 
 #[cfg(test)]
 mod tests {
