@@ -1,1 +1,143 @@
-//! The `eval` stage family (work in progress).
+//! The `eval` stage family: measures policies and reward models from the
+//! records other stages emit. Model-free: it reads completions, scores and
+//! scored preference pairs, never a model.
+//!
+//! - `eval.rewards`: mean rewards and the Monte-Carlo KL(π‖π_ref) per policy
+//!   checkpoint (or per meta value), for the report's reward-against-KL plot.
+//! - `eval.win-rate`: how often one set of completions beats another on the
+//!   same prompts.
+//! - `eval.elo`: Elo ratings of several policies from per-prompt games,
+//!   averaged over seeded orderings of the games.
+//! - `eval.rm-accuracy`: accuracy and expected calibration error of a reward
+//!   model on a held-out set of scored pairs.
+//! - `eval.best-of-n`: rejection sampling with a proxy reward: proxy and
+//!   gold reward of the best of n samples against the analytic KL.
+//!
+//! Every stage is `Placement::Single`: all records meet on worker 0, so the
+//! metrics are global, whatever the number of workers.
+
+mod best_of_n;
+mod common;
+mod elo;
+mod rewards;
+mod rm_accuracy;
+mod win_rate;
+
+pub use best_of_n::BestOfN;
+pub use elo::Elo;
+pub use rewards::Rewards;
+pub use rm_accuracy::RmAccuracy;
+pub use win_rate::WinRate;
+
+hone_sdk::export_stages!(Rewards, WinRate, Elo, RmAccuracy, BestOfN);
+
+/// Test helpers: run a stage in-process with its descriptor's defaults,
+/// feeding records on several input ports.
+#[cfg(test)]
+pub(crate) mod testing {
+    use hone_sdk::prelude::*;
+    use hone_sdk::{Collected, Event};
+
+    /// What one round of a stage produced.
+    pub struct Output {
+        /// Records emitted on output port 0.
+        pub records: Vec<Record>,
+        /// Metrics as (name, value, step), in order.
+        pub metrics: Vec<(String, f64, Option<u64>)>,
+        /// Log lines, in order.
+        pub logs: Vec<String>,
+        /// The run directory the stage wrote to.
+        pub run_dir: std::path::PathBuf,
+    }
+
+    impl Output {
+        /// The value of metric `name` (without a step, or at `step`).
+        pub fn metric(&self, name: &str, step: Option<u64>) -> Option<f64> {
+            self.metrics
+                .iter()
+                .rev()
+                .find(|(n, _, s)| n == name && *s == step)
+                .map(|(_, v, _)| *v)
+        }
+    }
+
+    /// The descriptor's defaults, overridden by `config`.
+    pub fn full_config<S: StageFactory>(config: serde_json::Value) -> serde_json::Value {
+        let mut full = serde_json::Map::new();
+        for field in S::descriptor().config {
+            full.insert(field.name, field.default);
+        }
+        for (k, v) in config.as_object().unwrap() {
+            full.insert(k.clone(), v.clone());
+        }
+        serde_json::Value::Object(full)
+    }
+
+    /// Creates `S` with `config` over its defaults.
+    pub fn create<S: StageFactory>(config: serde_json::Value) -> Result<S, StageError> {
+        S::create(&StageInit::for_test("eval", full_config::<S>(config)))
+    }
+
+    /// Runs one round of `S`, `inputs` being (port, records) batches fed in
+    /// order, config overriding the defaults.
+    pub fn run<S: StageFactory>(
+        config: serde_json::Value,
+        inputs: Vec<(usize, Vec<Record>)>,
+    ) -> Result<Output, StageError> {
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let mut init = StageInit::for_test("eval", full_config::<S>(config));
+        // Each run its own directory: tests run in parallel.
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        init.run_dir =
+            std::env::temp_dir().join(format!("hone-eval-test-{}-{n}", std::process::id()));
+        let mut stage = S::create(&init)?;
+        let mut out = Collected::default();
+        {
+            let mut ctx = Context::new(&mut out, &init, 0);
+            for (port, batch) in inputs {
+                stage.on_batch(&mut ctx, port, batch)?;
+            }
+            stage.on_round_end(&mut ctx)?;
+        }
+        let records = out.records.remove(&0).unwrap_or_default();
+        let (mut metrics, mut logs) = (Vec::new(), Vec::new());
+        for e in out.events {
+            match e {
+                Event::Metric { name, value, step } => metrics.push((name, value, step)),
+                Event::Log { message } => logs.push(message),
+                _ => {}
+            }
+        }
+        Ok(Output {
+            records,
+            metrics,
+            logs,
+            run_dir: init.run_dir.clone(),
+        })
+    }
+
+    /// A completion `id` of `prompt_id`, with meta.
+    pub fn completion(id: &str, prompt_id: &str, meta: &[(&str, &str)]) -> Record {
+        Record::Completion(Completion {
+            id: id.into(),
+            prompt_id: prompt_id.into(),
+            prompt: format!("prompt {prompt_id}"),
+            text: format!("text {id}"),
+            token_logprobs: Vec::new(),
+            policy: None,
+            meta: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    /// A score `name` of record `id`.
+    pub fn score(id: &str, name: &str, value: f64) -> Record {
+        Record::Score(Score {
+            id: id.into(),
+            name: name.into(),
+            value,
+        })
+    }
+}

@@ -1,0 +1,258 @@
+//! Helpers shared by the eval stages: score lookup, grouping keys, ordering,
+//! a seeded random stream.
+
+use hone_sdk::prelude::*;
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+/// Scores of one round, by record id then score name. A later score of the
+/// same id and name replaces an earlier one.
+#[derive(Default)]
+pub(crate) struct Scores(BTreeMap<String, BTreeMap<String, f64>>);
+
+impl Scores {
+    /// Adds a score.
+    pub fn add(&mut self, score: Score) {
+        self.0
+            .entry(score.id)
+            .or_default()
+            .insert(score.name, score.value);
+    }
+
+    /// The score `name` of record `id`.
+    pub fn get(&self, id: &str, name: &str) -> Option<f64> {
+        self.0.get(id).and_then(|s| s.get(name)).copied()
+    }
+
+    /// Every score of record `id`, by name.
+    pub fn all(&self, id: &str) -> Option<&BTreeMap<String, f64>> {
+        self.0.get(id)
+    }
+
+    /// Whether there are no scores.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// How completions are grouped into players or policies: by the policy
+/// artifact that generated them, or by a meta value.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum GroupBy {
+    /// The policy artifact's stage and checkpoint (`sft/ckpt-250`).
+    Policy,
+    /// The value of this meta key.
+    Meta(String),
+}
+
+impl GroupBy {
+    /// Parses `policy` or `meta:KEY`; the error names `field`.
+    pub fn parse(field: &str, value: &str) -> Result<Self, StageError> {
+        if value == "policy" {
+            return Ok(GroupBy::Policy);
+        }
+        match value.strip_prefix("meta:") {
+            Some(key) if !key.is_empty() => Ok(GroupBy::Meta(key.to_string())),
+            _ => Err(StageError::config(
+                field,
+                format!(
+                    "must be \"policy\" or \"meta:KEY\" (e.g. \"meta:quality\"), found \"{value}\""
+                ),
+            )),
+        }
+    }
+
+    /// The group of `c`, or `None` when it has no policy / no such meta key.
+    pub fn key(&self, c: &Completion) -> Option<String> {
+        match self {
+            GroupBy::Policy => c.policy.as_ref().map(|p| policy_name(&p.id)),
+            GroupBy::Meta(key) => c.meta.get(key).cloned(),
+        }
+    }
+
+    /// What a completion lacks when [`GroupBy::key`] gives `None`.
+    pub fn missing(&self) -> String {
+        match self {
+            GroupBy::Policy => "a policy artifact".to_string(),
+            GroupBy::Meta(key) => format!("meta `{key}`"),
+        }
+    }
+}
+
+/// A policy artifact id without its round and weights file name:
+/// `sft/ckpt-250/model.safetensors@0` gives `sft/ckpt-250`.
+pub(crate) fn policy_name(artifact_id: &str) -> String {
+    let id = artifact_id
+        .rsplit_once('@')
+        .map_or(artifact_id, |(id, _)| id);
+    match id.rsplit_once('/') {
+        Some((dir, file)) if file.contains('.') => dir.to_string(),
+        _ => id.to_string(),
+    }
+}
+
+/// The checkpoint step of a policy name or artifact id: the `N` of a
+/// `ckpt-N` path component (`sft/ckpt-250/model.safetensors@0` gives 250).
+pub(crate) fn checkpoint_step(name: &str) -> Option<u64> {
+    policy_name(name)
+        .split('/')
+        .find_map(|part| part.strip_prefix("ckpt-")?.parse().ok())
+}
+
+/// Whether a policy name is a final checkpoint (a `final` path component).
+pub(crate) fn is_final(name: &str) -> bool {
+    policy_name(name).split('/').any(|part| part == "final")
+}
+
+/// Orders ids with their digit runs compared as numbers, so that
+/// `p:demo2` comes before `p:demo10`.
+pub(crate) fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let run = |s: &[u8]| s.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (na, nb) = (run(a), run(b));
+                let (da, db) = (&a[..na], &b[..nb]);
+                let trim = |d: &[u8]| {
+                    let zeros = d.iter().take_while(|&&c| c == b'0').count();
+                    d[zeros..].to_vec()
+                };
+                let (ta, tb) = (trim(da), trim(db));
+                let by_value = ta.len().cmp(&tb.len()).then_with(|| ta.cmp(&tb));
+                let ord = by_value.then_with(|| na.cmp(&nb));
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+                (a, b) = (&a[na..], &b[nb..]);
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+                (a, b) = (&a[1..], &b[1..]);
+            }
+        }
+    }
+}
+
+/// The outcome of comparing two scores for the first: 1 win, 0.5 tie, 0 loss.
+pub(crate) fn outcome(a: f64, b: f64) -> f64 {
+    match a.partial_cmp(&b) {
+        Some(Ordering::Greater) => 1.0,
+        Some(Ordering::Less) => 0.0,
+        _ => 0.5,
+    }
+}
+
+/// Mean of `xs` (NaN when empty).
+pub(crate) fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+/// The logistic function.
+pub(crate) fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// A seeded random stream (splitmix64).
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    /// A stream seeded from `seed` and `key`.
+    pub fn new(seed: u64, key: &str) -> Self {
+        Rng(hone_sdk::text::seeded_hash(seed, key))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform index below `n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * n as f64) as usize
+    }
+
+    /// Shuffles `xs` in place (Fisher-Yates).
+    pub fn shuffle<T>(&mut self, xs: &mut [T]) {
+        for i in (1..xs.len()).rev() {
+            let j = self.below(i + 1).min(i);
+            xs.swap(i, j);
+        }
+    }
+}
+
+/// Checks a name used inside a metric name: not empty, no `/`, no `_vs_`.
+pub(crate) fn check_name(field: &str, name: &str) -> Result<(), StageError> {
+    if name.is_empty() {
+        return Err(StageError::config(field, "must not be empty"));
+    }
+    if name.contains("_vs_") || name.contains('/') {
+        return Err(StageError::config(
+            field,
+            format!("\"{name}\" is part of a metric name and must contain neither `_vs_` nor `/`"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_names_and_steps() {
+        let id = "sft/ckpt-250/model.safetensors@0";
+        assert_eq!(policy_name(id), "sft/ckpt-250");
+        assert_eq!(checkpoint_step(id), Some(250));
+        assert_eq!(checkpoint_step("sft/final/model.safetensors@0"), None);
+        assert!(is_final("sft/final/model.safetensors@0"));
+        assert_eq!(
+            policy_name("sft/round-1/final/model.safetensors@1"),
+            "sft/round-1/final"
+        );
+    }
+
+    #[test]
+    fn natural_order_compares_numbers() {
+        let mut ids = vec!["p:demo10", "p:demo2", "p:demo1", "p:demo02"];
+        ids.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(ids, ["p:demo1", "p:demo2", "p:demo02", "p:demo10"]);
+    }
+
+    #[test]
+    fn group_by_parses() {
+        assert_eq!(GroupBy::parse("g", "policy").unwrap(), GroupBy::Policy);
+        assert_eq!(
+            GroupBy::parse("g", "meta:q").unwrap(),
+            GroupBy::Meta("q".into())
+        );
+        let err = GroupBy::parse("g", "meta:").unwrap_err();
+        assert_eq!(err.config_field(), Some("g"));
+    }
+
+    #[test]
+    fn shuffle_is_seeded_and_a_permutation() {
+        let mut a: Vec<u32> = (0..50).collect();
+        let mut b = a.clone();
+        Rng::new(1, "x").shuffle(&mut a);
+        Rng::new(1, "x").shuffle(&mut b);
+        assert_eq!(a, b);
+        assert_ne!(a, (0..50).collect::<Vec<_>>());
+        b.sort();
+        assert_eq!(b, (0..50).collect::<Vec<_>>());
+    }
+}

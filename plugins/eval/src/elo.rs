@@ -1,0 +1,324 @@
+//! `eval.elo`: Elo ratings of policies from per-prompt games, averaged over
+//! seeded orderings of the games.
+
+use crate::common::{natural_cmp, outcome, GroupBy, Rng, Scores};
+use hone_sdk::prelude::*;
+use hone_sdk::text::seeded_hash;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EloConfig {
+    player: String,
+    score: String,
+    k: f64,
+    initial: f64,
+    permutations: i64,
+    seed: u64,
+}
+
+/// Elo ratings of the players (policies, checkpoints or meta values) whose
+/// completions meet on the same prompts.
+pub struct Elo {
+    config: EloConfig,
+    player: GroupBy,
+    seed: u64,
+    completions: Vec<Completion>,
+    scores: Scores,
+}
+
+/// One game: players `a` and `b` (indices), and a's result (1, 0.5 or 0).
+#[derive(Debug, Clone, Copy)]
+struct Game {
+    a: usize,
+    b: usize,
+    result: f64,
+}
+
+/// Elo ratings after playing `games` in order, every player from `initial`.
+fn play(games: &[Game], players: usize, k: f64, initial: f64) -> Vec<f64> {
+    let mut r = vec![initial; players];
+    for g in games {
+        let expected = 1.0 / (1.0 + 10f64.powf((r[g.b] - r[g.a]) / 400.0));
+        let delta = k * (g.result - expected);
+        r[g.a] += delta;
+        r[g.b] -= delta;
+    }
+    r
+}
+
+impl StageFactory for Elo {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "eval.elo",
+            "Elo ratings of players: on each prompt, every completion of one player meets every completion \
+             of each other player, and the higher `score` wins (ties are draws). Ratings start at `initial`, \
+             move by `k`, and are averaged over `permutations` seeded shuffles of the game order. Metrics: \
+             `elo/PLAYER`, `games`, `unplayed` (completions without a player or a score). Logs a table of \
+             rating, games and wins.",
+        )
+        .input("completions", RecordKind::Completion)
+        .input("scores", RecordKind::Score)
+        .optional(
+            "player",
+            FieldType::String,
+            "policy",
+            "`policy`: the generating policy artifact's stage and checkpoint (`sft/ckpt-250`); \
+             `meta:KEY`: the completion's meta value (e.g. `meta:quality`).",
+        )
+        .optional("score", FieldType::String, "gold_reward", "Name of the Score that decides a game.")
+        .optional("k", FieldType::Float, 16.0, "Elo K factor: the most a rating moves in one game.")
+        .optional("initial", FieldType::Float, 1000.0, "Every player's starting rating.")
+        .optional(
+            "permutations",
+            FieldType::Integer,
+            100,
+            "Seeded shuffles of the game order whose final ratings are averaged.",
+        )
+        .optional("seed", FieldType::Integer, 0, "Seed of the shuffles, combined with the pipeline seed.")
+        .placement(Placement::Single)
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: EloConfig = init.config()?;
+        let player = GroupBy::parse("player", &config.player)?;
+        if !(config.k > 0.0 && config.k.is_finite()) {
+            return Err(StageError::config(
+                "k",
+                format!("must be a positive number, found {}", config.k),
+            ));
+        }
+        if config.permutations < 1 {
+            return Err(StageError::config(
+                "permutations",
+                format!("must be at least 1, found {}", config.permutations),
+            ));
+        }
+        if config.score.is_empty() {
+            return Err(StageError::config(
+                "score",
+                "must name a score, e.g. \"gold_reward\"",
+            ));
+        }
+        let seed = seeded_hash(init.seed, &format!("eval.elo:{}", config.seed));
+        Ok(Elo {
+            config,
+            player,
+            seed,
+            completions: Vec::new(),
+            scores: Scores::default(),
+        })
+    }
+}
+
+impl Stage for Elo {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for record in batch {
+            match (port, record) {
+                (0, Record::Completion(c)) => self.completions.push(c),
+                (1, Record::Score(s)) => self.scores.add(s),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let mut completions = std::mem::take(&mut self.completions);
+        let scores = std::mem::take(&mut self.scores);
+        if completions.is_empty() {
+            return Ok(());
+        }
+        completions.sort_by(|a, b| natural_cmp(&a.id, &b.id));
+        let mut names: Vec<String> = Vec::new();
+        let mut index: BTreeMap<String, usize> = BTreeMap::new();
+        // prompt -> [(player, score)], in id order.
+        let mut by_prompt: BTreeMap<String, Vec<(usize, f64)>> = BTreeMap::new();
+        let mut unplayed = 0u64;
+        for c in &completions {
+            let (Some(player), Some(score)) = (self.player.key(c), self.scores_get(&scores, &c.id))
+            else {
+                unplayed += 1;
+                continue;
+            };
+            let i = *index.entry(player.clone()).or_insert_with(|| {
+                names.push(player);
+                names.len() - 1
+            });
+            by_prompt
+                .entry(c.prompt_id.clone())
+                .or_default()
+                .push((i, score));
+        }
+        let mut games = Vec::new();
+        for entries in by_prompt.values() {
+            for (x, ex) in entries.iter().enumerate() {
+                for ey in &entries[x + 1..] {
+                    if ex.0 != ey.0 {
+                        games.push(Game {
+                            a: ex.0,
+                            b: ey.0,
+                            result: outcome(ex.1, ey.1),
+                        });
+                    }
+                }
+            }
+        }
+        ctx.metric("games", games.len() as f64);
+        ctx.metric("unplayed", unplayed as f64);
+        if unplayed > 0 {
+            ctx.log(format!(
+                "{unplayed} completions without {} or a `{}` score are left out",
+                self.player.missing(),
+                self.config.score
+            ));
+        }
+        if games.is_empty() {
+            ctx.log(format!(
+                "no games: no prompt has scored completions of two players ({} players)",
+                names.len()
+            ));
+            return Ok(());
+        }
+        let (k, initial) = (self.config.k, self.config.initial);
+        let permutations = self.config.permutations as usize;
+        let mut sums = vec![0.0; names.len()];
+        let mut order = games.clone();
+        for p in 0..permutations {
+            order.copy_from_slice(&games);
+            Rng::new(self.seed, &format!("permutation {p} round {}", ctx.round()))
+                .shuffle(&mut order);
+            for (s, r) in sums.iter_mut().zip(play(&order, names.len(), k, initial)) {
+                *s += r;
+            }
+        }
+        let ratings: Vec<f64> = sums.iter().map(|s| s / permutations as f64).collect();
+        let (mut played, mut wins) = (vec![0u64; names.len()], vec![0.0f64; names.len()]);
+        for g in &games {
+            played[g.a] += 1;
+            played[g.b] += 1;
+            wins[g.a] += g.result;
+            wins[g.b] += 1.0 - g.result;
+        }
+        let mut rows: Vec<usize> = (0..names.len()).collect();
+        rows.sort_by(|&x, &y| ratings[y].total_cmp(&ratings[x]));
+        let mut table = vec![format!(
+            "{:<24} {:>9} {:>7} {:>8}",
+            "player", "rating", "games", "wins"
+        )];
+        for &i in &rows {
+            ctx.metric(&format!("elo/{}", names[i]), ratings[i]);
+            table.push(format!(
+                "{:<24} {:>9.1} {:>7} {:>8.1}",
+                names[i], ratings[i], played[i], wins[i]
+            ));
+        }
+        ctx.log(format!(
+            "Elo over {} games, {permutations} orderings (k = {k}):\n{}",
+            games.len(),
+            table.join("\n")
+        ));
+        Ok(())
+    }
+}
+
+impl Elo {
+    fn scores_get(&self, scores: &Scores, id: &str) -> Option<f64> {
+        scores.get(id, &self.config.score)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{completion, create, run, score};
+
+    /// Three players of rising strength on 20 prompts, two samples each:
+    /// player q scores q * (1 + sample) on every prompt.
+    fn inputs() -> Vec<(usize, Vec<Record>)> {
+        let (mut cs, mut ss) = (Vec::new(), Vec::new());
+        for p in 0..20 {
+            for q in ["1", "2", "3"] {
+                for s in 0..2 {
+                    let id = format!("p{p}:q{q}:s{s}");
+                    cs.push(completion(&id, &format!("p{p}"), &[("quality", q)]));
+                    let value = q.parse::<f64>().unwrap() * (1.0 + s as f64) + (p % 3) as f64 * 0.1;
+                    ss.push(score(&id, "gold_reward", value));
+                }
+            }
+        }
+        vec![(0, cs), (1, ss)]
+    }
+
+    #[test]
+    fn stronger_players_rate_higher_and_results_are_seeded() {
+        let cfg = serde_json::json!({"player": "meta:quality", "permutations": 20});
+        let out = run::<Elo>(cfg.clone(), inputs()).unwrap();
+        let (r1, r2, r3) = (
+            out.metric("elo/1", None).unwrap(),
+            out.metric("elo/2", None).unwrap(),
+            out.metric("elo/3", None).unwrap(),
+        );
+        assert!(r3 > r2 && r2 > r1, "{r1} {r2} {r3}");
+        // Zero-sum: the mean rating stays at the initial one.
+        assert!(((r1 + r2 + r3) / 3.0 - 1000.0).abs() < 1e-9);
+        // 20 prompts x 3 player pairs x 2 x 2 samples.
+        assert_eq!(out.metric("games", None), Some(240.0));
+        let again = run::<Elo>(cfg, inputs()).unwrap();
+        assert_eq!(again.metric("elo/3", None), Some(r3));
+        let other = run::<Elo>(
+            serde_json::json!({"player": "meta:quality", "permutations": 20, "seed": 5}),
+            inputs(),
+        )
+        .unwrap();
+        assert_ne!(other.metric("elo/3", None), Some(r3));
+        assert!(out.logs.iter().any(|l| l.contains("rating")));
+    }
+
+    #[test]
+    fn policy_players_use_the_checkpoint_name() {
+        let mut cs = Vec::new();
+        let mut ss = Vec::new();
+        for (ckpt, value) in [("ckpt-100", 0.0), ("final", 1.0)] {
+            let Record::Completion(mut c) = completion(&format!("p:{ckpt}"), "p", &[]) else {
+                panic!()
+            };
+            c.policy = Some(ArtifactRef {
+                id: format!("sft/{ckpt}/model.safetensors@0"),
+                kind: "policy".into(),
+                path: String::new(),
+                sha256: String::new(),
+                round: 0,
+            });
+            ss.push(score(&c.id, "gold_reward", value));
+            cs.push(Record::Completion(c));
+        }
+        let out = run::<Elo>(
+            serde_json::json!({"permutations": 1}),
+            vec![(0, cs), (1, ss)],
+        )
+        .unwrap();
+        assert_eq!(out.metric("elo/sft/final", None), Some(1008.0));
+        assert_eq!(out.metric("elo/sft/ckpt-100", None), Some(992.0));
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let err = create::<Elo>(serde_json::json!({"player": "quality"}))
+            .err()
+            .unwrap();
+        assert_eq!(err.config_field(), Some("player"));
+        let err = create::<Elo>(serde_json::json!({"permutations": 0}))
+            .err()
+            .unwrap();
+        assert_eq!(err.config_field(), Some("permutations"));
+        let err = create::<Elo>(serde_json::json!({"k": -1.0})).err().unwrap();
+        assert_eq!(err.config_field(), Some("k"));
+    }
+}

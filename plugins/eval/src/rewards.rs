@@ -1,0 +1,313 @@
+//! `eval.rewards`: mean rewards and the Monte-Carlo KL(π‖π_ref) of groups
+//! of completions (policy checkpoints, or meta values).
+
+use crate::common::{checkpoint_step, is_final, mean, natural_cmp, GroupBy, Scores};
+use hone_sdk::prelude::*;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RewardsConfig {
+    group_by: String,
+    final_step: Option<i64>,
+}
+
+/// Mean rewards and KL per group of completions.
+pub struct Rewards {
+    config: RewardsConfig,
+    group_by: GroupBy,
+    completions: Vec<Completion>,
+    scores: Scores,
+}
+
+/// What one group's completions add up to.
+#[derive(Default)]
+struct Group {
+    n: u64,
+    /// Score values by name.
+    scores: BTreeMap<String, Vec<f64>>,
+    /// logprob − ref_logprob, for completions that have both.
+    kl: Vec<f64>,
+}
+
+impl StageFactory for Rewards {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "eval.rewards",
+            "Mean rewards and KL per group of completions (a policy checkpoint, or a meta value): joins \
+             `scores` to completions by id and reports, at step = the group's step (the checkpoint step of \
+             `sft/ckpt-250`, `final_step` for a final checkpoint, a numeric meta value, else the group's \
+             index), the mean of each score name (`gold_reward`, `proxy_reward`, ...) and `kl`, the mean of \
+             meta `logprob` - `ref_logprob` (lm.logprobs writes both): a Monte-Carlo estimate of \
+             KL(policy || reference). Also `completions` at each step and `ungrouped`; writes \
+             OUTPUT_DIR/rewards.json and logs a table.",
+        )
+        .input("completions", RecordKind::Completion)
+        .input("scores", RecordKind::Score)
+        .optional(
+            "group_by",
+            FieldType::String,
+            "policy",
+            "`policy`: the generating policy artifact (`sft/ckpt-250`); `meta:KEY`: a meta value.",
+        )
+        .optional(
+            "final_step",
+            FieldType::Integer,
+            serde_json::Value::Null,
+            "Step of a `final` checkpoint. Unset: one more than the largest checkpoint step seen.",
+        )
+        .placement(Placement::Single)
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: RewardsConfig = init.config()?;
+        let group_by = GroupBy::parse("group_by", &config.group_by)?;
+        if let Some(step) = config.final_step.filter(|s| *s < 0) {
+            return Err(StageError::config(
+                "final_step",
+                format!("must be >= 0, found {step}"),
+            ));
+        }
+        Ok(Rewards {
+            config,
+            group_by,
+            completions: Vec::new(),
+            scores: Scores::default(),
+        })
+    }
+}
+
+impl Stage for Rewards {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for record in batch {
+            match (port, record) {
+                (0, Record::Completion(c)) => self.completions.push(c),
+                (1, Record::Score(s)) => self.scores.add(s),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let mut completions = std::mem::take(&mut self.completions);
+        let scores = std::mem::take(&mut self.scores);
+        if completions.is_empty() {
+            return Ok(());
+        }
+        completions.sort_by(|a, b| natural_cmp(&a.id, &b.id));
+        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+        let mut ungrouped = 0u64;
+        for c in &completions {
+            let Some(key) = self.group_by.key(c) else {
+                ungrouped += 1;
+                continue;
+            };
+            let g = groups.entry(key).or_default();
+            g.n += 1;
+            for (name, value) in scores.all(&c.id).into_iter().flatten() {
+                g.scores.entry(name.clone()).or_default().push(*value);
+            }
+            let num = |k: &str| c.meta.get(k).and_then(|v| v.parse::<f64>().ok());
+            if let (Some(lp), Some(rlp)) = (num("logprob"), num("ref_logprob")) {
+                g.kl.push(lp - rlp);
+            }
+        }
+        ctx.metric("ungrouped", ungrouped as f64);
+        if ungrouped > 0 {
+            ctx.log(format!(
+                "{ungrouped} completions without {} are left out (group_by = \"{}\")",
+                self.group_by.missing(),
+                self.config.group_by
+            ));
+        }
+        let steps = self.steps(&groups);
+        let mut by_step: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+        for (name, step) in &steps {
+            by_step.entry(*step).or_default().push(name);
+        }
+        if let Some((step, names)) = by_step.iter().find(|(_, names)| names.len() > 1) {
+            ctx.log(format!(
+                "warning: groups {} share step {step}; their points coincide in the report",
+                names.join(", ")
+            ));
+        }
+        let mut table = vec![format!(
+            "{:<28} {:>6} {:>7} {:>10}  rewards",
+            "group", "step", "n", "kl"
+        )];
+        let mut json = serde_json::Map::new();
+        for (name, g) in &groups {
+            let step = steps[name];
+            ctx.metric_at("completions", g.n as f64, step);
+            let mut means = serde_json::Map::new();
+            let mut cells = Vec::new();
+            for (score, values) in &g.scores {
+                let m = mean(values);
+                ctx.metric_at(score, m, step);
+                means.insert(
+                    score.clone(),
+                    serde_json::json!({"mean": m, "n": values.len()}),
+                );
+                cells.push(format!("{score} {m:.4}"));
+            }
+            let kl = (!g.kl.is_empty()).then(|| mean(&g.kl));
+            if let Some(kl) = kl {
+                ctx.metric_at("kl", kl, step);
+            }
+            table.push(format!(
+                "{name:<28} {step:>6} {:>7} {:>10}  {}",
+                g.n,
+                kl.map_or("-".to_string(), |k| format!("{k:.5}")),
+                cells.join(", ")
+            ));
+            json.insert(
+                name.clone(),
+                serde_json::json!({
+                    "step": step,
+                    "completions": g.n,
+                    "kl": kl,
+                    "kl_n": g.kl.len(),
+                    "scores": means,
+                }),
+            );
+        }
+        ctx.log(table.join("\n"));
+        let path = ctx.output_dir()?.join("rewards.json");
+        let body = serde_json::to_string_pretty(&serde_json::json!({
+            "round": ctx.round(),
+            "group_by": self.config.group_by,
+            "groups": json,
+        }))
+        .map_err(|e| StageError::new(format!("cannot serialise rewards.json: {e}")))?;
+        hone_sdk::fs::atomic_write(&path, format!("{body}\n").as_bytes())?;
+        Ok(())
+    }
+}
+
+impl Rewards {
+    /// The step of each group (see the descriptor).
+    fn steps(&self, groups: &BTreeMap<String, Group>) -> BTreeMap<String, u64> {
+        let mut steps = BTreeMap::new();
+        match &self.group_by {
+            GroupBy::Policy => {
+                let largest = groups.keys().filter_map(|n| checkpoint_step(n)).max();
+                let final_step = self
+                    .config
+                    .final_step
+                    .map(|s| s as u64)
+                    .unwrap_or_else(|| largest.map_or(0, |s| s + 1));
+                for (i, name) in groups.keys().enumerate() {
+                    let step = checkpoint_step(name)
+                        .or_else(|| is_final(name).then_some(final_step))
+                        .unwrap_or(i as u64);
+                    steps.insert(name.clone(), step);
+                }
+            }
+            GroupBy::Meta(_) => {
+                for (i, name) in groups.keys().enumerate() {
+                    steps.insert(name.clone(), name.trim().parse().unwrap_or(i as u64));
+                }
+            }
+        }
+        steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{completion, create, run, score};
+
+    fn from_policy(id: &str, policy: &str, logprob: f64, ref_logprob: f64) -> Record {
+        let Record::Completion(mut c) = completion(
+            id,
+            "p",
+            &[
+                ("logprob", &logprob.to_string()),
+                ("ref_logprob", &ref_logprob.to_string()),
+            ],
+        ) else {
+            panic!()
+        };
+        c.policy = Some(ArtifactRef {
+            id: format!("sft/{policy}/model.safetensors@0"),
+            kind: "policy".into(),
+            path: String::new(),
+            sha256: String::new(),
+            round: 0,
+        });
+        Record::Completion(c)
+    }
+
+    #[test]
+    fn groups_by_checkpoint_with_kl_and_rewards_at_the_same_step() {
+        let cs = vec![
+            from_policy("a0", "ckpt-50", -3.0, -3.5),
+            from_policy("a1", "ckpt-50", -2.0, -2.5),
+            from_policy("b0", "final", -1.0, -3.0),
+            completion("orphan", "p", &[]),
+        ];
+        let ss = vec![
+            score("a0", "gold_reward", 0.2),
+            score("a1", "gold_reward", 0.4),
+            score("a0", "proxy_reward", 1.0),
+            score("b0", "gold_reward", 0.9),
+        ];
+        let out = run::<Rewards>(serde_json::json!({}), vec![(1, ss), (0, cs)]).unwrap();
+        assert_eq!(out.metric("kl", Some(50)), Some(0.5));
+        assert!((out.metric("gold_reward", Some(50)).unwrap() - 0.3).abs() < 1e-12);
+        assert_eq!(out.metric("proxy_reward", Some(50)), Some(1.0));
+        assert_eq!(out.metric("completions", Some(50)), Some(2.0));
+        // final: one past the largest checkpoint step.
+        assert_eq!(out.metric("kl", Some(51)), Some(2.0));
+        assert_eq!(out.metric("gold_reward", Some(51)), Some(0.9));
+        assert_eq!(out.metric("ungrouped", None), Some(1.0));
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.run_dir.join("outputs/test/rewards.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(json["groups"]["sft/final"]["step"], 51);
+        assert_eq!(json["groups"]["sft/ckpt-50"]["completions"], 2);
+        let _ = std::fs::remove_dir_all(&out.run_dir);
+    }
+
+    #[test]
+    fn meta_groups_use_numeric_values_as_steps() {
+        let cs = vec![
+            completion("x", "p", &[("round", "3")]),
+            completion("y", "p", &[("round", "7")]),
+        ];
+        let ss = vec![
+            score("x", "gold_reward", 1.0),
+            score("y", "gold_reward", 0.0),
+        ];
+        let out = run::<Rewards>(
+            serde_json::json!({"group_by": "meta:round", "final_step": 9}),
+            vec![(0, cs), (1, ss)],
+        )
+        .unwrap();
+        assert_eq!(out.metric("gold_reward", Some(3)), Some(1.0));
+        assert_eq!(out.metric("gold_reward", Some(7)), Some(0.0));
+        assert_eq!(out.metric("kl", Some(3)), None);
+        let _ = std::fs::remove_dir_all(&out.run_dir);
+    }
+
+    #[test]
+    fn bad_group_by_names_the_field() {
+        let err = create::<Rewards>(serde_json::json!({"group_by": "checkpoint"}))
+            .err()
+            .unwrap();
+        assert_eq!(err.config_field(), Some("group_by"));
+        let err = create::<Rewards>(serde_json::json!({"final_step": -1}))
+            .err()
+            .unwrap();
+        assert_eq!(err.config_field(), Some("final_step"));
+    }
+}

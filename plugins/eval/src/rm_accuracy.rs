@@ -1,0 +1,388 @@
+//! `eval.rm-accuracy`: accuracy and calibration of a reward model on scored
+//! preference pairs.
+
+use crate::common::{check_name, sigmoid};
+use hone_sdk::prelude::*;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RmAccuracyConfig {
+    set: String,
+    truth: String,
+    split_by: Option<String>,
+    bins: i64,
+    skip_unscored: bool,
+}
+
+/// One scored pair, reduced to what the metrics need.
+struct Judged {
+    /// σ(chosen_score − rejected_score): the model's probability that
+    /// `chosen` is better.
+    p: f64,
+    /// Whether the truth says `chosen` is better.
+    y: bool,
+    /// 1 when the model agrees with the truth, 0.5 on a reward tie, else 0.
+    correct: f64,
+    /// The `split_by` meta value, if any.
+    split: Option<String>,
+}
+
+/// Accuracy and expected calibration error of a reward model.
+pub struct RmAccuracy {
+    config: RmAccuracyConfig,
+    judged: Vec<Judged>,
+    unscored: u64,
+    gold_ties: u64,
+    no_split: u64,
+}
+
+impl StageFactory for RmAccuracy {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "eval.rm-accuracy",
+            "Accuracy and calibration of a reward model on preference pairs scored by it (chosen_score and \
+             rejected_score set, e.g. by rm.score). Metrics: `accuracy/SET` (fraction of pairs where the \
+             reward difference agrees with the truth; a reward tie counts half), `ece/SET` (expected \
+             calibration error of p = sigmoid(chosen_score - rejected_score) as the probability that \
+             `chosen` is better), `pairs/SET`, and with `split_by` `accuracy/SET_VALUE` per meta value. \
+             Logs the reliability table.",
+        )
+        .input("pairs", RecordKind::PreferencePair)
+        .required(
+            "set",
+            FieldType::String,
+            "Name of the held-out set, used in the metric names (`clean`, `noisy`, `ood`, `hh_test`...).",
+        )
+        .optional(
+            "truth",
+            FieldType::one_of(&["label", "gold"]),
+            "label",
+            "`label`: the pair's own label (chosen is preferred). `gold`: chosen is preferred when meta \
+             `gold_chosen` > `gold_rejected` (world.label pairs); pairs with equal gold are skipped and \
+             counted as `gold_ties`.",
+        )
+        .optional(
+            "split_by",
+            FieldType::String,
+            serde_json::Value::Null,
+            "A meta key: also report `accuracy/SET_VALUE` for each of its values (e.g. `clean_label`).",
+        )
+        .optional("bins", FieldType::Integer, 10, "Equal-width bins of p in [0, 1] for the calibration error.")
+        .optional(
+            "skip_unscored",
+            FieldType::Bool,
+            false,
+            "Skip (and count) pairs without chosen_score/rejected_score instead of failing.",
+        )
+        .placement(Placement::Single)
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: RmAccuracyConfig = init.config()?;
+        check_name("set", &config.set)?;
+        if config.truth != "label" && config.truth != "gold" {
+            return Err(StageError::config(
+                "truth",
+                format!("must be \"label\" or \"gold\", found \"{}\"", config.truth),
+            ));
+        }
+        if config.bins < 1 {
+            return Err(StageError::config(
+                "bins",
+                format!("must be at least 1, found {}", config.bins),
+            ));
+        }
+        if config.split_by.as_deref() == Some("") {
+            return Err(StageError::config(
+                "split_by",
+                "must name a meta key, or be left unset",
+            ));
+        }
+        Ok(RmAccuracy {
+            config,
+            judged: Vec::new(),
+            unscored: 0,
+            gold_ties: 0,
+            no_split: 0,
+        })
+    }
+}
+
+impl Stage for RmAccuracy {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for record in batch {
+            let Record::Pair(pair) = record else { continue };
+            let (Some(chosen), Some(rejected)) = (pair.chosen_score, pair.rejected_score) else {
+                if self.config.skip_unscored {
+                    self.unscored += 1;
+                    continue;
+                }
+                let missing = if pair.chosen_score.is_none() {
+                    "chosen_score"
+                } else {
+                    "rejected_score"
+                };
+                return Err(StageError::new(format!(
+                    "pair {} has no {missing}: eval.rm-accuracy needs pairs scored by the reward model; \
+                     put an rm.score stage before this one, or set skip_unscored = true",
+                    pair.id
+                )));
+            };
+            let y = if self.config.truth == "gold" {
+                let gold = |key: &str| -> Result<f64, StageError> {
+                    let value = pair.meta.get(key).ok_or_else(|| {
+                        StageError::new(format!(
+                            "pair {} has no meta `{key}`, which truth = \"gold\" needs (world.label writes it); \
+                             use truth = \"label\" for pairs without gold rewards",
+                            pair.id
+                        ))
+                    })?;
+                    value.parse().map_err(|_| {
+                        StageError::new(format!(
+                            "pair {}: meta `{key}` = \"{value}\" is not a number",
+                            pair.id
+                        ))
+                    })
+                };
+                let (gc, gr) = (gold("gold_chosen")?, gold("gold_rejected")?);
+                if gc == gr {
+                    self.gold_ties += 1;
+                    continue;
+                }
+                gc > gr
+            } else {
+                true
+            };
+            let delta = chosen - rejected;
+            let correct = if delta == 0.0 {
+                0.5
+            } else if (delta > 0.0) == y {
+                1.0
+            } else {
+                0.0
+            };
+            let split = match &self.config.split_by {
+                Some(key) => {
+                    let value = pair.meta.get(key).cloned();
+                    if value.is_none() {
+                        self.no_split += 1;
+                    }
+                    value
+                }
+                None => None,
+            };
+            self.judged.push(Judged {
+                p: sigmoid(delta),
+                y,
+                correct,
+                split,
+            });
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let judged = std::mem::take(&mut self.judged);
+        let (unscored, gold_ties, no_split) = (self.unscored, self.gold_ties, self.no_split);
+        (self.unscored, self.gold_ties, self.no_split) = (0, 0, 0);
+        let set = self.config.set.clone();
+        if unscored > 0 {
+            ctx.metric(&format!("unscored/{set}"), unscored as f64);
+        }
+        if gold_ties > 0 {
+            ctx.metric(&format!("gold_ties/{set}"), gold_ties as f64);
+        }
+        if no_split > 0 {
+            ctx.metric(&format!("no_split/{set}"), no_split as f64);
+        }
+        if judged.is_empty() {
+            return Ok(());
+        }
+        let n = judged.len() as f64;
+        let accuracy = judged.iter().map(|j| j.correct).sum::<f64>() / n;
+        ctx.metric(&format!("accuracy/{set}"), accuracy);
+        ctx.metric(&format!("pairs/{set}"), n);
+        let bins = self.config.bins as usize;
+        let (ece, table) = calibration(&judged, bins);
+        ctx.metric(&format!("ece/{set}"), ece);
+        let mut by_split: BTreeMap<&str, (f64, u64)> = BTreeMap::new();
+        for j in &judged {
+            if let Some(s) = &j.split {
+                let e = by_split.entry(s).or_default();
+                e.0 += j.correct;
+                e.1 += 1;
+            }
+        }
+        let mut lines = vec![format!(
+            "set {set}: accuracy {accuracy:.4}, ECE {ece:.4} over {} pairs",
+            judged.len()
+        )];
+        for (value, (correct, count)) in &by_split {
+            let acc = correct / *count as f64;
+            ctx.metric(&format!("accuracy/{set}_{value}"), acc);
+            lines.push(format!(
+                "  {}={value}: accuracy {acc:.4} over {count} pairs",
+                self.split_key()
+            ));
+        }
+        lines.push(format!(
+            "{:>11} {:>6} {:>8} {:>8}",
+            "p bin", "pairs", "mean p", "frac y"
+        ));
+        lines.extend(table);
+        ctx.log(lines.join("\n"));
+        Ok(())
+    }
+}
+
+impl RmAccuracy {
+    fn split_key(&self) -> &str {
+        self.config.split_by.as_deref().unwrap_or("")
+    }
+}
+
+/// The expected calibration error Σ_b (n_b/N)·|mean p − mean y| over `bins`
+/// equal-width bins of p, and the reliability table's lines.
+fn calibration(judged: &[Judged], bins: usize) -> (f64, Vec<String>) {
+    let mut sums = vec![(0.0f64, 0.0f64, 0u64); bins];
+    for j in judged {
+        let b = ((j.p * bins as f64) as usize).min(bins - 1);
+        sums[b].0 += j.p;
+        sums[b].1 += if j.y { 1.0 } else { 0.0 };
+        sums[b].2 += 1;
+    }
+    let total = judged.len() as f64;
+    let mut ece = 0.0;
+    let mut lines = Vec::new();
+    for (b, (p, y, count)) in sums.iter().enumerate() {
+        if *count == 0 {
+            continue;
+        }
+        let (mp, my) = (p / *count as f64, y / *count as f64);
+        ece += *count as f64 / total * (mp - my).abs();
+        let (lo, hi) = (b as f64 / bins as f64, (b + 1) as f64 / bins as f64);
+        lines.push(format!("[{lo:.2},{hi:.2}) {count:>6} {mp:>8.4} {my:>8.4}"));
+    }
+    (ece, lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{create, run};
+
+    fn pair(id: &str, chosen: Option<f64>, rejected: Option<f64>, meta: &[(&str, &str)]) -> Record {
+        let mut p = PreferencePair::new(id, "q", "a", "b", "world");
+        p.chosen_score = chosen;
+        p.rejected_score = rejected;
+        p.meta = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Record::Pair(p)
+    }
+
+    #[test]
+    fn accuracy_counts_ties_half_and_ece_is_computed() {
+        let pairs = vec![
+            pair("a", Some(2.0), Some(0.0), &[("clean_label", "true")]),
+            pair("b", Some(1.0), Some(1.0), &[("clean_label", "true")]),
+            pair("c", Some(0.0), Some(3.0), &[("clean_label", "false")]),
+            pair("d", Some(5.0), Some(0.0), &[("clean_label", "false")]),
+        ];
+        let out = run::<RmAccuracy>(
+            serde_json::json!({"set": "clean", "split_by": "clean_label", "bins": 2}),
+            vec![(0, pairs)],
+        )
+        .unwrap();
+        assert_eq!(out.metric("accuracy/clean", None), Some(2.5 / 4.0));
+        assert_eq!(out.metric("accuracy/clean_true", None), Some(0.75));
+        assert_eq!(out.metric("accuracy/clean_false", None), Some(0.5));
+        assert_eq!(out.metric("pairs/clean", None), Some(4.0));
+        // y = 1 everywhere: bin [0, .5) holds σ(-3), bin [.5, 1] the rest.
+        let low = sigmoid(-3.0);
+        let high = (sigmoid(2.0) + 0.5 + sigmoid(5.0)) / 3.0;
+        let ece = 0.25 * (1.0 - low) + 0.75 * (1.0 - high);
+        assert!((out.metric("ece/clean", None).unwrap() - ece).abs() < 1e-12);
+        assert!(out.logs[0].contains("mean p"));
+    }
+
+    #[test]
+    fn gold_truth_reads_meta_and_skips_ties() {
+        let pairs = vec![
+            // Gold says rejected is better; the RM agrees (chosen scored lower).
+            pair(
+                "a",
+                Some(0.0),
+                Some(1.0),
+                &[("gold_chosen", "0.2"), ("gold_rejected", "0.9")],
+            ),
+            pair(
+                "b",
+                Some(1.0),
+                Some(0.0),
+                &[("gold_chosen", "1"), ("gold_rejected", "0")],
+            ),
+            pair(
+                "c",
+                Some(1.0),
+                Some(0.0),
+                &[("gold_chosen", "0.5"), ("gold_rejected", "0.5")],
+            ),
+        ];
+        let out = run::<RmAccuracy>(
+            serde_json::json!({"set": "ood", "truth": "gold"}),
+            vec![(0, pairs)],
+        )
+        .unwrap();
+        assert_eq!(out.metric("accuracy/ood", None), Some(1.0));
+        assert_eq!(out.metric("gold_ties/ood", None), Some(1.0));
+        let missing = vec![pair("x", Some(1.0), Some(0.0), &[])];
+        let err = run::<RmAccuracy>(
+            serde_json::json!({"set": "ood", "truth": "gold"}),
+            vec![(0, missing)],
+        )
+        .err()
+        .unwrap();
+        assert!(err.message.contains("gold_chosen"), "{err}");
+    }
+
+    #[test]
+    fn unscored_pairs_fail_or_are_skipped() {
+        let pairs = vec![pair("a", Some(1.0), None, &[])];
+        let err = run::<RmAccuracy>(
+            serde_json::json!({"set": "clean"}),
+            vec![(0, pairs.clone())],
+        )
+        .err()
+        .unwrap();
+        assert!(err.message.contains("rejected_score"), "{err}");
+        assert!(err.message.contains("rm.score"), "{err}");
+        let out = run::<RmAccuracy>(
+            serde_json::json!({"set": "clean", "skip_unscored": true}),
+            vec![(0, pairs)],
+        )
+        .unwrap();
+        assert_eq!(out.metric("unscored/clean", None), Some(1.0));
+        assert_eq!(out.metric("accuracy/clean", None), None);
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let err = create::<RmAccuracy>(serde_json::json!({"set": "a/b"}))
+            .err()
+            .unwrap();
+        assert_eq!(err.config_field(), Some("set"));
+        let err = create::<RmAccuracy>(serde_json::json!({"set": "a", "bins": 0}))
+            .err()
+            .unwrap();
+        assert_eq!(err.config_field(), Some("bins"));
+    }
+}

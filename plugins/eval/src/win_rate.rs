@@ -1,0 +1,205 @@
+//! `eval.win-rate`: how often completions `a` beat completions `b` of the
+//! same prompts.
+
+use crate::common::{check_name, natural_cmp, outcome, Scores};
+use hone_sdk::prelude::*;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WinRateConfig {
+    a_name: String,
+    b_name: String,
+    score: String,
+}
+
+/// Win rate of one set of completions against another, by a score.
+pub struct WinRate {
+    config: WinRateConfig,
+    a: Vec<Completion>,
+    b: Vec<Completion>,
+    scores: Scores,
+}
+
+impl StageFactory for WinRate {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "eval.win-rate",
+            "Win rate of completions `a` against completions `b`: for each prompt present in both, every \
+             a-completion is compared with every b-completion by the score `score` (ties count half). \
+             Metrics: `win_rate/A_vs_B` in [0, 1], `comparisons`, `prompts`, `unscored` (completions \
+             without the score, skipped). Logs the win rate with its standard error (prompts as clusters).",
+        )
+        .input("a", RecordKind::Completion)
+        .input("b", RecordKind::Completion)
+        .input("scores", RecordKind::Score)
+        .required("a_name", FieldType::String, "Name of the `a` side in the metric name (no `_vs_`, no `/`).")
+        .required("b_name", FieldType::String, "Name of the `b` side in the metric name (no `_vs_`, no `/`).")
+        .optional("score", FieldType::String, "gold_reward", "Name of the Score compared.")
+        .placement(Placement::Single)
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: WinRateConfig = init.config()?;
+        check_name("a_name", &config.a_name)?;
+        check_name("b_name", &config.b_name)?;
+        if config.a_name == config.b_name {
+            return Err(StageError::config(
+                "b_name",
+                format!("must differ from a_name (\"{}\")", config.a_name),
+            ));
+        }
+        if config.score.is_empty() {
+            return Err(StageError::config(
+                "score",
+                "must name a score, e.g. \"gold_reward\"",
+            ));
+        }
+        Ok(WinRate {
+            config,
+            a: Vec::new(),
+            b: Vec::new(),
+            scores: Scores::default(),
+        })
+    }
+}
+
+impl Stage for WinRate {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for record in batch {
+            match (port, record) {
+                (0, Record::Completion(c)) => self.a.push(c),
+                (1, Record::Completion(c)) => self.b.push(c),
+                (2, Record::Score(s)) => self.scores.add(s),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let (a, b) = (std::mem::take(&mut self.a), std::mem::take(&mut self.b));
+        let scores = std::mem::take(&mut self.scores);
+        if a.is_empty() && b.is_empty() {
+            return Ok(());
+        }
+        let name = &self.config.score;
+        let mut unscored = 0u64;
+        let mut side = |cs: Vec<Completion>| {
+            let mut by_prompt: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+            for c in cs {
+                match scores.get(&c.id, name) {
+                    Some(v) => by_prompt.entry(c.prompt_id).or_default().push((c.id, v)),
+                    None => unscored += 1,
+                }
+            }
+            for v in by_prompt.values_mut() {
+                v.sort_by(|x, y| natural_cmp(&x.0, &y.0));
+            }
+            by_prompt
+        };
+        let (a, b) = (side(a), side(b));
+        // Per prompt: (wins, comparisons).
+        let mut per_prompt = Vec::new();
+        for (prompt, xs) in &a {
+            let Some(ys) = b.get(prompt) else { continue };
+            let wins: f64 = xs
+                .iter()
+                .flat_map(|x| ys.iter().map(move |y| outcome(x.1, y.1)))
+                .sum();
+            per_prompt.push((wins, (xs.len() * ys.len()) as f64));
+        }
+        let comparisons: f64 = per_prompt.iter().map(|p| p.1).sum();
+        ctx.metric("comparisons", comparisons);
+        ctx.metric("prompts", per_prompt.len() as f64);
+        ctx.metric("unscored", unscored as f64);
+        let (an, bn) = (&self.config.a_name, &self.config.b_name);
+        if per_prompt.is_empty() {
+            ctx.log(format!(
+                "no prompt has scored completions on both sides ({unscored} completions without a `{name}` score): \
+                 no win_rate/{an}_vs_{bn}"
+            ));
+            return Ok(());
+        }
+        let rate = per_prompt.iter().map(|p| p.0).sum::<f64>() / comparisons;
+        ctx.metric(&format!("win_rate/{an}_vs_{bn}"), rate);
+        let se = cluster_stderr(&per_prompt, rate);
+        ctx.log(format!(
+            "win_rate/{an}_vs_{bn} = {rate:.4} ± {se:.4} (standard error, prompts as clusters) over {comparisons} \
+             comparisons on {} prompts; {unscored} unscored",
+            per_prompt.len()
+        ));
+        Ok(())
+    }
+}
+
+/// Standard error of a ratio estimate Σw/Σn over clusters (wins, comparisons):
+/// sqrt(Σ (w_i − r·n_i)² / (k(k−1))) / mean n, with k clusters.
+fn cluster_stderr(clusters: &[(f64, f64)], rate: f64) -> f64 {
+    let k = clusters.len() as f64;
+    if k < 2.0 {
+        return f64::NAN;
+    }
+    let mean_n = clusters.iter().map(|c| c.1).sum::<f64>() / k;
+    let ss: f64 = clusters.iter().map(|(w, n)| (w - rate * n).powi(2)).sum();
+    (ss / (k * (k - 1.0))).sqrt() / mean_n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{completion, create, run, score};
+
+    #[test]
+    fn compares_every_pair_of_a_prompt_and_counts_ties_half() {
+        let a = vec![
+            completion("p1:a0", "p1", &[]),
+            completion("p1:a1", "p1", &[]),
+            completion("p2:a0", "p2", &[]),
+        ];
+        let b = vec![
+            completion("p1:b0", "p1", &[]),
+            completion("p3:b0", "p3", &[]),
+            completion("p2:b0", "p2", &[]),
+            completion("p2:b1", "p2", &[]),
+        ];
+        let scores = vec![
+            score("p1:a0", "gold_reward", 1.0),
+            score("p1:a1", "gold_reward", 0.0),
+            score("p1:b0", "gold_reward", 0.5),
+            score("p2:a0", "gold_reward", 0.5),
+            score("p2:b0", "gold_reward", 0.5),
+            score("p3:b0", "gold_reward", 0.5),
+            // p2:b1 unscored
+        ];
+        let out = run::<WinRate>(
+            serde_json::json!({"a_name": "big", "b_name": "small"}),
+            vec![(2, scores), (0, a), (1, b)],
+        )
+        .unwrap();
+        // p1: 1 win + 1 loss; p2: 1 tie.
+        assert_eq!(out.metric("comparisons", None), Some(3.0));
+        assert_eq!(out.metric("win_rate/big_vs_small", None), Some(1.5 / 3.0));
+        assert_eq!(out.metric("unscored", None), Some(1.0));
+        assert_eq!(out.metric("prompts", None), Some(2.0));
+        assert!(out.logs[0].contains("±"), "{:?}", out.logs);
+    }
+
+    #[test]
+    fn names_with_vs_are_rejected() {
+        let err = create::<WinRate>(serde_json::json!({"a_name": "x_vs_y", "b_name": "z"}))
+            .err()
+            .unwrap();
+        assert_eq!(err.config_field(), Some("a_name"));
+        let err = create::<WinRate>(serde_json::json!({"a_name": "x", "b_name": "x"}))
+            .err()
+            .unwrap();
+        assert_eq!(err.config_field(), Some("b_name"));
+    }
+}
