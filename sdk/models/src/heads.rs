@@ -28,8 +28,25 @@ impl RewardModel {
     }
 
     /// Rewards [B] of right-padded ids [B,T], where sequence b has
-    /// `lengths[b]` real tokens (1..=T).
+    /// `lengths[b]` real tokens (1..=T). For inference: no dropout.
     pub fn score(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let last = self.last_hidden(ids, lengths)?;
+        Ok(self.head.forward(&last)?.squeeze(D::Minus1)?)
+    }
+
+    /// [`RewardModel::score`] for training: applies dropout with probability
+    /// `dropout` (in [0, 1); 0 = none) to the last hidden state before the
+    /// head. The dropout mask comes from candle's RNG, which is not seeded.
+    pub fn score_train(&self, ids: &Tensor, lengths: &[usize], dropout: f32) -> Result<Tensor> {
+        let mut last = self.last_hidden(ids, lengths)?;
+        if dropout > 0.0 {
+            last = candle_nn::ops::dropout(&last, dropout)?;
+        }
+        Ok(self.head.forward(&last)?.squeeze(D::Minus1)?)
+    }
+
+    /// Hidden states [B,D] at each sequence's last real token.
+    fn last_hidden(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if lengths.len() != b {
             return Err(Error::Invalid(format!(
@@ -53,8 +70,7 @@ impl RewardModel {
         let hidden = self.backbone.hidden(ids)?;
         let d = hidden.dim(2)?;
         let rows = Tensor::from_vec(rows, b, ids.device())?;
-        let last = hidden.reshape((b * t, d))?.index_select(&rows, 0)?;
-        Ok(self.head.forward(&last)?.squeeze(D::Minus1)?)
+        Ok(hidden.reshape((b * t, d))?.index_select(&rows, 0)?)
     }
 }
 
@@ -128,6 +144,32 @@ mod tests {
                 .unwrap();
             assert!(s > 0.0, "zero gradient for {name}");
         }
+    }
+
+    #[test]
+    fn score_train_with_dropout_trains_every_parameter_and_without_equals_score() {
+        let (rm, varmap) = reward_model();
+        let x = ids(&[&[1, 2, 3, 4], &[5, 6, 258, 258]]);
+        let plain: Vec<f32> = rm.score(&x, &[4, 2]).unwrap().to_vec1().unwrap();
+        let same: Vec<f32> = rm.score_train(&x, &[4, 2], 0.0).unwrap().to_vec1().unwrap();
+        assert_eq!(plain, same);
+        let scores = rm.score_train(&x, &[4, 2], 0.1).unwrap();
+        assert_eq!(scores.dims(), &[2]);
+        let margin = (scores.get(0).unwrap() - scores.get(1).unwrap()).unwrap();
+        let loss = (candle_nn::ops::sigmoid(&margin)
+            .unwrap()
+            .log()
+            .unwrap()
+            .neg()
+            .unwrap()
+            + (scores.sum_all().unwrap().sqr().unwrap() * 0.01).unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        for (name, var) in data.iter().filter(|(n, _)| n.as_str() != "lm_head.weight") {
+            assert!(grads.get(var).is_some(), "no gradient for {name}");
+        }
+        assert!(rm.score_train(&x, &[4, 2], 1.0).is_err());
     }
 
     #[test]

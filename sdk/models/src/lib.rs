@@ -11,6 +11,7 @@ pub mod device;
 mod error;
 pub mod gpt;
 pub mod heads;
+pub mod reward;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;
