@@ -5,16 +5,20 @@
 //!   responses; emits its checkpoints as `policy` artifacts.
 //! - `lm.rollout`: samples completions of prompts from the latest policy
 //!   artifact, with per-token log-probabilities.
+//! - `lm.logprobs`: scores completions under a reference policy
+//!   (teacher-forced), for KL estimates.
 
+mod logprobs;
 mod rollout;
 mod sft;
 
+pub use logprobs::Logprobs;
 pub use rollout::Rollout;
 pub use sft::Sft;
 
 use hone_sdk::StageError;
 
-hone_sdk::export_stages!(Sft, Rollout);
+hone_sdk::export_stages!(Sft, Rollout, Logprobs);
 
 /// Turns a model-core (or candle) error into a stage error saying what was
 /// being done.

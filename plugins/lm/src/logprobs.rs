@@ -1,0 +1,494 @@
+//! `lm.logprobs`: the log-probability of each completion under a reference
+//! policy, teacher-forced, for KL(π‖π_ref) estimates.
+
+use crate::{device, OrStageError};
+use hone_models::checkpoint;
+use hone_models::gpt::Gpt;
+use hone_models::tokenizer::{load_tokenizer, Tokenizer};
+use hone_models::{DType, Device, Tensor};
+use hone_sdk::prelude::*;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogprobsConfig {
+    max_new_tokens: usize,
+    stop: Vec<String>,
+    device: String,
+}
+
+/// Scores completions under a reference policy.
+pub struct Logprobs {
+    config: LogprobsConfig,
+    device: Device,
+    completions: Vec<Completion>,
+    /// The newest reference artifact seen (highest round, then last to arrive).
+    reference: Option<ArtifactRef>,
+    /// The loaded reference, kept while the artifact stays the same.
+    loaded: Option<(ArtifactRef, Gpt, Box<dyn Tokenizer>)>,
+}
+
+/// How the tokens a completion was sampled as are recovered from its text.
+#[derive(Debug, PartialEq)]
+enum Tokens {
+    /// These ids, which the policy's log-probs (if any) cover one for one.
+    Ids(Vec<u32>),
+    /// Not recoverable from the text; the reason.
+    Unknown(String),
+}
+
+impl StageFactory for Logprobs {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "lm.logprobs",
+            "Scores completions under a reference policy (the newest `reference` artifact, e.g. from lm.sft), \
+             teacher-forced on the tokens lm.rollout sampled: the text's tokens, then the closing EOS or the \
+             stop string when the completion's token_logprobs cover them. Adds meta `ref_logprob` (sum of \
+             log pi_ref over those tokens), `logprob` (sum of token_logprobs; absent for completions without \
+             them, whose ref_logprob covers text and EOS), `ref_tokens` and `ref_policy`; logprob - \
+             ref_logprob estimates KL(policy || reference) (eval.rewards averages it). Completions whose \
+             tokens cannot be recovered (non-UTF-8 bytes in the text, unknown stop string) pass through \
+             without ref_logprob and are counted as `unmatched`. Byte-level GPT checkpoints only.",
+        )
+        .input("completions", RecordKind::Completion)
+        .input("reference", RecordKind::Artifact)
+        .output("completions", RecordKind::Completion)
+        .optional(
+            "max_new_tokens",
+            FieldType::Integer,
+            64,
+            "lm.rollout's max_new_tokens: the prompt is cut from the left to leave this much room, as rollout cut it.",
+        )
+        .optional(
+            "stop",
+            FieldType::List(Box::new(FieldType::String)),
+            serde_json::json!([]),
+            "lm.rollout's stop strings: a stop string is cut from the text but was sampled, so it is scored too.",
+        )
+        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+        .placement(Placement::DataParallel)
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: LogprobsConfig = init.config()?;
+        let device = device(&config.device)?;
+        if config.max_new_tokens == 0 {
+            return Err(StageError::config(
+                "max_new_tokens",
+                "must be at least 1, as in lm.rollout",
+            ));
+        }
+        Ok(Logprobs {
+            config,
+            device,
+            completions: Vec::new(),
+            reference: None,
+            loaded: None,
+        })
+    }
+}
+
+impl Stage for Logprobs {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for record in batch {
+            match record {
+                Record::Completion(c) => self.completions.push(c),
+                Record::Artifact(a) if a.kind == "policy" && self.is_newer(&a) => {
+                    self.reference = Some(a);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let mut completions = std::mem::take(&mut self.completions);
+        if completions.is_empty() {
+            return Ok(());
+        }
+        // Sorted, so that the output does not depend on arrival order.
+        completions.sort_by(|a, b| a.id.cmp(&b.id));
+        self.load_reference(ctx)?;
+        let Some((reference, gpt, tok)) = &self.loaded else {
+            unreachable!("load_reference loads a reference or fails")
+        };
+        let (mut scored, mut unmatched, mut kl_sum, mut kl_n) = (0u64, 0u64, 0.0, 0u64);
+        let total = completions.len() as u64;
+        for (done, mut c) in completions.into_iter().enumerate() {
+            match self.tokens(tok.as_ref(), &c) {
+                Tokens::Ids(ids) => {
+                    let lps = self
+                        .score(gpt, tok.as_ref(), &c.prompt, &ids)
+                        .or_stage(&format!(
+                            "scoring completion {} under {}",
+                            c.id, reference.id
+                        ))?;
+                    let ref_logprob: f64 = lps.iter().sum();
+                    c.meta.insert("ref_logprob".into(), ref_logprob.to_string());
+                    c.meta.insert("ref_tokens".into(), ids.len().to_string());
+                    if !c.token_logprobs.is_empty() {
+                        let logprob: f64 = c.token_logprobs.iter().map(|&l| l as f64).sum();
+                        c.meta.insert("logprob".into(), logprob.to_string());
+                        kl_sum += logprob - ref_logprob;
+                        kl_n += 1;
+                    }
+                    scored += 1;
+                }
+                Tokens::Unknown(why) => {
+                    if unmatched == 0 {
+                        ctx.log(format!(
+                            "completion {}: {why}; passed on without ref_logprob",
+                            c.id
+                        ));
+                    }
+                    unmatched += 1;
+                }
+            }
+            c.meta.insert("ref_policy".into(), reference.id.clone());
+            ctx.emit(0, Record::Completion(c));
+            ctx.progress("logprobs", done as u64 + 1, total);
+        }
+        ctx.metric("completions", scored as f64);
+        ctx.metric("unmatched", unmatched as f64);
+        if kl_n > 0 {
+            ctx.metric("mean_logprob_minus_ref", kl_sum / kl_n as f64);
+        }
+        Ok(())
+    }
+}
+
+impl Logprobs {
+    /// Whether `a` replaces the current reference: a later round, or the
+    /// same round and arriving later (lm.sft emits its final checkpoint last).
+    fn is_newer(&self, a: &ArtifactRef) -> bool {
+        self.reference
+            .as_ref()
+            .is_none_or(|current| a.round >= current.round)
+    }
+
+    /// Loads the newest reference artifact unless it is loaded already.
+    fn load_reference(&mut self, ctx: &Context) -> Result<(), StageError> {
+        let Some(reference) = &self.reference else {
+            return Err(StageError::new(format!(
+                "no reference policy artifact arrived in round {}: wire `reference` to a stage that emits one, e.g. lm.sft",
+                ctx.round()
+            )));
+        };
+        if self.loaded.as_ref().is_some_and(|(a, _, _)| a == reference) {
+            return Ok(());
+        }
+        let file = ctx.init().run_dir.join(&reference.path);
+        let dir = file.parent().unwrap_or(&file);
+        let doing = format!(
+            "cannot load reference {} from {}",
+            reference.id,
+            dir.display()
+        );
+        let (gpt, _) = checkpoint::load_gpt(dir, &self.device).or_stage(&doing)?;
+        let tok = load_tokenizer(dir).or_stage(&doing)?;
+        self.loaded = Some((reference.clone(), gpt, tok));
+        Ok(())
+    }
+
+    /// The tokens `c` was sampled as: its text's tokens, then EOS or a stop
+    /// string when token_logprobs has room for them. Without token_logprobs
+    /// (demonstrations), the text and EOS.
+    fn tokens(&self, tok: &dyn Tokenizer, c: &Completion) -> Tokens {
+        if c.text.contains('\u{FFFD}') {
+            return Tokens::Unknown(
+                "the text holds a replacement character (the sampled bytes were not UTF-8), so its tokens are lost"
+                    .into(),
+            );
+        }
+        let mut ids = tok.encode(&c.text);
+        let sampled = c.token_logprobs.len();
+        if sampled == 0 {
+            ids.push(tok.eos_id());
+            return Tokens::Ids(ids);
+        }
+        if sampled == ids.len() {
+            return Tokens::Ids(ids);
+        }
+        // The endings that fit: EOS, or a stop string that first occurs where
+        // the text was cut.
+        let mut endings: Vec<Vec<u32>> = Vec::new();
+        if sampled == ids.len() + 1 {
+            endings.push(vec![tok.eos_id()]);
+        }
+        for stop in self.config.stop.iter().filter(|s| !s.is_empty()) {
+            let stop_ids = tok.encode(stop);
+            let cut_here = format!("{}{stop}", c.text).find(stop.as_str()) == Some(c.text.len());
+            if ids.len() + stop_ids.len() == sampled && cut_here && !endings.contains(&stop_ids) {
+                endings.push(stop_ids);
+            }
+        }
+        match endings.len() {
+            1 => {
+                ids.extend(endings.pop().expect("one ending"));
+                Tokens::Ids(ids)
+            }
+            0 => Tokens::Unknown(format!(
+                "{sampled} token log-probs for a text of {} tokens, and neither EOS nor a `stop` string makes \
+                 up the difference (set `stop` as in lm.rollout)",
+                ids.len()
+            )),
+            _ => Tokens::Unknown(format!(
+                "{sampled} token log-probs for a text of {} tokens: several endings fit (EOS, or `stop` \
+                 strings of one length), and the completion does not say which",
+                ids.len()
+            )),
+        }
+    }
+
+    /// log π_ref of each of `ids` after `BOS prompt`, teacher-forced, the
+    /// prompt cut from the left as lm.rollout cut it.
+    fn score(
+        &self,
+        gpt: &Gpt,
+        tok: &dyn Tokenizer,
+        prompt: &str,
+        ids: &[u32],
+    ) -> hone_models::Result<Vec<f64>> {
+        let context = gpt.config().context;
+        let mut prompt_ids = vec![tok.bos_id()];
+        prompt_ids.extend(tok.encode(prompt));
+        let room = context.saturating_sub(self.config.max_new_tokens).max(1);
+        let mut start = prompt_ids.len().saturating_sub(room);
+        // Inputs: the prompt and every id but the last (which is only predicted).
+        let len = |start: usize| prompt_ids.len() - start + ids.len() - 1;
+        if len(start) > context {
+            // A longer completion than max_new_tokens allows: cut more prompt.
+            start = (start + len(start) - context).min(prompt_ids.len() - 1);
+        }
+        let mut input = prompt_ids[start..].to_vec();
+        let first = input.len() - 1;
+        input.extend(&ids[..ids.len() - 1]);
+        input.truncate(context);
+        let n = input.len();
+        let x = Tensor::from_vec(input, (1, n), &self.device)?;
+        let logits = gpt.forward(&x)?.squeeze(0)?;
+        let rows: Vec<Vec<f32>> = logits
+            .narrow(0, first, n - first)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .to_vec2()?;
+        // The same log-softmax as hone_models::sample::sample_token.
+        Ok(rows
+            .iter()
+            .zip(ids)
+            .map(|(row, &id)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let log_norm = max
+                    + row
+                        .iter()
+                        .map(|&l| (l as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                (row[id as usize] as f64 - log_norm) as f32 as f64
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::Rollout;
+    use crate::sft::tests::{demos, run_sft, temp_run_dir, tiny_config};
+    use std::collections::BTreeMap;
+
+    fn prompts() -> Vec<Record> {
+        let long = "Human: tell me a long story about a river, a stone and a cloud.\n\nAssistant:";
+        [("a", "Human: say apple\n\nAssistant:"), ("b", long)]
+            .iter()
+            .map(|(id, text)| {
+                Record::Prompt(Prompt {
+                    id: id.to_string(),
+                    text: text.to_string(),
+                    meta: BTreeMap::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Runs one round of `S` on `run_dir`: `inputs` are (port, records).
+    fn run<S: StageFactory>(
+        kind: &str,
+        run_dir: &std::path::Path,
+        config: serde_json::Value,
+        inputs: Vec<(usize, Vec<Record>)>,
+    ) -> Result<hone_sdk::Collected, StageError> {
+        let mut init = StageInit::for_test(kind, config);
+        init.run_dir = run_dir.to_path_buf();
+        let mut stage = S::create(&init)?;
+        let mut out = hone_sdk::Collected::default();
+        {
+            let mut ctx = Context::new(&mut out, &init, 0);
+            for (port, batch) in inputs {
+                stage.on_batch(&mut ctx, port, batch)?;
+            }
+            stage.on_round_end(&mut ctx)?;
+        }
+        Ok(out)
+    }
+
+    fn completions(out: &hone_sdk::Collected) -> Vec<Completion> {
+        out.records[&0]
+            .iter()
+            .map(|r| match r {
+                Record::Completion(c) => c.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_policy_as_its_own_reference_gives_zero_kl() {
+        let dir = temp_run_dir("logprobs");
+        let sft = run_sft(
+            &dir,
+            tiny_config(serde_json::json!({"steps": 40, "checkpoint_every": 0})),
+            demos(20),
+        );
+        let Some(Record::Artifact(policy)) = sft.records[&0].last() else {
+            panic!()
+        };
+        // Greedy with a stop string, and sampled without: EOS, stop strings and
+        // max_new_tokens endings (context 64, so the long prompt is cut).
+        for (stop, temperature) in [(vec![" a"], 0.0), (vec![], 0.0), (vec![], 0.7)] {
+            let rollout_config = serde_json::json!({
+                "n": 3, "temperature": temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": 20,
+                "stop": stop, "seed": 7, "device": "cpu", "pretrained": "",
+            });
+            let rolled = run::<Rollout>(
+                "lm.rollout",
+                &dir,
+                rollout_config,
+                vec![(0, prompts()), (1, vec![Record::Artifact(policy.clone())])],
+            )
+            .unwrap();
+            let config = serde_json::json!({"max_new_tokens": 20, "stop": stop, "device": "cpu"});
+            let scored = run::<Logprobs>(
+                "lm.logprobs",
+                &dir,
+                config,
+                vec![
+                    (0, rolled.records[&0].clone()),
+                    (1, vec![Record::Artifact(policy.clone())]),
+                ],
+            )
+            .unwrap();
+            let cs = completions(&scored);
+            assert_eq!(cs.len(), 6);
+            let mut matched = 0;
+            for c in &cs {
+                if c.text.contains('\u{FFFD}') {
+                    assert!(!c.meta.contains_key("ref_logprob"));
+                    continue;
+                }
+                assert!(c.meta.contains_key("logprob"), "{c:?} {:?}", scored.events);
+                matched += 1;
+                let lp: f64 = c.meta["logprob"].parse().unwrap();
+                let ref_lp: f64 = c.meta["ref_logprob"].parse().unwrap();
+                let tokens = c.token_logprobs.len() as f64;
+                assert_eq!(c.meta["ref_tokens"], c.token_logprobs.len().to_string());
+                assert!(
+                    (lp - ref_lp).abs() < 1e-3 * tokens,
+                    "{}: {lp} vs {ref_lp} over {tokens} tokens ({:?})",
+                    c.id,
+                    c.text
+                );
+                assert_eq!(c.meta["ref_policy"], policy.id);
+            }
+            assert!(
+                matched >= 4,
+                "too few completions matched their tokens: {cs:?}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tokens_follow_the_sampled_ending() {
+        let init = StageInit::for_test(
+            "lm.logprobs",
+            serde_json::json!({"max_new_tokens": 8, "stop": ["\n\nHuman:"], "device": "cpu"}),
+        );
+        let stage = Logprobs::create(&init).unwrap();
+        let tok = hone_models::tokenizer::ByteTokenizer;
+        let c = |text: &str, sampled: usize| Completion {
+            id: "x".into(),
+            prompt_id: "p".into(),
+            prompt: "q".into(),
+            text: text.into(),
+            token_logprobs: vec![-1.0; sampled],
+            policy: None,
+            meta: BTreeMap::new(),
+        };
+        assert_eq!(
+            stage.tokens(&tok, &c("hi", 3)),
+            Tokens::Ids(vec![104, 105, 257])
+        );
+        assert_eq!(stage.tokens(&tok, &c("hi", 2)), Tokens::Ids(vec![104, 105]));
+        assert_eq!(
+            stage.tokens(&tok, &c("hi", 0)),
+            Tokens::Ids(vec![104, 105, 257])
+        );
+        let Tokens::Ids(ids) = stage.tokens(&tok, &c("hi", 10)) else {
+            panic!()
+        };
+        assert_eq!(ids.len(), 10);
+        assert!(matches!(
+            stage.tokens(&tok, &c("hi", 5)),
+            Tokens::Unknown(_)
+        ));
+        // A one-token stop string and EOS cannot be told apart.
+        let init = StageInit::for_test(
+            "lm.logprobs",
+            serde_json::json!({"max_new_tokens": 8, "stop": ["\n"], "device": "cpu"}),
+        );
+        let one = Logprobs::create(&init).unwrap();
+        assert!(matches!(one.tokens(&tok, &c("hi", 3)), Tokens::Unknown(_)));
+        assert_eq!(one.tokens(&tok, &c("hi", 2)), Tokens::Ids(vec![104, 105]));
+        assert!(matches!(
+            stage.tokens(&tok, &c("h\u{FFFD}", 4)),
+            Tokens::Unknown(_)
+        ));
+    }
+
+    #[test]
+    fn without_a_reference_it_fails_clearly() {
+        let dir = temp_run_dir("logprobs-none");
+        let config = serde_json::json!({"max_new_tokens": 8, "stop": [], "device": "cpu"});
+        let c = Record::Completion(Completion {
+            id: "x".into(),
+            prompt_id: "p".into(),
+            prompt: "q".into(),
+            text: "t".into(),
+            token_logprobs: vec![],
+            policy: None,
+            meta: BTreeMap::new(),
+        });
+        let err = run::<Logprobs>("lm.logprobs", &dir, config, vec![(0, vec![c])])
+            .err()
+            .unwrap();
+        assert!(
+            err.message.contains("no reference policy artifact"),
+            "{err}"
+        );
+        let bad = StageInit::for_test(
+            "lm.logprobs",
+            serde_json::json!({"max_new_tokens": 0, "stop": [], "device": "cpu"}),
+        );
+        assert_eq!(
+            Logprobs::create(&bad).err().unwrap().config_field(),
+            Some("max_new_tokens")
+        );
+    }
+}
