@@ -1,1 +1,317 @@
-//! The `rm` stage family: reward models (work in progress).
+//! The `rm` stage family: Bradley–Terry reward models and what is built on
+//! them.
+//!
+//! - `rm.train`: trains an ensemble of reward models on preference pairs,
+//!   one member per worker, from a shared initialisation (scratch or policy
+//!   artifacts, Baklava-style spread over SFT checkpoints), diversified by
+//!   seed, learning rate and dropout; emits `reward-model` artifacts.
+//! - `rm.score`: scores pairs and completions with one reward model or the
+//!   mean of an ensemble (prediction ensembling).
+//! - `rm.strength`: preference strength (mean and spread of the reward
+//!   difference over an ensemble), with flip / drop / smooth / adaptive
+//!   margin policies (Secrets of RLHF II).
+//! - `rm.warm`: weight-averaged reward models (WARM), merged one member at a
+//!   time, refusing members that do not share an initialisation.
+
+mod merge;
+mod score;
+mod strength;
+mod train;
+mod warm;
+
+pub use merge::{merge, MergeError, MergeStats};
+pub use score::Scorer;
+pub use strength::Strength;
+pub use train::Train;
+pub use warm::Warm;
+
+use hone_models::reward::{load_reward_model, score_texts, LoadedRm};
+use hone_models::Device;
+use hone_sdk::prelude::*;
+use std::path::PathBuf;
+
+hone_sdk::export_stages!(Train, Scorer, Strength, Warm);
+
+/// The artifact kind this family emits and consumes.
+pub const REWARD_MODEL: &str = "reward-model";
+
+/// Turns a model-core (or candle) error into a stage error saying what was
+/// being done.
+trait OrStageError<T> {
+    fn or_stage(self, doing: &str) -> Result<T, StageError>;
+}
+
+impl<T, E: std::fmt::Display> OrStageError<T> for Result<T, E> {
+    fn or_stage(self, doing: &str) -> Result<T, StageError> {
+        self.map_err(|e| StageError::new(format!("{doing}: {e}")))
+    }
+}
+
+/// The device named by the `device` field, or a config error naming it.
+fn device(name: &str) -> Result<Device, StageError> {
+    hone_models::device::device(name).map_err(|e| StageError::config("device", e.to_string()))
+}
+
+/// The checkpoint directory of an artifact (the directory of its file).
+fn artifact_dir(init: &StageInit, artifact: &ArtifactRef) -> PathBuf {
+    let file = init.run_dir.join(&artifact.path);
+    file.parent().map(PathBuf::from).unwrap_or(file)
+}
+
+/// The `reward-model` artifacts of the newest round among `seen`, sorted by
+/// id and without duplicates.
+fn newest_models(seen: &[ArtifactRef]) -> Vec<ArtifactRef> {
+    let models: Vec<&ArtifactRef> = seen.iter().filter(|a| a.kind == REWARD_MODEL).collect();
+    let Some(round) = models.iter().map(|a| a.round).max() else {
+        return Vec::new();
+    };
+    let mut newest: Vec<ArtifactRef> = models
+        .into_iter()
+        .filter(|a| a.round == round)
+        .cloned()
+        .collect();
+    newest.sort_by(|a, b| a.id.cmp(&b.id));
+    newest.dedup_by(|a, b| a.id == b.id);
+    newest
+}
+
+/// Loads the reward model an artifact points at.
+fn load_rm(
+    init: &StageInit,
+    artifact: &ArtifactRef,
+    device: &Device,
+) -> Result<LoadedRm, StageError> {
+    load_reward_model(&artifact_dir(init, artifact), device)
+        .or_stage(&format!("cannot load reward model {}", artifact.id))
+}
+
+/// Rewards of `(prompt, response)` items under one loaded model, as f64.
+fn rewards(
+    rm: &LoadedRm,
+    items: &[(&str, &str)],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<f64>, StageError> {
+    Ok(
+        score_texts(&rm.rm, rm.tok.as_ref(), items, batch_size, device)
+            .or_stage("scoring failed")?
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+    )
+}
+
+/// Per pair, the reward of chosen and of rejected under one model.
+fn pair_rewards(
+    rm: &LoadedRm,
+    pairs: &[PreferencePair],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<(f64, f64)>, StageError> {
+    let mut items: Vec<(&str, &str)> = Vec::with_capacity(2 * pairs.len());
+    for p in pairs {
+        items.push((&p.prompt, &p.chosen));
+        items.push((&p.prompt, &p.rejected));
+    }
+    let r = rewards(rm, &items, batch_size, device)?;
+    Ok(r.chunks(2).map(|c| (c[0], c[1])).collect())
+}
+
+/// What a pair says is better: `Some(true)` if chosen, `Some(false)` if
+/// rejected, `None` when it cannot say (a gold tie or missing gold).
+fn truth(pair: &PreferencePair, gold: bool) -> Option<bool> {
+    if !gold {
+        return Some(true);
+    }
+    let get = |k: &str| pair.meta.get(k).and_then(|v| v.parse::<f64>().ok());
+    let (c, r) = (get("gold_chosen")?, get("gold_rejected")?);
+    (c != r).then_some(c > r)
+}
+
+/// Fraction of pairs whose reward difference agrees with their truth;
+/// `None` when no pair has one.
+fn accuracy(pairs: &[PreferencePair], rewards: &[(f64, f64)], gold: bool) -> Option<f64> {
+    let (mut right, mut n) = (0usize, 0usize);
+    for (p, (c, r)) in pairs.iter().zip(rewards) {
+        if let Some(chosen_better) = truth(p, gold) {
+            n += 1;
+            right += usize::from((c > r) == chosen_better && c != r);
+        }
+    }
+    (n > 0).then(|| right as f64 / n as f64)
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Test helpers: run a stage in-process with its descriptor's defaults.
+#[cfg(test)]
+pub(crate) mod testing {
+    use hone_models::gpt::{init_seeded, GptConfig};
+    use hone_models::heads::RewardModel;
+    use hone_models::reward::{save_reward_model, RewardMeta};
+    use hone_models::tokenizer::ByteTokenizer;
+    use hone_models::{DType, Device, VarBuilder, VarMap};
+    use hone_sdk::prelude::*;
+    use hone_sdk::{Collected, Event};
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    /// A fresh run directory under the temp directory.
+    pub fn temp_run_dir(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hone-rm-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The descriptor's defaults overridden by `config`.
+    pub fn full_config<S: StageFactory>(config: serde_json::Value) -> serde_json::Value {
+        let mut full = serde_json::Map::new();
+        for field in S::descriptor().config {
+            full.insert(field.name, field.default);
+        }
+        for (k, v) in config.as_object().unwrap() {
+            full.insert(k.clone(), v.clone());
+        }
+        serde_json::Value::Object(full)
+    }
+
+    /// Creates `S` with `config` over the defaults; the error if it refuses.
+    pub fn create<S: StageFactory>(config: serde_json::Value) -> Result<S, StageError> {
+        S::create(&StageInit::for_test("rm", full_config::<S>(config)))
+    }
+
+    /// Runs one round of `S` as stage `stage_id` in `run_dir`, feeding
+    /// `inputs` as (port, records); `members` as the runtime would give.
+    pub fn run<S: StageFactory>(
+        stage_id: &str,
+        run_dir: &Path,
+        config: serde_json::Value,
+        members: Vec<usize>,
+        inputs: Vec<(usize, Vec<Record>)>,
+    ) -> Result<Collected, StageError> {
+        let mut init = StageInit::for_test("rm", full_config::<S>(config));
+        init.stage_id = stage_id.into();
+        init.run_dir = run_dir.to_path_buf();
+        init.members = members;
+        let mut stage = S::create(&init)?;
+        let mut out = Collected::default();
+        {
+            let mut ctx = Context::new(&mut out, &init, 0);
+            for (port, batch) in inputs {
+                stage.on_batch(&mut ctx, port, batch)?;
+            }
+            stage.on_round_end(&mut ctx)?;
+        }
+        Ok(out)
+    }
+
+    /// The metrics of `out` by name (the last value of each).
+    pub fn metrics(out: &Collected) -> BTreeMap<String, f64> {
+        out.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Metric { name, value, .. } => Some((name.clone(), *value)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every value of one metric, in order.
+    pub fn series(out: &Collected, wanted: &str) -> Vec<f64> {
+        out.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Metric { name, value, .. } if name == wanted => Some(*value),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The artifacts emitted on port `port`.
+    pub fn artifacts(out: &Collected, port: usize) -> Vec<ArtifactRef> {
+        out.records
+            .get(&port)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| match r {
+                Record::Artifact(a) => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A tiny backbone shape.
+    pub fn tiny_gpt() -> GptConfig {
+        GptConfig {
+            vocab_size: ByteTokenizer::VOCAB,
+            d_model: 16,
+            n_layers: 1,
+            n_heads: 2,
+            context: 48,
+        }
+    }
+
+    /// Writes a randomly initialised reward model (weights from `seed`) as
+    /// `run_dir/outputs/STAGE/NAME/` and returns its artifact.
+    pub fn write_rm(
+        run_dir: &Path,
+        name: &str,
+        cfg: &GptConfig,
+        seed: u64,
+        root: &str,
+    ) -> ArtifactRef {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        RewardModel::new(cfg, vb).unwrap();
+        init_seeded(&varmap, seed).unwrap();
+        let meta = RewardMeta {
+            lineage_root: root.into(),
+            init: "scratch".into(),
+            member: 0,
+            seed,
+            lr: 1e-3,
+            dropout: 0.0,
+            steps: 0,
+            merged_from: vec![],
+            weights: vec![],
+        };
+        let rel = format!("outputs/train/{name}");
+        let dir = run_dir.join(&rel);
+        let sha = save_reward_model(&dir, &varmap, cfg, &ByteTokenizer, &meta).unwrap();
+        ArtifactRef {
+            id: format!("train/{name}/model.safetensors@0"),
+            kind: super::REWARD_MODEL.into(),
+            path: format!("{rel}/model.safetensors"),
+            sha256: sha,
+            round: 0,
+        }
+    }
+
+    /// Pairs with a learnable preference: the chosen response contains
+    /// the word `good`, the rejected one does not.
+    pub fn learnable_pairs(n: usize) -> Vec<PreferencePair> {
+        let words = [
+            "apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano",
+        ];
+        (0..n)
+            .map(|i| {
+                let w = words[i % words.len()];
+                let v = words[(i / 8 + 3) % words.len()];
+                PreferencePair::new(
+                    format!("p{i:03}"),
+                    format!("Q: {w}?"),
+                    format!("{v} good {w}"),
+                    format!("{v} bad {w}"),
+                    "test",
+                )
+            })
+            .collect()
+    }
+
+    /// Pairs as records.
+    pub fn records(pairs: &[PreferencePair]) -> Vec<Record> {
+        pairs.iter().cloned().map(Record::Pair).collect()
+    }
+}

@@ -1,0 +1,155 @@
+//! `rm.score`: rewards from one reward model or the mean of an ensemble.
+
+use crate::{device, load_rm, newest_models, pair_rewards, rewards};
+use hone_models::reward::LoadedRm;
+use hone_models::Device;
+use hone_sdk::prelude::*;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScoreConfig {
+    name: String,
+    batch_size: usize,
+    device: String,
+}
+
+/// Scores pairs and completions with the newest reward models.
+pub struct Scorer {
+    config: ScoreConfig,
+    device: Device,
+    seen: Vec<ArtifactRef>,
+    /// The models loaded last, by artifact id, reused while they stay newest.
+    loaded: Vec<(String, LoadedRm)>,
+    records: Vec<Record>,
+}
+
+impl StageFactory for Scorer {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "rm.score",
+            "Scores records with the reward-model artifacts of the newest round seen (one model, or the mean \
+             reward of an ensemble): a PreferencePair leaves on `pairs` with chosen_score / rejected_score set; \
+             a Completion gives a Score (id = the completion's id) on `scores`. Metrics: scored, models.",
+        )
+        .input("models", RecordKind::Artifact)
+        .input("records", RecordKind::Any)
+        .output("pairs", RecordKind::PreferencePair)
+        .output("scores", RecordKind::Score)
+        .placement(Placement::DataParallel)
+        .optional("name", FieldType::String, "proxy_reward", "The `name` of the Scores emitted for completions.")
+        .optional("batch_size", FieldType::Integer, 32, "Sequences per forward pass.")
+        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: ScoreConfig = init.config()?;
+        let device = device(&config.device)?;
+        if config.batch_size == 0 {
+            return Err(StageError::config("batch_size", "must be at least 1"));
+        }
+        if config.name.trim().is_empty() {
+            return Err(StageError::config("name", "must not be empty"));
+        }
+        Ok(Scorer {
+            config,
+            device,
+            seen: Vec::new(),
+            loaded: Vec::new(),
+            records: Vec::new(),
+        })
+    }
+}
+
+impl Stage for Scorer {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for record in batch {
+            match (port, record) {
+                (0, Record::Artifact(a)) => self.seen.push(a),
+                (1, r @ (Record::Pair(_) | Record::Completion(_))) => self.records.push(r),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let records = std::mem::take(&mut self.records);
+        let models = newest_models(&self.seen);
+        ctx.metric("models", models.len() as f64);
+        if records.is_empty() {
+            ctx.metric("scored", 0.0);
+            return Ok(());
+        }
+        if models.is_empty() {
+            return Err(StageError::new(format!(
+                "{} records to score but no reward-model artifact arrived on the `models` port: connect it to \
+                 rm.train's `models` or rm.warm's `model`",
+                records.len()
+            )));
+        }
+        let ids: Vec<&str> = self.loaded.iter().map(|(id, _)| id.as_str()).collect();
+        if ids != models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>() {
+            self.loaded.clear();
+            for m in &models {
+                self.loaded
+                    .push((m.id.clone(), load_rm(ctx.init(), m, &self.device)?));
+            }
+        }
+        let (mut pairs, mut completions) = (Vec::new(), Vec::new());
+        for r in records {
+            match r {
+                Record::Pair(p) => pairs.push(p),
+                Record::Completion(c) => completions.push(c),
+                _ => {}
+            }
+        }
+        let n = self.loaded.len() as f64;
+        let bs = self.config.batch_size;
+        let mut pair_sums = vec![(0.0, 0.0); pairs.len()];
+        let mut completion_sums = vec![0.0; completions.len()];
+        let items: Vec<(&str, &str)> = completions
+            .iter()
+            .map(|c| (c.prompt.as_str(), c.text.as_str()))
+            .collect();
+        for (_, rm) in &self.loaded {
+            for (sum, (c, r)) in
+                pair_sums
+                    .iter_mut()
+                    .zip(pair_rewards(rm, &pairs, bs, &self.device)?)
+            {
+                sum.0 += c / n;
+                sum.1 += r / n;
+            }
+            for (sum, r) in completion_sums
+                .iter_mut()
+                .zip(rewards(rm, &items, bs, &self.device)?)
+            {
+                *sum += r / n;
+            }
+        }
+        let scored = pairs.len() + completions.len();
+        for (mut p, (c, r)) in pairs.into_iter().zip(pair_sums) {
+            p.chosen_score = Some(c);
+            p.rejected_score = Some(r);
+            ctx.emit(0, Record::Pair(p));
+        }
+        for (c, value) in completions.into_iter().zip(completion_sums) {
+            ctx.emit(
+                1,
+                Record::Score(Score {
+                    id: c.id,
+                    name: self.config.name.clone(),
+                    value,
+                }),
+            );
+        }
+        ctx.metric("scored", scored as f64);
+        Ok(())
+    }
+}

@@ -1,0 +1,677 @@
+//! `rm.train`: a Bradley–Terry reward-model ensemble, one member per worker.
+
+use crate::{artifact_dir, device, OrStageError, REWARD_MODEL};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use hone_models::checkpoint;
+use hone_models::gpt::{init_seeded, GptConfig};
+use hone_models::heads::RewardModel;
+use hone_models::reward::{encode, pad_right, save_reward_model, RewardMeta};
+use hone_models::tokenizer::{load_tokenizer, ByteTokenizer, Tokenizer};
+use hone_models::train::{clip_grad_norm, lr_at};
+use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
+use hone_sdk::prelude::*;
+use hone_sdk::text::seeded_hash;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainConfig {
+    members: usize,
+    init: String,
+    init_checkpoints: String,
+    init_seed: u64,
+    d_model: usize,
+    n_layers: usize,
+    n_heads: usize,
+    context: usize,
+    seed: u64,
+    lrs: Option<Vec<f64>>,
+    dropouts: Vec<f64>,
+    data_order: String,
+    steps: usize,
+    batch_size: usize,
+    lr: f64,
+    min_lr: f64,
+    warmup: usize,
+    weight_decay: f64,
+    clip: f64,
+    eval_fraction: f64,
+    eval_every: usize,
+    margin_scale: f64,
+    label_smoothing: f64,
+    device: String,
+}
+
+/// Trains the members of a reward-model ensemble that this instance runs.
+pub struct Train {
+    config: TrainConfig,
+    lrs: Vec<f64>,
+    device: Device,
+    pairs: Vec<PreferencePair>,
+    policies: Vec<ArtifactRef>,
+}
+
+impl StageFactory for Train {
+    fn descriptor() -> StageDescriptor {
+        let int = FieldType::Integer;
+        let float = FieldType::Float;
+        let floats = FieldType::List(Box::new(FieldType::Float));
+        StageDescriptor::new(
+            "rm.train",
+            "Trains an ensemble of Bradley-Terry reward models on preference pairs (member i on worker i mod N, \
+             every member sees every pair) from one shared initialisation, diversified by seed, learning rate and \
+             dropout. Loss per pair: -weight * [(1-eps) log sigmoid(d - m) + eps log sigmoid(m - d)], d = r(chosen) - \
+             r(rejected), m = margin_scale * margin, eps = meta `smoothing` or label_smoothing. Emits one \
+             `reward-model` artifact per member. Metrics per member i: m{i}_train_loss, m{i}_eval_loss (by step), \
+             m{i}_eval_accuracy.",
+        )
+        .input("pairs", RecordKind::PreferencePair)
+        .input("init", RecordKind::Artifact)
+        .output("models", RecordKind::Artifact)
+        .placement(Placement::PerMember {
+            members_field: "members".into(),
+        })
+        .optional("members", int.clone(), 1, "Ensemble size M; member i runs on worker i mod N.")
+        .optional(
+            "init",
+            FieldType::one_of(&["scratch", "input"]),
+            "scratch",
+            "`scratch`: a fresh GPT shaped by d_model..context, weights from init_seed (shared by all members). \
+             `input`: the policy artifacts arriving on the `init` port (e.g. lm.sft's checkpoints).",
+        )
+        .optional(
+            "init_checkpoints",
+            FieldType::one_of(&["last", "spread"]),
+            "last",
+            "With init = \"input\": `last` starts every member from the last checkpoint (highest round and step), \
+             `spread` (Baklava) starts member i from the i-th checkpoint in step order, modulo their count.",
+        )
+        .optional("init_seed", int.clone(), 0, "Seed of the shared initialisation (the scratch backbone and the reward head); combined with the pipeline seed.")
+        .optional("d_model", int.clone(), 64, "Width of a scratch backbone.")
+        .optional("n_layers", int.clone(), 2, "Transformer blocks of a scratch backbone.")
+        .optional("n_heads", int.clone(), 4, "Attention heads of a scratch backbone; must divide d_model.")
+        .optional("context", int.clone(), 128, "Context of a scratch backbone, in tokens; longer texts lose the start of the prompt.")
+        .optional("seed", int.clone(), 0, "Ensemble seed: member i's seed is a hash of (seed, pipeline seed, i) and drives its data order.")
+        .optional("lrs", floats.clone(), serde_json::Value::Null, "Per-member peak learning rates: member i uses lrs[i % len]. Unset = [lr].")
+        .optional("dropouts", floats, serde_json::json!([0.0]), "Per-member dropout on the last hidden state: member i uses dropouts[i % len].")
+        .optional(
+            "data_order",
+            FieldType::one_of(&["shuffle", "same"]),
+            "shuffle",
+            "`shuffle`: each member sees the pairs in its own seeded order; `same`: all members share one order.",
+        )
+        .optional("steps", int.clone(), 200, "Optimiser steps per member and round.")
+        .optional("batch_size", int.clone(), 16, "Pairs per step.")
+        .optional("lr", float.clone(), 1e-3, "Peak learning rate (AdamW), unless lrs is set.")
+        .optional("min_lr", float.clone(), 1e-4, "Learning rate at the end of the cosine decay.")
+        .optional("warmup", int.clone(), 10, "Steps of linear warm-up.")
+        .optional("weight_decay", float.clone(), 0.01, "AdamW weight decay.")
+        .optional("clip", float.clone(), 1.0, "Clip the global gradient norm to this.")
+        .optional("eval_fraction", float.clone(), 0.1, "Fraction of pairs held out for the eval metrics (seeded per pair id, the same for all members).")
+        .optional("eval_every", int.clone(), 50, "Evaluate every this many steps (0 = only before and after training).")
+        .optional("margin_scale", float.clone(), 1.0, "Multiplies each pair's `margin` inside the loss (0 = ignore margins).")
+        .optional("label_smoothing", float.clone(), 0.0, "Label smoothing eps in [0, 0.5); a pair's meta `smoothing` (set by rm.strength) overrides it.")
+        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: TrainConfig = init.config()?;
+        let device = device(&config.device)?;
+        let positive = [
+            ("members", config.members),
+            ("d_model", config.d_model),
+            ("n_layers", config.n_layers),
+            ("n_heads", config.n_heads),
+            ("context", config.context),
+            ("steps", config.steps),
+            ("batch_size", config.batch_size),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(StageError::config(*field, "must be at least 1"));
+        }
+        if !config.d_model.is_multiple_of(config.n_heads) {
+            return Err(StageError::config(
+                "n_heads",
+                format!(
+                    "{} does not divide d_model {}",
+                    config.n_heads, config.d_model
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&config.eval_fraction) {
+            return Err(StageError::config(
+                "eval_fraction",
+                format!("must be in [0, 1), found {}", config.eval_fraction),
+            ));
+        }
+        if !(0.0..0.5).contains(&config.label_smoothing) {
+            return Err(StageError::config(
+                "label_smoothing",
+                format!("must be in [0, 0.5), found {}", config.label_smoothing),
+            ));
+        }
+        if config.lr.is_nan() || config.lr <= 0.0 {
+            return Err(StageError::config(
+                "lr",
+                format!("must be > 0, found {}", config.lr),
+            ));
+        }
+        if config.min_lr < 0.0 {
+            return Err(StageError::config(
+                "min_lr",
+                format!("must be >= 0, found {}", config.min_lr),
+            ));
+        }
+        let lrs = config.lrs.clone().unwrap_or_else(|| vec![config.lr]);
+        if lrs.is_empty() || lrs.iter().any(|lr| lr.is_nan() || *lr <= 0.0) {
+            return Err(StageError::config(
+                "lrs",
+                format!("must be a non-empty list of learning rates > 0, found {lrs:?} (leave it unset to use lr)"),
+            ));
+        }
+        if config.dropouts.is_empty() || config.dropouts.iter().any(|d| !(0.0..1.0).contains(d)) {
+            return Err(StageError::config(
+                "dropouts",
+                format!(
+                    "must be a non-empty list of probabilities in [0, 1), found {:?}",
+                    config.dropouts
+                ),
+            ));
+        }
+        Ok(Train {
+            config,
+            lrs,
+            device,
+            pairs: Vec::new(),
+            policies: Vec::new(),
+        })
+    }
+}
+
+impl Stage for Train {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        for record in batch {
+            match (port, record) {
+                (0, Record::Pair(p)) => self.pairs.push(p),
+                (1, Record::Artifact(a)) if a.kind == "policy" => self.policies.push(a),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let mut pairs = std::mem::take(&mut self.pairs);
+        pairs.sort_by(|a, b| a.id.cmp(&b.id));
+        pairs.dedup_by(|a, b| a.id == b.id);
+        ctx.metric("pairs", pairs.len() as f64);
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let inits = self.init_checkpoints()?;
+        let members = ctx.init().members.clone();
+        for member in members {
+            self.train_member(ctx, member, &pairs, &inits)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a member's weights start.
+#[derive(Clone)]
+enum InitFrom {
+    Scratch(GptConfig),
+    Policy(ArtifactRef),
+}
+
+/// A freshly initialised member and what it needs besides the weights.
+struct Built {
+    rm: RewardModel,
+    varmap: VarMap,
+    cfg: GptConfig,
+    tok: Box<dyn Tokenizer>,
+    /// The lineage root.
+    root: String,
+    /// Human description of the initialisation.
+    desc: String,
+}
+
+/// One pair, tokenized.
+struct Example {
+    id: String,
+    chosen: Vec<u32>,
+    rejected: Vec<u32>,
+    margin: f32,
+    weight: f32,
+    smoothing: f32,
+}
+
+/// The step of a checkpoint id (`sft/ckpt-100/model.safetensors@0` -> 100;
+/// `final` or no step -> after every numbered one).
+fn checkpoint_step(id: &str) -> u64 {
+    id.split('/')
+        .find_map(|part| part.strip_prefix("ckpt-").and_then(|s| s.parse().ok()))
+        .unwrap_or(u64::MAX)
+}
+
+/// The SFT trajectory of a policy artifact: its stage and round
+/// (`sft/ckpt-100/model.safetensors@0` -> `sft@0`).
+pub(crate) fn trajectory(id: &str) -> String {
+    let stage = id.split('/').next().unwrap_or(id);
+    let round = id.rsplit_once('@').map_or("", |(_, r)| r);
+    format!("{stage}@{round}")
+}
+
+impl Train {
+    /// The shared-initialisation seed.
+    fn init_seed(&self, ctx: &Context) -> u64 {
+        seeded_hash(
+            ctx.init().seed,
+            &format!("rm.train:init:{}", self.config.init_seed),
+        )
+    }
+
+    /// The ensemble seed, from which member seeds and the hold-out derive.
+    fn base_seed(&self, ctx: &Context) -> u64 {
+        seeded_hash(ctx.init().seed, &format!("rm.train:{}", self.config.seed))
+    }
+
+    /// The checkpoints members start from, in order (empty for scratch).
+    fn init_checkpoints(&mut self) -> Result<Vec<ArtifactRef>, StageError> {
+        let mut policies = std::mem::take(&mut self.policies);
+        if self.config.init == "scratch" {
+            return Ok(Vec::new());
+        }
+        if policies.is_empty() {
+            return Err(StageError::new(
+                "init = \"input\" but no policy artifact arrived on the `init` port: connect it to a policy \
+                 source (inputs = { pairs = \"...\", init = \"sft.policy\" }) or set init = \"scratch\"",
+            ));
+        }
+        policies.sort_by(|a, b| {
+            (a.round, checkpoint_step(&a.id), &a.id).cmp(&(b.round, checkpoint_step(&b.id), &b.id))
+        });
+        policies.dedup_by(|a, b| a.id == b.id);
+        if self.config.init_checkpoints == "last" {
+            policies.drain(..policies.len() - 1);
+        }
+        Ok(policies)
+    }
+
+    fn member_init(&self, member: usize, inits: &[ArtifactRef]) -> InitFrom {
+        if inits.is_empty() {
+            let c = &self.config;
+            return InitFrom::Scratch(GptConfig {
+                vocab_size: ByteTokenizer::VOCAB,
+                d_model: c.d_model,
+                n_layers: c.n_layers,
+                n_heads: c.n_heads,
+                context: c.context,
+            });
+        }
+        InitFrom::Policy(inits[member % inits.len()].clone())
+    }
+
+    /// Builds the reward model: backbone and head from the shared init seed,
+    /// then the backbone overwritten by the policy's weights if there is one.
+    fn build(&self, ctx: &Context, from: &InitFrom) -> Result<Built, StageError> {
+        let init_seed = self.init_seed(ctx);
+        let (cfg, tok, root, desc, weights): (
+            GptConfig,
+            Box<dyn Tokenizer>,
+            String,
+            String,
+            Option<PathBuf>,
+        ) = match from {
+            InitFrom::Scratch(cfg) => {
+                let json = serde_json::to_string(cfg).or_stage("cannot describe the model")?;
+                (
+                    cfg.clone(),
+                    Box::new(ByteTokenizer),
+                    format!("scratch:init_seed={init_seed}:{json}"),
+                    "scratch".into(),
+                    None,
+                )
+            }
+            InitFrom::Policy(a) => {
+                let dir = artifact_dir(ctx.init(), a);
+                let doing = format!("cannot load init policy {}", a.id);
+                let cfg: GptConfig = checkpoint::load_config(&dir).or_stage(&doing)?;
+                let tok = load_tokenizer(&dir).or_stage(&doing)?;
+                (
+                    cfg,
+                    tok,
+                    trajectory(&a.id),
+                    a.id.clone(),
+                    Some(dir.join(checkpoint::WEIGHTS)),
+                )
+            }
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
+        let rm = RewardModel::new(&cfg, vb).or_stage("cannot build the reward model")?;
+        init_seeded(&varmap, init_seed).or_stage("cannot initialise the reward model")?;
+        if let Some(file) = weights {
+            let doing = format!("cannot load init weights {}", file.display());
+            let tensors = candle_core::safetensors::load(&file, &self.device).or_stage(&doing)?;
+            let data = varmap.data().lock().expect("VarMap lock poisoned");
+            for (name, var) in data.iter().filter(|(n, _)| !n.starts_with("reward_head.")) {
+                let t = tensors
+                    .get(name)
+                    .ok_or_else(|| StageError::new(format!("{doing}: no tensor {name}")))?;
+                var.set(&t.to_dtype(DType::F32).or_stage(&doing)?)
+                    .or_stage(&doing)?;
+            }
+        }
+        Ok(Built {
+            rm,
+            varmap,
+            cfg,
+            tok,
+            root,
+            desc,
+        })
+    }
+
+    fn train_member(
+        &self,
+        ctx: &mut Context,
+        member: usize,
+        pairs: &[PreferencePair],
+        inits: &[ArtifactRef],
+    ) -> Result<(), StageError> {
+        let c = &self.config;
+        let base = self.base_seed(ctx);
+        let seed = seeded_hash(base, &format!("member{member}"));
+        let lr = self.lrs[member % self.lrs.len()];
+        let dropout = c.dropouts[member % c.dropouts.len()];
+        let from = self.member_init(member, inits);
+        let Built {
+            rm,
+            varmap,
+            cfg,
+            tok,
+            root,
+            desc: init_desc,
+        } = self.build(ctx, &from)?;
+        let encode_pair = |p: &PreferencePair| Example {
+            id: p.id.clone(),
+            chosen: encode(tok.as_ref(), &p.prompt, &p.chosen, cfg.context),
+            rejected: encode(tok.as_ref(), &p.prompt, &p.rejected, cfg.context),
+            margin: (c.margin_scale * p.margin) as f32,
+            weight: p.weight as f32,
+            smoothing: p
+                .meta
+                .get("smoothing")
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(c.label_smoothing) as f32,
+        };
+        let holdout =
+            |p: &PreferencePair| draw(base, &format!("holdout:{}", p.id)) < c.eval_fraction;
+        let (eval, mut train): (Vec<Example>, Vec<Example>) = {
+            let (e, t): (Vec<&PreferencePair>, Vec<&PreferencePair>) =
+                pairs.iter().partition(|p| holdout(p));
+            (
+                e.into_iter().map(encode_pair).collect(),
+                t.into_iter().map(encode_pair).collect(),
+            )
+        };
+        if train.is_empty() {
+            // Too few pairs to hold any out: train on the held-out ones.
+            train = pairs.iter().map(encode_pair).collect();
+        }
+        let order_seed = if c.data_order == "same" { base } else { seed };
+        let mut batches = Batches::new(train.len(), order_seed, &train);
+        let vars = varmap.all_vars();
+        let params = ParamsAdamW {
+            lr,
+            weight_decay: c.weight_decay,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vars.clone(), params).or_stage("cannot create the optimiser")?;
+        let pad = tok.pad_id();
+        ctx.log(format!(
+            "member {member}: {} parameters, {} steps on {} pairs ({} held out), lr {lr}, dropout {dropout}, init {init_desc}",
+            vars.iter().map(|v| v.elem_count()).sum::<usize>(),
+            c.steps,
+            train.len(),
+            eval.len(),
+        ));
+        let train_name = format!("m{member}_train_loss");
+        let eval_name = format!("m{member}_eval_loss");
+        let acc_name = format!("m{member}_eval_accuracy");
+        let mut table = vec![format!(
+            "member {member}\n{:>6} {:>10} {:>10} {:>9}",
+            "step", "train_loss", "eval_loss", "eval_acc"
+        )];
+        let every = (c.steps / 10).max(1);
+        let mut since = Vec::new();
+        let run_eval = |ctx: &mut Context, step: usize| -> Result<Option<(f64, f64)>, StageError> {
+            if eval.is_empty() {
+                return Ok(None);
+            }
+            let (loss, acc) = evaluate(&rm, &eval, c.batch_size, pad, &self.device)
+                .or_stage("evaluation failed")?;
+            ctx.metric_at(&eval_name, loss, step as u64);
+            ctx.metric_at(&acc_name, acc, step as u64);
+            Ok(Some((loss, acc)))
+        };
+        let fmt_eval = |e: Option<(f64, f64)>| {
+            e.map_or(("-".to_string(), "-".to_string()), |(l, a)| {
+                (format!("{l:.4}"), format!("{a:.3}"))
+            })
+        };
+        let (el, ea) = fmt_eval(run_eval(ctx, 0)?);
+        table.push(format!("{:>6} {:>10} {el:>10} {ea:>9}", 0, "-"));
+        let mut last_eval = None;
+        for step in 1..=c.steps {
+            opt.set_learning_rate(lr_at(step - 1, c.warmup, c.steps, lr, c.min_lr));
+            let batch: Vec<&Example> = batches
+                .next(c.batch_size)
+                .into_iter()
+                .map(|i| &train[i])
+                .collect();
+            let loss = bt_loss(&rm, &batch, pad, dropout as f32, &self.device)
+                .or_stage("training step failed")?;
+            let value = f64::from(loss.to_scalar::<f32>().or_stage("training step failed")?);
+            let mut grads = loss.backward().or_stage("training step failed")?;
+            clip_grad_norm(&mut grads, &vars, c.clip).or_stage("training step failed")?;
+            opt.step(&grads).or_stage("training step failed")?;
+            ctx.metric_at(&train_name, value, step as u64);
+            ctx.progress(&format!("member {member}"), step as u64, c.steps as u64);
+            since.push(value);
+            if (c.eval_every > 0 && step % c.eval_every == 0) || step == c.steps {
+                last_eval = run_eval(ctx, step)?;
+            }
+            if step % every == 0 || step == c.steps {
+                let mean = since.drain(..).sum::<f64>() / every.min(step).max(1) as f64;
+                let (el, ea) = fmt_eval(last_eval.take());
+                table.push(format!("{step:>6} {mean:>10.4} {el:>10} {ea:>9}"));
+            }
+        }
+        ctx.log(table.join("\n"));
+        // Save and emit.
+        let mut dir = ctx.output_dir()?;
+        if ctx.init().rounds != 1 {
+            dir = dir.join(format!("round-{}", ctx.round()));
+        }
+        let dir = dir.join(format!("member-{member}"));
+        let meta = RewardMeta {
+            lineage_root: root.clone(),
+            init: init_desc.clone(),
+            member,
+            seed,
+            lr,
+            dropout,
+            steps: c.steps,
+            merged_from: Vec::new(),
+            weights: Vec::new(),
+        };
+        save_reward_model(&dir, &varmap, &cfg, tok.as_ref(), &meta)
+            .or_stage(&format!("cannot write reward model {}", dir.display()))?;
+        let inputs = match &from {
+            InitFrom::Policy(a) => vec![a.id.clone()],
+            InitFrom::Scratch(_) => Vec::new(),
+        };
+        let lineage = vec![
+            format!("shared init: {root}"),
+            format!("rm.train member {member}: seed {seed}, lr {lr}, dropout {dropout}, init {init_desc}"),
+        ];
+        let artifact = ctx.register_artifact(
+            REWARD_MODEL,
+            &dir.join(checkpoint::WEIGHTS),
+            inputs,
+            lineage,
+        )?;
+        ctx.emit(0, Record::Artifact(artifact));
+        Ok(())
+    }
+}
+
+/// A uniform draw in [0, 1) from a seeded hash.
+fn draw(seed: u64, key: &str) -> f64 {
+    (seeded_hash(seed, key) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Cycles through example indices, reshuffled (seeded by pair id) every epoch.
+struct Batches {
+    keys: Vec<String>,
+    order: Vec<usize>,
+    cursor: usize,
+    epoch: u64,
+    seed: u64,
+}
+
+impl Batches {
+    fn new(n: usize, seed: u64, examples: &[Example]) -> Self {
+        let mut b = Batches {
+            keys: examples.iter().take(n).map(|e| e.id.clone()).collect(),
+            order: Vec::new(),
+            cursor: 0,
+            epoch: 0,
+            seed,
+        };
+        b.shuffle();
+        b
+    }
+
+    fn shuffle(&mut self) {
+        let mut order: Vec<usize> = (0..self.keys.len()).collect();
+        order.sort_by_key(|&i| {
+            (
+                seeded_hash(self.seed, &format!("order:{}:{}", self.epoch, self.keys[i])),
+                i,
+            )
+        });
+        self.order = order;
+    }
+
+    fn next(&mut self, size: usize) -> Vec<usize> {
+        let mut batch = Vec::with_capacity(size);
+        while batch.len() < size.min(self.keys.len()) {
+            if self.cursor == self.order.len() {
+                self.cursor = 0;
+                self.epoch += 1;
+                self.shuffle();
+            }
+            batch.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        batch
+    }
+}
+
+/// log sigmoid(x), stably: -(relu(-x) + log(1 + exp(-|x|))).
+fn log_sigmoid(x: &Tensor) -> hone_models::Result<Tensor> {
+    let soft = (x.neg()?.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    Ok(soft.neg()?)
+}
+
+/// Rewards of chosen and rejected [B] each, one forward pass.
+fn rewards(
+    rm: &RewardModel,
+    batch: &[&Example],
+    pad: u32,
+    dropout: f32,
+    device: &Device,
+) -> hone_models::Result<(Tensor, Tensor)> {
+    let seqs: Vec<Vec<u32>> = batch
+        .iter()
+        .map(|e| e.chosen.clone())
+        .chain(batch.iter().map(|e| e.rejected.clone()))
+        .collect();
+    let (ids, lengths) = pad_right(&seqs, pad, device)?;
+    let r = rm.score_train(&ids, &lengths, dropout)?;
+    let b = batch.len();
+    Ok((r.narrow(0, 0, b)?, r.narrow(0, b, b)?))
+}
+
+/// Per-pair losses [B] of a batch, and the reward differences.
+fn pair_losses(
+    rm: &RewardModel,
+    batch: &[&Example],
+    pad: u32,
+    dropout: f32,
+    device: &Device,
+) -> hone_models::Result<(Tensor, Tensor)> {
+    let (chosen, rejected) = rewards(rm, batch, pad, dropout, device)?;
+    let diff = (chosen - rejected)?;
+    let col = |f: fn(&Example) -> f32| {
+        Tensor::from_vec(
+            batch.iter().map(|e| f(e)).collect::<Vec<f32>>(),
+            batch.len(),
+            device,
+        )
+    };
+    let (margin, weight, eps) = (
+        col(|e| e.margin)?,
+        col(|e| e.weight)?,
+        col(|e| e.smoothing)?,
+    );
+    let x = (&diff - margin)?;
+    let agree = (log_sigmoid(&x)? * (1.0 - &eps)?)?;
+    let disagree = (log_sigmoid(&x.neg()?)? * eps)?;
+    let loss = ((agree + disagree)? * weight)?.neg()?;
+    Ok((loss, diff))
+}
+
+/// The mean Bradley–Terry loss of a batch, with dropout.
+fn bt_loss(
+    rm: &RewardModel,
+    batch: &[&Example],
+    pad: u32,
+    dropout: f32,
+    device: &Device,
+) -> hone_models::Result<Tensor> {
+    Ok(pair_losses(rm, batch, pad, dropout, device)?.0.mean_all()?)
+}
+
+/// Mean loss and accuracy (reward of chosen > rejected) over held-out pairs.
+fn evaluate(
+    rm: &RewardModel,
+    eval: &[Example],
+    batch_size: usize,
+    pad: u32,
+    device: &Device,
+) -> hone_models::Result<(f64, f64)> {
+    let (mut loss, mut right) = (0.0, 0usize);
+    for chunk in eval.chunks(batch_size) {
+        let batch: Vec<&Example> = chunk.iter().collect();
+        let (l, d) = pair_losses(rm, &batch, pad, 0.0, device)?;
+        loss += f64::from(l.detach().sum_all()?.to_scalar::<f32>()?);
+        right += d
+            .detach()
+            .to_vec1::<f32>()?
+            .iter()
+            .filter(|&&d| d > 0.0)
+            .count();
+    }
+    let n = eval.len().max(1) as f64;
+    Ok((loss / n, right as f64 / n))
+}
