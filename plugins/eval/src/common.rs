@@ -35,6 +35,28 @@ impl Scores {
     }
 }
 
+/// Where a completion's score was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The completion's own meta (`meta[name]`).
+    Meta,
+    /// A Score record joined by the completion's id.
+    Score,
+}
+
+/// The score `name` of `c`: its meta value `name` if it parses as a number
+/// (what eval.best-of-n writes on its picks), else the first of `scores`
+/// that has one for `c.id`.
+pub(crate) fn lookup(c: &Completion, name: &str, scores: &[&Scores]) -> Option<(f64, Source)> {
+    if let Some(v) = c.meta.get(name).and_then(|v| v.parse::<f64>().ok()) {
+        return Some((v, Source::Meta));
+    }
+    scores
+        .iter()
+        .find_map(|s| s.get(&c.id, name))
+        .map(|v| (v, Source::Score))
+}
+
 /// How completions are grouped into players or policies: by the policy
 /// artifact that generated them, or by a meta value.
 #[derive(Debug, Clone, PartialEq)]

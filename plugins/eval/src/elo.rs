@@ -1,7 +1,7 @@
 //! `eval.elo`: Elo ratings of policies from per-prompt games, averaged over
 //! seeded orderings of the games.
 
-use crate::common::{natural_cmp, outcome, GroupBy, Rng, Scores};
+use crate::common::{lookup, natural_cmp, outcome, GroupBy, Rng, Scores, Source};
 use hone_sdk::prelude::*;
 use hone_sdk::text::seeded_hash;
 use serde::Deserialize;
@@ -53,7 +53,9 @@ impl StageFactory for Elo {
         StageDescriptor::new(
             "eval.elo",
             "Elo ratings of players: on each prompt, every completion of one player meets every completion \
-             of each other player, and the higher `score` wins (ties are draws). Ratings start at `initial`, \
+             of each other player, and the higher `score` wins (ties are draws). A completion's score is its \
+             meta value `score` if it has one (eval.best-of-n writes one on its picks), else the Score of \
+             its id; an id that several players share cannot be joined and is left out (`ambiguous`). Ratings start at `initial`, \
              move by `k`, and are averaged over `permutations` seeded shuffles of the game order. Metrics: \
              `elo/PLAYER`, `games`, `unplayed` (completions without a player or a score). Logs a table of \
              rating, games and wins.",
@@ -141,12 +143,30 @@ impl Stage for Elo {
         // prompt -> [(player, score)], in id order.
         let mut by_prompt: BTreeMap<String, Vec<(usize, f64)>> = BTreeMap::new();
         let mut unplayed = 0u64;
+        // Ids joined to a Score record, with the player they were joined for:
+        // the same id under two players cannot tell whose score it is.
+        let mut joined: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut entries = Vec::new();
         for c in &completions {
-            let (Some(player), Some(score)) = (self.player.key(c), self.scores_get(&scores, &c.id))
-            else {
+            let found = lookup(c, &self.config.score, &[&scores]);
+            let (Some(player), Some((score, source))) = (self.player.key(c), found) else {
                 unplayed += 1;
                 continue;
             };
+            if source == Source::Score {
+                joined.entry(&c.id).or_default().push(player.clone());
+            }
+            entries.push((c, player, score, source));
+        }
+        let ambiguous: std::collections::BTreeSet<&str> = joined
+            .iter()
+            .filter(|(_, players)| players.iter().any(|p| p != &players[0]))
+            .map(|(id, _)| *id)
+            .collect();
+        for (c, player, score, source) in entries {
+            if source == Source::Score && ambiguous.contains(c.id.as_str()) {
+                continue;
+            }
             let i = *index.entry(player.clone()).or_insert_with(|| {
                 names.push(player);
                 names.len() - 1
@@ -156,6 +176,16 @@ impl Stage for Elo {
                 .or_default()
                 .push((i, score));
         }
+        if let Some(id) = ambiguous.iter().next() {
+            ctx.log(format!(
+                "{} completion ids (e.g. {id}) belong to several players and are left out: scores are joined by \
+                 id, so give each player distinct ids, or put the score in each completion's meta `{}` \
+                 (eval.best-of-n writes meta gold_reward and proxy_reward on its picks)",
+                ambiguous.len(),
+                self.config.score
+            ));
+        }
+        ctx.metric("ambiguous", ambiguous.len() as f64);
         let mut games = Vec::new();
         for entries in by_prompt.values() {
             for (x, ex) in entries.iter().enumerate() {
@@ -228,11 +258,7 @@ impl Stage for Elo {
     }
 }
 
-impl Elo {
-    fn scores_get(&self, scores: &Scores, id: &str) -> Option<f64> {
-        scores.get(id, &self.config.score)
-    }
-}
+impl Elo {}
 
 #[cfg(test)]
 mod tests {
@@ -279,6 +305,26 @@ mod tests {
         .unwrap();
         assert_ne!(other.metric("elo/3", None), Some(r3));
         assert!(out.logs.iter().any(|l| l.contains("rating")));
+    }
+
+    #[test]
+    fn shared_ids_are_ambiguous_unless_meta_holds_the_score() {
+        let cs = vec![
+            completion("p:demo0", "p", &[("quality", "1")]),
+            completion("p:demo0", "p", &[("quality", "2")]),
+            completion("p:demo1", "p", &[("quality", "1"), ("gold_reward", "0")]),
+            completion("p:demo1", "p", &[("quality", "2"), ("gold_reward", "1")]),
+        ];
+        let ss = vec![score("p:demo0", "gold_reward", 1.0)];
+        let out = run::<Elo>(
+            serde_json::json!({"player": "meta:quality", "permutations": 1}),
+            vec![(0, cs), (1, ss)],
+        )
+        .unwrap();
+        assert_eq!(out.metric("ambiguous", None), Some(1.0));
+        assert_eq!(out.metric("games", None), Some(1.0));
+        assert_eq!(out.metric("elo/2", None), Some(1008.0));
+        assert!(out.logs[0].contains("distinct ids"), "{:?}", out.logs);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! `eval.win-rate`: how often completions `a` beat completions `b` of the
 //! same prompts.
 
-use crate::common::{check_name, natural_cmp, outcome, Scores};
+use crate::common::{check_name, lookup, natural_cmp, outcome, Scores, Source};
 use hone_sdk::prelude::*;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +21,8 @@ pub struct WinRate {
     a: Vec<Completion>,
     b: Vec<Completion>,
     scores: Scores,
+    a_scores: Scores,
+    b_scores: Scores,
 }
 
 impl StageFactory for WinRate {
@@ -27,13 +30,19 @@ impl StageFactory for WinRate {
         StageDescriptor::new(
             "eval.win-rate",
             "Win rate of completions `a` against completions `b`: for each prompt present in both, every \
-             a-completion is compared with every b-completion by the score `score` (ties count half). \
+             a-completion is compared with every b-completion by the score `score` (ties count half): the \
+             completion's meta value `score` if it has one, else a Score joined by id, from `a_scores` \
+             (`b_scores`) for side a (b), then from `scores`. Two stages answering the same prompts often \
+             give the same ids (world.demos, lm.rollout): score each side with its own scorer and wire \
+             `a_scores` and `b_scores`; shared ids joined through `scores` are an error. \
              Metrics: `win_rate/A_vs_B` in [0, 1], `comparisons`, `prompts`, `unscored` (completions \
              without the score, skipped). Logs the win rate with its standard error (prompts as clusters).",
         )
         .input("a", RecordKind::Completion)
         .input("b", RecordKind::Completion)
         .input("scores", RecordKind::Score)
+        .input("a_scores", RecordKind::Score)
+        .input("b_scores", RecordKind::Score)
         .required("a_name", FieldType::String, "Name of the `a` side in the metric name (no `_vs_`, no `/`).")
         .required("b_name", FieldType::String, "Name of the `b` side in the metric name (no `_vs_`, no `/`).")
         .optional("score", FieldType::String, "gold_reward", "Name of the Score compared.")
@@ -61,6 +70,8 @@ impl StageFactory for WinRate {
             a: Vec::new(),
             b: Vec::new(),
             scores: Scores::default(),
+            a_scores: Scores::default(),
+            b_scores: Scores::default(),
         })
     }
 }
@@ -77,6 +88,8 @@ impl Stage for WinRate {
                 (0, Record::Completion(c)) => self.a.push(c),
                 (1, Record::Completion(c)) => self.b.push(c),
                 (2, Record::Score(s)) => self.scores.add(s),
+                (3, Record::Score(s)) => self.a_scores.add(s),
+                (4, Record::Score(s)) => self.b_scores.add(s),
                 _ => {}
             }
         }
@@ -86,16 +99,26 @@ impl Stage for WinRate {
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let (a, b) = (std::mem::take(&mut self.a), std::mem::take(&mut self.b));
         let scores = std::mem::take(&mut self.scores);
+        let a_scores = std::mem::take(&mut self.a_scores);
+        let b_scores = std::mem::take(&mut self.b_scores);
         if a.is_empty() && b.is_empty() {
             return Ok(());
         }
         let name = &self.config.score;
         let mut unscored = 0u64;
-        let mut side = |cs: Vec<Completion>| {
+        // Ids whose score came from the shared `scores` port, per side.
+        let mut shared: [BTreeSet<String>; 2] = Default::default();
+        let mut side = |cs: Vec<Completion>, own: &Scores, shared: &mut BTreeSet<String>| {
             let mut by_prompt: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
             for c in cs {
-                match scores.get(&c.id, name) {
-                    Some(v) => by_prompt.entry(c.prompt_id).or_default().push((c.id, v)),
+                let found = lookup(&c, name, &[own]).or_else(|| lookup(&c, name, &[&scores]));
+                match found {
+                    Some((v, source)) => {
+                        if source == Source::Score && own.get(&c.id, name).is_none() {
+                            shared.insert(c.id.clone());
+                        }
+                        by_prompt.entry(c.prompt_id).or_default().push((c.id, v));
+                    }
                     None => unscored += 1,
                 }
             }
@@ -104,7 +127,15 @@ impl Stage for WinRate {
             }
             by_prompt
         };
-        let (a, b) = (side(a), side(b));
+        let [shared_a, shared_b] = &mut shared;
+        let (a, b) = (side(a, &a_scores, shared_a), side(b, &b_scores, shared_b));
+        if let Some(id) = shared_a.intersection(shared_b).next() {
+            return Err(StageError::new(format!(
+                "completion id {id} is on both sides and its `{name}` score came through the shared `scores` \
+                 port, so it cannot tell a from b: score each side with its own scorer and wire `a_scores` \
+                 and `b_scores` instead"
+            )));
+        }
         // Per prompt: (wins, comparisons).
         let mut per_prompt = Vec::new();
         for (prompt, xs) in &a {
@@ -189,6 +220,29 @@ mod tests {
         assert_eq!(out.metric("unscored", None), Some(1.0));
         assert_eq!(out.metric("prompts", None), Some(2.0));
         assert!(out.logs[0].contains("±"), "{:?}", out.logs);
+    }
+
+    #[test]
+    fn shared_ids_need_per_side_scores() {
+        let a = vec![completion("p:demo0", "p", &[])];
+        let b = vec![completion("p:demo0", "p", &[])];
+        let shared = vec![score("p:demo0", "gold_reward", 1.0)];
+        let cfg = serde_json::json!({"a_name": "x", "b_name": "y"});
+        let err = run::<WinRate>(
+            cfg.clone(),
+            vec![(0, a.clone()), (1, b.clone()), (2, shared)],
+        )
+        .err()
+        .unwrap();
+        assert!(err.message.contains("a_scores"), "{err}");
+        let per_side = vec![
+            (0, a),
+            (1, b),
+            (3, vec![score("p:demo0", "gold_reward", 1.0)]),
+            (4, vec![score("p:demo0", "gold_reward", 0.0)]),
+        ];
+        let out = run::<WinRate>(cfg, per_side).unwrap();
+        assert_eq!(out.metric("win_rate/x_vs_y", None), Some(1.0));
     }
 
     #[test]
