@@ -56,7 +56,7 @@ impl StageFactory for Strength {
             "ambiguous_below",
             FieldType::Float,
             serde_json::Value::Null,
-            "If set, pairs with |mean strength| below it (after flipping) are ambiguous and handled by `ambiguous`.",
+            "If set, pairs whose absolute mean strength (after flipping) is below it are ambiguous and handled by `ambiguous`.",
         )
         .optional(
             "ambiguous",
