@@ -121,14 +121,25 @@ impl Stage for Logprobs {
         let (mut scored, mut unmatched, mut kl_sum, mut kl_n) = (0u64, 0u64, 0.0, 0u64);
         let total = completions.len() as u64;
         for (done, mut c) in completions.into_iter().enumerate() {
-            match self.tokens(tok.as_ref(), &c) {
+            let mut tokens = self.tokens(tok.as_ref(), &c);
+            let mut lps = Vec::new();
+            if let Tokens::Ids(ids) = &tokens {
+                lps = self
+                    .score(gpt, tok.as_ref(), &c.prompt, ids)
+                    .or_stage(&format!(
+                        "scoring completion {} under {}",
+                        c.id, reference.id
+                    ))?;
+                if lps.len() < ids.len() {
+                    let context = gpt.config().context;
+                    tokens = Tokens::Unknown(format!(
+                        "{} tokens do not fit the reference's context of {context}",
+                        ids.len()
+                    ));
+                }
+            }
+            match tokens {
                 Tokens::Ids(ids) => {
-                    let lps = self
-                        .score(gpt, tok.as_ref(), &c.prompt, &ids)
-                        .or_stage(&format!(
-                            "scoring completion {} under {}",
-                            c.id, reference.id
-                        ))?;
                     let ref_logprob: f64 = lps.iter().sum();
                     c.meta.insert("ref_logprob".into(), ref_logprob.to_string());
                     c.meta.insert("ref_tokens".into(), ids.len().to_string());
@@ -411,6 +422,43 @@ mod tests {
                 "too few completions matched their tokens: {cs:?}"
             );
         }
+        // Demonstrations (no token_logprobs): text and EOS, unless too long
+        // for the reference's context (64).
+        let demo = |id: &str, text: &str| {
+            Record::Completion(Completion {
+                id: id.into(),
+                prompt_id: "p".into(),
+                prompt: "Human: say apple\n\nAssistant:".into(),
+                text: text.into(),
+                token_logprobs: vec![],
+                policy: None,
+                meta: BTreeMap::new(),
+            })
+        };
+        let config = serde_json::json!({"max_new_tokens": 20, "stop": [], "device": "cpu"});
+        let scored = run::<Logprobs>(
+            "lm.logprobs",
+            &dir,
+            config,
+            vec![
+                (
+                    0,
+                    vec![demo("short", " apple."), demo("long", &"apple ".repeat(20))],
+                ),
+                (1, vec![Record::Artifact(policy.clone())]),
+            ],
+        )
+        .unwrap();
+        let cs = completions(&scored);
+        assert_eq!(cs[0].id, "long");
+        assert!(!cs[0].meta.contains_key("ref_logprob"));
+        assert_eq!(cs[1].meta["ref_tokens"], "8");
+        assert!(!cs[1].meta.contains_key("logprob"));
+        assert!(scored.events.contains(&hone_sdk::Event::Metric {
+            name: "unmatched".into(),
+            value: 1.0,
+            step: None
+        }));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
