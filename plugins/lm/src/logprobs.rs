@@ -47,8 +47,9 @@ impl StageFactory for Logprobs {
              log pi_ref over those tokens), `logprob` (sum of token_logprobs; absent for completions without \
              them, whose ref_logprob covers text and EOS), `ref_tokens` and `ref_policy`; logprob - \
              ref_logprob estimates KL(policy || reference) (eval.rewards averages it). Completions whose \
-             tokens cannot be recovered (non-UTF-8 bytes in the text, unknown stop string) pass through \
-             without ref_logprob and are counted as `unmatched`. Byte-level GPT checkpoints only.",
+             tokens cannot be recovered (non-UTF-8 bytes in the text, an ending no `stop` string explains, \
+             too long for the context) pass through without ref_logprob and are counted as `unmatched`. \
+             Byte-level GPT checkpoints only.",
         )
         .input("completions", RecordKind::Completion)
         .input("reference", RecordKind::Artifact)
