@@ -93,6 +93,13 @@ fn members_differ_but_share_the_lineage_root() {
     );
     assert_ne!(ma.seed, mb.seed);
     assert_eq!((ma.lr, mb.lr, mb.dropout), (1e-2, 3e-3, 0.1));
+    // Seeded dropout: training member 1 again gives the same weights.
+    let again = temp_run_dir("members-again");
+    let config =
+        tiny_train(json!({"members": 2, "steps": 5, "lrs": [1e-2, 3e-3], "dropouts": [0.0, 0.1]}));
+    let c = run::<Train>("rm", &again, config, vec![1], vec![(0, records(&pairs))]).unwrap();
+    assert_eq!(artifacts(&c, 0)[0].sha256, b.sha256);
+    std::fs::remove_dir_all(&again).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -282,21 +282,26 @@ impl Train {
         seeded_hash(ctx.init().seed, &format!("rm.train:{}", self.config.seed))
     }
 
-    /// The checkpoints members start from, in order (empty for scratch).
-    fn init_checkpoints(&mut self) -> Result<Vec<ArtifactRef>, StageError> {
-        let mut policies = std::mem::take(&mut self.policies);
+    /// The checkpoints members start from, in order (empty for scratch):
+    /// the policy artifacts of the newest round seen, by step.
+    fn init_checkpoints(&self) -> Result<Vec<ArtifactRef>, StageError> {
         if self.config.init == "scratch" {
             return Ok(Vec::new());
         }
-        if policies.is_empty() {
+        let Some(round) = self.policies.iter().map(|a| a.round).max() else {
             return Err(StageError::new(
                 "init = \"input\" but no policy artifact arrived on the `init` port: connect it to a policy \
                  source (inputs = { pairs = \"...\", init = \"sft.policy\" }) or set init = \"scratch\"",
             ));
-        }
-        policies.sort_by(|a, b| {
-            (a.round, checkpoint_step(&a.id), &a.id).cmp(&(b.round, checkpoint_step(&b.id), &b.id))
-        });
+        };
+        let mut policies: Vec<ArtifactRef> = self
+            .policies
+            .iter()
+            .filter(|a| a.round == round)
+            .cloned()
+            .collect();
+        policies
+            .sort_by(|a, b| (checkpoint_step(&a.id), &a.id).cmp(&(checkpoint_step(&b.id), &b.id)));
         policies.dedup_by(|a, b| a.id == b.id);
         if self.config.init_checkpoints == "last" {
             policies.drain(..policies.len() - 1);
@@ -477,8 +482,15 @@ impl Train {
                 .into_iter()
                 .map(|i| &train[i])
                 .collect();
-            let loss = bt_loss(&rm, &batch, pad, dropout as f32, &self.device)
-                .or_stage("training step failed")?;
+            let mask_seed = seeded_hash(seed, &format!("dropout:{step}"));
+            let loss = bt_loss(
+                &rm,
+                &batch,
+                pad,
+                Some((dropout as f32, mask_seed)),
+                &self.device,
+            )
+            .or_stage("training step failed")?;
             let value = f64::from(loss.to_scalar::<f32>().or_stage("training step failed")?);
             let mut grads = loss.backward().or_stage("training step failed")?;
             clip_grad_norm(&mut grads, &vars, c.clip).or_stage("training step failed")?;
@@ -593,12 +605,16 @@ fn log_sigmoid(x: &Tensor) -> hone_models::Result<Tensor> {
     Ok(soft.neg()?)
 }
 
+/// Dropout for a training step: the probability and the mask's seed; `None`
+/// for evaluation.
+type Dropout = Option<(f32, u64)>;
+
 /// Rewards of chosen and rejected [B] each, one forward pass.
 fn rewards(
     rm: &RewardModel,
     batch: &[&Example],
     pad: u32,
-    dropout: f32,
+    dropout: Dropout,
     device: &Device,
 ) -> hone_models::Result<(Tensor, Tensor)> {
     let seqs: Vec<Vec<u32>> = batch
@@ -607,7 +623,10 @@ fn rewards(
         .chain(batch.iter().map(|e| e.rejected.clone()))
         .collect();
     let (ids, lengths) = pad_right(&seqs, pad, device)?;
-    let r = rm.score_train(&ids, &lengths, dropout)?;
+    let r = match dropout {
+        Some((p, seed)) => rm.score_train_seeded(&ids, &lengths, p, seed)?,
+        None => rm.score(&ids, &lengths)?,
+    };
     let b = batch.len();
     Ok((r.narrow(0, 0, b)?, r.narrow(0, b, b)?))
 }
@@ -617,7 +636,7 @@ fn pair_losses(
     rm: &RewardModel,
     batch: &[&Example],
     pad: u32,
-    dropout: f32,
+    dropout: Dropout,
     device: &Device,
 ) -> hone_models::Result<(Tensor, Tensor)> {
     let (chosen, rejected) = rewards(rm, batch, pad, dropout, device)?;
@@ -646,7 +665,7 @@ fn bt_loss(
     rm: &RewardModel,
     batch: &[&Example],
     pad: u32,
-    dropout: f32,
+    dropout: Dropout,
     device: &Device,
 ) -> hone_models::Result<Tensor> {
     Ok(pair_losses(rm, batch, pad, dropout, device)?.0.mean_all()?)
@@ -663,7 +682,7 @@ fn evaluate(
     let (mut loss, mut right) = (0.0, 0usize);
     for chunk in eval.chunks(batch_size) {
         let batch: Vec<&Example> = chunk.iter().collect();
-        let (l, d) = pair_losses(rm, &batch, pad, 0.0, device)?;
+        let (l, d) = pair_losses(rm, &batch, pad, None, device)?;
         loss += f64::from(l.detach().sum_all()?.to_scalar::<f32>()?);
         right += d
             .detach()

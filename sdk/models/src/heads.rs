@@ -2,6 +2,7 @@
 //! head for PPO.
 
 use crate::gpt::{linear, Gpt, GptConfig};
+use crate::sample::Rng;
 use crate::{Error, Result, Tensor, VarBuilder};
 use candle_core::{Module, D};
 use candle_nn::Linear;
@@ -41,6 +42,40 @@ impl RewardModel {
         let mut last = self.last_hidden(ids, lengths)?;
         if dropout > 0.0 {
             last = candle_nn::ops::dropout(&last, dropout)?;
+        }
+        Ok(self.head.forward(&last)?.squeeze(D::Minus1)?)
+    }
+
+    /// [`RewardModel::score_train`] with a reproducible dropout mask drawn
+    /// from a [`Rng`] seeded with `seed` (candle's CPU RNG cannot be seeded).
+    pub fn score_train_seeded(
+        &self,
+        ids: &Tensor,
+        lengths: &[usize],
+        dropout: f32,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let mut last = self.last_hidden(ids, lengths)?;
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(Error::Invalid(format!(
+                "dropout probability must be in [0, 1), got {dropout}"
+            )));
+        }
+        if dropout > 0.0 {
+            let mut rng = Rng::new(seed);
+            let keep = 1.0 / (1.0 - dropout);
+            let mask: Vec<f32> = (0..last.elem_count())
+                .map(|_| {
+                    if rng.next_f64() < f64::from(dropout) {
+                        0.0
+                    } else {
+                        keep
+                    }
+                })
+                .collect();
+            let mask =
+                Tensor::from_vec(mask, last.shape(), last.device())?.to_dtype(last.dtype())?;
+            last = (last * mask)?;
         }
         Ok(self.head.forward(&last)?.squeeze(D::Minus1)?)
     }
@@ -170,6 +205,26 @@ mod tests {
             assert!(grads.get(var).is_some(), "no gradient for {name}");
         }
         assert!(rm.score_train(&x, &[4, 2], 1.0).is_err());
+        // The seeded variant: the same seed, the same mask.
+        let a: Vec<f32> = rm
+            .score_train_seeded(&x, &[4, 2], 0.5, 9)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = rm
+            .score_train_seeded(&x, &[4, 2], 0.5, 9)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let c: Vec<f32> = rm
+            .score_train_seeded(&x, &[4, 2], 0.0, 9)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(c, plain);
+        assert_ne!(a, plain);
+        assert!(rm.score_train_seeded(&x, &[4, 2], 1.0, 9).is_err());
     }
 
     #[test]
