@@ -432,7 +432,7 @@ impl Train {
             train = pairs.iter().map(encode_pair).collect();
         }
         let order_seed = if c.data_order == "same" { base } else { seed };
-        let mut batches = Batches::new(train.len(), order_seed, &train);
+        let mut batches = Batches::new(train.iter().map(|e| e.id.clone()).collect(), order_seed);
         let vars = varmap.all_vars();
         let params = ParamsAdamW {
             lr,
@@ -561,9 +561,9 @@ struct Batches {
 }
 
 impl Batches {
-    fn new(n: usize, seed: u64, examples: &[Example]) -> Self {
+    fn new(keys: Vec<String>, seed: u64) -> Self {
         let mut b = Batches {
-            keys: examples.iter().take(n).map(|e| e.id.clone()).collect(),
+            keys,
             order: Vec::new(),
             cursor: 0,
             epoch: 0,
