@@ -42,8 +42,8 @@ impl StageFactory for Logprobs {
         StageDescriptor::new(
             "lm.logprobs",
             "Scores completions under a reference policy (the newest `reference` artifact, e.g. from lm.sft), \
-             teacher-forced on the tokens lm.rollout sampled: the text's tokens, then the closing EOS or the \
-             stop string when the completion's token_logprobs cover them. Adds meta `ref_logprob` (sum of \
+             teacher-forced on the tokens lm.rollout sampled (its meta `token_ids`; for completions without \
+             them, the text's tokens, then the closing EOS or the stop string when token_logprobs cover them). Adds meta `ref_logprob` (sum of \
              log pi_ref over those tokens), `logprob` (sum of token_logprobs; absent for completions without \
              them, whose ref_logprob covers text and EOS), `ref_tokens` and `ref_policy`; logprob - \
              ref_logprob estimates KL(policy || reference) (eval.rewards averages it). Completions whose \
@@ -212,6 +212,19 @@ impl Logprobs {
     /// string when token_logprobs has room for them. Without token_logprobs
     /// (demonstrations), the text and EOS.
     fn tokens(&self, tok: &dyn Tokenizer, c: &Completion) -> Tokens {
+        // lm.rollout records the sampled ids: nothing to reconstruct.
+        if let Some(recorded) = c.meta.get("token_ids") {
+            let ids: Result<Vec<u32>, _> = recorded.split_whitespace().map(str::parse).collect();
+            return match ids {
+                Ok(ids) if ids.len() == c.token_logprobs.len() => Tokens::Ids(ids),
+                Ok(ids) => Tokens::Unknown(format!(
+                    "meta token_ids holds {} ids for {} token log-probs",
+                    ids.len(),
+                    c.token_logprobs.len()
+                )),
+                Err(e) => Tokens::Unknown(format!("meta token_ids is not a list of ids: {e}")),
+            };
+        }
         if c.text.contains('\u{FFFD}') {
             return Tokens::Unknown(
                 "the text holds a replacement character (the sampled bytes were not UTF-8), so its tokens are lost"
@@ -400,10 +413,9 @@ mod tests {
             assert_eq!(cs.len(), 6);
             let mut matched = 0;
             for c in &cs {
-                if c.text.contains('\u{FFFD}') {
-                    assert!(!c.meta.contains_key("ref_logprob"));
-                    continue;
-                }
+                // Rollout records its token ids, so even texts whose bytes
+                // are not UTF-8 are scored.
+                assert!(c.meta.contains_key("token_ids"));
                 assert!(c.meta.contains_key("logprob"), "{c:?} {:?}", scored.events);
                 matched += 1;
                 let lp: f64 = c.meta["logprob"].parse().unwrap();
@@ -418,10 +430,7 @@ mod tests {
                 );
                 assert_eq!(c.meta["ref_policy"], policy.id);
             }
-            assert!(
-                matched >= 4,
-                "too few completions matched their tokens: {cs:?}"
-            );
+            assert_eq!(matched, 6, "every completion is scored: {cs:?}");
         }
         // Demonstrations (no token_logprobs): text and EOS, unless too long
         // for the reference's context (64).
@@ -509,6 +518,23 @@ mod tests {
             stage.tokens(&tok, &c("h\u{FFFD}", 4)),
             Tokens::Unknown(_)
         ));
+        // Recorded ids win over the text, and must cover the log-probs.
+        let mut recorded = c("h\u{FFFD}", 3);
+        recorded
+            .meta
+            .insert("token_ids".into(), "104 200 257".into());
+        assert_eq!(
+            stage.tokens(&tok, &recorded),
+            Tokens::Ids(vec![104, 200, 257])
+        );
+        recorded.token_logprobs.pop();
+        assert!(
+            matches!(stage.tokens(&tok, &recorded), Tokens::Unknown(m) if m.contains("3 ids for 2"))
+        );
+        recorded.meta.insert("token_ids".into(), "104 x".into());
+        assert!(
+            matches!(stage.tokens(&tok, &recorded), Tokens::Unknown(m) if m.contains("not a list"))
+        );
     }
 
     #[test]

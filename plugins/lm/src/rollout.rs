@@ -187,9 +187,11 @@ impl Stage for Rollout {
                 .or_stage(&format!("sampling a completion of prompt {}", prompt.id))?;
                 new_tokens += ids.len();
                 count += 1;
+                let token_ids: Vec<String> = ids.iter().map(u32::to_string).collect();
                 let meta = BTreeMap::from([
                     ("sample".to_string(), i.to_string()),
                     ("new_tokens".to_string(), ids.len().to_string()),
+                    ("token_ids".to_string(), token_ids.join(" ")),
                 ]);
                 ctx.emit(
                     0,
