@@ -112,6 +112,7 @@ struct DemosConfig {
     quality: f64,
     samples: u64,
     seed: u64,
+    tag: String,
 }
 
 /// Answers world prompts with the reference solver.
@@ -125,7 +126,7 @@ impl StageFactory for Demos {
         StageDescriptor::new(
             "world.demos",
             "Answers world prompts with the reference solver: `samples` Completion demonstrations per \
-             prompt (ids `PROMPT_ID:demoN`), of controllable quality. Prompts that are not world tasks are \
+             prompt (ids `PROMPT_ID:demoN`, or `PROMPT_ID:TAG:demoN` with a `tag`), of controllable quality. Prompts that are not world tasks are \
              skipped and counted.",
         )
         .input("prompts", RecordKind::Prompt)
@@ -139,10 +140,23 @@ impl StageFactory for Demos {
         )
         .optional("samples", FieldType::Integer, 1, "Demonstrations per prompt.")
         .optional("seed", FieldType::Integer, 0, "Seed, combined with the pipeline seed.")
+        .optional(
+            "tag",
+            FieldType::String,
+            "",
+            "Put into the ids (`PROMPT_ID:TAG:demoN`), so that completions of one prompt from several \
+             demos stages keep distinct ids when their scores share a stream.",
+        )
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
         let config: DemosConfig = init.config()?;
+        if config.tag.contains(char::is_whitespace) {
+            return Err(StageError::config(
+                "tag",
+                format!("must not contain whitespace, found `{}`", config.tag),
+            ));
+        }
         if !(0.0..=1.0).contains(&config.quality) {
             return Err(StageError::config(
                 "quality",
@@ -170,7 +184,10 @@ impl Stage for Demos {
                 continue;
             };
             for s in 0..self.config.samples {
-                let id = format!("{}:demo{s}", prompt.id);
+                let id = match self.config.tag.as_str() {
+                    "" => format!("{}:demo{s}", prompt.id),
+                    tag => format!("{}:{tag}:demo{s}", prompt.id),
+                };
                 let mut rng = Draws::new(self.seed, &id);
                 let Some(text) = tasks::solve(&prompt.text, self.config.quality, &mut rng) else {
                     skipped += 1;
@@ -315,6 +332,8 @@ mod tests {
             m["mean_gold_reward"]
         };
         assert_eq!(mean(1.0), 1.0);
+        let (tagged, _) = run::<Demos>(serde_json::json!({"tag": "q9"}), prompts.clone(), 0);
+        assert_eq!(tagged[0].id(), "world:train:000000:q9:demo0");
         assert!(mean(0.5) < 0.9);
     }
 }
