@@ -46,7 +46,7 @@ impl StageFactory for RmAccuracy {
              rejected_score set, e.g. by rm.score). Metrics: `accuracy/SET` (fraction of pairs where the \
              reward difference agrees with the truth; a reward tie counts half), `ece/SET` (expected \
              calibration error of p = sigmoid(chosen_score - rejected_score) as the probability that \
-             `chosen` is better), `pairs/SET`, and with `split_by` `accuracy/SET_VALUE` per meta value. \
+             `chosen` is better, each pair counted in both orientations so the label order does not matter), `pairs/SET`, and with `split_by` `accuracy/SET_VALUE` per meta value. \
              Logs the reliability table.",
         )
         .input("pairs", RecordKind::PreferencePair)
@@ -250,15 +250,21 @@ impl RmAccuracy {
 
 /// The expected calibration error Σ_b (n_b/N)·|mean p − mean y| over `bins`
 /// equal-width bins of p, and the reliability table's lines.
+///
+/// Each pair counts in both orientations, (p, y) and (1 − p, 1 − y): which
+/// response a data set calls `chosen` is arbitrary, and without the mirror
+/// a set whose labels all agree with the truth (y = 1 everywhere) could
+/// only be "calibrated" by a model certain of every pair.
 fn calibration(judged: &[Judged], bins: usize) -> (f64, Vec<String>) {
     let mut sums = vec![(0.0f64, 0.0f64, 0u64); bins];
-    for j in judged {
-        let b = ((j.p * bins as f64) as usize).min(bins - 1);
-        sums[b].0 += j.p;
-        sums[b].1 += if j.y { 1.0 } else { 0.0 };
+    let both = judged.iter().flat_map(|j| [(j.p, j.y), (1.0 - j.p, !j.y)]);
+    for (p, y) in both {
+        let b = ((p * bins as f64) as usize).min(bins - 1);
+        sums[b].0 += p;
+        sums[b].1 += if y { 1.0 } else { 0.0 };
         sums[b].2 += 1;
     }
-    let total = judged.len() as f64;
+    let total = 2.0 * judged.len() as f64;
     let mut ece = 0.0;
     let mut lines = Vec::new();
     for (b, (p, y, count)) in sums.iter().enumerate() {
@@ -306,10 +312,27 @@ mod tests {
         assert_eq!(out.metric("accuracy/clean_true", None), Some(0.75));
         assert_eq!(out.metric("accuracy/clean_false", None), Some(0.5));
         assert_eq!(out.metric("pairs/clean", None), Some(4.0));
-        // y = 1 everywhere: bin [0, .5) holds σ(-3), bin [.5, 1] the rest.
-        let low = sigmoid(-3.0);
-        let high = (sigmoid(2.0) + 0.5 + sigmoid(5.0)) / 3.0;
-        let ece = 0.25 * (1.0 - low) + 0.75 * (1.0 - high);
+        // y = 1 everywhere; mirrored, (1 - p, 0) too. Bin [0, .5) holds
+        // σ(-3) (y 1) and the mirrors of σ(2), σ(5) (y 0); bin [.5, 1] the
+        // rest, with both orientations of the tie.
+        let low = [
+            (sigmoid(-3.0), 1.0),
+            (sigmoid(-2.0), 0.0),
+            (sigmoid(-5.0), 0.0),
+        ];
+        let high = [
+            (sigmoid(2.0), 1.0),
+            (0.5, 1.0),
+            (0.5, 0.0),
+            (sigmoid(5.0), 1.0),
+            (sigmoid(3.0), 0.0),
+        ];
+        let gap = |bin: &[(f64, f64)]| {
+            let n = bin.len() as f64;
+            (bin.iter().map(|b| b.0).sum::<f64>() / n - bin.iter().map(|b| b.1).sum::<f64>() / n)
+                .abs()
+        };
+        let ece = 3.0 / 8.0 * gap(&low) + 5.0 / 8.0 * gap(&high);
         assert!((out.metric("ece/clean", None).unwrap() - ece).abs() < 1e-12);
         assert!(out.logs[0].contains("mean p"));
     }
