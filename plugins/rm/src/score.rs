@@ -10,6 +10,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 struct ScoreConfig {
     name: String,
+    only: Option<String>,
     batch_size: usize,
     device: String,
 }
@@ -38,6 +39,13 @@ impl StageFactory for Scorer {
         .output("scores", RecordKind::Score)
         .placement(Placement::DataParallel)
         .optional("name", FieldType::String, "proxy_reward", "The `name` of the Scores emitted for completions.")
+        .optional(
+            "only",
+            FieldType::String,
+            serde_json::Value::Null,
+            "Use only the reward models whose artifact id contains this text (e.g. `member-0/` for one \
+             member of an ensemble); unset = all of the newest round.",
+        )
         .optional("batch_size", FieldType::Integer, 32, "Sequences per forward pass.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
     }
@@ -47,6 +55,12 @@ impl StageFactory for Scorer {
         let device = device(&config.device)?;
         if config.batch_size == 0 {
             return Err(StageError::config("batch_size", "must be at least 1"));
+        }
+        if config.only.as_deref().is_some_and(|o| o.is_empty()) {
+            return Err(StageError::config(
+                "only",
+                "must not be empty; leave it unset to use every model",
+            ));
         }
         if config.name.trim().is_empty() {
             return Err(StageError::config("name", "must not be empty"));
@@ -80,7 +94,24 @@ impl Stage for Scorer {
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let records = std::mem::take(&mut self.records);
-        let models = newest_models(&self.seen);
+        let mut models = newest_models(&self.seen);
+        let all = models.len();
+        if let Some(only) = &self.config.only {
+            models.retain(|m| m.id.contains(only.as_str()));
+            if models.is_empty() && all > 0 {
+                return Err(StageError::config(
+                    "only",
+                    format!(
+                        "no reward model's artifact id contains `{only}`; the newest round's: {}",
+                        newest_models(&self.seen)
+                            .iter()
+                            .map(|m| m.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
         ctx.metric("models", models.len() as f64);
         if records.is_empty() {
             ctx.metric("scored", 0.0);

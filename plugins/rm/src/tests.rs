@@ -353,6 +353,7 @@ fn score_uses_the_ensemble_mean_of_the_newest_round() {
     a.round = 1;
     b.round = 1;
     let pair = learnable_pairs(1).remove(0);
+    let pair_for_only = pair.clone();
     let each: Vec<f64> = [&a, &b]
         .iter()
         .map(|m| {
@@ -379,7 +380,7 @@ fn score_uses_the_ensemble_mean_of_the_newest_round() {
         &dir,
         json!({}),
         vec![0],
-        vec![(0, input), (1, vec![Record::Pair(pair)])],
+        vec![(0, input.clone()), (1, vec![Record::Pair(pair)])],
     )
     .unwrap();
     let Record::Pair(p) = &out.records[&0][0] else {
@@ -387,6 +388,28 @@ fn score_uses_the_ensemble_mean_of_the_newest_round() {
     };
     assert!((p.chosen_score.unwrap() - (each[0] + each[1]) / 2.0).abs() < 1e-5);
     assert_eq!(metrics_of(&out, "models"), 2.0);
+    // `only` picks one member of the ensemble; naming none is a config error.
+    let only = |text: &str| {
+        run::<Scorer>(
+            "score",
+            &dir,
+            json!({ "only": text }),
+            vec![0],
+            vec![
+                (0, input.clone()),
+                (1, vec![Record::Pair(pair_for_only.clone())]),
+            ],
+        )
+    };
+    let out = only("train/b/").unwrap();
+    let Record::Pair(p) = &out.records[&0][0] else {
+        panic!("expected a pair")
+    };
+    assert!((p.chosen_score.unwrap() - each[1]).abs() < 1e-5);
+    assert_eq!(metrics_of(&out, "models"), 1.0);
+    let err = only("member-7").err().unwrap();
+    assert_eq!(err.config_field(), Some("only"));
+    assert!(err.message.contains("train/a/model.safetensors@0"), "{err}");
     // Records but no model: an error saying what to connect.
     let err = run::<Scorer>(
         "score",
