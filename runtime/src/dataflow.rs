@@ -74,6 +74,19 @@ pub struct RunShared {
     pub abort: AtomicBool,
 }
 
+/// Where a per-member stage's member 0 is placed: members are dealt to
+/// workers round-robin across all per-member stages in pipeline order, so
+/// that several one-member stages (say, reward models trained on different
+/// data) run on different workers instead of all on worker 0. Member `m` of
+/// stage `stage` runs on worker `(offset + m) mod N`.
+pub fn member_offset(pipeline: &ResolvedPipeline, stage: usize) -> usize {
+    pipeline.stages[..stage]
+        .iter()
+        .filter(|s| matches!(s.descriptor.placement, Placement::PerMember { .. }))
+        .map(|s| s.members)
+        .sum()
+}
+
 /// Builds the dataflow on one worker.
 pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
     let index = worker.index();
@@ -243,7 +256,12 @@ impl StageOp {
                     vec![]
                 }
             }
-            Placement::PerMember { .. } => (0..s.members).filter(|m| m % peers == worker).collect(),
+            Placement::PerMember { .. } => {
+                let offset = member_offset(&op.shared.pipeline, stage);
+                (0..s.members)
+                    .filter(|m| (offset + m) % peers == worker)
+                    .collect()
+            }
         };
         if members.is_empty() {
             return op;
