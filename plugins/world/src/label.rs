@@ -49,7 +49,8 @@ impl StageFactory for Label {
              longer wins (bias `length`); else Bradley-Terry, P(a > b) = sigmoid((gold_a - gold_b) / temperature). \
              Then the label is flipped with probability flip_rate. Emits PreferencePairs (label_source \
              `simulated`, `position_swapped` = the rejected response was shown first) with meta `gold_chosen`, \
-             `gold_rejected`, `clean_label`, `flipped`, `annotator`, `bias`. Metrics (counts): pairs, flipped, \
+             `gold_rejected`, `clean_label`, `flipped`, `annotator`, `bias`, `prompt_id`, and the completions' `family` and \
+             `split`. Metrics (counts): pairs, flipped, \
              position_decided, length_decided, clean_agreement, skipped_identical.",
         )
         .input("completions", RecordKind::Completion)
@@ -205,6 +206,13 @@ impl Label {
             ("bias".to_string(), bias.to_string()),
             ("prompt_id".to_string(), a.prompt_id.clone()),
         ]);
+        // The task family and split travel along, for per-family and
+        // in/out-of-distribution breakdowns (`split_by`).
+        for key in ["family", "split"] {
+            if let Some(v) = a.meta.get(key) {
+                pair.meta.insert(key.to_string(), v.clone());
+            }
+        }
         pair
     }
 }

@@ -163,3 +163,23 @@ fn rates_outside_zero_one_are_config_errors() {
     let err = Label::create(&init).err().unwrap();
     assert_eq!(err.config_field(), Some("flip_rate"));
 }
+
+#[test]
+fn pairs_carry_the_family_and_split_of_their_completions() {
+    let mut records = completions(2);
+    for r in &mut records {
+        if let Record::Completion(c) = r {
+            c.meta.insert("family".into(), "sort".into());
+            c.meta.insert("split".into(), "shifted".into());
+            c.meta.insert("quality".into(), "0.5".into());
+        }
+    }
+    let (out, _) = run::<Label>(serde_json::json!({}), records, 0);
+    let pairs = pairs(out);
+    assert!(!pairs.is_empty());
+    for p in &pairs {
+        assert_eq!(p.meta["family"], "sort");
+        assert_eq!(p.meta["split"], "shifted");
+        assert!(!p.meta.contains_key("quality"));
+    }
+}
