@@ -10,12 +10,14 @@ use std::collections::BTreeMap;
 struct BestOfNConfig {
     ns: Vec<i64>,
     keep: Option<i64>,
+    keep_all: bool,
 }
 
 /// Best-of-n selection by a proxy reward, measured by a gold reward.
 pub struct BestOfN {
     ns: Vec<usize>,
     keep: usize,
+    keep_all: bool,
     completions: Vec<Completion>,
     proxy: Scores,
     gold: Scores,
@@ -35,8 +37,8 @@ impl StageFactory for BestOfN {
              as numbers) and the one with the highest `proxy` score. For each n in `ns`, metrics at step n: \
              `kl` (the analytic log n - (n-1)/n), `proxy_reward` and `gold_reward` (mean scores of the picks), \
              `gold_reward_oracle` (mean best gold among the first n), `prompts` (prompts with at least n \
-             scored samples) and `too_few_samples`. Emits the picks at n = `keep` on `best`, with meta \
-             `best_of`, `proxy_reward` and `gold_reward`.",
+             scored samples) and `too_few_samples`. Emits the picks at n = `keep` (or, with `keep_all`, \
+             at every n) on `best`, with meta `best_of`, `proxy_reward` and `gold_reward`.",
         )
         .input("completions", RecordKind::Completion)
         .input("proxy", RecordKind::Score)
@@ -53,6 +55,13 @@ impl StageFactory for BestOfN {
             FieldType::Integer,
             serde_json::Value::Null,
             "The n whose picks are emitted on `best`. Unset: the largest of `ns`.",
+        )
+        .optional(
+            "keep_all",
+            FieldType::Bool,
+            false,
+            "Emit the picks of every n in `ns` (each with meta `best_of`), e.g. for eval.elo with \
+             `player = \"meta:best_of\"` and `score = \"gold_reward\"`.",
         )
         .placement(Placement::Single)
     }
@@ -87,6 +96,7 @@ impl StageFactory for BestOfN {
         Ok(BestOfN {
             ns,
             keep,
+            keep_all: config.keep_all,
             completions: Vec::new(),
             proxy: Scores::default(),
             gold: Scores::default(),
@@ -177,7 +187,7 @@ impl Stage for BestOfN {
                 if oracle.is_finite() {
                     oracles.push(oracle);
                 }
-                if n == self.keep {
+                if n == self.keep || (self.keep_all && self.ns.contains(&n)) {
                     let mut c = pick.clone();
                     c.meta.insert("best_of".into(), n.to_string());
                     c.meta
@@ -302,6 +312,23 @@ mod tests {
             .logs
             .iter()
             .any(|l| l.contains("best-of-n over 3 prompts")));
+        // keep_all: the picks of every n that some prompt reaches.
+        let all = run::<BestOfN>(
+            serde_json::json!({"ns": [1, 2, 4, 8], "keep_all": true}),
+            inputs(3, 6, true),
+        )
+        .unwrap();
+        let mut levels: Vec<String> = all
+            .records
+            .iter()
+            .map(|r| match r {
+                Record::Completion(c) => c.meta["best_of"].clone(),
+                _ => panic!(),
+            })
+            .collect();
+        levels.dedup();
+        assert_eq!(levels, ["1", "2", "4"]);
+        assert_eq!(all.records.len(), 9);
     }
 
     #[test]
