@@ -12,8 +12,13 @@
 //!   margin policies (Secrets of RLHF II).
 //! - `rm.warm`: weight-averaged reward models (WARM), merged one member at a
 //!   time, refusing members that do not share an initialisation.
+//!
+//! Reward models have one of two backbones (`reward.json`'s `backbone`): a
+//! byte-level GPT trained whole, or all-MiniLM-L6-v2 frozen under a trained
+//! linear head (`model.rs`).
 
 mod merge;
+mod model;
 mod score;
 mod strength;
 mod train;
@@ -25,9 +30,9 @@ pub use strength::Strength;
 pub use train::Train;
 pub use warm::Warm;
 
-use hone_models::reward::{load_reward_model, score_texts, LoadedRm};
 use hone_models::Device;
 use hone_sdk::prelude::*;
+use model::{load_rm_dir, Rm};
 use std::path::PathBuf;
 
 hone_sdk::export_stages!(Train, Scorer, Strength, Warm);
@@ -75,46 +80,10 @@ fn newest_models(seen: &[ArtifactRef]) -> Vec<ArtifactRef> {
     newest
 }
 
-/// Loads the reward model an artifact points at.
-fn load_rm(
-    init: &StageInit,
-    artifact: &ArtifactRef,
-    device: &Device,
-) -> Result<LoadedRm, StageError> {
-    load_reward_model(&artifact_dir(init, artifact), device)
-        .or_stage(&format!("cannot load reward model {}", artifact.id))
-}
-
-/// Rewards of `(prompt, response)` items under one loaded model, as f64.
-fn rewards(
-    rm: &LoadedRm,
-    items: &[(&str, &str)],
-    batch_size: usize,
-    device: &Device,
-) -> Result<Vec<f64>, StageError> {
-    Ok(
-        score_texts(&rm.rm, rm.tok.as_ref(), items, batch_size, device)
-            .or_stage("scoring failed")?
-            .into_iter()
-            .map(f64::from)
-            .collect(),
-    )
-}
-
-/// Per pair, the reward of chosen and of rejected under one model.
-fn pair_rewards(
-    rm: &LoadedRm,
-    pairs: &[PreferencePair],
-    batch_size: usize,
-    device: &Device,
-) -> Result<Vec<(f64, f64)>, StageError> {
-    let mut items: Vec<(&str, &str)> = Vec::with_capacity(2 * pairs.len());
-    for p in pairs {
-        items.push((&p.prompt, &p.chosen));
-        items.push((&p.prompt, &p.rejected));
-    }
-    let r = rewards(rm, &items, batch_size, device)?;
-    Ok(r.chunks(2).map(|c| (c[0], c[1])).collect())
+/// Loads the reward model an artifact points at, whichever its backbone.
+fn load_rm(init: &StageInit, artifact: &ArtifactRef, device: &Device) -> Result<Rm, StageError> {
+    load_rm_dir(&artifact_dir(init, artifact), device)
+        .map_err(|e| StageError::new(format!("cannot load reward model {}: {e}", artifact.id)))
 }
 
 /// What a pair says is better: `Some(true)` if chosen, `Some(false)` if
@@ -267,6 +236,7 @@ pub(crate) mod testing {
         RewardModel::new(cfg, vb).unwrap();
         init_seeded(&varmap, seed).unwrap();
         let meta = RewardMeta {
+            backbone: "gpt".into(),
             lineage_root: root.into(),
             init: "scratch".into(),
             member: 0,

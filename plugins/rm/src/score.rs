@@ -1,7 +1,7 @@
 //! `rm.score`: rewards from one reward model or the mean of an ensemble.
 
-use crate::{device, load_rm, newest_models, pair_rewards, rewards};
-use hone_models::reward::LoadedRm;
+use crate::model::{Rm, Scoring};
+use crate::{device, load_rm, newest_models};
 use hone_models::Device;
 use hone_sdk::prelude::*;
 use serde::Deserialize;
@@ -21,7 +21,9 @@ pub struct Scorer {
     device: Device,
     seen: Vec<ArtifactRef>,
     /// The models loaded last, by artifact id, reused while they stay newest.
-    loaded: Vec<(String, LoadedRm)>,
+    loaded: Vec<(String, Rm)>,
+    /// Scores with them; holds a pretrained backbone once for all heads.
+    scoring: Scoring,
     records: Vec<Record>,
 }
 
@@ -46,7 +48,7 @@ impl StageFactory for Scorer {
             "Use only the reward models whose artifact id contains this text (e.g. `member-0/` for one \
              member of an ensemble); unset = all of the newest round.",
         )
-        .optional("batch_size", FieldType::Integer, 32, "Sequences per forward pass.")
+        .optional("batch_size", FieldType::Integer, 32, "Sequences per forward pass (GPT or the pretrained backbone).")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
     }
 
@@ -65,11 +67,13 @@ impl StageFactory for Scorer {
         if config.name.trim().is_empty() {
             return Err(StageError::config("name", "must not be empty"));
         }
+        let scoring = Scoring::new(device.clone(), config.batch_size);
         Ok(Scorer {
             config,
             device,
             seen: Vec::new(),
             loaded: Vec::new(),
+            scoring,
             records: Vec::new(),
         })
     }
@@ -141,7 +145,6 @@ impl Stage for Scorer {
             }
         }
         let n = self.loaded.len() as f64;
-        let bs = self.config.batch_size;
         let mut pair_sums = vec![(0.0, 0.0); pairs.len()];
         let mut completion_sums = vec![0.0; completions.len()];
         let items: Vec<(&str, &str)> = completions
@@ -149,21 +152,21 @@ impl Stage for Scorer {
             .map(|c| (c.prompt.as_str(), c.text.as_str()))
             .collect();
         for (_, rm) in &self.loaded {
-            for (sum, (c, r)) in
-                pair_sums
-                    .iter_mut()
-                    .zip(pair_rewards(rm, &pairs, bs, &self.device)?)
+            for (sum, (c, r)) in pair_sums
+                .iter_mut()
+                .zip(self.scoring.pair_rewards(rm, &pairs)?)
             {
                 sum.0 += c / n;
                 sum.1 += r / n;
             }
             for (sum, r) in completion_sums
                 .iter_mut()
-                .zip(rewards(rm, &items, bs, &self.device)?)
+                .zip(self.scoring.rewards(rm, &items)?)
             {
                 *sum += r / n;
             }
         }
+        self.scoring.end_round();
         let scored = pairs.len() + completions.len();
         for (mut p, (c, r)) in pairs.into_iter().zip(pair_sums) {
             p.chosen_score = Some(c);

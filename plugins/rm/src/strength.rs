@@ -2,7 +2,8 @@
 //! (Secrets of RLHF II): flip, drop or smooth the pairs the ensemble
 //! disagrees with, or give strong pairs a larger margin.
 
-use crate::{device, load_rm, newest_models, pair_rewards};
+use crate::model::Scoring;
+use crate::{device, load_rm, newest_models};
 use hone_models::Device;
 use hone_sdk::prelude::*;
 use serde::Deserialize;
@@ -17,6 +18,7 @@ struct StrengthConfig {
     smoothing: f64,
     adaptive_margin: f64,
     bin_width: f64,
+    group_by_meta: Option<String>,
     batch_size: usize,
     device: String,
 }
@@ -25,6 +27,8 @@ struct StrengthConfig {
 pub struct Strength {
     config: StrengthConfig,
     device: Device,
+    /// Scores with the models; holds a pretrained backbone once for all heads.
+    scoring: Scoring,
     seen: Vec<ArtifactRef>,
     pairs: Vec<PreferencePair>,
 }
@@ -40,7 +44,7 @@ impl StageFactory for Strength {
              adaptive_margin (margin = scale * max(mean, 0)). Metrics: pairs, flipped, dropped, smoothed, \
              strength_hist/BIN_LOW, negative_mean_share; with world meta `flipped`: injected_flips, \
              injected_flips_in_lowest_decile, injected_flips_in_lowest_quartile, strength_flip_precision; with \
-             meta `agreement`: mean_strength/VALUE.",
+             group_by_meta = KEY: mean_strength/VALUE and pairs/VALUE per value of meta KEY.",
         )
         .input("models", RecordKind::Artifact)
         .input("pairs", RecordKind::PreferencePair)
@@ -67,7 +71,14 @@ impl StageFactory for Strength {
         .optional("smoothing", FieldType::Float, 0.1, "Label-smoothing eps in [0, 0.5) written to ambiguous pairs with ambiguous = \"smooth\".")
         .optional("adaptive_margin", FieldType::Float, 0.0, "Scale of the adaptive margin: margin = scale * max(mean strength, 0); 0 = leave margins alone.")
         .optional("bin_width", FieldType::Float, 0.5, "Width of the strength_hist bins.")
-        .optional("batch_size", FieldType::Integer, 32, "Sequences per forward pass.")
+        .optional(
+            "group_by_meta",
+            FieldType::String,
+            serde_json::Value::Null,
+            "A meta key (e.g. `annotator_agreement`): report mean_strength/VALUE and pairs/VALUE for each value \
+             it takes (pairs without it are left out); unset = no grouping.",
+        )
+        .optional("batch_size", FieldType::Integer, 32, "Sequences per forward pass (GPT or the pretrained backbone).")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
     }
 
@@ -103,9 +114,21 @@ impl StageFactory for Strength {
         if config.batch_size == 0 {
             return Err(StageError::config("batch_size", "must be at least 1"));
         }
+        if config
+            .group_by_meta
+            .as_deref()
+            .is_some_and(|k| k.trim().is_empty())
+        {
+            return Err(StageError::config(
+                "group_by_meta",
+                "must name a meta key; leave it unset for no grouping",
+            ));
+        }
+        let scoring = Scoring::new(device.clone(), config.batch_size);
         Ok(Strength {
             config,
             device,
+            scoring,
             seen: Vec::new(),
             pairs: Vec::new(),
         })
@@ -147,18 +170,23 @@ impl Stage for Strength {
         let mut diffs: Vec<Vec<f64>> = vec![Vec::with_capacity(models.len()); pairs.len()];
         for m in &models {
             let rm = load_rm(ctx.init(), m, &self.device)?;
-            for (d, (c, r)) in diffs.iter_mut().zip(pair_rewards(
-                &rm,
-                &pairs,
-                self.config.batch_size,
-                &self.device,
-            )?) {
+            for (d, (c, r)) in diffs
+                .iter_mut()
+                .zip(self.scoring.pair_rewards(&rm, &pairs)?)
+            {
                 d.push(c - r);
             }
         }
+        self.scoring.end_round();
         let stats: Vec<(f64, f64)> = diffs.iter().map(|d| mean_std(d)).collect();
         let means: Vec<f64> = stats.iter().map(|s| s.0).collect();
-        report(ctx, &pairs, &means, self.config.bin_width);
+        report(
+            ctx,
+            &pairs,
+            &means,
+            self.config.bin_width,
+            self.config.group_by_meta.as_deref(),
+        );
         let c = &self.config;
         let (mut flipped, mut dropped, mut smoothed, mut true_flips) =
             (0usize, 0usize, 0usize, 0usize);
@@ -224,7 +252,13 @@ pub(crate) fn bin_label(mean: f64, width: f64) -> String {
 }
 
 /// The metrics that describe the strengths before any policy applies.
-fn report(ctx: &mut Context, pairs: &[PreferencePair], means: &[f64], bin_width: f64) {
+fn report(
+    ctx: &mut Context,
+    pairs: &[PreferencePair],
+    means: &[f64],
+    bin_width: f64,
+    group_by: Option<&str>,
+) {
     let n = pairs.len();
     ctx.metric("pairs", n as f64);
     let mut hist: BTreeMap<i64, (String, usize)> = BTreeMap::new();
@@ -262,15 +296,25 @@ fn report(ctx: &mut Context, pairs: &[PreferencePair], means: &[f64], bin_width:
             }
         }
     }
-    let mut by_agreement: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+    let Some(key) = group_by else {
+        return;
+    };
+    let mut groups: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
     for (p, m) in pairs.iter().zip(means) {
-        if let Some(a) = p.meta.get("agreement") {
-            let e = by_agreement.entry(a.as_str()).or_default();
+        if let Some(value) = p.meta.get(key) {
+            let e = groups.entry(value.as_str()).or_default();
             e.0 += m;
             e.1 += 1;
         }
     }
-    for (value, (sum, count)) in by_agreement {
+    let mut rows = vec![format!("{key:>12} {:>7} {:>13}", "pairs", "mean_strength")];
+    for (value, (sum, count)) in groups {
         ctx.metric(&format!("mean_strength/{value}"), sum / count as f64);
+        ctx.metric(&format!("pairs/{value}"), count as f64);
+        rows.push(format!(
+            "{value:>12} {count:>7} {:>13.4}",
+            sum / count as f64
+        ));
     }
+    ctx.log(format!("strength by meta {key}\n{}", rows.join("\n")));
 }

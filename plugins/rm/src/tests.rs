@@ -630,9 +630,15 @@ fn strength_policies_drop_smooth_and_margin() {
     let out = run_with(json!({"ambiguous_below": 1e9, "ambiguous": "drop"}));
     assert!(!out.records.contains_key(&0));
     assert_eq!(metrics(&out)["dropped"], 12.0);
-    let out = run_with(json!({"ambiguous_below": 1e9, "ambiguous": "smooth", "smoothing": 0.2}));
+    assert!(!metrics(&out).contains_key("mean_strength/yes"));
+    let out = run_with(
+        json!({"ambiguous_below": 1e9, "ambiguous": "smooth", "smoothing": 0.2,
+        "group_by_meta": "agreement"}),
+    );
     assert_eq!(metrics(&out)["smoothed"], 12.0);
     assert!(metrics(&out).contains_key("mean_strength/yes"));
+    assert_eq!(metrics(&out)["pairs/yes"], 6.0);
+    assert_eq!(metrics(&out)["pairs/no"], 6.0);
     for r in &out.records[&0] {
         let Record::Pair(p) = r else { panic!() };
         assert_eq!(p.meta["smoothing"], "0.2");

@@ -1,23 +1,32 @@
 //! `rm.train`: a Bradley–Terry reward-model ensemble, one member per worker.
 
+use crate::model::Scoring;
 use crate::{artifact_dir, device, OrStageError, REWARD_MODEL};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW};
 use hone_models::checkpoint;
 use hone_models::gpt::{init_seeded, GptConfig};
 use hone_models::heads::RewardModel;
-use hone_models::reward::{encode, pad_right, save_reward_model, RewardMeta};
+use hone_models::reward::{
+    encode, pad_right, save_head_reward_model, save_reward_model, PretrainedConfig, RewardMeta,
+    GPT_BACKBONE,
+};
+use hone_models::sample::Rng;
 use hone_models::tokenizer::{load_tokenizer, ByteTokenizer, Tokenizer};
 use hone_models::train::{clip_grad_norm, lr_at};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
+use hone_pretrained::minilm::MODEL_NAME as MINILM;
 use hone_sdk::prelude::*;
 use hone_sdk::text::seeded_hash;
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TrainConfig {
     members: usize,
+    backbone: String,
+    embed_batch_size: usize,
     init: String,
     init_checkpoints: String,
     init_seed: u64,
@@ -48,6 +57,8 @@ pub struct Train {
     config: TrainConfig,
     lrs: Vec<f64>,
     device: Device,
+    /// Holds the pretrained backbone (loaded once) and embeds the pairs.
+    scoring: Scoring,
     pairs: Vec<PreferencePair>,
     policies: Vec<ArtifactRef>,
 }
@@ -73,6 +84,21 @@ impl StageFactory for Train {
             members_field: "members".into(),
         })
         .optional("members", int.clone(), 1, "Ensemble size M; member i runs on worker i mod N.")
+        .optional(
+            "backbone",
+            FieldType::one_of(&["gpt", MINILM]),
+            GPT_BACKBONE,
+            "`gpt`: a byte-level GPT reward model, trained whole (init scratch or input). `all-minilm-l6-v2`: \
+             the pretrained sentence encoder, frozen, under a trained linear head on its mean-pooled embedding \
+             of (prompt, response); each distinct text is embedded once and the members train their heads on \
+             the cached embeddings (init must be scratch; d_model..context are ignored).",
+        )
+        .optional(
+            "embed_batch_size",
+            int.clone(),
+            32,
+            "With a pretrained backbone: texts per forward pass when embedding the pairs.",
+        )
         .optional(
             "init",
             FieldType::one_of(&["scratch", "input"]),
@@ -126,6 +152,7 @@ impl StageFactory for Train {
             ("context", config.context),
             ("steps", config.steps),
             ("batch_size", config.batch_size),
+            ("embed_batch_size", config.embed_batch_size),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(StageError::config(*field, "must be at least 1"));
@@ -163,6 +190,16 @@ impl StageFactory for Train {
                 format!("must be >= 0, found {}", config.min_lr),
             ));
         }
+        if config.backbone != GPT_BACKBONE && config.init != "scratch" {
+            return Err(StageError::config(
+                "init",
+                format!(
+                    "backbone = \"{}\" starts from its pretrained weights and a fresh head: init must be \
+                     \"scratch\" (the head from init_seed), found \"{}\"",
+                    config.backbone, config.init
+                ),
+            ));
+        }
         let lrs = config.lrs.clone().unwrap_or_else(|| vec![config.lr]);
         if lrs.is_empty() || lrs.iter().any(|lr| lr.is_nan() || *lr <= 0.0) {
             return Err(StageError::config(
@@ -179,10 +216,12 @@ impl StageFactory for Train {
                 ),
             ));
         }
+        let scoring = Scoring::new(device.clone(), config.embed_batch_size);
         Ok(Train {
             config,
             lrs,
             device,
+            scoring,
             pairs: Vec::new(),
             policies: Vec::new(),
         })
@@ -214,8 +253,18 @@ impl Stage for Train {
         if pairs.is_empty() {
             return Ok(());
         }
-        let inits = self.init_checkpoints()?;
         let members = ctx.init().members.clone();
+        if members.is_empty() {
+            return Ok(());
+        }
+        if self.config.backbone != GPT_BACKBONE {
+            let cache = self.embed_pairs(ctx, &pairs)?;
+            for member in members {
+                self.train_head_member(ctx, member, &pairs, &cache)?;
+            }
+            return Ok(());
+        }
+        let inits = self.init_checkpoints()?;
         for member in members {
             self.train_member(ctx, member, &pairs, &inits)?;
         }
@@ -242,7 +291,8 @@ struct Built {
     desc: String,
 }
 
-/// One pair, tokenized.
+/// One pair, encoded: token ids (GPT) or the one row of its text in the
+/// embedding cache (pretrained backbone).
 struct Example {
     id: String,
     chosen: Vec<u32>,
@@ -384,6 +434,63 @@ impl Train {
         })
     }
 
+    /// A member's seed, learning rate and dropout.
+    fn member_setup(&self, ctx: &Context, member: usize) -> (u64, f64, f64) {
+        let c = &self.config;
+        let seed = seeded_hash(self.base_seed(ctx), &format!("member{member}"));
+        (
+            seed,
+            self.lrs[member % self.lrs.len()],
+            c.dropouts[member % c.dropouts.len()],
+        )
+    }
+
+    /// One pair as an example, its texts encoded by `encode_text`.
+    fn example(&self, p: &PreferencePair, encode_text: &dyn Fn(&str, &str) -> Vec<u32>) -> Example {
+        let c = &self.config;
+        Example {
+            id: p.id.clone(),
+            chosen: encode_text(&p.prompt, &p.chosen),
+            rejected: encode_text(&p.prompt, &p.rejected),
+            margin: (c.margin_scale * p.margin) as f32,
+            weight: p.weight as f32,
+            smoothing: p
+                .meta
+                .get("smoothing")
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(c.label_smoothing) as f32,
+        }
+    }
+
+    /// The seeded hold-out (the same for all members) and the training
+    /// examples; all pairs train when too few remain.
+    fn split(
+        &self,
+        ctx: &Context,
+        pairs: &[PreferencePair],
+        encode_text: &dyn Fn(&str, &str) -> Vec<u32>,
+    ) -> (Vec<Example>, Vec<Example>) {
+        let base = self.base_seed(ctx);
+        let holdout = |p: &PreferencePair| {
+            draw(base, &format!("holdout:{}", p.id)) < self.config.eval_fraction
+        };
+        let (e, t): (Vec<&PreferencePair>, Vec<&PreferencePair>) =
+            pairs.iter().partition(|p| holdout(p));
+        let eval: Vec<Example> = e
+            .into_iter()
+            .map(|p| self.example(p, encode_text))
+            .collect();
+        let mut train: Vec<Example> = t
+            .into_iter()
+            .map(|p| self.example(p, encode_text))
+            .collect();
+        if train.is_empty() {
+            // Too few pairs to hold any out: train on the held-out ones.
+            train = pairs.iter().map(|p| self.example(p, encode_text)).collect();
+        }
+        (eval, train)
+    }
+
     fn train_member(
         &self,
         ctx: &mut Context,
@@ -391,11 +498,7 @@ impl Train {
         pairs: &[PreferencePair],
         inits: &[ArtifactRef],
     ) -> Result<(), StageError> {
-        let c = &self.config;
-        let base = self.base_seed(ctx);
-        let seed = seeded_hash(base, &format!("member{member}"));
-        let lr = self.lrs[member % self.lrs.len()];
-        let dropout = c.dropouts[member % c.dropouts.len()];
+        let (seed, lr, dropout) = self.member_setup(ctx, member);
         let from = self.member_init(member, inits);
         let Built {
             rm,
@@ -405,32 +508,193 @@ impl Train {
             root,
             desc: init_desc,
         } = self.build(ctx, &from)?;
-        let encode_pair = |p: &PreferencePair| Example {
-            id: p.id.clone(),
-            chosen: encode(tok.as_ref(), &p.prompt, &p.chosen, cfg.context),
-            rejected: encode(tok.as_ref(), &p.prompt, &p.rejected, cfg.context),
-            margin: (c.margin_scale * p.margin) as f32,
-            weight: p.weight as f32,
-            smoothing: p
-                .meta
-                .get("smoothing")
-                .and_then(|s| s.parse::<f64>().ok())
-                .unwrap_or(c.label_smoothing) as f32,
+        let encode_text = |p: &str, r: &str| encode(tok.as_ref(), p, r, cfg.context);
+        let (eval, train) = self.split(ctx, pairs, &encode_text);
+        let net = Net::Gpt {
+            rm: &rm,
+            pad: tok.pad_id(),
         };
-        let holdout =
-            |p: &PreferencePair| draw(base, &format!("holdout:{}", p.id)) < c.eval_fraction;
-        let (eval, mut train): (Vec<Example>, Vec<Example>) = {
-            let (e, t): (Vec<&PreferencePair>, Vec<&PreferencePair>) =
-                pairs.iter().partition(|p| holdout(p));
-            (
-                e.into_iter().map(encode_pair).collect(),
-                t.into_iter().map(encode_pair).collect(),
-            )
+        self.fit(
+            ctx,
+            member,
+            (seed, lr, dropout),
+            &net,
+            &varmap,
+            (&train, &eval),
+            &init_desc,
+        )?;
+        let dir = self.member_dir(ctx, member)?;
+        let meta = RewardMeta {
+            backbone: GPT_BACKBONE.into(),
+            lineage_root: root.clone(),
+            init: init_desc.clone(),
+            member,
+            seed,
+            lr,
+            dropout,
+            steps: self.config.steps,
+            merged_from: Vec::new(),
+            weights: Vec::new(),
         };
-        if train.is_empty() {
-            // Too few pairs to hold any out: train on the held-out ones.
-            train = pairs.iter().map(encode_pair).collect();
+        save_reward_model(&dir, &varmap, &cfg, tok.as_ref(), &meta)
+            .or_stage(&format!("cannot write reward model {}", dir.display()))?;
+        let inputs = match &from {
+            InitFrom::Policy(a) => vec![a.id.clone()],
+            InitFrom::Scratch(_) => Vec::new(),
+        };
+        self.emit(ctx, &dir, inputs, &meta)
+    }
+
+    /// Embeds every distinct (prompt, response) of the pairs once with the
+    /// frozen backbone: the rows, and each text's row index.
+    fn embed_pairs(
+        &mut self,
+        ctx: &mut Context,
+        pairs: &[PreferencePair],
+    ) -> Result<EmbeddingCache, StageError> {
+        let mut index: HashMap<(String, String), u32> = HashMap::new();
+        let mut items: Vec<(&str, &str)> = Vec::new();
+        for p in pairs {
+            for r in [&p.chosen, &p.rejected] {
+                let key = (p.prompt.clone(), r.clone());
+                if let std::collections::hash_map::Entry::Vacant(e) = index.entry(key) {
+                    e.insert(items.len() as u32);
+                    items.push((&p.prompt, r));
+                }
+            }
         }
+        let start = std::time::Instant::now();
+        let every = (items.len() / 20).max(1);
+        let mut next = every;
+        let rows = {
+            let mut progress = |done: usize, total: usize| {
+                if done >= next || done == total {
+                    ctx.progress("embed", done as u64, total as u64);
+                    next = done + every;
+                }
+            };
+            self.scoring.embed(&items, &mut progress)?
+        };
+        self.scoring.end_round();
+        let hidden = rows.first().map_or(0, Vec::len);
+        ctx.log(format!(
+            "embedded {} distinct texts of {} pairs with {} in {:.1} s",
+            items.len(),
+            pairs.len(),
+            self.config.backbone,
+            start.elapsed().as_secs_f64()
+        ));
+        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        let n = flat.len() / hidden.max(1);
+        let embeddings = Tensor::from_vec(flat, (n, hidden), &self.device)
+            .or_stage("cannot hold the embeddings")?;
+        Ok(EmbeddingCache { embeddings, index })
+    }
+
+    /// Trains member `member`'s head on the cached embeddings.
+    fn train_head_member(
+        &mut self,
+        ctx: &mut Context,
+        member: usize,
+        pairs: &[PreferencePair],
+        cache: &EmbeddingCache,
+    ) -> Result<(), StageError> {
+        let (seed, lr, dropout) = self.member_setup(ctx, member);
+        let init_seed = self.init_seed(ctx);
+        let backbone = self.config.backbone.clone();
+        let (head, varmap, hidden) = {
+            let model = self.scoring.minilm()?;
+            let (head, varmap) = model
+                .new_head(init_seed)
+                .or_stage("cannot build the reward head")?;
+            (head, varmap, model.hidden_size())
+        };
+        let root = format!("{backbone}:init_seed={init_seed}");
+        let encode_text = |p: &str, r: &str| vec![cache.index[&(p.to_string(), r.to_string())]];
+        let (eval, train) = self.split(ctx, pairs, &encode_text);
+        let net = Net::Head {
+            head: &head,
+            embeddings: &cache.embeddings,
+        };
+        self.fit(
+            ctx,
+            member,
+            (seed, lr, dropout),
+            &net,
+            &varmap,
+            (&train, &eval),
+            &backbone,
+        )?;
+        let dir = self.member_dir(ctx, member)?;
+        let meta = RewardMeta {
+            backbone: backbone.clone(),
+            lineage_root: root,
+            init: backbone.clone(),
+            member,
+            seed,
+            lr,
+            dropout,
+            steps: self.config.steps,
+            merged_from: Vec::new(),
+            weights: Vec::new(),
+        };
+        let config = PretrainedConfig {
+            pretrained: backbone,
+            hidden_size: hidden,
+        };
+        save_head_reward_model(&dir, &varmap, &config, &meta)
+            .or_stage(&format!("cannot write reward model {}", dir.display()))?;
+        self.emit(ctx, &dir, Vec::new(), &meta)
+    }
+
+    /// Where member `member`'s checkpoint goes.
+    fn member_dir(&self, ctx: &Context, member: usize) -> Result<PathBuf, StageError> {
+        let mut dir = ctx.output_dir()?;
+        if ctx.init().rounds != 1 {
+            dir = dir.join(format!("round-{}", ctx.round()));
+        }
+        Ok(dir.join(format!("member-{member}")))
+    }
+
+    /// Registers and emits a saved member.
+    fn emit(
+        &self,
+        ctx: &mut Context,
+        dir: &std::path::Path,
+        inputs: Vec<String>,
+        meta: &RewardMeta,
+    ) -> Result<(), StageError> {
+        let lineage = vec![
+            format!("shared init: {}", meta.lineage_root),
+            format!(
+                "rm.train member {}: seed {}, lr {}, dropout {}, init {}",
+                meta.member, meta.seed, meta.lr, meta.dropout, meta.init
+            ),
+        ];
+        let artifact = ctx.register_artifact(
+            REWARD_MODEL,
+            &dir.join(checkpoint::WEIGHTS),
+            inputs,
+            lineage,
+        )?;
+        ctx.emit(0, Record::Artifact(artifact));
+        Ok(())
+    }
+
+    /// The optimisation loop of one member, with its metrics and loss table.
+    #[allow(clippy::too_many_arguments)]
+    fn fit(
+        &self,
+        ctx: &mut Context,
+        member: usize,
+        (seed, lr, dropout): (u64, f64, f64),
+        net: &Net,
+        varmap: &VarMap,
+        (train, eval): (&[Example], &[Example]),
+        init_desc: &str,
+    ) -> Result<(), StageError> {
+        let c = &self.config;
+        let base = self.base_seed(ctx);
         let order_seed = if c.data_order == "same" { base } else { seed };
         let mut batches = Batches::new(train.iter().map(|e| e.id.clone()).collect(), order_seed);
         let vars = varmap.all_vars();
@@ -440,7 +704,6 @@ impl Train {
             ..Default::default()
         };
         let mut opt = AdamW::new(vars.clone(), params).or_stage("cannot create the optimiser")?;
-        let pad = tok.pad_id();
         ctx.log(format!(
             "member {member}: {} parameters, {} steps on {} pairs ({} held out), lr {lr}, dropout {dropout}, init {init_desc}",
             vars.iter().map(|v| v.elem_count()).sum::<usize>(),
@@ -461,8 +724,8 @@ impl Train {
             if eval.is_empty() {
                 return Ok(None);
             }
-            let (loss, acc) = evaluate(&rm, &eval, c.batch_size, pad, &self.device)
-                .or_stage("evaluation failed")?;
+            let (loss, acc) =
+                evaluate(net, eval, c.batch_size, &self.device).or_stage("evaluation failed")?;
             ctx.metric_at(&eval_name, loss, step as u64);
             ctx.metric_at(&acc_name, acc, step as u64);
             Ok(Some((loss, acc)))
@@ -483,14 +746,8 @@ impl Train {
                 .map(|i| &train[i])
                 .collect();
             let mask_seed = seeded_hash(seed, &format!("dropout:{step}"));
-            let loss = bt_loss(
-                &rm,
-                &batch,
-                pad,
-                Some((dropout as f32, mask_seed)),
-                &self.device,
-            )
-            .or_stage("training step failed")?;
+            let loss = bt_loss(net, &batch, Some((dropout as f32, mask_seed)), &self.device)
+                .or_stage("training step failed")?;
             let value = f64::from(loss.to_scalar::<f32>().or_stage("training step failed")?);
             let mut grads = loss.backward().or_stage("training step failed")?;
             clip_grad_norm(&mut grads, &vars, c.clip).or_stage("training step failed")?;
@@ -508,42 +765,27 @@ impl Train {
             }
         }
         ctx.log(table.join("\n"));
-        // Save and emit.
-        let mut dir = ctx.output_dir()?;
-        if ctx.init().rounds != 1 {
-            dir = dir.join(format!("round-{}", ctx.round()));
-        }
-        let dir = dir.join(format!("member-{member}"));
-        let meta = RewardMeta {
-            lineage_root: root.clone(),
-            init: init_desc.clone(),
-            member,
-            seed,
-            lr,
-            dropout,
-            steps: c.steps,
-            merged_from: Vec::new(),
-            weights: Vec::new(),
-        };
-        save_reward_model(&dir, &varmap, &cfg, tok.as_ref(), &meta)
-            .or_stage(&format!("cannot write reward model {}", dir.display()))?;
-        let inputs = match &from {
-            InitFrom::Policy(a) => vec![a.id.clone()],
-            InitFrom::Scratch(_) => Vec::new(),
-        };
-        let lineage = vec![
-            format!("shared init: {root}"),
-            format!("rm.train member {member}: seed {seed}, lr {lr}, dropout {dropout}, init {init_desc}"),
-        ];
-        let artifact = ctx.register_artifact(
-            REWARD_MODEL,
-            &dir.join(checkpoint::WEIGHTS),
-            inputs,
-            lineage,
-        )?;
-        ctx.emit(0, Record::Artifact(artifact));
         Ok(())
     }
+}
+
+/// The pretrained backbone's embeddings of the round's texts.
+struct EmbeddingCache {
+    /// `(texts, hidden)`, on the training device.
+    embeddings: Tensor,
+    /// Each (prompt, response)'s row.
+    index: HashMap<(String, String), u32>,
+}
+
+/// What a training step scores examples with.
+enum Net<'a> {
+    /// A GPT reward model; examples hold token ids.
+    Gpt { rm: &'a RewardModel, pad: u32 },
+    /// A linear head on cached embeddings; examples hold one row index.
+    Head {
+        head: &'a Linear,
+        embeddings: &'a Tensor,
+    },
 }
 
 /// A uniform draw in [0, 1) from a seeded hash.
@@ -611,35 +853,76 @@ type Dropout = Option<(f32, u64)>;
 
 /// Rewards of chosen and rejected [B] each, one forward pass.
 fn rewards(
-    rm: &RewardModel,
+    net: &Net,
     batch: &[&Example],
-    pad: u32,
     dropout: Dropout,
     device: &Device,
 ) -> hone_models::Result<(Tensor, Tensor)> {
-    let seqs: Vec<Vec<u32>> = batch
-        .iter()
-        .map(|e| e.chosen.clone())
-        .chain(batch.iter().map(|e| e.rejected.clone()))
-        .collect();
-    let (ids, lengths) = pad_right(&seqs, pad, device)?;
-    let r = match dropout {
-        Some((p, seed)) => rm.score_train_seeded(&ids, &lengths, p, seed)?,
-        None => rm.score(&ids, &lengths)?,
-    };
     let b = batch.len();
+    let r = match net {
+        Net::Gpt { rm, pad } => {
+            let seqs: Vec<Vec<u32>> = batch
+                .iter()
+                .map(|e| e.chosen.clone())
+                .chain(batch.iter().map(|e| e.rejected.clone()))
+                .collect();
+            let (ids, lengths) = pad_right(&seqs, *pad, device)?;
+            match dropout {
+                Some((p, seed)) => rm.score_train_seeded(&ids, &lengths, p, seed)?,
+                None => rm.score(&ids, &lengths)?,
+            }
+        }
+        Net::Head { head, embeddings } => {
+            let rows: Vec<u32> = batch
+                .iter()
+                .map(|e| e.chosen[0])
+                .chain(batch.iter().map(|e| e.rejected[0]))
+                .collect();
+            let rows = Tensor::from_vec(rows, 2 * b, embeddings.device())?;
+            let mut x = embeddings.index_select(&rows, 0)?;
+            if let Some((p, seed)) = dropout {
+                x = seeded_dropout(&x, p, seed)?;
+            }
+            head.forward(&x)?.squeeze(1)?
+        }
+    };
     Ok((r.narrow(0, 0, b)?, r.narrow(0, b, b)?))
+}
+
+/// Dropout with probability `p` and a mask drawn from `seed`, as
+/// `RewardModel::score_train_seeded` draws it for the GPT's last hidden state.
+fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> hone_models::Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(hone_models::Error::Invalid(format!(
+            "dropout probability must be in [0, 1), got {p}"
+        )));
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let mut rng = Rng::new(seed);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.next_f64() < f64::from(p) {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
 }
 
 /// Per-pair losses [B] of a batch, and the reward differences.
 fn pair_losses(
-    rm: &RewardModel,
+    net: &Net,
     batch: &[&Example],
-    pad: u32,
     dropout: Dropout,
     device: &Device,
 ) -> hone_models::Result<(Tensor, Tensor)> {
-    let (chosen, rejected) = rewards(rm, batch, pad, dropout, device)?;
+    let (chosen, rejected) = rewards(net, batch, dropout, device)?;
     let diff = (chosen - rejected)?;
     let col = |f: fn(&Example) -> f32| {
         Tensor::from_vec(
@@ -662,27 +945,25 @@ fn pair_losses(
 
 /// The mean Bradley–Terry loss of a batch, with dropout.
 fn bt_loss(
-    rm: &RewardModel,
+    net: &Net,
     batch: &[&Example],
-    pad: u32,
     dropout: Dropout,
     device: &Device,
 ) -> hone_models::Result<Tensor> {
-    Ok(pair_losses(rm, batch, pad, dropout, device)?.0.mean_all()?)
+    Ok(pair_losses(net, batch, dropout, device)?.0.mean_all()?)
 }
 
 /// Mean loss and accuracy (reward of chosen > rejected) over held-out pairs.
 fn evaluate(
-    rm: &RewardModel,
+    net: &Net,
     eval: &[Example],
     batch_size: usize,
-    pad: u32,
     device: &Device,
 ) -> hone_models::Result<(f64, f64)> {
     let (mut loss, mut right) = (0.0, 0usize);
     for chunk in eval.chunks(batch_size) {
         let batch: Vec<&Example> = chunk.iter().collect();
-        let (l, d) = pair_losses(rm, &batch, pad, None, device)?;
+        let (l, d) = pair_losses(net, &batch, None, device)?;
         loss += f64::from(l.detach().sum_all()?.to_scalar::<f32>()?);
         right += d
             .detach()

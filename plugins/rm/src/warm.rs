@@ -1,16 +1,13 @@
 //! `rm.warm`: weight-averaged reward models (WARM, Ramé et al. 2024).
 
 use crate::merge::{merge, MergeError};
-use crate::{
-    accuracy, artifact_dir, device, load_rm, newest_models, pair_rewards, OrStageError,
-    REWARD_MODEL,
-};
+use crate::model::{load_rm_dir, HeadRm, Rm, Scoring};
+use crate::{accuracy, artifact_dir, device, load_rm, newest_models, OrStageError, REWARD_MODEL};
 use hone_models::checkpoint;
 use hone_models::gpt::GptConfig;
 use hone_models::heads::RewardModel;
-use hone_models::reward::{load_meta, load_reward_model, save_meta, score_texts, RewardMeta};
-use hone_models::tokenizer::Tokenizer;
-use hone_models::{DType, Device, Tensor, VarBuilder};
+use hone_models::reward::{load_meta, save_meta, LoadedRm, PretrainedConfig, RewardMeta};
+use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
 use hone_sdk::prelude::*;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -31,6 +28,8 @@ struct WarmConfig {
 pub struct Warm {
     config: WarmConfig,
     device: Device,
+    /// Scores with the models; holds a pretrained backbone once for all heads.
+    scoring: Scoring,
     seen: Vec<ArtifactRef>,
     pairs: Vec<PreferencePair>,
 }
@@ -41,7 +40,7 @@ impl StageFactory for Warm {
             "rm.warm",
             "Weight-averages the reward-model artifacts of the newest round seen (WARM) into one reward model, \
              streaming one member at a time; refuses members whose model config, tensors or shared \
-             initialisation (reward.json lineage_root) differ. With pairs connected, reports accuracy/member{i}, \
+             initialisation (reward.json backbone and lineage_root) differ. With pairs connected, reports accuracy/member{i}, \
              accuracy/warm and accuracy/ensemble (mean reward), and with scan = true interp_accuracy at step \
              round(100 alpha) along the line between the first two members.",
         )
@@ -91,9 +90,11 @@ impl StageFactory for Warm {
         if config.batch_size == 0 {
             return Err(StageError::config("batch_size", "must be at least 1"));
         }
+        let scoring = Scoring::new(device.clone(), config.batch_size);
         Ok(Warm {
             config,
             device,
+            scoring,
             seen: Vec::new(),
             pairs: Vec::new(),
         })
@@ -162,17 +163,21 @@ impl Stage for Warm {
             )),
             MergeError::Other(msg) => StageError::new(format!("cannot merge {}: {msg}", ids(&models))),
         })?;
-        // config.json, tokenizer.json and reward.json beside the weights.
+        // config.json, tokenizer.json (GPT only) and reward.json beside the
+        // weights.
         let first = artifact_dir(ctx.init(), &models[0]);
-        let cfg: GptConfig =
-            checkpoint::load_config(&first).or_stage("cannot read the member config")?;
-        let json = serde_json::to_vec_pretty(&cfg).or_stage("cannot write config.json")?;
-        hone_sdk::fs::atomic_write(&dir.join(checkpoint::CONFIG), &json)?;
-        let tok = hone_models::tokenizer::load_tokenizer(&first)
-            .or_stage("cannot read the member tokenizer")?;
-        tok.save(&dir).or_stage("cannot write tokenizer.json")?;
         let first_meta = load_meta(&first).or_stage("cannot read the member metadata")?;
+        let config: serde_json::Value =
+            checkpoint::load_config(&first).or_stage("cannot read the member config")?;
+        let json = serde_json::to_vec_pretty(&config).or_stage("cannot write config.json")?;
+        hone_sdk::fs::atomic_write(&dir.join(checkpoint::CONFIG), &json)?;
+        if first_meta.is_gpt() {
+            let tok = hone_models::tokenizer::load_tokenizer(&first)
+                .or_stage("cannot read the member tokenizer")?;
+            tok.save(&dir).or_stage("cannot write tokenizer.json")?;
+        }
         let meta = RewardMeta {
+            backbone: first_meta.backbone.clone(),
             lineage_root: root.clone(),
             init: first_meta.init.clone(),
             member: 0,
@@ -222,10 +227,10 @@ fn fmt_weights(w: &[f64]) -> String {
         .join(", ")
 }
 
-/// Checks that every member has the first's model config and lineage root;
-/// returns the root.
+/// Checks that every member has the first's backbone, model config and
+/// lineage root; returns the root.
 fn check_compatible(init: &StageInit, models: &[ArtifactRef]) -> Result<String, StageError> {
-    let read = |m: &ArtifactRef| -> Result<(GptConfig, RewardMeta), StageError> {
+    let read = |m: &ArtifactRef| -> Result<(serde_json::Value, RewardMeta), StageError> {
         let dir = artifact_dir(init, m);
         let doing = format!("cannot read reward model {}", m.id);
         Ok((
@@ -236,21 +241,27 @@ fn check_compatible(init: &StageInit, models: &[ArtifactRef]) -> Result<String, 
     let (cfg0, meta0) = read(&models[0])?;
     for m in &models[1..] {
         let (cfg, meta) = read(m)?;
+        if meta.backbone != meta0.backbone {
+            return Err(StageError::new(format!(
+                "cannot merge {} and {}: their backbones differ ({} vs {}); WARM averages the weights of reward \
+                 models of one backbone fine-tuned from one shared initialisation, and a {} reward model cannot \
+                 be averaged with a {} one — merge each backbone's members in its own rm.warm stage",
+                models[0].id, m.id, meta0.backbone, meta.backbone, meta0.backbone, meta.backbone
+            )));
+        }
         if cfg != cfg0 {
             return Err(StageError::new(format!(
                 "cannot merge {} and {}: their model configs differ ({} vs {}); WARM averages reward models of \
                  one architecture fine-tuned from one shared initialisation",
-                models[0].id,
-                m.id,
-                serde_json::to_string(&cfg0).unwrap_or_default(),
-                serde_json::to_string(&cfg).unwrap_or_default()
+                models[0].id, m.id, cfg0, cfg
             )));
         }
         if meta.lineage_root != meta0.lineage_root {
             return Err(StageError::new(format!(
                 "cannot merge {} and {}: they do not share an initialisation ({} vs {}); WARM averages reward \
                  models fine-tuned from one shared initialisation — train them with one rm.train stage (scratch \
-                 with one init_seed, or init = \"input\" from the checkpoints of one lm.sft run)",
+                 or a pretrained backbone with one init_seed, or init = \"input\" from the checkpoints of one \
+                 lm.sft run)",
                 models[0].id, m.id, meta0.lineage_root, meta.lineage_root
             )));
         }
@@ -261,19 +272,18 @@ fn check_compatible(init: &StageInit, models: &[ArtifactRef]) -> Result<String, 
 impl Warm {
     /// Accuracies of the members, the ensemble, the WARM model and the scan.
     fn evaluate(
-        &self,
+        &mut self,
         ctx: &mut Context,
         models: &[ArtifactRef],
         warm_dir: &std::path::Path,
         pairs: &[PreferencePair],
     ) -> Result<(), StageError> {
         let gold = self.config.truth == "gold";
-        let bs = self.config.batch_size;
         let n = models.len() as f64;
         let mut ensemble = vec![(0.0, 0.0); pairs.len()];
         for (i, m) in models.iter().enumerate() {
             let rm = load_rm(ctx.init(), m, &self.device)?;
-            let r = pair_rewards(&rm, pairs, bs, &self.device)?;
+            let r = self.scoring.pair_rewards(&rm, pairs)?;
             for (e, (c, x)) in ensemble.iter_mut().zip(&r) {
                 e.0 += c / n;
                 e.1 += x / n;
@@ -285,9 +295,9 @@ impl Warm {
         if let Some(a) = accuracy(pairs, &ensemble, gold) {
             ctx.metric("accuracy/ensemble", a);
         }
-        let warm = load_reward_model(warm_dir, &self.device)
-            .or_stage("cannot load the merged reward model")?;
-        let r = pair_rewards(&warm, pairs, bs, &self.device)?;
+        let warm = load_rm_dir(warm_dir, &self.device)
+            .map_err(|e| StageError::new(format!("cannot load the merged reward model: {e}")))?;
+        let r = self.scoring.pair_rewards(&warm, pairs)?;
         let warm_acc = accuracy(pairs, &r, gold);
         if let Some(a) = warm_acc {
             ctx.metric("accuracy/warm", a);
@@ -295,12 +305,13 @@ impl Warm {
         if self.config.scan && models.len() >= 2 {
             self.scan(ctx, &models[..2], pairs, gold)?;
         }
+        self.scoring.end_round();
         Ok(())
     }
 
     /// Accuracy along (1 - alpha) * first + alpha * second.
     fn scan(
-        &self,
+        &mut self,
         ctx: &mut Context,
         ends: &[ArtifactRef],
         pairs: &[PreferencePair],
@@ -325,16 +336,8 @@ impl Warm {
                     .or_stage("scan failed")?;
                 mix.insert(name.clone(), t);
             }
-            let vb = VarBuilder::from_tensors(mix, DType::F32, &self.device);
-            let rm = RewardModel::new(&first.config, vb)
-                .or_stage("scan: cannot build the interpolated model")?;
-            let scored = interp_rewards(
-                &rm,
-                first.tok.as_ref(),
-                pairs,
-                self.config.batch_size,
-                &self.device,
-            )?;
+            let rm = interpolated(ctx.init(), &ends[0], &first, mix, &self.device)?;
+            let scored = self.scoring.pair_rewards(&rm, pairs)?;
             if let Some(acc) = accuracy(pairs, &scored, gold) {
                 ctx.metric_at("interp_accuracy", acc, (alpha * 100.0).round() as u64);
                 rows.push(format!("{alpha:>6.2} {acc:>9.3}"));
@@ -350,20 +353,35 @@ impl Warm {
     }
 }
 
-fn interp_rewards(
-    rm: &RewardModel,
-    tok: &dyn Tokenizer,
-    pairs: &[PreferencePair],
-    batch_size: usize,
+/// A model shaped like `first` (the member at `end`) with the weights `mix`.
+fn interpolated(
+    init: &StageInit,
+    end: &ArtifactRef,
+    first: &Rm,
+    mix: HashMap<String, Tensor>,
     device: &Device,
-) -> Result<Vec<(f64, f64)>, StageError> {
-    let mut items: Vec<(&str, &str)> = Vec::with_capacity(2 * pairs.len());
-    for p in pairs {
-        items.push((&p.prompt, &p.chosen));
-        items.push((&p.prompt, &p.rejected));
+) -> Result<Rm, StageError> {
+    let doing = "scan: cannot build the interpolated model";
+    match first {
+        Rm::Gpt(loaded) => {
+            let vb = VarBuilder::from_tensors(mix, DType::F32, device);
+            let config: GptConfig = loaded.config.clone();
+            let rm = RewardModel::new(&config, vb).or_stage(doing)?;
+            let tok =
+                hone_models::tokenizer::load_tokenizer(&artifact_dir(init, end)).or_stage(doing)?;
+            Ok(Rm::Gpt(LoadedRm {
+                rm,
+                varmap: VarMap::new(),
+                tok,
+                meta: loaded.meta.clone(),
+                config,
+            }))
+        }
+        Rm::Head(head) => {
+            let config: PretrainedConfig = head.config.clone();
+            HeadRm::from_tensors(head.meta.clone(), config, &mix)
+                .map(Rm::Head)
+                .map_err(|e| StageError::new(format!("{doing}: {e}")))
+        }
     }
-    let r = score_texts(rm, tok, &items, batch_size, device).or_stage("scan: scoring failed")?;
-    Ok(r.chunks(2)
-        .map(|c| (f64::from(c[0]), f64::from(c[1])))
-        .collect())
 }

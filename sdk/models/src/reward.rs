@@ -7,6 +7,15 @@
 //! `tokenizer.json`, and `reward.json` (a [`RewardMeta`]: where the model
 //! comes from, which WARM needs to decide whether models may be averaged).
 //!
+//! A reward model on a frozen pretrained backbone (`backbone` in
+//! `reward.json` other than `"gpt"`, e.g. `all-minilm-l6-v2`) keeps only
+//! its trainable head in `model.safetensors` (`reward_head.{weight,bias}`),
+//! names the backbone in `config.json` (a [`PretrainedConfig`]) and has no
+//! `tokenizer.json` (the backbone brings its own); it is written by
+//! [`save_head_reward_model`] and loaded by the `rm` stage family, which
+//! holds the backbone; [`load_reward_model`] refuses it with a message
+//! saying so.
+//!
 //! Texts are encoded as `lm.sft` encodes demonstrations, `BOS prompt
 //! response EOS` cut from the left to the model's context, and scored at the
 //! last real token.
@@ -22,10 +31,23 @@ use std::path::Path;
 /// Name of the metadata file in a reward-model checkpoint directory.
 pub const META: &str = "reward.json";
 
+/// The `backbone` of a byte-level GPT reward model (the default).
+pub const GPT_BACKBONE: &str = "gpt";
+
+fn gpt_backbone() -> String {
+    GPT_BACKBONE.into()
+}
+
 /// Where a reward model comes from; `reward.json` in its checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardMeta {
+    /// The backbone: [`GPT_BACKBONE`] (the whole model is in
+    /// `model.safetensors`), or the name of a frozen pretrained backbone
+    /// (`all-minilm-l6-v2`: `model.safetensors` holds only the head).
+    /// Checkpoints written before the field existed are GPTs.
+    #[serde(default = "gpt_backbone")]
+    pub backbone: String,
     /// The shared initialisation: models with the same root were fine-tuned
     /// from one set of weights and may be weight-averaged (WARM).
     pub lineage_root: String,
@@ -45,6 +67,23 @@ pub struct RewardMeta {
     pub merged_from: Vec<String>,
     /// The (normalised) weights of `merged_from`; empty unless merged.
     pub weights: Vec<f64>,
+}
+
+impl RewardMeta {
+    /// Whether the model is a byte-level GPT ([`load_reward_model`] loads it).
+    pub fn is_gpt(&self) -> bool {
+        self.backbone == GPT_BACKBONE
+    }
+}
+
+/// `config.json` of a reward model on a frozen pretrained backbone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainedConfig {
+    /// The backbone's name in `hone_sdk::pretrained` (`all-minilm-l6-v2`).
+    pub pretrained: String,
+    /// Width of the pooled embedding the head reads.
+    pub hidden_size: usize,
 }
 
 /// A reward model loaded from its checkpoint directory.
@@ -75,6 +114,44 @@ pub fn save_reward_model(
     Ok(sha)
 }
 
+/// Writes the checkpoint of a reward model on a frozen pretrained backbone
+/// into `dir` (each file atomically): `model.safetensors` (the `varmap`:
+/// the head only), `config.json` (`config`) and `reward.json` (`meta`,
+/// whose `backbone` must be `config.pretrained`). Returns the sha256 hex of
+/// `model.safetensors`.
+pub fn save_head_reward_model(
+    dir: &Path,
+    varmap: &VarMap,
+    config: &PretrainedConfig,
+    meta: &RewardMeta,
+) -> Result<String> {
+    if meta.backbone != config.pretrained {
+        return Err(Error::Invalid(format!(
+            "reward.json says backbone {} but config.json {}",
+            meta.backbone, config.pretrained
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let weights = dir.join(checkpoint::WEIGHTS);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        checkpoint::WEIGHTS,
+        std::process::id()
+    ));
+    varmap
+        .save(&tmp)
+        .map_err(|e| Error::file(&weights, format!("cannot write weights: {e}")))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, &weights))
+        .map_err(|e| Error::file(&weights, e))?;
+    let config_path = dir.join(checkpoint::CONFIG);
+    let json = serde_json::to_vec_pretty(config)?;
+    hone_sdk::fs::atomic_write(&config_path, &json).map_err(|e| Error::file(&config_path, e))?;
+    save_meta(dir, meta)?;
+    hone_sdk::fs::sha256_file(&weights).map_err(|e| Error::file(&weights, e))
+}
+
 /// Writes `dir/reward.json` atomically.
 pub fn save_meta(dir: &Path, meta: &RewardMeta) -> Result<()> {
     let path = dir.join(META);
@@ -94,10 +171,22 @@ pub fn load_meta(dir: &Path) -> Result<RewardMeta> {
     serde_json::from_str(&text).map_err(|e| Error::file(&path, e))
 }
 
-/// Loads the reward model in `dir` (f32) on `device`; errors name the file.
+/// Loads the GPT reward model in `dir` (f32) on `device`; errors name the
+/// file. A reward model on a pretrained backbone is refused (the `rm` stage
+/// family loads those).
 pub fn load_reward_model(dir: &Path, device: &Device) -> Result<LoadedRm> {
-    let config: GptConfig = checkpoint::load_config(dir)?;
     let meta = load_meta(dir)?;
+    if !meta.is_gpt() {
+        return Err(Error::file(
+            dir.join(META),
+            format!(
+                "a reward model on the pretrained backbone {}, not a GPT: only its head is in the checkpoint; \
+                 load it with the rm stage family (hone_rm), which holds the backbone",
+                meta.backbone
+            ),
+        ));
+    }
+    let config: GptConfig = checkpoint::load_config(dir)?;
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let rm = RewardModel::new(&config, vb)?;
@@ -180,6 +269,7 @@ mod tests {
 
     fn meta() -> RewardMeta {
         RewardMeta {
+            backbone: GPT_BACKBONE.into(),
             lineage_root: "scratch:test".into(),
             init: "scratch".into(),
             member: 1,
@@ -243,6 +333,45 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("reward.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reward_json_without_backbone_is_a_gpt() {
+        let old = r#"{"lineage_root": "scratch:x", "init": "scratch", "member": 0, "seed": 1,
+            "lr": 0.001, "dropout": 0.0, "steps": 5, "merged_from": [], "weights": []}"#;
+        let meta: RewardMeta = serde_json::from_str(old).unwrap();
+        assert_eq!(meta.backbone, GPT_BACKBONE);
+        assert!(meta.is_gpt());
+    }
+
+    #[test]
+    fn head_checkpoints_are_refused_by_the_gpt_loader() {
+        let dir = std::env::temp_dir().join(format!("hone-rm-head-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        candle_nn::linear(4, 1, vb.pp("reward_head")).unwrap();
+        let config = PretrainedConfig {
+            pretrained: "all-minilm-l6-v2".into(),
+            hidden_size: 4,
+        };
+        let mut m = meta();
+        assert!(save_head_reward_model(&dir, &varmap, &config, &m).is_err());
+        m.backbone = "all-minilm-l6-v2".into();
+        let sha = save_head_reward_model(&dir, &varmap, &config, &m).unwrap();
+        assert_eq!(sha.len(), 64);
+        assert_eq!(load_meta(&dir).unwrap(), m);
+        let back: PretrainedConfig = checkpoint::load_config(&dir).unwrap();
+        assert_eq!(back, config);
+        let err = load_reward_model(&dir, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("all-minilm-l6-v2") && err.contains("hone_rm"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -96,6 +96,41 @@ impl MiniLmRewardModel {
         Ok(self.head.forward(&pooled)?.squeeze(1)?)
     }
 
+    /// What the head reads for each (prompt, response) pair: the pair
+    /// encoded as BERT's two segments (`[CLS] prompt [SEP] response [SEP]`,
+    /// truncated longest-first to the model's 512 positions), BERT's last
+    /// hidden states averaged over the real tokens, not normalised. Exactly
+    /// the input of the head in [`MiniLmRewardModel::score`], so a head
+    /// trained on cached `pool_pairs` rows scores the same. Shape
+    /// `(pairs, hidden)`.
+    pub fn pool_pairs(&self, prompts: &[&str], responses: &[&str]) -> Result<Tensor> {
+        if prompts.len() != responses.len() {
+            return Err(Error::Input(format!(
+                "{} prompts but {} responses: pool_pairs takes them in pairs",
+                prompts.len(),
+                responses.len()
+            )));
+        }
+        let pairs: Vec<EncodeInput> = prompts
+            .iter()
+            .zip(responses)
+            .map(|(p, r)| (*p, *r).into())
+            .collect();
+        self.mean_pooled(pairs)
+    }
+
+    /// Width of the pooled embedding (384).
+    pub fn hidden_size(&self) -> usize {
+        self.head.weight().dim(1).unwrap_or(0)
+    }
+
+    /// A fresh head (`reward_head.{weight,bias}` in a new [`VarMap`])
+    /// initialised from `seed` as [`MiniLmRewardModel::load`] initialises
+    /// its own: several heads trained on one frozen BERT.
+    pub fn new_head(&self, seed: u64) -> Result<(Linear, VarMap)> {
+        seeded_head(self.hidden_size(), seed, &self.device)
+    }
+
     /// Sentence embeddings as all-MiniLM-L6-v2 defines them: attention-masked
     /// mean of the last hidden states, L2-normalised. Shape `(texts, 384)`.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor> {
