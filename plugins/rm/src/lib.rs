@@ -112,6 +112,8 @@ fn accuracy(pairs: &[PreferencePair], rewards: &[(f64, f64)], gold: bool) -> Opt
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_minilm;
 
 /// Test helpers: run a stage in-process with its descriptor's defaults.
 #[cfg(test)]
