@@ -16,8 +16,34 @@ use hone_models::reward::{
 use hone_models::{Device, Tensor};
 use hone_pretrained::minilm::{MiniLmRewardModel, HEAD_PREFIX, MODEL_NAME};
 use hone_sdk::prelude::*;
-use std::collections::HashMap;
+use hone_sdk::text::seeded_hash;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Pooled embeddings of the process, by [`text_key`], and the keys some
+/// stage instance is computing now.
+#[derive(Default)]
+struct SharedEmbeddings {
+    rows: HashMap<u128, Arc<[f32]>>,
+    claimed: HashSet<u128>,
+}
+
+/// At most this many embeddings are kept (about 0.6 GB at 384 floats);
+/// beyond, the map is emptied (instances waiting for some recompute them).
+const SHARED_CAP: usize = 400_000;
+
+fn shared() -> &'static (Mutex<SharedEmbeddings>, Condvar) {
+    static SHARED: OnceLock<(Mutex<SharedEmbeddings>, Condvar)> = OnceLock::new();
+    SHARED.get_or_init(Default::default)
+}
+
+/// A 128-bit key of (backbone, prompt, response).
+fn text_key(prompt: &str, response: &str) -> u128 {
+    let text = format!("{MODEL_NAME}\u{0}{prompt}\u{0}{response}");
+    (u128::from(seeded_hash(1, &text)) << 64) | u128::from(seeded_hash(2, &text))
+}
 
 /// A reward model loaded from its checkpoint directory.
 pub(crate) enum Rm {
@@ -126,8 +152,6 @@ pub(crate) struct Scoring {
     /// Sequences per forward pass (GPT or BERT).
     batch_size: usize,
     minilm: Option<MiniLmRewardModel>,
-    /// Pooled embeddings of (prompt, response) seen this round.
-    cache: HashMap<(String, String), Vec<f32>>,
 }
 
 impl Scoring {
@@ -136,13 +160,7 @@ impl Scoring {
             device,
             batch_size: batch_size.max(1),
             minilm: None,
-            cache: HashMap::new(),
         }
-    }
-
-    /// Forgets the round's embeddings (the backbone stays loaded).
-    pub fn end_round(&mut self) {
-        self.cache.clear();
     }
 
     /// all-MiniLM-L6-v2, fetched and loaded on first use.
@@ -158,43 +176,90 @@ impl Scoring {
     }
 
     /// The backbone's pooled embedding of each `(prompt, response)` (rows of
-    /// `hidden_size`), each distinct item embedded once per round;
-    /// `progress(done, total)` after each batch of new items.
+    /// `hidden_size`). Each distinct item is embedded once in the process
+    /// (shared with the other stage instances, which may compute some of
+    /// them); `progress(done, total)` as they arrive.
     pub fn embed(
         &mut self,
         items: &[(&str, &str)],
         progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Vec<Vec<f32>>, StageError> {
-        let mut missing: Vec<(&str, &str)> = items
-            .iter()
-            .filter(|(p, r)| !self.cache.contains_key(&(p.to_string(), r.to_string())))
-            .copied()
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
+    ) -> Result<Vec<Arc<[f32]>>, StageError> {
+        let keys: Vec<u128> = items.iter().map(|(p, r)| text_key(p, r)).collect();
+        let mut todo: Vec<(u128, &str, &str)> = Vec::new();
+        let mut seen = HashSet::new();
+        for (k, (p, r)) in keys.iter().zip(items) {
+            if seen.insert(*k) {
+                todo.push((*k, p, r));
+            }
+        }
         // Similar lengths batched together: less padding.
-        missing.sort_by_key(|(p, r)| p.len() + r.len());
+        todo.sort_by_key(|(_, p, r)| p.len() + r.len());
+        let total = todo.len();
+        let mut mine: HashMap<u128, Arc<[f32]>> = HashMap::with_capacity(total);
+        let (lock, ready) = shared();
         let batch_size = self.batch_size;
-        let total = missing.len();
-        let model = self.minilm()?;
-        let mut fresh = Vec::with_capacity(total);
-        for (done, chunk) in missing.chunks(batch_size).enumerate() {
-            let prompts: Vec<&str> = chunk.iter().map(|(p, _)| *p).collect();
-            let responses: Vec<&str> = chunk.iter().map(|(_, r)| *r).collect();
-            let rows = model
-                .pool_pairs(&prompts, &responses)
-                .and_then(|t| Ok(t.to_dtype(hone_models::DType::F32)?.to_vec2::<f32>()?))
-                .or_stage(&format!("cannot embed with {MODEL_NAME}"))?;
-            fresh.extend(chunk.iter().copied().zip(rows));
-            progress((done * batch_size + chunk.len()).min(total), total);
+        loop {
+            let batch: Vec<(u128, &str, &str)> = {
+                let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                todo.retain(|(k, _, _)| match guard.rows.get(k) {
+                    Some(row) => {
+                        mine.insert(*k, row.clone());
+                        false
+                    }
+                    None => true,
+                });
+                if todo.is_empty() {
+                    break;
+                }
+                let batch: Vec<(u128, &str, &str)> = todo
+                    .iter()
+                    .filter(|(k, _, _)| !guard.claimed.contains(k))
+                    .take(batch_size)
+                    .copied()
+                    .collect();
+                if batch.is_empty() {
+                    // Everything left is being computed elsewhere.
+                    let _ = ready
+                        .wait_timeout(guard, Duration::from_millis(500))
+                        .unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                guard.claimed.extend(batch.iter().map(|(k, _, _)| *k));
+                batch
+            };
+            let prompts: Vec<&str> = batch.iter().map(|(_, p, _)| *p).collect();
+            let responses: Vec<&str> = batch.iter().map(|(_, _, r)| *r).collect();
+            let rows = self
+                .minilm()
+                .and_then(|model| {
+                    model
+                        .pool_pairs(&prompts, &responses)
+                        .and_then(|t| Ok(t.to_dtype(hone_models::DType::F32)?.to_vec2::<f32>()?))
+                        .or_stage(&format!("cannot embed with {MODEL_NAME}"))
+                });
+            {
+                let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                for (k, _, _) in &batch {
+                    guard.claimed.remove(k);
+                }
+                if let Ok(rows) = &rows {
+                    if guard.rows.len() + rows.len() > SHARED_CAP {
+                        guard.rows.clear();
+                    }
+                    for ((k, _, _), row) in batch.iter().zip(rows) {
+                        let row: Arc<[f32]> = row.as_slice().into();
+                        guard.rows.insert(*k, row.clone());
+                        mine.insert(*k, row);
+                    }
+                }
+            }
+            ready.notify_all();
+            rows?;
+            todo.retain(|(k, _, _)| !mine.contains_key(k));
+            progress(total - todo.len(), total);
         }
-        for ((p, r), row) in fresh {
-            self.cache.insert((p.to_string(), r.to_string()), row);
-        }
-        Ok(items
-            .iter()
-            .map(|(p, r)| self.cache[&(p.to_string(), r.to_string())].clone())
-            .collect())
+        progress(total, total);
+        Ok(keys.iter().map(|k| mine[k].clone()).collect())
     }
 
     /// Rewards of `(prompt, response)` items under one model, as f64.

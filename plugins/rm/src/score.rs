@@ -166,7 +166,6 @@ impl Stage for Scorer {
                 *sum += r / n;
             }
         }
-        self.scoring.end_round();
         let scored = pairs.len() + completions.len();
         for (mut p, (c, r)) in pairs.into_iter().zip(pair_sums) {
             p.chosen_score = Some(c);

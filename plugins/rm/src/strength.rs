@@ -177,7 +177,6 @@ impl Stage for Strength {
                 d.push(c - r);
             }
         }
-        self.scoring.end_round();
         let stats: Vec<(f64, f64)> = diffs.iter().map(|d| mean_std(d)).collect();
         let means: Vec<f64> = stats.iter().map(|s| s.0).collect();
         report(

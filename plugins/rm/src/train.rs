@@ -575,8 +575,7 @@ impl Train {
             };
             self.scoring.embed(&items, &mut progress)?
         };
-        self.scoring.end_round();
-        let hidden = rows.first().map_or(0, Vec::len);
+        let hidden = rows.first().map_or(0, |r| r.len());
         ctx.log(format!(
             "embedded {} distinct texts of {} pairs with {} in {:.1} s",
             items.len(),
@@ -584,7 +583,7 @@ impl Train {
             self.config.backbone,
             start.elapsed().as_secs_f64()
         ));
-        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         let n = flat.len() / hidden.max(1);
         let embeddings = Tensor::from_vec(flat, (n, hidden), &self.device)
             .or_stage("cannot hold the embeddings")?;

@@ -305,7 +305,6 @@ impl Warm {
         if self.config.scan && models.len() >= 2 {
             self.scan(ctx, &models[..2], pairs, gold)?;
         }
-        self.scoring.end_round();
         Ok(())
     }
 
