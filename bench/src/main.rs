@@ -11,8 +11,11 @@
 //!    (bincode batches both ways) against the same stage called in-process.
 //! 3. `hone-bench lm --threads T`: the GPT of hone-models against PyTorch (run
 //!    through `bench/lm.sh`, which installs PyTorch in a virtualenv).
+//! 4. `hone-bench warm [--members 2,4,8] [--mb 135] [--reps 5]`: WARM merge
+//!    (`hone_rm::merge`) GB/s against memcpy and file reads, and peak RSS per M.
 
 mod lm;
+mod warm;
 
 use hone::plugin::{Emitted, Registry, StageInstance};
 use hone_sdk::abi::{decode_batch, encode_batch};
@@ -234,6 +237,33 @@ fn main() {
             train_steps: 10,
             repeats: 5,
             gen_tokens: 64,
+        });
+        return;
+    }
+    if args.first().map(String::as_str) == Some("warm-child") {
+        warm::child(&args[1..]);
+        return;
+    }
+    if args.first().map(String::as_str) == Some("warm") {
+        let flag = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+        };
+        warm::run(&warm::WarmBench {
+            members: flag("--members")
+                .map(|s| {
+                    s.split(',')
+                        .map(|m| m.trim().parse().expect("--members: comma-separated counts"))
+                        .collect()
+                })
+                .unwrap_or_else(|| vec![2, 4, 8]),
+            mb: flag("--mb")
+                .map(|s| s.parse().expect("--mb: a number"))
+                .unwrap_or(135.0),
+            reps: flag("--reps")
+                .map(|s| s.parse().expect("--reps: a number"))
+                .unwrap_or(5),
         });
         return;
     }
