@@ -295,3 +295,38 @@ fn minilm_config_refuses_init_input() {
         .unwrap();
     assert_eq!(err.config_field(), Some("init"), "{err}");
 }
+
+#[test]
+fn minilm_workers_embed_together_without_waiting_forever() {
+    // Two instances (two workers' members) embed the same new texts at once:
+    // each claims batches the other has not, and both end with every row.
+    let dir = temp_run_dir("minilm-workers");
+    let mut pairs = polite_pairs(40);
+    for p in &mut pairs {
+        p.prompt = format!("{} (asked on the second worker test)", p.prompt);
+    }
+    let config = minilm_train(json!({"steps": 20, "embed_batch_size": 4}));
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = [0usize, 1]
+            .into_iter()
+            .map(|m| {
+                let (dir, config, pairs) = (&dir, config.clone(), &pairs);
+                s.spawn(move || {
+                    run::<Train>("rm", dir, config, vec![m], vec![(0, records(pairs))]).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (m, out) in outs.iter().enumerate() {
+        assert_eq!(artifacts(out, 0).len(), 1);
+        assert_eq!(series(out, &format!("m{m}_train_loss")).len(), 20);
+    }
+    // A single instance afterwards (every row cached) trains member 0 the same.
+    let again = run::<Train>("rm", &dir, config, vec![0], vec![(0, records(&pairs))]).unwrap();
+    assert_eq!(
+        series(&again, "m0_train_loss"),
+        series(&outs[0], "m0_train_loss")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
