@@ -229,14 +229,12 @@ impl Scoring {
             };
             let prompts: Vec<&str> = batch.iter().map(|(_, p, _)| *p).collect();
             let responses: Vec<&str> = batch.iter().map(|(_, _, r)| *r).collect();
-            let rows = self
-                .minilm()
-                .and_then(|model| {
-                    model
-                        .pool_pairs(&prompts, &responses)
-                        .and_then(|t| Ok(t.to_dtype(hone_models::DType::F32)?.to_vec2::<f32>()?))
-                        .or_stage(&format!("cannot embed with {MODEL_NAME}"))
-                });
+            let rows = self.minilm().and_then(|model| {
+                model
+                    .pool_pairs(&prompts, &responses)
+                    .and_then(|t| Ok(t.to_dtype(hone_models::DType::F32)?.to_vec2::<f32>()?))
+                    .or_stage(&format!("cannot embed with {MODEL_NAME}"))
+            });
             {
                 let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
                 for (k, _, _) in &batch {
