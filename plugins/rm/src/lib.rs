@@ -100,14 +100,21 @@ fn truth(pair: &PreferencePair, gold: bool) -> Option<bool> {
 /// Fraction of pairs whose reward difference agrees with their truth;
 /// `None` when no pair has one.
 fn accuracy(pairs: &[PreferencePair], rewards: &[(f64, f64)], gold: bool) -> Option<f64> {
-    let (mut right, mut n) = (0usize, 0usize);
+    let (mut right, mut n) = (0.0, 0usize);
     for (p, (c, r)) in pairs.iter().zip(rewards) {
         if let Some(chosen_better) = truth(p, gold) {
             n += 1;
-            right += usize::from((c > r) == chosen_better && c != r);
+            // A reward tie counts half, as in eval.rm-accuracy.
+            right += if c == r {
+                0.5
+            } else if (c > r) == chosen_better {
+                1.0
+            } else {
+                0.0
+            };
         }
     }
-    (n > 0).then(|| right as f64 / n as f64)
+    (n > 0).then(|| right / n as f64)
 }
 
 #[cfg(test)]
