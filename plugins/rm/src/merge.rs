@@ -1,5 +1,6 @@
 //! Streamed weight averaging of safetensors files (WARM).
 
+use candle_core::safetensors::MmapedSafetensors;
 use hone_models::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fmt;
@@ -49,9 +50,9 @@ fn other(e: impl fmt::Display) -> MergeError {
 
 /// Writes to `out` the weighted average `sum_i weights[i] * inputs[i]` of
 /// safetensors files with the same tensor names and shapes. Weights are
-/// normalised to sum to 1. Streamed: one input is loaded at a time and
-/// added into f32 running sums, so peak memory is about two models whatever
-/// the number of inputs. The output keeps input 0's dtypes and is written
+/// normalised to sum to 1. Streamed: one input at a time is memory-mapped
+/// and added into f32 running sums (`sum += w * x`, one pass per tensor),
+/// so peak memory is about two models whatever the number of inputs. The output keeps input 0's dtypes and is written
 /// atomically (a temporary file renamed over `out`).
 pub fn merge(inputs: &[PathBuf], weights: &[f64], out: &Path) -> Result<MergeStats, MergeError> {
     if inputs.is_empty() {
@@ -70,59 +71,77 @@ pub fn merge(inputs: &[PathBuf], weights: &[f64], out: &Path) -> Result<MergeSta
             "merge: weights must be non-negative with a positive sum, found {weights:?}"
         )));
     }
-    let device = Device::Cpu;
-    let load = |path: &Path| {
-        candle_core::safetensors::load(path, &device)
-            .map_err(|e| other(format!("cannot read {}: {e}", path.display())))
-    };
-    let first = load(&inputs[0])?;
-    let dtypes: HashMap<String, DType> =
-        first.iter().map(|(k, t)| (k.clone(), t.dtype())).collect();
-    let scale = |t: &Tensor, w: f64| -> Result<Tensor, MergeError> {
-        t.to_dtype(DType::F32)
-            .and_then(|t| t * (w / total))
-            .map_err(other)
-    };
-    let mut sums: HashMap<String, Tensor> = HashMap::with_capacity(first.len());
-    for (name, t) in &first {
-        sums.insert(name.clone(), scale(t, weights[0])?);
-    }
-    drop(first);
-    for (i, path) in inputs.iter().enumerate().skip(1) {
-        let model = load(path)?;
+    // Running sums: for each tensor its shape, input 0's dtype and an f32
+    // buffer. Each input is memory-mapped and added in one fused pass,
+    // `sum += w * x`, tensor by tensor: resident memory is the sums plus the
+    // pages of the one input being read.
+    let mut sums: HashMap<String, (Vec<usize>, DType, Vec<f32>)> = HashMap::new();
+    for (i, path) in inputs.iter().enumerate() {
+        let w = (weights[i] / total) as f32;
+        // SAFETY: the map is only read; hone writes checkpoints atomically
+        // (temporary file, then rename), so a mapped file is never rewritten
+        // in place while this merge reads it.
+        let file = unsafe { MmapedSafetensors::new(path) }
+            .map_err(|e| other(format!("cannot read {}: {e}", path.display())))?;
+        let mut views = file.tensors();
+        views.sort_by(|a, b| a.0.cmp(&b.0));
         let mismatch = |what: String| MergeError::Mismatch { other: i, what };
-        let mut missing: Vec<&String> = sums.keys().filter(|k| !model.contains_key(*k)).collect();
-        let mut extra: Vec<&String> = model.keys().filter(|k| !sums.contains_key(*k)).collect();
-        if !missing.is_empty() || !extra.is_empty() {
-            missing.sort();
-            extra.sort();
-            return Err(mismatch(format!(
-                "tensor names differ (missing {missing:?}, extra {extra:?})"
-            )));
-        }
-        let mut names: Vec<String> = model.keys().cloned().collect();
-        names.sort();
-        for name in &names {
-            let (t, sum) = (&model[name], &sums[name]);
-            if t.dims() != sum.dims() {
+        if i > 0 {
+            let mut missing: Vec<&String> = sums
+                .keys()
+                .filter(|k| views.binary_search_by(|v| v.0.cmp(k)).is_err())
+                .collect();
+            let mut extra: Vec<&String> = views
+                .iter()
+                .map(|v| &v.0)
+                .filter(|k| !sums.contains_key(*k))
+                .collect();
+            if !missing.is_empty() || !extra.is_empty() {
+                missing.sort();
+                extra.sort();
                 return Err(mismatch(format!(
-                    "tensor {name} has shape {:?} here but {:?} in input 0",
-                    t.dims(),
-                    sum.dims()
+                    "tensor names differ (missing {missing:?}, extra {extra:?})"
                 )));
             }
+            for (name, view) in &views {
+                let shape = &sums[name].0;
+                if view.shape() != shape.as_slice() {
+                    return Err(mismatch(format!(
+                        "tensor {name} has shape {:?} here but {shape:?} in input 0",
+                        view.shape()
+                    )));
+                }
+            }
         }
-        for name in names {
-            let add = scale(&model[&name], weights[i])?;
-            let sum = sums.remove(&name).expect("checked above");
-            sums.insert(name, (sum + add).map_err(other)?);
+        for (name, view) in views {
+            let dtype = DType::try_from(view.dtype())
+                .map_err(|e| other(format!("{}: tensor {name}: {e}", path.display())))?;
+            let (_, _, sum) = sums.entry(name.clone()).or_insert_with(|| {
+                let n = view.shape().iter().product();
+                (view.shape().to_vec(), dtype, vec![0.0; n])
+            });
+            if dtype == DType::F32 {
+                for (s, x) in sum.iter_mut().zip(view.data().chunks_exact(4)) {
+                    *s += w * f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                }
+            } else {
+                let values: Vec<f32> = file
+                    .load(&name, &Device::Cpu)
+                    .and_then(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
+                    .map_err(|e| other(format!("{}: tensor {name}: {e}", path.display())))?;
+                for (s, x) in sum.iter_mut().zip(values) {
+                    *s += w * x;
+                }
+            }
         }
     }
-    let parameters = sums.values().map(Tensor::elem_count).sum();
+    let parameters = sums.values().map(|(_, _, v)| v.len()).sum();
     let mut merged = HashMap::with_capacity(sums.len());
-    for (name, t) in sums {
-        let dtype = dtypes[&name];
-        merged.insert(name, t.to_dtype(dtype).map_err(other)?);
+    for (name, (shape, dtype, sum)) in sums {
+        let t = Tensor::from_vec(sum, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(other)?;
+        merged.insert(name, t);
     }
     let tensors = merged.len();
     let dir = out.parent().unwrap_or(Path::new("."));
