@@ -225,3 +225,63 @@ fn not_a_run_directory_exits_2() {
         .1
         .contains("not a hone run directory (no metrics.jsonl)"));
 }
+
+/// `pipelines/bon-reward-hacking.toml`, shrunk with `--set` to seconds, runs
+/// end to end and its report has the losses, gold and proxy reward against
+/// KL, the win rate, the Elo table and the RM accuracy table.
+#[test]
+fn shrunk_best_of_n_pipeline_runs_and_its_report_renders() {
+    let dir = TempDir::new("report-bon");
+    let run = dir.join("run");
+    let mut args = vec![
+        "run".to_string(),
+        "pipelines/bon-reward-hacking.toml".into(),
+        "--run-dir".into(),
+        run.to_str().unwrap().into(),
+        "--workers".into(),
+        "2".into(),
+        "-q".into(),
+    ];
+    for set in [
+        "sft_prompts.count=60",
+        "sft.steps=6",
+        "rm_prompts.count=16",
+        "rm_samples.n=2",
+        "rm_demos.steps=4",
+        "rm_policy.steps=4",
+        "test_prompts.count=12",
+        "ood_prompts.count=12",
+        "bon_prompts.count=6",
+        "rollout.n=8",
+        "bon_demos.keep=8",
+        "bon_policy.keep=8",
+        "rollout.max_new_tokens=12",
+        "rm_samples.max_new_tokens=12",
+    ] {
+        args.push("--set".into());
+        args.push(set.into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = hone(&workspace(), &args);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let out = hone(&workspace(), &["report", run.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let path = run.join("report.html");
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert_self_contained(&html);
+    for needle in [
+        "bon_policy",
+        "bon_demos",
+        "bon64_rm_policy",
+        "clean_in_dist",
+        "clean_ood",
+        "train_loss",
+    ] {
+        assert!(html.contains(needle), "report lacks {needle}");
+    }
+    // Losses of sft, rm_demos and rm_policy; reward against KL; win rates.
+    let svgs = html.matches("<svg").count();
+    assert!(svgs >= 5, "{svgs} plots");
+    let (dom, _) = chromium(&path, &dir);
+    assert_eq!(dom.matches("<svg").count(), svgs);
+}
