@@ -2,12 +2,14 @@
 //! embeddings, pre-LN blocks of causal self-attention and a GELU MLP, a final
 //! layer norm and an (untied) LM head, with a KV cache for generation.
 //!
-//! Layer norm and softmax are written from differentiable primitives: the
-//! fused candle ops have no backward pass.
+//! Layer norm, the causal softmax of attention and GELU are this crate's
+//! fused CPU ops with their own backward pass (`crate::ops`; candle's fused
+//! layer norm and softmax have none), falling back to differentiable
+//! primitives off the CPU or for dtypes other than f32/f64.
 
 use crate::sample::Rng;
-use crate::{DType, Error, Result, Tensor, VarBuilder, VarMap};
-use candle_core::{Module, D};
+use crate::{Error, Result, Tensor, VarBuilder, VarMap};
+use candle_core::Module;
 use candle_nn::{Embedding, Init, Linear};
 
 /// Standard deviation of the normal initialisation of weight matrices.
@@ -87,7 +89,7 @@ pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> R
     Ok(Linear::new(weight, bias))
 }
 
-/// Layer norm from primitives (candle's fused one has no backward pass).
+/// Layer norm over the last dimension (`crate::ops::layer_norm`).
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -104,13 +106,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + LN_EPS)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        crate::ops::layer_norm(x, &self.weight, &self.bias, LN_EPS)
     }
 }
 
@@ -155,33 +151,13 @@ impl Attention {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let s = k.dim(2)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if t > 1 {
-            att = att.broadcast_add(&causal_mask(t, s, x.dtype(), x.device())?)?;
-        }
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        // softmax(scale * q k^T + causal mask): query i of the t new
+        // positions sees keys 0..=s-t+i of the s in k.
+        let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok(self.c_proj.forward(&y)?)
     }
-}
-
-/// Additive mask [T,S]: query i (at position S-T+i) sees keys 0..=S-T+i.
-fn causal_mask(t: usize, s: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let offset = s - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, s), device)?.to_dtype(dtype)?)
 }
 
 /// Position-wise feed-forward network: D -> 4D -> GELU -> D.
@@ -201,7 +177,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)
+        self.c_proj
+            .forward(&crate::ops::gelu(&self.c_fc.forward(x)?)?)
     }
 }
 
@@ -383,7 +360,7 @@ pub fn init_seeded(varmap: &VarMap, seed: u64) -> Result<()> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::Device;
+    use crate::{DType, Device};
 
     pub(crate) fn tiny(seed: u64) -> (Gpt, VarMap) {
         tiny_with(&GptConfig::tiny(259), DType::F32, seed)

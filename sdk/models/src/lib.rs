@@ -2,15 +2,18 @@
 //! a KV cache, reward and value heads, checkpoints, training utilities and
 //! sampling.
 //!
-//! Every layer is written from differentiable candle primitives: candle's
-//! fused layer norm, softmax-last-dim and SDPA ops have no backward pass and
-//! would silently stop gradients.
+//! Every layer is differentiable: candle's fused layer norm, softmax-last-dim
+//! and SDPA ops have no backward pass and would silently stop gradients, so
+//! layers are written from candle primitives, except layer norm, the causal
+//! softmax of attention and GELU, which are this crate's fused CPU ops with
+//! their own backward pass (`ops`, checked against the primitives).
 
 pub mod checkpoint;
 pub mod device;
 mod error;
 pub mod gpt;
 pub mod heads;
+mod ops;
 pub mod reward;
 pub mod sample;
 pub mod tokenizer;

@@ -1,0 +1,763 @@
+//! Fused CPU ops with their own backward pass: layer norm (normalisation and
+//! affine part), the scaled causal softmax of attention, and GELU (tanh
+//! approximation).
+//!
+//! candle's fused `layer_norm` / `softmax_last_dim` have no backward pass and
+//! its GELU backward is a chain of a dozen element-wise ops; these are one
+//! pass over the data each way. The fast paths cover f32 / f64 tensors on the
+//! CPU (made contiguous first); anything else (another device or dtype) falls
+//! back to the composition of differentiable primitives, which is also what
+//! the tests compare against.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
+};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Elements below which an op runs on the calling thread alone.
+const MIN_PER_THREAD: usize = 16 * 1024;
+
+fn fast_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() >= 1
+}
+
+fn slice<'a, T>(s: &'a [T], l: &Layout) -> CResult<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("fused op needs a contiguous input"),
+    }
+}
+
+fn row_len(l: &Layout) -> CResult<usize> {
+    match l.dims().last() {
+        Some(&n) if n > 0 => Ok(n),
+        _ => candle_core::bail!("fused op needs a non-empty last dimension"),
+    }
+}
+
+/// The float types of the fast paths.
+trait Real: WithDType {
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn tanh(self) -> Self;
+    fn neg_infinity() -> Self;
+    fn fmax(self, other: Self) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty) => {
+        impl Real for $t {
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            fn neg_infinity() -> Self {
+                <$t>::NEG_INFINITY
+            }
+            fn fmax(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+        }
+    };
+}
+real!(f32);
+real!(f64);
+
+fn c<T: Real>(v: f64) -> T {
+    T::from_f64(v)
+}
+
+/// Runs `f(first_row, rows)` over `out` split into groups of whole rows of
+/// length `n`, one group per thread (candle's thread count, i.e.
+/// RAYON_NUM_THREADS), and returns the results in row order.
+fn par_rows<T: Send, R: Send>(
+    out: &mut [T],
+    n: usize,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
+) -> Vec<R> {
+    let rows = out.len() / n;
+    let threads = candle_core::utils::get_num_threads()
+        .min(rows)
+        .min(out.len() / MIN_PER_THREAD)
+        .max(1);
+    if threads == 1 {
+        return vec![f(0, out)];
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        let f = &f;
+        let mut handles = Vec::with_capacity(threads);
+        let mut rest = out;
+        let mut row0 = 0;
+        while rest.len() > per * n {
+            let (a, b) = rest.split_at_mut(per * n);
+            let r0 = row0;
+            handles.push(s.spawn(move || f(r0, a)));
+            rest = b;
+            row0 += per;
+        }
+        let last = f(row0, rest);
+        let mut results: Vec<R> = handles
+            .into_iter()
+            .map(|h| h.join().expect("fused op thread panicked"))
+            .collect();
+        results.push(last);
+        results
+    })
+}
+
+/// Mean and 1/sqrt(var + eps) of one row.
+fn moments<T: Real>(x: &[T], eps: f64) -> (T, T) {
+    let n: T = c(x.len() as f64);
+    let mut sum = T::zero();
+    for &v in x {
+        sum += v;
+    }
+    let mean = sum / n;
+    let mut var = T::zero();
+    for &v in x {
+        let d = v - mean;
+        var += d * d;
+    }
+    let var = var / n;
+    (mean, T::one() / (var + c(eps)).sqrt())
+}
+
+fn ln_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let n = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    par_rows(&mut out, n, |r0, out| {
+        for (i, yr) in out.chunks_exact_mut(n).enumerate() {
+            let xr = &x[(r0 + i) * n..(r0 + i + 1) * n];
+            let (mean, rstd) = moments(xr, eps);
+            for j in 0..n {
+                yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+            }
+        }
+    });
+    out
+}
+
+/// Gradients of layer norm, packed as [dx (x.len()), dw (D), db (D)]:
+/// with xhat = (x - mean) * rstd and gh = g * w,
+/// dx = rstd * (gh - mean(gh) - xhat * mean(gh * xhat)),
+/// dw = sum over rows of g * xhat, db = sum over rows of g.
+fn ln_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+    let n = w.len();
+    let m = x.len();
+    let mut out = vec![T::zero(); m + 2 * n];
+    let (dx, dwb) = out.split_at_mut(m);
+    let partials = par_rows(dx, n, |r0, dx| {
+        let mut dw = vec![T::zero(); n];
+        let mut db = vec![T::zero(); n];
+        let mut xhat = vec![T::zero(); n];
+        let inv_n: T = c(1.0 / n as f64);
+        for (i, dr) in dx.chunks_exact_mut(n).enumerate() {
+            let xr = &x[(r0 + i) * n..(r0 + i + 1) * n];
+            let gr = &g[(r0 + i) * n..(r0 + i + 1) * n];
+            let (mean, rstd) = moments(xr, eps);
+            let mut sg = T::zero();
+            let mut sgx = T::zero();
+            for j in 0..n {
+                let xh = (xr[j] - mean) * rstd;
+                xhat[j] = xh;
+                let gh = gr[j] * w[j];
+                sg += gh;
+                sgx += gh * xh;
+                dw[j] += gr[j] * xh;
+                db[j] += gr[j];
+            }
+            let (mg, mgx) = (sg * inv_n, sgx * inv_n);
+            for j in 0..n {
+                dr[j] = rstd * (gr[j] * w[j] - mg - xhat[j] * mgx);
+            }
+        }
+        (dw, db)
+    });
+    let (dw, db) = dwb.split_at_mut(n);
+    for (pw, pb) in partials {
+        for j in 0..n {
+            dw[j] += pw[j];
+            db[j] += pb[j];
+        }
+    }
+    out
+}
+
+/// Layer norm over the last dimension: x [..., D], weight [D], bias [D].
+struct LayerNormOp {
+    eps: f64,
+}
+
+fn check_affine(l1: &Layout, l2: &Layout, l3: &Layout, what: &str) -> CResult<usize> {
+    let n = row_len(l1)?;
+    if l2.dims() != [n] || l3.dims() != [n] {
+        candle_core::bail!(
+            "{what}: weight {:?} and bias/grad {:?} do not match the last dimension {n}",
+            l2.dims(),
+            l3.dims()
+        );
+    }
+    Ok(n)
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "hone-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        check_affine(l1, l2, l3, self.name())?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
+                ln_fwd(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?, self.eps),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
+                ln_fwd(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?, self.eps),
+            ),
+            _ => candle_core::bail!("hone-layer-norm: f32 or f64 only, all of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        // x [..., D] and grad [..., D] against weight [D]: the op takes the
+        // grad as its third argument, shaped like x.
+        let packed = x.apply_op3_no_bwd(w, &grad, &LayerNormBwd { eps: self.eps })?;
+        let (m, n) = (x.elem_count(), w.elem_count());
+        let dx = packed.narrow(0, 0, m)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, m, n)?.reshape(w.shape())?;
+        let db = packed.narrow(0, m + n, n)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// (x, weight, grad of the output) -> [dx, dweight, dbias] flattened.
+struct LayerNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "hone-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let n = row_len(l1)?;
+        if l2.dims() != [n] || l3.shape() != l1.shape() {
+            candle_core::bail!("hone-layer-norm-bwd: shape mismatch");
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(
+                ln_bwd(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => CpuStorage::F64(
+                ln_bwd(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
+            ),
+            _ => candle_core::bail!("hone-layer-norm-bwd: f32 or f64 only, all of one dtype"),
+        };
+        let len = l1.shape().elem_count() + 2 * n;
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// Layer norm from primitives: the fallback and the tests' reference.
+pub(crate) fn layer_norm_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> CResult<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// Layer norm over the last dimension with weight and bias [D], differentiable
+/// in all three.
+pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> CResult<Tensor> {
+    let d = x.dims().last().copied().unwrap_or(0);
+    let fits = weight.dims() == [d]
+        && bias.dims() == [d]
+        && d > 0
+        && weight.dtype() == x.dtype()
+        && bias.dtype() == x.dtype()
+        && weight.device().same_device(x.device())
+        && bias.device().same_device(x.device());
+    if fast_path(x) && fits {
+        x.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            LayerNormOp { eps },
+        )
+    } else {
+        layer_norm_reference(x, weight, bias, eps)
+    }
+}
+
+/// softmax(scale * x + causal mask) of each row; rows are [T, S] blocks
+/// where query i sees keys 0..=S-T+i.
+fn causal_sm_fwd<T: Real>(x: &[T], t: usize, s: usize, scale: f64) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    let scale: T = c(scale);
+    let offset = s - t;
+    par_rows(&mut out, s, |r0, out| {
+        for (i, yr) in out.chunks_exact_mut(s).enumerate() {
+            let r = r0 + i;
+            let xr = &x[r * s..(r + 1) * s];
+            let seen = offset + r % t + 1;
+            let mut max = T::neg_infinity();
+            for &v in &xr[..seen] {
+                max = max.fmax(v * scale);
+            }
+            let mut sum = T::zero();
+            for j in 0..seen {
+                let e = (xr[j] * scale - max).exp();
+                yr[j] = e;
+                sum += e;
+            }
+            let inv = T::one() / sum;
+            for y in &mut yr[..seen] {
+                *y *= inv;
+            }
+            // Masked keys keep their zero.
+        }
+    });
+    out
+}
+
+/// dx = scale * y * (g - sum(g * y)); zero where y is masked (y = 0).
+fn causal_sm_bwd<T: Real>(y: &[T], g: &[T], s: usize, scale: f64) -> Vec<T> {
+    let mut out = vec![T::zero(); y.len()];
+    let scale: T = c(scale);
+    par_rows(&mut out, s, |r0, out| {
+        for (i, dr) in out.chunks_exact_mut(s).enumerate() {
+            let r = r0 + i;
+            let yr = &y[r * s..(r + 1) * s];
+            let gr = &g[r * s..(r + 1) * s];
+            let mut dot = T::zero();
+            for j in 0..s {
+                dot += yr[j] * gr[j];
+            }
+            for j in 0..s {
+                dr[j] = scale * yr[j] * (gr[j] - dot);
+            }
+        }
+    });
+    out
+}
+
+/// Attention probabilities from scores [..., T, S].
+struct CausalSoftmax {
+    scale: f64,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "hone-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        if dims.len() < 2 || dims[dims.len() - 1] < dims[dims.len() - 2] {
+            candle_core::bail!("hone-causal-softmax: need [..., T, S] with S >= T, got {dims:?}");
+        }
+        let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        if t == 0 {
+            candle_core::bail!("hone-causal-softmax: empty input");
+        }
+        let out = match st {
+            CpuStorage::F32(v) => CpuStorage::F32(causal_sm_fwd(slice(v, l)?, t, s, self.scale)),
+            CpuStorage::F64(v) => CpuStorage::F64(causal_sm_fwd(slice(v, l)?, t, s, self.scale)),
+            _ => candle_core::bail!("hone-causal-softmax: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad,
+            &CausalSoftmaxBwd { scale: self.scale },
+        )?))
+    }
+}
+
+/// (softmax output y, grad of y) -> grad of the scores.
+struct CausalSoftmaxBwd {
+    scale: f64,
+}
+
+impl CustomOp2 for CausalSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "hone-causal-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let s = row_len(l1)?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("hone-causal-softmax-bwd: shape mismatch");
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => {
+                CpuStorage::F32(causal_sm_bwd(slice(y, l1)?, slice(g, l2)?, s, self.scale))
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => {
+                CpuStorage::F64(causal_sm_bwd(slice(y, l1)?, slice(g, l2)?, s, self.scale))
+            }
+            _ => candle_core::bail!("hone-causal-softmax-bwd: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Additive mask [T,S]: query i (at position S-T+i) sees keys 0..=S-T+i.
+pub(crate) fn causal_mask(
+    t: usize,
+    s: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> CResult<Tensor> {
+    let offset = s - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, s), device)?.to_dtype(dtype)
+}
+
+/// The causal softmax from primitives: the fallback and the tests' reference.
+pub(crate) fn causal_softmax_reference(scores: &Tensor, scale: f64) -> CResult<Tensor> {
+    let (t, s) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+    let mut att = (scores * scale)?;
+    if t > 1 {
+        att = att.broadcast_add(&causal_mask(t, s, scores.dtype(), scores.device())?)?;
+    }
+    candle_nn::ops::softmax(&att, D::Minus1)
+}
+
+/// softmax(scale * scores + causal mask) over the last dimension of scores
+/// [..., T, S] (S >= T; the T queries are the last T of the S positions),
+/// differentiable.
+pub(crate) fn causal_softmax(scores: &Tensor, scale: f64) -> CResult<Tensor> {
+    let dims = scores.dims();
+    let ok =
+        dims.len() >= 2 && dims[dims.len() - 2] > 0 && dims[dims.len() - 1] >= dims[dims.len() - 2];
+    if fast_path(scores) && ok {
+        scores.contiguous()?.apply_op1(CausalSoftmax { scale })
+    } else {
+        causal_softmax_reference(scores, scale)
+    }
+}
+
+const SQRT_TWO_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_A: f64 = 0.044715;
+
+fn gelu_fwd<T: Real>(x: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    let (k, a, half): (T, T, T) = (c(SQRT_TWO_OVER_PI), c(GELU_A), c(0.5));
+    par_rows(&mut out, 1, |r0, out| {
+        for (y, &v) in out.iter_mut().zip(&x[r0..]) {
+            // The same expression as candle's `gelu` (tanh approximation).
+            *y = half * v * (T::one() + (k * v * (T::one() + a * v * v)).tanh());
+        }
+    });
+    out
+}
+
+/// dx = g * (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2)),
+/// t = tanh(k x (1 + a x^2)).
+fn gelu_bwd<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    let (k, a, half, three): (T, T, T, T) = (c(SQRT_TWO_OVER_PI), c(GELU_A), c(0.5), c(3.0));
+    par_rows(&mut out, 1, |r0, out| {
+        for ((d, &v), &gv) in out.iter_mut().zip(&x[r0..]).zip(&g[r0..]) {
+            let th = (k * v * (T::one() + a * v * v)).tanh();
+            let dy = half * (T::one() + th)
+                + half * v * (T::one() - th * th) * k * (T::one() + three * a * v * v);
+            *d = gv * dy;
+        }
+    });
+    out
+}
+
+/// GELU, tanh approximation (candle's `gelu`).
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "hone-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(gelu_fwd(slice(v, l)?)),
+            CpuStorage::F64(v) => CpuStorage::F64(gelu_fwd(slice(v, l)?)),
+            _ => candle_core::bail!("hone-gelu: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(&grad, &GeluBwd)?))
+    }
+}
+
+/// (x, grad of gelu(x)) -> grad of x.
+struct GeluBwd;
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "hone-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("hone-gelu-bwd: shape mismatch");
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(gelu_bwd(slice(x, l1)?, slice(g, l2)?))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(gelu_bwd(slice(x, l1)?, slice(g, l2)?))
+            }
+            _ => candle_core::bail!("hone-gelu-bwd: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// GELU (tanh approximation, as candle's `gelu`), differentiable.
+pub(crate) fn gelu(x: &Tensor) -> CResult<Tensor> {
+    if fast_path(x) && x.elem_count() > 0 {
+        x.contiguous()?.apply_op1(Gelu)
+    } else {
+        x.gelu()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs(a: &Tensor) -> f64 {
+        a.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        max_abs(&(a - b).unwrap())
+    }
+
+    /// Max abs difference relative to the reference's largest entry.
+    fn rel_diff(a: &Tensor, reference: &Tensor) -> f64 {
+        max_diff(a, reference) / max_abs(reference).max(1e-12)
+    }
+
+    fn randn(shape: &[usize], std: f64, dtype: DType) -> Tensor {
+        Tensor::randn(0f64, std, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// Runs `f` on fresh variables holding `inputs`, backpropagates a random
+    /// weighted sum of the output, and returns the output and the inputs'
+    /// gradients.
+    fn run(
+        inputs: &[Tensor],
+        weights: &Tensor,
+        f: &dyn Fn(&[Tensor]) -> CResult<Tensor>,
+    ) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let loss = (&y * weights).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let gs = ts
+            .iter()
+            .map(|t| grads.get(t).expect("no gradient").clone())
+            .collect();
+        (y, gs)
+    }
+
+    /// The fused op against the primitive composition: forward within 1e-5
+    /// (absolute), gradients within 1e-4 (relative to the largest entry),
+    /// in f32 and f64, and every gradient non-zero.
+    fn compare(
+        shapes: &[&[usize]],
+        out_shape: &[usize],
+        fused: &dyn Fn(&[Tensor]) -> CResult<Tensor>,
+        reference: &dyn Fn(&[Tensor]) -> CResult<Tensor>,
+    ) {
+        for dtype in [DType::F32, DType::F64] {
+            let inputs: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| (randn(s, 1.5, dtype) + 0.3).unwrap())
+                .collect();
+            let weights = randn(out_shape, 1.0, dtype);
+            let (y1, g1) = run(&inputs, &weights, fused);
+            let (y2, g2) = run(&inputs, &weights, reference);
+            assert_eq!(y1.dims(), y2.dims());
+            let fwd = max_diff(&y1, &y2);
+            assert!(fwd < 1e-5, "{dtype:?} forward differs by {fwd}");
+            for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+                assert_eq!(a.dims(), b.dims());
+                let rel = rel_diff(a, b);
+                assert!(
+                    rel < 1e-4,
+                    "{dtype:?} gradient {i} differs by {rel} (relative)"
+                );
+                assert!(max_abs(a) > 0.0, "{dtype:?} gradient {i} is zero");
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_primitives() {
+        for shape in [&[3usize, 5, 37][..], &[2, 4000, 8], &[1, 64]] {
+            let d = shape[shape.len() - 1];
+            compare(
+                &[shape, &[d], &[d]],
+                shape,
+                &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+                &|t| layer_norm_reference(&t[0], &t[1], &t[2], 1e-5),
+            );
+        }
+    }
+
+    #[test]
+    fn layer_norm_of_a_constant_row() {
+        // var = 0: the row normalises to zeros, the output is the bias.
+        let x = Tensor::ones((2, 16), DType::F32, &Device::Cpu).unwrap();
+        let w = randn(&[16], 1.0, DType::F32);
+        let b = randn(&[16], 1.0, DType::F32);
+        let y = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        let r = layer_norm_reference(&x, &w, &b, 1e-5).unwrap();
+        assert!(max_diff(&y, &r) < 1e-6);
+    }
+
+    #[test]
+    fn causal_softmax_matches_primitives() {
+        // Full attention (T = S), with a cache (S > T, incl. one query), and
+        // a size that runs on several threads. The first row of each [T, S]
+        // block with T = S has every key but one masked.
+        for shape in [
+            &[2usize, 3, 7, 7][..],
+            &[2, 2, 5, 9],
+            &[1, 3, 1, 6],
+            &[4, 4, 64, 64],
+        ] {
+            compare(&[shape], shape, &|t| causal_softmax(&t[0], 0.35), &|t| {
+                causal_softmax_reference(&t[0], 0.35)
+            });
+        }
+    }
+
+    #[test]
+    fn causal_softmax_masks_and_normalises() {
+        let x = randn(&[2, 5, 5], 3.0, DType::F32);
+        let y = causal_softmax(&x, 1.0).unwrap();
+        let y: Vec<Vec<Vec<f32>>> = y.to_vec3().unwrap();
+        for block in &y {
+            for (i, row) in block.iter().enumerate() {
+                assert!(row[i + 1..].iter().all(|&p| p == 0.0), "{row:?}");
+                assert!(row[..=i].iter().all(|&p| p > 0.0), "{row:?}");
+                let sum: f32 = row.iter().sum();
+                assert!((sum - 1.0).abs() < 1e-6);
+            }
+            assert_eq!(block[0][0], 1.0);
+        }
+    }
+
+    #[test]
+    fn gelu_matches_primitives() {
+        for shape in [&[3usize, 5, 37][..], &[64, 1024]] {
+            compare(&[shape], shape, &|t| gelu(&t[0]), &|t| t[0].gelu());
+        }
+    }
+
+    #[test]
+    fn non_contiguous_inputs() {
+        let x = randn(&[6, 4], 1.0, DType::F32).t().unwrap();
+        let w = randn(&[6], 1.0, DType::F32);
+        let b = randn(&[6], 1.0, DType::F32);
+        let y = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        let r = layer_norm_reference(&x, &w, &b, 1e-5).unwrap();
+        assert!(max_diff(&y, &r) < 1e-5);
+        let s = randn(&[2, 5, 5], 1.0, DType::F32).transpose(1, 2).unwrap();
+        let y = causal_softmax(&s, 0.5).unwrap();
+        let r = causal_softmax_reference(&s, 0.5).unwrap();
+        assert!(max_diff(&y, &r) < 1e-6);
+        let y = gelu(&x).unwrap();
+        let r = x.gelu().unwrap();
+        assert!(max_diff(&y, &r) < 1e-6);
+    }
+}
