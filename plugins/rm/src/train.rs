@@ -70,7 +70,7 @@ impl StageFactory for Train {
         let floats = FieldType::List(Box::new(FieldType::Float));
         StageDescriptor::new(
             "rm.train",
-            "Trains an ensemble of Bradley-Terry reward models on preference pairs (member i on worker i mod N, \
+            "Trains an ensemble of Bradley-Terry reward models on preference pairs (member i on worker (offset + i) mod N, offset = members of earlier per-member stages; \
              every member sees every pair) from one shared initialisation, diversified by seed, learning rate and \
              dropout. Loss per pair: -weight * [(1-eps) log sigmoid(d - m) + eps log sigmoid(m - d)], d = r(chosen) - \
              r(rejected), m = margin_scale * margin, eps = meta `smoothing` or label_smoothing. Emits one \
@@ -83,7 +83,7 @@ impl StageFactory for Train {
         .placement(Placement::PerMember {
             members_field: "members".into(),
         })
-        .optional("members", int.clone(), 1, "Ensemble size M; member i runs on worker i mod N.")
+        .optional("members", int.clone(), 1, "Ensemble size M; member i runs on worker (offset + i) mod N, where offset counts the members of earlier per-member stages.")
         .optional(
             "backbone",
             FieldType::one_of(&["gpt", MINILM]),
