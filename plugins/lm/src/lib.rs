@@ -16,7 +16,10 @@ pub use logprobs::Logprobs;
 pub use rollout::Rollout;
 pub use sft::Sft;
 
-use hone_sdk::StageError;
+use hone_models::checkpoint;
+use hone_models::gpt::Gpt;
+use hone_models::tokenizer::{load_tokenizer, Tokenizer};
+use hone_sdk::{ArtifactRef, Context, StageError};
 
 hone_sdk::export_stages!(Sft, Rollout, Logprobs);
 
@@ -35,4 +38,78 @@ impl<T, E: std::fmt::Display> OrStageError<T> for Result<T, E> {
 /// The device named by the `device` field, or a config error naming it.
 fn device(name: &str) -> Result<hone_models::Device, StageError> {
     hone_models::device::device(name).map_err(|e| StageError::config("device", e.to_string()))
+}
+
+/// The newest `policy` artifact arriving on a port (highest round, then the
+/// last to arrive), loaded on demand and kept while it stays the newest.
+/// `lm.rollout` samples from it; `lm.logprobs` uses it as the reference.
+struct NewestPolicy {
+    /// The input port it arrives on, named in errors.
+    port: &'static str,
+    /// What the stage uses it as (`policy`, `reference`), named in errors.
+    role: &'static str,
+    /// What the error says is missing (`policy`, `reference policy`).
+    missing: &'static str,
+    newest: Option<ArtifactRef>,
+    loaded: Option<(ArtifactRef, Gpt, Box<dyn Tokenizer>)>,
+}
+
+impl NewestPolicy {
+    fn new(port: &'static str, role: &'static str, missing: &'static str) -> Self {
+        NewestPolicy {
+            port,
+            role,
+            missing,
+            newest: None,
+            loaded: None,
+        }
+    }
+
+    /// Takes `a` if it is a policy at least as new as the current one: a
+    /// later round, or the same round and arriving later (lm.sft emits its
+    /// final checkpoint last).
+    fn offer(&mut self, a: ArtifactRef) {
+        let newer = self
+            .newest
+            .as_ref()
+            .is_none_or(|current| a.round >= current.round);
+        if a.kind == "policy" && newer {
+            self.newest = Some(a);
+        }
+    }
+
+    /// Loads the newest policy unless it is loaded already; fails when none
+    /// arrived.
+    fn load(&mut self, ctx: &Context, device: &hone_models::Device) -> Result<(), StageError> {
+        let Some(policy) = &self.newest else {
+            return Err(StageError::new(format!(
+                "no {} artifact arrived in round {}: wire `{}` to a stage that emits one, e.g. lm.sft",
+                self.missing,
+                ctx.round(),
+                self.port
+            )));
+        };
+        if self.loaded.as_ref().is_some_and(|(a, _, _)| a == policy) {
+            return Ok(());
+        }
+        let file = ctx.init().run_dir.join(&policy.path);
+        let dir = file.parent().unwrap_or(&file);
+        let doing = format!(
+            "cannot load {} {} from {}",
+            self.role,
+            policy.id,
+            dir.display()
+        );
+        let (gpt, _) = checkpoint::load_gpt(dir, device).or_stage(&doing)?;
+        let tok = load_tokenizer(dir).or_stage(&doing)?;
+        self.loaded = Some((policy.clone(), gpt, tok));
+        Ok(())
+    }
+
+    /// The loaded policy: its artifact, model and tokenizer.
+    fn get(&self) -> Option<(&ArtifactRef, &Gpt, &dyn Tokenizer)> {
+        self.loaded
+            .as_ref()
+            .map(|(a, gpt, tok)| (a, gpt, tok.as_ref()))
+    }
 }

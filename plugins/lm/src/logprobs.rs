@@ -1,10 +1,10 @@
 //! `lm.logprobs`: the log-probability of each completion under a reference
 //! policy, teacher-forced, for KL(π‖π_ref) estimates.
 
-use crate::{device, OrStageError};
-use hone_models::checkpoint;
+use crate::{device, NewestPolicy, OrStageError};
+
 use hone_models::gpt::Gpt;
-use hone_models::tokenizer::{load_tokenizer, Tokenizer};
+use hone_models::tokenizer::Tokenizer;
 use hone_models::{DType, Device, Tensor};
 use hone_sdk::prelude::*;
 use serde::Deserialize;
@@ -22,10 +22,8 @@ pub struct Logprobs {
     config: LogprobsConfig,
     device: Device,
     completions: Vec<Completion>,
-    /// The newest reference artifact seen (highest round, then last to arrive).
-    reference: Option<ArtifactRef>,
-    /// The loaded reference, kept while the artifact stays the same.
-    loaded: Option<(ArtifactRef, Gpt, Box<dyn Tokenizer>)>,
+    /// The newest reference policy artifact, loaded when scoring.
+    reference: NewestPolicy,
 }
 
 /// How the tokens a completion was sampled as are recovered from its text.
@@ -83,8 +81,7 @@ impl StageFactory for Logprobs {
             config,
             device,
             completions: Vec::new(),
-            reference: None,
-            loaded: None,
+            reference: NewestPolicy::new("reference", "reference", "reference policy"),
         })
     }
 }
@@ -99,9 +96,7 @@ impl Stage for Logprobs {
         for record in batch {
             match record {
                 Record::Completion(c) => self.completions.push(c),
-                Record::Artifact(a) if a.kind == "policy" && self.is_newer(&a) => {
-                    self.reference = Some(a);
-                }
+                Record::Artifact(a) => self.reference.offer(a),
                 _ => {}
             }
         }
@@ -115,22 +110,21 @@ impl Stage for Logprobs {
         }
         // Sorted, so that the output does not depend on arrival order.
         completions.sort_by(|a, b| a.id.cmp(&b.id));
-        self.load_reference(ctx)?;
-        let Some((reference, gpt, tok)) = &self.loaded else {
-            unreachable!("load_reference loads a reference or fails")
-        };
+        self.reference.load(ctx, &self.device)?;
+        let (reference, gpt, tok) = self
+            .reference
+            .get()
+            .expect("load loads a reference or fails");
         let (mut scored, mut unmatched, mut kl_sum, mut kl_n) = (0u64, 0u64, 0.0, 0u64);
         let total = completions.len() as u64;
         for (done, mut c) in completions.into_iter().enumerate() {
-            let mut tokens = self.tokens(tok.as_ref(), &c);
+            let mut tokens = self.tokens(tok, &c);
             let mut lps = Vec::new();
             if let Tokens::Ids(ids) = &tokens {
-                lps = self
-                    .score(gpt, tok.as_ref(), &c.prompt, ids)
-                    .or_stage(&format!(
-                        "scoring completion {} under {}",
-                        c.id, reference.id
-                    ))?;
+                lps = self.score(gpt, tok, &c.prompt, ids).or_stage(&format!(
+                    "scoring completion {} under {}",
+                    c.id, reference.id
+                ))?;
                 if lps.len() < ids.len() {
                     let context = gpt.config().context;
                     tokens = Tokens::Unknown(format!(
@@ -176,38 +170,6 @@ impl Stage for Logprobs {
 }
 
 impl Logprobs {
-    /// Whether `a` replaces the current reference: a later round, or the
-    /// same round and arriving later (lm.sft emits its final checkpoint last).
-    fn is_newer(&self, a: &ArtifactRef) -> bool {
-        self.reference
-            .as_ref()
-            .is_none_or(|current| a.round >= current.round)
-    }
-
-    /// Loads the newest reference artifact unless it is loaded already.
-    fn load_reference(&mut self, ctx: &Context) -> Result<(), StageError> {
-        let Some(reference) = &self.reference else {
-            return Err(StageError::new(format!(
-                "no reference policy artifact arrived in round {}: wire `reference` to a stage that emits one, e.g. lm.sft",
-                ctx.round()
-            )));
-        };
-        if self.loaded.as_ref().is_some_and(|(a, _, _)| a == reference) {
-            return Ok(());
-        }
-        let file = ctx.init().run_dir.join(&reference.path);
-        let dir = file.parent().unwrap_or(&file);
-        let doing = format!(
-            "cannot load reference {} from {}",
-            reference.id,
-            dir.display()
-        );
-        let (gpt, _) = checkpoint::load_gpt(dir, &self.device).or_stage(&doing)?;
-        let tok = load_tokenizer(dir).or_stage(&doing)?;
-        self.loaded = Some((reference.clone(), gpt, tok));
-        Ok(())
-    }
-
     /// The tokens `c` was sampled as: its text's tokens, then EOS or a stop
     /// string when token_logprobs has room for them. Without token_logprobs
     /// (demonstrations), the text and EOS.

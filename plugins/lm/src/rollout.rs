@@ -1,11 +1,9 @@
 //! `lm.rollout`: samples completions of prompts from the latest policy
 //! artifact, recording each token's log-probability.
 
-use crate::{device, OrStageError};
-use hone_models::checkpoint;
-use hone_models::gpt::Gpt;
+use crate::{device, NewestPolicy, OrStageError};
+
 use hone_models::sample::{generate, Rng, SamplingParams};
-use hone_models::tokenizer::{load_tokenizer, Tokenizer};
 use hone_models::Device;
 use hone_pretrained::SmolLm;
 use hone_sdk::prelude::*;
@@ -32,10 +30,8 @@ pub struct Rollout {
     config: RolloutConfig,
     device: Device,
     prompts: Vec<Prompt>,
-    /// The newest policy artifact seen (highest round, then last to arrive).
-    policy: Option<ArtifactRef>,
-    /// The loaded policy, kept while the artifact stays the same.
-    loaded: Option<(ArtifactRef, Gpt, Box<dyn Tokenizer>)>,
+    /// The newest policy artifact, loaded when sampled from.
+    policy: NewestPolicy,
     /// The pretrained model named by `pretrained`, once loaded.
     smollm: Option<SmolLm>,
 }
@@ -121,8 +117,7 @@ impl StageFactory for Rollout {
             config,
             device,
             prompts: Vec::new(),
-            policy: None,
-            loaded: None,
+            policy: NewestPolicy::new("policy", "policy", "policy"),
         })
     }
 }
@@ -137,9 +132,7 @@ impl Stage for Rollout {
         for record in batch {
             match record {
                 Record::Prompt(p) => self.prompts.push(p),
-                Record::Artifact(a) if a.kind == "policy" && self.is_newer(&a) => {
-                    self.policy = Some(a);
-                }
+                Record::Artifact(a) => self.policy.offer(a),
                 _ => {}
             }
         }
@@ -156,10 +149,8 @@ impl Stage for Rollout {
         if !self.config.pretrained.is_empty() {
             return self.rollout_pretrained(ctx, &prompts);
         }
-        self.load_policy(ctx)?;
-        let Some((policy, gpt, tok)) = &self.loaded else {
-            unreachable!("load_policy loads a policy or fails")
-        };
+        self.policy.load(ctx, &self.device)?;
+        let (policy, gpt, tok) = self.policy.get().expect("load loads a policy or fails");
         let c = &self.config;
         let params = SamplingParams {
             temperature: c.temperature,
@@ -176,15 +167,9 @@ impl Stage for Rollout {
             prompt_ids.extend(tok.encode(&prompt.text));
             for i in 0..c.n {
                 let mut rng = Rng::new(seeded_hash(seed, &format!("{}#{i}#{round}", prompt.id)));
-                let (text, ids, token_logprobs) = generate(
-                    gpt,
-                    tok.as_ref(),
-                    &prompt_ids,
-                    &params,
-                    &mut rng,
-                    &self.device,
-                )
-                .or_stage(&format!("sampling a completion of prompt {}", prompt.id))?;
+                let (text, ids, token_logprobs) =
+                    generate(gpt, tok, &prompt_ids, &params, &mut rng, &self.device)
+                        .or_stage(&format!("sampling a completion of prompt {}", prompt.id))?;
                 new_tokens += ids.len();
                 count += 1;
                 let token_ids: Vec<String> = ids.iter().map(u32::to_string).collect();
@@ -274,34 +259,6 @@ impl Rollout {
         }
         ctx.metric("completions", count as f64);
         ctx.metric("mean_new_tokens", new_tokens as f64 / count.max(1) as f64);
-        Ok(())
-    }
-
-    /// Whether `a` replaces the current policy: a later round, or the same
-    /// round and arriving later (lm.sft emits its final checkpoint last).
-    fn is_newer(&self, a: &ArtifactRef) -> bool {
-        self.policy
-            .as_ref()
-            .is_none_or(|current| a.round >= current.round)
-    }
-
-    /// Loads the newest policy artifact unless it is loaded already.
-    fn load_policy(&mut self, ctx: &Context) -> Result<(), StageError> {
-        let Some(policy) = &self.policy else {
-            return Err(StageError::new(format!(
-                "no policy artifact arrived in round {}: wire `policy` to a stage that emits one, e.g. lm.sft",
-                ctx.round()
-            )));
-        };
-        if self.loaded.as_ref().is_some_and(|(a, _, _)| a == policy) {
-            return Ok(());
-        }
-        let file = ctx.init().run_dir.join(&policy.path);
-        let dir = file.parent().unwrap_or(&file);
-        let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
-        let (gpt, _) = checkpoint::load_gpt(dir, &self.device).or_stage(&doing)?;
-        let tok = load_tokenizer(dir).or_stage(&doing)?;
-        self.loaded = Some((policy.clone(), gpt, tok));
         Ok(())
     }
 }
