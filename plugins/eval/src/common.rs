@@ -44,6 +44,40 @@ pub(crate) enum Source {
     Score,
 }
 
+/// A round's completions (input port 0) and the scores joined to them
+/// (port 1), buffered until the round ends.
+#[derive(Default)]
+pub(crate) struct ScoredCompletions {
+    completions: Vec<Completion>,
+    scores: Scores,
+}
+
+impl ScoredCompletions {
+    /// Buffers a batch that arrived on `port`.
+    pub fn add(&mut self, port: usize, batch: Vec<Record>) {
+        for record in batch {
+            match (port, record) {
+                (0, Record::Completion(c)) => self.completions.push(c),
+                (1, Record::Score(s)) => self.scores.add(s),
+                _ => {}
+            }
+        }
+    }
+
+    /// The round's completions in id order (digit runs as numbers) and
+    /// their scores, leaving the buffer empty; `None` when no completion
+    /// arrived.
+    pub fn take(&mut self) -> Option<(Vec<Completion>, Scores)> {
+        let mut completions = std::mem::take(&mut self.completions);
+        let scores = std::mem::take(&mut self.scores);
+        if completions.is_empty() {
+            return None;
+        }
+        completions.sort_by(|a, b| natural_cmp(&a.id, &b.id));
+        Some((completions, scores))
+    }
+}
+
 /// The score `name` of `c`: its meta value `name` if it parses as a number
 /// (what eval.best-of-n writes on its picks), else the first of `scores`
 /// that has one for `c.id`.

@@ -1,7 +1,7 @@
 //! `eval.elo`: Elo ratings of policies from per-prompt games, averaged over
 //! seeded orderings of the games.
 
-use crate::common::{lookup, natural_cmp, outcome, GroupBy, Rng, Scores, Source};
+use crate::common::{lookup, outcome, GroupBy, Rng, ScoredCompletions, Source};
 use hone_sdk::prelude::*;
 use hone_sdk::text::seeded_hash;
 use serde::Deserialize;
@@ -24,8 +24,7 @@ pub struct Elo {
     config: EloConfig,
     player: GroupBy,
     seed: u64,
-    completions: Vec<Completion>,
-    scores: Scores,
+    input: ScoredCompletions,
 }
 
 /// One game: players `a` and `b` (indices), and a's result (1, 0.5 or 0).
@@ -108,8 +107,7 @@ impl StageFactory for Elo {
             config,
             player,
             seed,
-            completions: Vec::new(),
-            scores: Scores::default(),
+            input: ScoredCompletions::default(),
         })
     }
 }
@@ -121,23 +119,14 @@ impl Stage for Elo {
         port: usize,
         batch: Vec<Record>,
     ) -> Result<(), StageError> {
-        for record in batch {
-            match (port, record) {
-                (0, Record::Completion(c)) => self.completions.push(c),
-                (1, Record::Score(s)) => self.scores.add(s),
-                _ => {}
-            }
-        }
+        self.input.add(port, batch);
         Ok(())
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let mut completions = std::mem::take(&mut self.completions);
-        let scores = std::mem::take(&mut self.scores);
-        if completions.is_empty() {
+        let Some((completions, scores)) = self.input.take() else {
             return Ok(());
-        }
-        completions.sort_by(|a, b| natural_cmp(&a.id, &b.id));
+        };
         let mut names: Vec<String> = Vec::new();
         let mut index: BTreeMap<String, usize> = BTreeMap::new();
         // prompt -> [(player, score)], in id order.

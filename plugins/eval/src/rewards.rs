@@ -1,7 +1,7 @@
 //! `eval.rewards`: mean rewards and the Monte-Carlo KL(π‖π_ref) of groups
 //! of completions (policy checkpoints, or meta values).
 
-use crate::common::{checkpoint_step, is_final, mean, natural_cmp, GroupBy, Scores};
+use crate::common::{checkpoint_step, is_final, mean, GroupBy, ScoredCompletions};
 use hone_sdk::prelude::*;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -17,8 +17,7 @@ struct RewardsConfig {
 pub struct Rewards {
     config: RewardsConfig,
     group_by: GroupBy,
-    completions: Vec<Completion>,
-    scores: Scores,
+    input: ScoredCompletions,
 }
 
 /// What one group's completions add up to.
@@ -72,8 +71,7 @@ impl StageFactory for Rewards {
         Ok(Rewards {
             config,
             group_by,
-            completions: Vec::new(),
-            scores: Scores::default(),
+            input: ScoredCompletions::default(),
         })
     }
 }
@@ -85,23 +83,14 @@ impl Stage for Rewards {
         port: usize,
         batch: Vec<Record>,
     ) -> Result<(), StageError> {
-        for record in batch {
-            match (port, record) {
-                (0, Record::Completion(c)) => self.completions.push(c),
-                (1, Record::Score(s)) => self.scores.add(s),
-                _ => {}
-            }
-        }
+        self.input.add(port, batch);
         Ok(())
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let mut completions = std::mem::take(&mut self.completions);
-        let scores = std::mem::take(&mut self.scores);
-        if completions.is_empty() {
+        let Some((completions, scores)) = self.input.take() else {
             return Ok(());
-        }
-        completions.sort_by(|a, b| natural_cmp(&a.id, &b.id));
+        };
         let mut groups: BTreeMap<String, Group> = BTreeMap::new();
         let mut ungrouped = 0u64;
         for c in &completions {
