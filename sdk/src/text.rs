@@ -40,6 +40,26 @@ pub fn seeded_hash(seed: u64, key: &str) -> u64 {
     stable_hash(&bytes)
 }
 
+/// A uniform draw in [0, 1) from 64 random bits (their top 53).
+pub fn unit(bits: u64) -> f64 {
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A uniform draw in [0, 1) per (seed, key): a reproducible coin per record.
+pub fn seeded_unit(seed: u64, key: &str) -> f64 {
+    unit(seeded_hash(seed, key))
+}
+
+/// One SplitMix64 step: advances `state` and returns the next 64 random
+/// bits. The generator behind hone's seeded streams (sampling, shuffles).
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

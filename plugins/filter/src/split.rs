@@ -1,7 +1,7 @@
 //! `filter.split`: a seeded train / held-out split.
 
 use hone_sdk::prelude::*;
-use hone_sdk::text::{normalize, seeded_hash};
+use hone_sdk::text::{normalize, seeded_hash, seeded_unit};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -84,8 +84,7 @@ impl Split {
             (true, Record::Completion(c)) => normalize(&c.prompt),
             _ => record.id().to_string(),
         };
-        let u = (seeded_hash(self.seed, &key) >> 11) as f64 / (1u64 << 53) as f64;
-        usize::from(u < self.fraction)
+        usize::from(seeded_unit(self.seed, &key) < self.fraction)
     }
 }
 

@@ -16,7 +16,7 @@ use hone_models::train::{clip_grad_norm, lr_at};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
 use hone_pretrained::minilm::MODEL_NAME as MINILM;
 use hone_sdk::prelude::*;
-use hone_sdk::text::seeded_hash;
+use hone_sdk::text::{seeded_hash, seeded_unit};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -472,7 +472,7 @@ impl Train {
     ) -> (Vec<Example>, Vec<Example>) {
         let base = self.base_seed(ctx);
         let holdout = |p: &PreferencePair| {
-            draw(base, &format!("holdout:{}", p.id)) < self.config.eval_fraction
+            seeded_unit(base, &format!("holdout:{}", p.id)) < self.config.eval_fraction
         };
         let (e, t): (Vec<&PreferencePair>, Vec<&PreferencePair>) =
             pairs.iter().partition(|p| holdout(p));
@@ -785,11 +785,6 @@ enum Net<'a> {
         head: &'a Linear,
         embeddings: &'a Tensor,
     },
-}
-
-/// A uniform draw in [0, 1) from a seeded hash.
-fn draw(seed: u64, key: &str) -> f64 {
-    (seeded_hash(seed, key) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Cycles through example indices, reshuffled (seeded by pair id) every epoch.

@@ -29,7 +29,7 @@ impl Draws {
 
     /// A uniform draw in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        hone_sdk::text::unit(self.next_u64())
     }
 
     /// A uniform integer in `lo..=hi`.

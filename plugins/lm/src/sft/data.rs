@@ -3,7 +3,7 @@
 
 use hone_models::tokenizer::Tokenizer;
 use hone_models::{Device, Tensor};
-use hone_sdk::text::seeded_hash;
+use hone_sdk::text::{seeded_hash, seeded_unit};
 
 /// A prompt and the response to imitate.
 pub(super) struct Demo {
@@ -53,18 +53,13 @@ pub(super) fn tokenize(
     }
 }
 
-/// A uniform draw in [0, 1) from a seeded hash.
-fn draw(seed: u64, key: &str) -> f64 {
-    (seeded_hash(seed, key) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// Splits demos into training and held-out sets by a seeded draw per id, so
 /// the split does not depend on arrival order. With several demos and a
 /// non-zero fraction, at least one is held out.
 fn split(demos: &[Demo], seed: u64, eval_fraction: f64) -> (Vec<&Demo>, Vec<&Demo>) {
     let mut sorted: Vec<&Demo> = demos.iter().collect();
     sorted.sort_by(|a, b| a.id.cmp(&b.id));
-    let holdout = |d: &Demo| draw(seed, &format!("holdout:{}", d.id));
+    let holdout = |d: &Demo| seeded_unit(seed, &format!("holdout:{}", d.id));
     let (mut eval, mut train): (Vec<&Demo>, Vec<&Demo>) =
         sorted.into_iter().partition(|d| holdout(d) < eval_fraction);
     if eval.is_empty() && eval_fraction > 0.0 && train.len() > 1 {
