@@ -3,16 +3,17 @@
 //! arrive and calls its round end once the input frontier has passed the
 //! round. Feedback edges carry round `t` output into round `t + 1`.
 
+use crate::last_breath::{self, Call};
 use crate::pipeline::{Edge, ResolvedPipeline};
 use crate::plugin::{Emitted, Registry, StageInstance};
 use crate::report::{Report, Reporter};
-use crate::rundir::EventLog;
+use crate::rundir::{EventLog, Plan};
 use hone_sdk::{Event, Placement, Record, StageInit};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use timely::dataflow::channels::pact::{Exchange, ParallelizationContract, Pipeline};
 use timely::dataflow::operators::generic::operator::{empty, Operator};
 use timely::dataflow::operators::vec::Broadcast;
@@ -72,6 +73,16 @@ pub struct RunShared {
     /// Set by the first failure: every stage of this process stops, so a
     /// failed run ends promptly instead of training on for hours.
     pub abort: AtomicBool,
+    /// The run directory's plan, carried out by worker 0 once every stage of
+    /// the process is created (`None`: carried out before the dataflow, as
+    /// in a cluster run, or by another process).
+    pub plan: Option<(Plan, String)>,
+    /// Whether the run directory is ready: nothing is written before.
+    pub committed: AtomicBool,
+    /// Why the run directory could not be made ready.
+    pub setup_error: Mutex<Option<String>>,
+    /// The workers of this process meet here once their stages are created.
+    pub created: Barrier,
 }
 
 /// Where a per-member stage's member 0 is placed: members are dealt to
@@ -154,7 +165,11 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
             Exchange::new(|_: &Msg| 0u64),
             "RunDirectory",
             move |(input, frontier)| {
-                let Some(log) = log.as_mut() else { return };
+                let log = match log.as_mut() {
+                    Some(log) if run.committed.load(Ordering::SeqCst) => log,
+                    // No run directory (a stage failed at creation): nothing is written.
+                    _ => return input.for_each(|_, data| data.clear()),
+                };
                 input.for_each(|_, data| {
                     for msg in data.drain(..) {
                         if let Msg::Event(e) = msg {
@@ -167,6 +182,22 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
             },
         );
     });
+    // Every stage of this process is created now, and none has run: only if
+    // all were created does worker 0 make the run directory, so a stage that
+    // rejects its config leaves nothing behind to refuse the corrected re-run.
+    shared.created.wait();
+    if let Some((plan, pipeline_toml)) = shared.plan.as_ref().filter(|_| index == 0) {
+        if !shared.abort.load(Ordering::SeqCst) {
+            match plan.commit(pipeline_toml) {
+                Ok(()) => shared.committed.store(true, Ordering::SeqCst),
+                Err(e) => {
+                    *shared.setup_error.lock().expect("setup lock") = Some(e);
+                    shared.abort.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+    shared.created.wait();
 }
 
 use timely::dataflow::operators::Concatenate;
@@ -278,7 +309,10 @@ impl StageOp {
             seed: op.shared.pipeline.pipeline.seed,
         };
         let kind = &op.shared.registry.kinds[&s.decl.kind];
-        match StageInstance::create(kind, &init) {
+        let call = last_breath::enter(worker, stage, 0, Call::Create);
+        let created = StageInstance::create(kind, &init);
+        drop(call);
+        match created {
             Ok(instance) => op.instance = Some(instance),
             Err(error) => op.fail(error, true),
         }
@@ -331,8 +365,10 @@ impl StageOp {
     fn emitted(&self) -> Emitted {
         let reporter = self.shared.reporter.clone();
         let stage = self.id().to_string();
+        let worker = self.worker;
         Emitted::with_live_events(move |event| match event {
             Event::Progress { label, done, total } => {
+                last_breath::heard(worker);
                 let stage = stage.clone();
                 reporter.send(Report::Progress {
                     stage,
@@ -343,6 +379,7 @@ impl StageOp {
                 None
             }
             Event::Log { message } => {
+                last_breath::heard(worker);
                 reporter.send(Report::Log(format!("[{stage}] {message}")));
                 None
             }
@@ -366,7 +403,9 @@ impl StageOp {
             let Some(instance) = self.instance.as_mut() else {
                 return;
             };
+            let call = last_breath::enter(self.worker, self.stage, round, Call::Batch);
             let result = instance.on_batch(port, round, &batch, &mut emitted);
+            drop(call);
             self.deliver(emitted, round, out);
             if let Err(e) = result {
                 self.fail(e, false);
@@ -379,7 +418,9 @@ impl StageOp {
         let Some(instance) = self.instance.as_mut() else {
             return;
         };
+        let call = last_breath::enter(self.worker, self.stage, round, Call::RoundEnd);
         let result = instance.on_round_end(round, &mut emitted);
+        drop(call);
         self.deliver(emitted, round, out);
         if let Err(e) = result {
             self.fail(e, false);

@@ -5,10 +5,12 @@
 //! that benchmarks and tests can drive the same code.
 
 pub mod cli;
+pub mod cluster;
 pub mod dataflow;
 pub mod diag;
 pub mod graph;
 pub mod html_report;
+pub mod last_breath;
 pub mod pipeline;
 pub mod plugin;
 pub mod report;

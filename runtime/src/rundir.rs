@@ -8,65 +8,326 @@ use hone_sdk::Event;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The file that makes a directory a hone run directory. It is written
+/// first, before anything else, so `--replace` and `--resume` can prove a
+/// directory is hone's own before they delete or move anything in it.
+pub const MARKER: &str = ".hone-run";
+
+/// Longest pipeline name accepted (a file name, with room for suffixes).
+const MAX_NAME: usize = 100;
+
+/// Checks a pipeline name, which becomes the directory `runs/NAME`: letters,
+/// digits, `.`, `_` and `-`, not starting with `.` or `-`, so that it can
+/// neither leave `runs/` (`..`, `a/../..`), nor name `runs/` itself (`""`,
+/// `.`), nor hide or look like a flag.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let fix = "use letters, digits, `.`, `_` and `-`, starting with a letter or digit \
+               (e.g. `name = \"my-run\"`), or pass --run-dir DIR";
+    if name.is_empty() {
+        return Err(format!(
+            "`pipeline.name` is empty; it names the run directory runs/NAME: {fix}"
+        ));
+    }
+    if name.len() > MAX_NAME {
+        return Err(format!(
+            "`pipeline.name` is {} bytes long, over the limit of {MAX_NAME}: choose a shorter name",
+            name.len()
+        ));
+    }
+    let bad = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
+    let first = name.chars().next().unwrap_or('.');
+    if let Some(c) = bad {
+        return Err(format!(
+            "`pipeline.name` = \"{name}\" contains {c:?}; it names the run directory runs/NAME: {fix}"
+        ));
+    }
+    if !first.is_ascii_alphanumeric() {
+        return Err(format!(
+            "`pipeline.name` = \"{name}\" starts with {first:?}; it names the run directory runs/NAME: {fix}"
+        ));
+    }
+    Ok(())
+}
+
+/// A pipeline name made from a file stem: characters outside the safe set
+/// become `-` (a file `my pipeline.toml` runs as `my-pipeline`).
+pub fn name_from_stem(stem: &str) -> String {
+    let name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let name = name.trim_start_matches(['.', '-']);
+    if name.is_empty() {
+        "pipeline".into()
+    } else {
+        name.chars().take(MAX_NAME).collect()
+    }
+}
+
 /// What to do when the run directory already exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Existing {
     /// Refuse (the default: nothing is overwritten silently).
     Refuse,
-    /// Delete it and start over.
+    /// Delete it and start over (only a hone run directory).
     Replace,
     /// Keep it: a finished run is left as it is; an unfinished one is re-run,
     /// its earlier files moved to `attempts/N/`.
     Resume,
 }
 
-/// What `prepare` decided.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Prepared {
-    /// Run into the directory.
-    Run,
+/// What will happen to the run directory, decided and checked before any
+/// stage is created, and carried out ([`Plan::commit`]) only once every stage
+/// has been created: a pipeline a stage rejects leaves nothing behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
     /// The journal says every round completed: nothing to do.
     AlreadyComplete,
+    /// Run into `dir`, after doing `action` to what is there.
+    Run {
+        /// The run directory.
+        dir: PathBuf,
+        /// What to do first.
+        action: Action,
+    },
 }
 
-/// Makes the run directory ready, honouring `existing`.
-pub fn prepare(dir: &Path, existing: Existing, rounds: u64) -> Result<Prepared, String> {
-    if dir.exists()
-        && std::fs::read_dir(dir)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        match existing {
-            Existing::Refuse => {
-                return Err(format!(
-                    "run directory {} already exists: pass --resume to continue it, --replace to \
-                     delete it and start over, or --run-dir to pick another",
-                    dir.display()
-                ))
+/// What [`Plan::commit`] does before the run starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// The directory is absent or empty: create it.
+    Create,
+    /// Delete the earlier run (it carries the marker), then create it.
+    Replace,
+    /// Move the earlier attempt's files to `attempts/N/`.
+    Resume {
+        /// The attempt number.
+        attempt: usize,
+    },
+}
+
+/// Decides what to do with `dir` and checks that it can be done, changing
+/// nothing. `pipeline_file` is protected: a directory holding it is never
+/// replaced.
+pub fn plan(
+    dir: &Path,
+    existing: Existing,
+    rounds: u64,
+    pipeline_file: &Path,
+) -> Result<Plan, String> {
+    let shown = dir.display();
+    let meta = std::fs::symlink_metadata(dir);
+    if let Ok(m) = &meta {
+        if !m.is_dir() && !(m.file_type().is_symlink() && dir.is_dir()) {
+            return Err(format!(
+                "run directory {shown} exists and is not a directory: pass --run-dir DIR or \
+                 choose another pipeline.name"
+            ));
+        }
+    }
+    let empty = match std::fs::read_dir(dir) {
+        Ok(mut d) => d.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(format!("cannot read run directory {shown}: {e}")),
+    };
+    let run = |action| Plan::Run {
+        dir: dir.to_path_buf(),
+        action,
+    };
+    if empty {
+        check_writable(dir)?;
+        return Ok(run(Action::Create));
+    }
+    let is_run = dir.join(MARKER).is_file();
+    let not_a_run = |flag: &str| {
+        format!(
+            "{shown} is not a hone run directory (it has no {MARKER} file), so {flag} leaves it \
+             alone: pass --run-dir DIR to run elsewhere. (A run made by a hone older than the \
+             marker can be adopted with `touch {}`.)",
+            dir.join(MARKER).display()
+        )
+    };
+    match existing {
+        Existing::Refuse => Err(format!(
+            "run directory {shown} already exists: pass --resume to continue it, --replace to \
+             delete it and start over, or --run-dir to pick another"
+        )),
+        Existing::Replace => {
+            if !is_run {
+                return Err(not_a_run("--replace"));
             }
-            Existing::Replace => std::fs::remove_dir_all(dir)
-                .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?,
-            Existing::Resume => {
-                if completed_rounds(dir) >= rounds && rounds > 0 {
-                    return Ok(Prepared::AlreadyComplete);
-                }
-                let attempts = dir.join("attempts");
-                let n = std::fs::read_dir(&attempts).map(|d| d.count()).unwrap_or(0);
-                let target = attempts.join(n.to_string());
-                std::fs::create_dir_all(&target)
-                    .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
-                for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
-                    if entry.file_name() != "attempts" {
-                        std::fs::rename(entry.path(), target.join(entry.file_name()))
-                            .map_err(|e| format!("cannot move {}: {e}", entry.path().display()))?;
-                    }
-                }
+            check_not_holding_user_places(dir, pipeline_file)?;
+            check_writable(dir)?;
+            if let Some(parent) = std::path::absolute(dir)
+                .ok()
+                .as_deref()
+                .and_then(Path::parent)
+            {
+                check_writable(parent)?;
+            }
+            Ok(run(Action::Replace))
+        }
+        Existing::Resume => {
+            if !is_run {
+                return Err(not_a_run("--resume"));
+            }
+            if completed_rounds(dir) >= rounds && rounds > 0 {
+                return Ok(Plan::AlreadyComplete);
+            }
+            check_writable(dir)?;
+            let attempts = dir.join("attempts");
+            if attempts.exists() && !attempts.is_dir() {
+                return Err(format!(
+                    "cannot resume {shown}: {} is not a directory, so the earlier attempt has                      nowhere to go; move it away and run again",
+                    attempts.display()
+                ));
+            }
+            if attempts.exists() {
+                check_writable(&attempts)?;
+            }
+            Ok(run(Action::Resume {
+                attempt: next_attempt(&attempts),
+            }))
+        }
+    }
+}
+
+/// The first `attempts/N` not taken.
+fn next_attempt(attempts: &Path) -> usize {
+    (0..)
+        .find(|n: &usize| !attempts.join(n.to_string()).exists())
+        .unwrap_or(0)
+}
+
+/// `--replace` never deletes the current directory, one of its parents, or
+/// the directory holding the pipeline file being run, even a marked one.
+fn check_not_holding_user_places(dir: &Path, pipeline_file: &Path) -> Result<(), String> {
+    let Ok(target) = dir.canonicalize() else {
+        return Ok(());
+    };
+    let protected = [
+        (std::env::current_dir().ok(), "the current directory"),
+        (
+            pipeline_file.canonicalize().ok(),
+            "the pipeline file being run",
+        ),
+    ];
+    for (place, what) in protected {
+        if let Some(place) = place {
+            if place.starts_with(&target) {
+                return Err(format!(
+                    "--replace refuses to delete {}: it holds {what} ({}). Pass --run-dir DIR \
+                     to run elsewhere",
+                    dir.display(),
+                    place.display()
+                ));
             }
         }
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create run directory {}: {e}", dir.display()))?;
-    Ok(Prepared::Run)
+    Ok(())
+}
+
+/// The run directory, or the nearest existing directory above it, must be
+/// writable: checked before anything moves, so a refused run changes nothing.
+fn check_writable(dir: &Path) -> Result<(), String> {
+    let absolute = std::path::absolute(dir).unwrap_or(dir.to_path_buf());
+    let mut at = absolute.as_path();
+    while !at.exists() {
+        match at.parent() {
+            Some(p) => at = p,
+            None => return Ok(()),
+        }
+    }
+    let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: access(2) reads a NUL-terminated path and nothing else.
+    let ok = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
+    if ok {
+        Ok(())
+    } else {
+        let err = std::io::Error::last_os_error();
+        Err(format!(
+            "cannot write the run directory {}: {} is not writable ({err}); fix its permissions \
+             or pass --run-dir DIR",
+            dir.display(),
+            at.display()
+        ))
+    }
+}
+
+impl Plan {
+    /// Carries out the plan: deletes or moves what was there, creates the
+    /// directory and writes the marker, then the resolved pipeline. On a
+    /// failed move during a resume, what was moved is moved back.
+    pub fn commit(&self, pipeline_toml: &str) -> Result<(), String> {
+        let Plan::Run { dir, action } = self else {
+            return Ok(());
+        };
+        match action {
+            Action::Create => {}
+            Action::Replace => {
+                // Checked again at the last moment: only a marked directory is deleted.
+                if !dir.join(MARKER).is_file() {
+                    return Err(format!(
+                        "{} lost its {MARKER} marker; not deleting it",
+                        dir.display()
+                    ));
+                }
+                std::fs::remove_dir_all(dir)
+                    .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?
+            }
+            Action::Resume { attempt } => move_to_attempt(dir, *attempt)?,
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create run directory {}: {e}", dir.display()))?;
+        let marker = serde_json::json!({
+            "hone": env!("CARGO_PKG_VERSION"),
+            "created": now(),
+        });
+        let write = |name: &str, bytes: &[u8]| {
+            atomic_write(&dir.join(name), bytes)
+                .map_err(|e| format!("cannot write {}: {e}", dir.join(name).display()))
+        };
+        write(MARKER, format!("{marker}\n").as_bytes())?;
+        write("pipeline.toml", pipeline_toml.as_bytes())
+    }
+}
+
+/// Moves every entry but `attempts/` into `attempts/N/`; on failure moves
+/// them back and removes `attempts/N/`, leaving the directory as it was.
+fn move_to_attempt(dir: &Path, attempt: usize) -> Result<(), String> {
+    let target = dir.join("attempts").join(attempt.to_string());
+    std::fs::create_dir_all(&target)
+        .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    let entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "attempts" && n != MARKER)
+        .collect();
+    let mut moved = Vec::new();
+    for name in entries {
+        if let Err(e) = std::fs::rename(dir.join(&name), target.join(&name)) {
+            for back in moved.iter().rev() {
+                let _ = std::fs::rename(target.join(back), dir.join(back));
+            }
+            let _ = std::fs::remove_dir(&target);
+            return Err(format!(
+                "cannot move {} to {}: {e}; nothing was moved",
+                dir.join(&name).display(),
+                target.display()
+            ));
+        }
+        moved.push(name);
+    }
+    Ok(())
 }
 
 /// Rounds recorded as complete in the run's journal.

@@ -23,10 +23,10 @@ impl StageFactory for GeneratePairs {
             "Emits synthetic preference pairs (for tests and benchmarks).",
         )
         .output("pairs", RecordKind::PreferencePair)
-        .optional("count", FieldType::Integer, 1000, "Pairs to emit.")
+        .optional("count", FieldType::unsigned(), 1000, "Pairs to emit.")
         .optional(
             "prompts",
-            FieldType::Integer,
+            FieldType::unsigned(),
             0,
             "Distinct prompts to cycle through (0 = one per pair).",
         )
@@ -76,6 +76,7 @@ struct FaultConfig {
     mode: String,
     after: u64,
     message: String,
+    exit_code: i32,
 }
 
 /// Passes records through, then fails (panics or errors) after N records.
@@ -88,20 +89,27 @@ impl StageFactory for Fault {
     fn descriptor() -> StageDescriptor {
         StageDescriptor::new(
             "testing.fault",
-            "Passes records through, then panics or fails after `after` records.",
+            "Passes records through, then fails after `after` records: panics, returns an error, \
+             aborts the process, calls exit(), or hangs (to test how hone reports each).",
         )
         .input("records", RecordKind::Any)
         .output("records", RecordKind::Any)
         .placement(Placement::DataParallel)
         .optional(
             "mode",
-            FieldType::one_of(&["panic", "error"]),
+            FieldType::one_of(&["panic", "error", "abort", "exit", "hang"]),
             "panic",
             "How to fail.",
         )
         .optional(
-            "after",
+            "exit_code",
             FieldType::Integer,
+            3,
+            "The status `mode = \"exit\"` passes to exit().",
+        )
+        .optional(
+            "after",
+            FieldType::unsigned(),
             0,
             "Records to pass before failing.",
         )
@@ -123,10 +131,15 @@ impl StageFactory for Fault {
 
 impl Fault {
     fn trip(&self) -> Result<(), StageError> {
-        if self.config.mode == "panic" {
-            panic!("{}", self.config.message);
+        match self.config.mode.as_str() {
+            "panic" => panic!("{}", self.config.message),
+            "abort" => std::process::abort(),
+            "exit" => std::process::exit(self.config.exit_code),
+            "hang" => loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            },
+            _ => Err(StageError::new(self.config.message.clone())),
         }
-        Err(StageError::new(self.config.message.clone()))
     }
 }
 

@@ -3,6 +3,7 @@
 use super::node::{self, Entry, Node, Value};
 use super::{Binding, Pipeline, StageDecl};
 use crate::diag::{Diagnostic, Origin};
+use hone_sdk::FieldType;
 use std::path::Path;
 
 const TOP_KEYS: &[&str] = &["pipeline", "stages"];
@@ -24,7 +25,7 @@ pub fn parse_pipeline(path: &Path, text: &str) -> Result<Pipeline, Vec<Diagnosti
     let mut p = Pipeline {
         name: path
             .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
+            .map(|s| crate::rundir::name_from_stem(&s.to_string_lossy()))
             .unwrap_or_default(),
         description: String::new(),
         rounds: 1,
@@ -37,12 +38,12 @@ pub fn parse_pipeline(path: &Path, text: &str) -> Result<Pipeline, Vec<Diagnosti
     let Value::Table(top) = doc.value else {
         unreachable!("a document is a table")
     };
-    let mut saw_stages = false;
+    let mut saw_stages = None;
     for entry in top {
         match entry.key.as_str() {
             "pipeline" => parse_header(&entry.node, &mut p, &mut errors),
             "stages" => {
-                saw_stages = true;
+                saw_stages = Some(entry.key_origin.clone());
                 let Some(stages) = expect_table(&entry, "stages", &mut errors) else {
                     continue;
                 };
@@ -55,11 +56,16 @@ pub fn parse_pipeline(path: &Path, text: &str) -> Result<Pipeline, Vec<Diagnosti
             _ => errors.push(unknown_key(&entry, "the top level", TOP_KEYS)),
         }
     }
-    if !saw_stages || p.stages.is_empty() && errors.is_empty() {
-        errors.push(Diagnostic::at(
+    match &saw_stages {
+        None => errors.push(Diagnostic::at(
             0..0,
             "the pipeline declares no stages: add a `[stages.ID]` table with a `kind`",
-        ));
+        )),
+        Some(origin) if p.stages.is_empty() && errors.is_empty() => errors.push(Diagnostic::new(
+            origin,
+            "`stages` declares no stages: add a `[stages.ID]` table with a `kind`",
+        )),
+        Some(_) => {}
     }
     if errors.is_empty() {
         Ok(p)
@@ -79,10 +85,14 @@ fn parse_header(node: &Node, p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
     for e in entries {
         let field = format!("pipeline.{}", e.key);
         match e.key.as_str() {
-            "name" => p.name = string(&e.node, &field, errors).unwrap_or_default(),
+            "name" => {
+                if let Some(name) = run_name(&e.node, errors) {
+                    p.name = name;
+                }
+            }
             "description" => p.description = string(&e.node, &field, errors).unwrap_or_default(),
             "rounds" => p.rounds = rounds(&e.node, errors).unwrap_or(1),
-            "seed" => p.seed = non_negative(&e.node, &field, errors).unwrap_or(0),
+            "seed" => p.seed = seed(&e.node, errors).unwrap_or(0),
             "plugin_path" => match &e.node.value {
                 Value::Array(items) => {
                     for item in items {
@@ -268,35 +278,61 @@ fn string(node: &Node, field: &str, errors: &mut Vec<Diagnostic>) -> Option<Stri
     }
 }
 
-fn non_negative(node: &Node, field: &str, errors: &mut Vec<Diagnostic>) -> Option<u64> {
-    match &node.value {
-        Value::Int(i) if *i >= 0 => Some(*i as u64),
-        other => {
-            errors.push(Diagnostic::new(
-                &node.origin,
-                format!(
-                    "`{field}` must be a non-negative integer, found {} {}",
-                    other.type_name(),
-                    other.to_toml_text()
-                ),
-            ));
-            None
-        }
-    }
+/// The most rounds a pipeline may run: each round is a timely epoch with a
+/// call into every stage, so a larger count is a typo that would run for days.
+pub const MAX_ROUNDS: u64 = 1_000_000;
+
+/// An integer of type `ty` (its bounds checked), or an error at its line.
+fn bounded(node: &Node, field: &str, ty: &FieldType, errors: &mut Vec<Diagnostic>) -> Option<u64> {
+    let (min, max) = ty.integer_bounds().expect("an integer type");
+    let message = match &node.value {
+        Value::Int(i) if (min..=max).contains(i) => return Some(*i as u64),
+        Value::Int(i) => super::validate::out_of_range(field, &i.to_string(), ty),
+        Value::BigInt(digits) => super::validate::out_of_range(field, digits, ty),
+        other => format!(
+            "`{field}` must be {}, found {} {}",
+            ty.expected(),
+            other.type_name(),
+            other.to_toml_text()
+        ),
+    };
+    errors.push(Diagnostic::new(&node.origin, message));
+    None
 }
 
-/// `rounds` must be at least 1: a run that goes on until stopped (rounds = 0)
-/// is not supported yet.
+fn seed(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<u64> {
+    bounded(node, "pipeline.seed", &FieldType::unsigned(), errors)
+}
+
+/// `rounds` must be at least 1 (a run that goes on until stopped, rounds = 0,
+/// is not supported yet) and at most [`MAX_ROUNDS`].
 fn rounds(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<u64> {
-    let n = non_negative(node, "pipeline.rounds", errors)?;
-    if n == 0 {
+    if matches!(node.value, Value::Int(0)) {
         errors.push(Diagnostic::new(
             &node.origin,
             "`pipeline.rounds` must be at least 1 (runs that go on until stopped are not supported yet)",
         ));
         return None;
     }
-    Some(n)
+    bounded(
+        node,
+        "pipeline.rounds",
+        &FieldType::range(1, MAX_ROUNDS),
+        errors,
+    )
+}
+
+/// `pipeline.name`, which names the run directory `runs/NAME`: checked so
+/// that it cannot leave `runs/` or name it (`..`, `""`, `a/../..`).
+fn run_name(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<String> {
+    let name = string(node, "pipeline.name", errors)?;
+    match crate::rundir::check_name(&name) {
+        Ok(()) => Some(name),
+        Err(message) => {
+            errors.push(Diagnostic::new(&node.origin, message));
+            None
+        }
+    }
 }
 
 fn unknown_key(entry: &Entry, place: &str, known: &[&str]) -> Diagnostic {
@@ -337,8 +373,8 @@ pub fn apply_override(p: &mut Pipeline, arg: &str) -> Result<(), Diagnostic> {
         let mut errors = Vec::new();
         match key {
             "rounds" => p.rounds = rounds(&node, &mut errors).unwrap_or(p.rounds),
-            "seed" => p.seed = non_negative(&node, "pipeline.seed", &mut errors).unwrap_or(p.seed),
-            "name" => p.name = string(&node, "pipeline.name", &mut errors).unwrap_or_default(),
+            "seed" => p.seed = seed(&node, &mut errors).unwrap_or(p.seed),
+            "name" => p.name = run_name(&node, &mut errors).unwrap_or_else(|| p.name.clone()),
             _ => {
                 return Err(Diagnostic::new(
                     &origin,
