@@ -23,6 +23,13 @@ def ty(t):
         return "one of " + ", ".join(f'"{x}"' for x in v)
     if k == "List":
         return "list of " + ty(v)
+    if k == "Unsigned":
+        lo, hi = v["min"], v["max"]
+        if hi is not None:
+            return f"non-negative integer from {lo} to {hi}"
+        if lo > 0:
+            return f"non-negative integer of at least {lo}"
+        return "non-negative integer"
     return k.lower()
 
 

@@ -660,3 +660,30 @@ fn pandalm_majority_vote_on_the_bundled_test_set() {
     let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(first["label_source"], "majority-of-3");
 }
+
+#[test]
+fn metric_times_are_when_the_stage_raised_them() {
+    // Three metrics raised 700 ms apart within one call: before, all three
+    // were stamped when worker 0 wrote them, after the call returned.
+    let dir = TempDir::new("times");
+    let path = dir.write(
+        "p.toml",
+        "[pipeline]\nname = \"pace\"\n\n[stages.pace]\nkind = \"testing.pace\"\nconfig = { ticks = 3, interval_ms = 700 }\n",
+    );
+    let out = hone(&dir.0, &["run", path.to_str().unwrap(), "-q"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let times: Vec<f64> = read_lines(&dir.join("runs/pace/metrics.jsonl"))
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["name"] == "tick")
+        .map(|v| v["time"].as_f64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 3, "{times:?}");
+    for w in times.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            (0.65..5.0).contains(&gap),
+            "ticks {gap:.3} s apart: {times:?}"
+        );
+    }
+}

@@ -39,6 +39,8 @@ pub struct RoutedEvent {
     pub worker: usize,
     /// The round.
     pub round: u64,
+    /// When the stage raised it (seconds since the Unix epoch).
+    pub time: f64,
     /// The event.
     pub event: Event,
 }
@@ -350,11 +352,12 @@ impl StageOp {
                 out(Msg::Data(port, record));
             }
         }
-        for event in emitted.events {
+        for (time, event) in emitted.events {
             out(Msg::Event(RoutedEvent {
                 stage: self.id().to_string(),
                 worker: self.worker,
                 round,
+                time,
                 event,
             }));
         }

@@ -209,8 +209,10 @@ type LiveEvents = Box<dyn FnMut(Event) -> Option<Event>>;
 pub struct Emitted {
     /// Record batches per output port, in emission order.
     pub records: Vec<(u32, Vec<Record>)>,
-    /// Events in order (those `live` did not take).
-    pub events: Vec<Event>,
+    /// Events in order (those `live` did not take), each with the time it
+    /// was raised (seconds since the Unix epoch): a metric's time is when the
+    /// stage produced it, not when worker 0 came to write it down.
+    pub events: Vec<(f64, Event)>,
     /// A batch or event that could not be decoded.
     pub corrupt: Option<String>,
     /// Sees every event as it is raised, during the call: progress of a
@@ -226,6 +228,14 @@ impl Emitted {
             ..Default::default()
         }
     }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 unsafe extern "C" fn host_emit(host: *mut c_void, port: u32, batch: Bytes) {
@@ -249,7 +259,7 @@ unsafe extern "C" fn host_event(host: *mut c_void, event: Bytes) {
                     Some(live) => live(e),
                     None => Some(e),
                 };
-                out.events.extend(kept);
+                out.events.extend(kept.map(|e| (unix_now(), e)));
             }
             Err(e) => out.corrupt = Some(format!("corrupt event: {e}")),
         }

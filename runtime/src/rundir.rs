@@ -381,7 +381,7 @@ impl EventLog {
             Event::Metric { name, value, step } => {
                 let line = serde_json::json!({
                     "stage": e.stage, "round": e.round, "worker": e.worker,
-                    "name": name, "value": value, "step": step, "time": now(),
+                    "name": name, "value": value, "step": step, "time": e.time,
                 });
                 self.metrics.push_str(&line.to_string());
                 &mut self.metrics
@@ -394,7 +394,7 @@ impl EventLog {
                 let line = serde_json::json!({
                     "id": artifact.id, "kind": artifact.kind, "path": artifact.path,
                     "sha256": artifact.sha256, "stage": e.stage, "round": artifact.round,
-                    "inputs": inputs, "lineage": lineage, "time": now(),
+                    "inputs": inputs, "lineage": lineage, "time": e.time,
                 });
                 self.manifest.push_str(&line.to_string());
                 &mut self.manifest

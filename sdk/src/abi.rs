@@ -24,10 +24,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
 /// Version of the C ABI below. Bump on any change to [`PluginTable`],
-/// [`HostCallbacks`] or the encodings.
-pub const ABI_VERSION: u32 = 1;
+/// [`HostCallbacks`] or the encodings, the JSON descriptors included (a host
+/// could not decode a descriptor using a config type it does not know).
+///
+/// 2: the `Unsigned { min, max }` config field type.
+pub const ABI_VERSION: u32 = 2;
 
-/// The symbol every plugin library exports (versioned with the ABI).
+/// The symbol every plugin library exports. It keeps its name across ABI
+/// versions: a host finds the table of a plugin of any version through it and
+/// refuses a mismatch by the table's first field, with both versions named,
+/// instead of skipping the library as "not a plugin".
 pub const ENTRY_SYMBOL: &str = "hone_plugin_entry_v1";
 
 /// Borrowed bytes: valid only for the duration of the call.

@@ -19,8 +19,21 @@ pub enum FieldType {
     String,
     /// A path; a relative path is resolved against the pipeline file's directory.
     Path,
-    /// An integer.
+    /// An integer, negative ones included. For a count, size, step, limit or
+    /// seed use [`FieldType::Unsigned`] ([`FieldType::unsigned`],
+    /// [`FieldType::positive`], [`FieldType::range`]) so that the runtime
+    /// rejects a negative or absurd value at its line before anything runs.
     Integer,
+    /// A whole number from `min` to `max` inclusive (`max` unset: up to the
+    /// largest TOML integer, 2^63 - 1). It reaches the stage as a JSON number
+    /// that always fits a `u64` (and a `usize` on 64-bit targets); give a
+    /// `max` that fits any narrower type the stage's config struct uses.
+    Unsigned {
+        /// The smallest value allowed.
+        min: u64,
+        /// The largest value allowed; `None` for no bound below 2^63 - 1.
+        max: Option<u64>,
+    },
     /// A float (an integer is accepted too).
     Float,
     /// A boolean.
@@ -38,6 +51,11 @@ impl FieldType {
             FieldType::String => "string".into(),
             FieldType::Path => "path".into(),
             FieldType::Integer => "integer".into(),
+            FieldType::Unsigned { min, max } => match (min, max) {
+                (0, None) => "non-negative integer".into(),
+                (m, None) => format!("non-negative integer of at least {m}"),
+                (m, Some(x)) => format!("non-negative integer from {m} to {x}"),
+            },
             FieldType::Float => "float".into(),
             FieldType::Bool => "boolean".into(),
             FieldType::Enum(options) => {
@@ -53,6 +71,7 @@ impl FieldType {
         match self {
             FieldType::Enum(_) => self.describe(),
             FieldType::Integer => "an integer".into(),
+            FieldType::Unsigned { .. } => format!("a {}", self.describe()),
             _ => format!("a {}", self.describe()),
         }
     }
@@ -192,5 +211,83 @@ impl FieldType {
     /// Shorthand for [`one_of`].
     pub fn one_of(options: &[&str]) -> FieldType {
         one_of(options)
+    }
+
+    /// The largest integer a pipeline file can hold (TOML integers are `i64`).
+    pub const INTEGER_MAX: u64 = i64::MAX as u64;
+
+    /// A non-negative integer: a count, a limit, a seed (0 allowed).
+    pub fn unsigned() -> FieldType {
+        FieldType::Unsigned { min: 0, max: None }
+    }
+
+    /// An integer of at least 1: a size, a step count, a batch.
+    pub fn positive() -> FieldType {
+        FieldType::Unsigned { min: 1, max: None }
+    }
+
+    /// An integer from `min` to `max` inclusive.
+    pub fn range(min: u64, max: u64) -> FieldType {
+        assert!(min <= max, "FieldType::range({min}, {max}): min above max");
+        FieldType::Unsigned {
+            min,
+            max: Some(max),
+        }
+    }
+
+    /// The same unsigned type with an upper bound (`positive().at_most(1024)`).
+    /// Other types are returned unchanged.
+    pub fn at_most(self, max: u64) -> FieldType {
+        match self {
+            FieldType::Unsigned { min, .. } => FieldType::range(min, max),
+            other => other,
+        }
+    }
+
+    /// The bounds an integer must lie in, for [`FieldType::Integer`] and
+    /// [`FieldType::Unsigned`]; `None` for other types.
+    pub fn integer_bounds(&self) -> Option<(i64, i64)> {
+        let clamp = |v: u64| v.min(Self::INTEGER_MAX) as i64;
+        match self {
+            FieldType::Integer => Some((i64::MIN, i64::MAX)),
+            FieldType::Unsigned { min, max } => {
+                Some((clamp(*min), clamp(max.unwrap_or(Self::INTEGER_MAX))))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsigned_types_describe_their_range() {
+        assert_eq!(FieldType::unsigned().describe(), "non-negative integer");
+        assert_eq!(FieldType::unsigned().expected(), "a non-negative integer");
+        assert_eq!(
+            FieldType::positive().describe(),
+            "non-negative integer of at least 1"
+        );
+        assert_eq!(
+            FieldType::positive().at_most(64).expected(),
+            "a non-negative integer from 1 to 64"
+        );
+        assert_eq!(FieldType::range(2, 9).integer_bounds(), Some((2, 9)));
+        assert_eq!(
+            FieldType::unsigned().integer_bounds(),
+            Some((0, i64::MAX))
+        );
+        assert_eq!(FieldType::Float.integer_bounds(), None);
+        assert_eq!(FieldType::Float.at_most(3), FieldType::Float);
+    }
+
+    #[test]
+    fn unsigned_types_cross_the_boundary_as_json() {
+        let ty = FieldType::positive().at_most(1024);
+        let json = serde_json::to_string(&ty).unwrap();
+        assert_eq!(json, r#"{"Unsigned":{"min":1,"max":1024}}"#);
+        assert_eq!(serde_json::from_str::<FieldType>(&json).unwrap(), ty);
     }
 }

@@ -29,10 +29,17 @@ pub struct StageInit {
 }
 
 impl StageInit {
-    /// Deserialises the config into the stage's own config struct.
+    /// Deserialises the config into the stage's own config struct. A value
+    /// the struct cannot hold is reported against its field (see
+    /// [`StageError::config`]), so that the runtime points at its line.
     pub fn config<T: DeserializeOwned>(&self) -> Result<T, StageError> {
-        serde_json::from_value(self.config.clone())
-            .map_err(|e| StageError::new(format!("invalid config: {e}")))
+        serde_json::from_value::<T>(self.config.clone()).map_err(|e| {
+            let message = format!("invalid config: {e}");
+            match culprit::<T>(&self.config) {
+                Some(field) => StageError::config(field, message),
+                None => StageError::new(message),
+            }
+        })
     }
 
     /// Where this stage writes its outputs: `RUN_DIR/outputs/STAGE_ID/`.
@@ -59,6 +66,30 @@ impl StageInit {
             seed: 0,
         }
     }
+}
+
+/// The one field of a config object that makes deserialising it into `T`
+/// fail: the field whose removal lets it succeed, or turns the error into
+/// "missing field" for that field (serde reports a missing field only after
+/// every present one deserialised).
+fn culprit<T: DeserializeOwned>(config: &serde_json::Value) -> Option<String> {
+    let object = config.as_object()?;
+    let mut found = None;
+    for key in object.keys() {
+        let mut without = object.clone();
+        without.remove(key);
+        let cured = match serde_json::from_value::<T>(without.into()) {
+            Ok(_) => true,
+            Err(e) => e.to_string() == format!("missing field `{key}`"),
+        };
+        if cured {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(key.clone());
+        }
+    }
+    found
 }
 
 /// A stage instance. Streaming stages work in [`Stage::on_batch`]; stages
@@ -93,4 +124,34 @@ pub trait StageFactory: Stage + Sized + 'static {
     fn descriptor() -> StageDescriptor;
     /// Creates an instance from a validated config.
     fn create(init: &StageInit) -> Result<Self, StageError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Config {
+        name: String,
+        limit: u64,
+        #[serde(default)]
+        small: u8,
+    }
+
+    #[test]
+    fn a_value_the_struct_cannot_hold_names_its_field() {
+        let init = StageInit::for_test("t", serde_json::json!({"name": "a", "limit": -1}));
+        let e = init.config::<Config>().unwrap_err();
+        assert_eq!(e.config_field(), Some("limit"), "{e}");
+        assert!(e.message.contains("-1"), "{e}");
+        let init = StageInit::for_test(
+            "t",
+            serde_json::json!({"name": "a", "limit": 1, "small": 300}),
+        );
+        let e = init.config::<Config>().unwrap_err();
+        assert_eq!(e.config_field(), Some("small"), "{e}");
+        let init = StageInit::for_test("t", serde_json::json!({"name": "a", "limit": 3}));
+        assert!(init.config::<Config>().is_ok());
+    }
 }

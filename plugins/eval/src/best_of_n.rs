@@ -46,13 +46,13 @@ impl StageFactory for BestOfN {
         .output("best", RecordKind::Completion)
         .optional(
             "ns",
-            FieldType::List(Box::new(FieldType::Integer)),
+            FieldType::List(Box::new(FieldType::positive().at_most(1 << 20))),
             serde_json::json!([1, 2, 4, 8, 16, 32, 64]),
             "The n values to measure, each at least 1.",
         )
         .optional(
             "keep",
-            FieldType::Integer,
+            FieldType::positive().at_most(1 << 20),
             serde_json::Value::Null,
             "The n whose picks are emitted on `best`. Unset: the largest of `ns`.",
         )

@@ -73,11 +73,11 @@ impl StageFactory for Elo {
         .optional("initial", FieldType::Float, 1000.0, "Every player's starting rating.")
         .optional(
             "permutations",
-            FieldType::Integer,
+            FieldType::positive().at_most(1_000_000),
             100,
             "Seeded shuffles of the game order whose final ratings are averaged.",
         )
-        .optional("seed", FieldType::Integer, 0, "Seed of the shuffles, combined with the pipeline seed.")
+        .optional("seed", FieldType::unsigned(), 0, "Seed of the shuffles, combined with the pipeline seed.")
         .placement(Placement::Single)
     }
 

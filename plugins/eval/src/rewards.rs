@@ -52,7 +52,7 @@ impl StageFactory for Rewards {
         )
         .optional(
             "final_step",
-            FieldType::Integer,
+            FieldType::unsigned(),
             serde_json::Value::Null,
             "Step of a `final` checkpoint. Unset: one more than the largest checkpoint step seen.",
         )

@@ -69,7 +69,7 @@ impl StageFactory for RmAccuracy {
             serde_json::Value::Null,
             "A meta key: also report `accuracy/SET_VALUE` for each of its values (e.g. `clean_label`).",
         )
-        .optional("bins", FieldType::Integer, 10, "Equal-width bins of p in [0, 1] for the calibration error.")
+        .optional("bins", FieldType::positive().at_most(1_000_000), 10, "Equal-width bins of p in [0, 1] for the calibration error.")
         .optional(
             "skip_unscored",
             FieldType::Bool,

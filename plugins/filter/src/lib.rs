@@ -53,10 +53,10 @@ impl StageFactory for FilterPairs {
         .input("pairs", RecordKind::PreferencePair)
         .output("pairs", RecordKind::PreferencePair)
         .placement(Placement::DataParallel)
-        .optional("min_prompt_chars", FieldType::Integer, 1, "Drop pairs whose prompt is shorter (characters).")
-        .optional("max_prompt_chars", FieldType::Integer, 0, "Drop pairs whose prompt is longer (0 = no bound).")
-        .optional("min_response_chars", FieldType::Integer, 1, "Drop pairs with a response shorter than this.")
-        .optional("max_response_chars", FieldType::Integer, 0, "Drop pairs with a response longer than this (0 = no bound).")
+        .optional("min_prompt_chars", FieldType::unsigned(), 1, "Drop pairs whose prompt is shorter (characters).")
+        .optional("max_prompt_chars", FieldType::unsigned(), 0, "Drop pairs whose prompt is longer (0 = no bound).")
+        .optional("min_response_chars", FieldType::unsigned(), 1, "Drop pairs with a response shorter than this.")
+        .optional("max_response_chars", FieldType::unsigned(), 0, "Drop pairs with a response longer than this (0 = no bound).")
         .optional("drop_identical", FieldType::Bool, true, "Drop pairs whose chosen and rejected are the same text (after normalisation).")
         .optional(
             "min_score_margin",

@@ -45,7 +45,7 @@ impl StageFactory for Split {
             "prompt",
             "`prompt`: hash the normalised prompt; `id`: hash the record id.",
         )
-        .optional("seed", FieldType::Integer, 0, "Seed, combined with the pipeline seed.")
+        .optional("seed", FieldType::unsigned(), 0, "Seed, combined with the pipeline seed.")
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {

@@ -54,7 +54,7 @@ impl StageFactory for Logprobs {
         .output("completions", RecordKind::Completion)
         .optional(
             "max_new_tokens",
-            FieldType::Integer,
+            FieldType::positive().at_most(1 << 20),
             64,
             "lm.rollout's max_new_tokens: the prompt is cut from the left to leave this much room, as rollout cut it.",
         )

@@ -45,18 +45,18 @@ impl StageFactory for Rollout {
         .input("prompts", RecordKind::Prompt)
         .input("policy", RecordKind::Artifact)
         .output("completions", RecordKind::Completion)
-        .optional("n", FieldType::Integer, 1, "Completions sampled per prompt.")
+        .optional("n", FieldType::positive().at_most(1 << 16), 1, "Completions sampled per prompt.")
         .optional("temperature", FieldType::Float, 1.0, "Softmax temperature; 0 = greedy.")
-        .optional("top_k", FieldType::Integer, 0, "Sample among the k most likely tokens only (0 = off).")
+        .optional("top_k", FieldType::unsigned(), 0, "Sample among the k most likely tokens only (0 = off).")
         .optional("top_p", FieldType::Float, 1.0, "Nucleus sampling: the smallest set of tokens reaching this probability (1 = off).")
-        .optional("max_new_tokens", FieldType::Integer, 64, "Most tokens generated per completion.")
+        .optional("max_new_tokens", FieldType::positive().at_most(1 << 20), 64, "Most tokens generated per completion.")
         .optional(
             "stop",
             FieldType::List(Box::new(FieldType::String)),
             serde_json::json!([]),
             "Stop strings: generation ends when one appears, and it is cut from the text.",
         )
-        .optional("seed", FieldType::Integer, 0, "Sampling seed, combined with the pipeline seed; each sample draws from its own stream.")
+        .optional("seed", FieldType::unsigned(), 0, "Sampling seed, combined with the pipeline seed; each sample draws from its own stream.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
         .optional(
             "pretrained",

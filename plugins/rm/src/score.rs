@@ -48,7 +48,7 @@ impl StageFactory for Scorer {
             "Use only the reward models whose artifact id contains this text (e.g. `member-0/` for one \
              member of an ensemble); unset = all of the newest round.",
         )
-        .optional("batch_size", FieldType::Integer, 32, "Sequences per forward pass (GPT or the pretrained backbone).")
+        .optional("batch_size", FieldType::positive().at_most(1 << 20), 32, "Sequences per forward pass (GPT or the pretrained backbone).")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
     }
 

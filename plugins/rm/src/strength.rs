@@ -78,7 +78,7 @@ impl StageFactory for Strength {
             "A meta key (e.g. `annotator_agreement`): report mean_strength/VALUE and pairs/VALUE for each value \
              it takes (pairs without it are left out); unset = no grouping.",
         )
-        .optional("batch_size", FieldType::Integer, 32, "Sequences per forward pass (GPT or the pretrained backbone).")
+        .optional("batch_size", FieldType::positive().at_most(1 << 20), 32, "Sequences per forward pass (GPT or the pretrained backbone).")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
     }
 

@@ -65,7 +65,8 @@ pub struct Train {
 
 impl StageFactory for Train {
     fn descriptor() -> StageDescriptor {
-        let int = FieldType::Integer;
+        let count = FieldType::unsigned();
+        let size = FieldType::positive().at_most(1 << 20);
         let float = FieldType::Float;
         let floats = FieldType::List(Box::new(FieldType::Float));
         StageDescriptor::new(
@@ -83,7 +84,7 @@ impl StageFactory for Train {
         .placement(Placement::PerMember {
             members_field: "members".into(),
         })
-        .optional("members", int.clone(), 1, "Ensemble size M; member i runs on worker (offset + i) mod N, where offset counts the members of earlier per-member stages.")
+        .optional("members", FieldType::range(1, 1024), 1, "Ensemble size M; member i runs on worker (offset + i) mod N, where offset counts the members of earlier per-member stages.")
         .optional(
             "backbone",
             FieldType::one_of(&["gpt", MINILM]),
@@ -95,7 +96,7 @@ impl StageFactory for Train {
         )
         .optional(
             "embed_batch_size",
-            int.clone(),
+            size.clone(),
             32,
             "With a pretrained backbone: texts per forward pass when embedding the pairs.",
         )
@@ -113,12 +114,12 @@ impl StageFactory for Train {
             "With init = \"input\": `last` starts every member from the last checkpoint (highest round and step), \
              `spread` (Baklava) starts member i from the i-th checkpoint in step order, modulo their count.",
         )
-        .optional("init_seed", int.clone(), 0, "Seed of the shared initialisation (the scratch backbone and the reward head); combined with the pipeline seed.")
-        .optional("d_model", int.clone(), 64, "Width of a scratch backbone.")
-        .optional("n_layers", int.clone(), 2, "Transformer blocks of a scratch backbone.")
-        .optional("n_heads", int.clone(), 4, "Attention heads of a scratch backbone; must divide d_model.")
-        .optional("context", int.clone(), 128, "Context of a scratch backbone, in tokens; longer texts lose the start of the prompt.")
-        .optional("seed", int.clone(), 0, "Ensemble seed: member i's seed is a hash of (seed, pipeline seed, i) and drives its data order.")
+        .optional("init_seed", count.clone(), 0, "Seed of the shared initialisation (the scratch backbone and the reward head); combined with the pipeline seed.")
+        .optional("d_model", FieldType::range(1, 65_536), 64, "Width of a scratch backbone.")
+        .optional("n_layers", FieldType::range(1, 1024), 2, "Transformer blocks of a scratch backbone.")
+        .optional("n_heads", FieldType::range(1, 1024), 4, "Attention heads of a scratch backbone; must divide d_model.")
+        .optional("context", size.clone(), 128, "Context of a scratch backbone, in tokens; longer texts lose the start of the prompt.")
+        .optional("seed", count.clone(), 0, "Ensemble seed: member i's seed is a hash of (seed, pipeline seed, i) and drives its data order.")
         .optional("lrs", floats.clone(), serde_json::Value::Null, "Per-member peak learning rates: member i uses lrs[i % len]. Unset = [lr].")
         .optional("dropouts", floats, serde_json::json!([0.0]), "Per-member dropout on the last hidden state: member i uses dropouts[i % len].")
         .optional(
@@ -127,15 +128,15 @@ impl StageFactory for Train {
             "shuffle",
             "`shuffle`: each member sees the pairs in its own seeded order; `same`: all members share one order.",
         )
-        .optional("steps", int.clone(), 200, "Optimiser steps per member and round.")
-        .optional("batch_size", int.clone(), 16, "Pairs per step.")
+        .optional("steps", FieldType::positive(), 200, "Optimiser steps per member and round.")
+        .optional("batch_size", size, 16, "Pairs per step.")
         .optional("lr", float.clone(), 1e-3, "Peak learning rate (AdamW), unless lrs is set.")
         .optional("min_lr", float.clone(), 1e-4, "Learning rate at the end of the cosine decay.")
-        .optional("warmup", int.clone(), 10, "Steps of linear warm-up.")
+        .optional("warmup", count.clone(), 10, "Steps of linear warm-up.")
         .optional("weight_decay", float.clone(), 0.01, "AdamW weight decay.")
         .optional("clip", float.clone(), 1.0, "Clip the global gradient norm to this.")
         .optional("eval_fraction", float.clone(), 0.1, "Fraction of pairs held out for the eval metrics (seeded per pair id, the same for all members).")
-        .optional("eval_every", int.clone(), 50, "Evaluate every this many steps (0 = only before and after training).")
+        .optional("eval_every", count, 50, "Evaluate every this many steps (0 = only before and after training).")
         .optional("margin_scale", float.clone(), 1.0, "Multiplies each pair's `margin` inside the loss (0 = ignore margins).")
         .optional("label_smoothing", float.clone(), 0.0, "Label smoothing eps in [0, 0.5); a pair's meta `smoothing` (set by rm.strength) overrides it.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")

@@ -55,7 +55,7 @@ impl StageFactory for Warm {
             "Per-member weights in artifact-id order, normalised to sum to 1; unset = uniform.",
         )
         .optional("scan", FieldType::Bool, false, "Scan the linear interpolation between the first two members (by id) on the pairs.")
-        .optional("scan_points", FieldType::Integer, 11, "Points of the scan, alpha = 0..1 inclusive.")
+        .optional("scan_points", FieldType::unsigned().at_most(100_000), 11, "Points of the scan, alpha = 0..1 inclusive.")
         .optional(
             "truth",
             FieldType::one_of(&["label", "gold"]),
@@ -63,7 +63,7 @@ impl StageFactory for Warm {
             "What accuracy is measured against: the pair's label (chosen is better), or the gold reward in meta \
              gold_chosen / gold_rejected (ties skipped).",
         )
-        .optional("batch_size", FieldType::Integer, 32, "Sequences per forward pass when scoring pairs.")
+        .optional("batch_size", FieldType::positive().at_most(1 << 20), 32, "Sequences per forward pass when scoring pairs.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N` (for scoring; the merge runs on the CPU).")
     }
 

@@ -285,4 +285,51 @@ impl Stage for Discard {
     }
 }
 
-hone_sdk::export_stages!(GeneratePairs, Fault, Accumulate, Passthrough, Discard);
+#[derive(Deserialize)]
+struct PaceConfig {
+    ticks: u64,
+    interval_ms: u64,
+}
+
+/// Raises a metric `tick` at steps 0..ticks, pausing between them, all in
+/// one call: the metrics' times in `metrics.jsonl` must be when each was
+/// raised, not when the call returned or the writer saw them.
+pub struct Pace {
+    config: PaceConfig,
+}
+
+impl StageFactory for Pace {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "testing.pace",
+            "Raises metric `tick` at steps 0..ticks, `interval_ms` apart, in one call (to test metric times).",
+        )
+        .optional("ticks", FieldType::Integer, 3, "Metrics to raise.")
+        .optional(
+            "interval_ms",
+            FieldType::Integer,
+            500,
+            "Pause between two ticks, in milliseconds.",
+        )
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        Ok(Pace {
+            config: init.config()?,
+        })
+    }
+}
+
+impl Stage for Pace {
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        for step in 0..self.config.ticks {
+            if step > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(self.config.interval_ms));
+            }
+            ctx.metric_at("tick", step as f64, step);
+        }
+        Ok(())
+    }
+}
+
+hone_sdk::export_stages!(GeneratePairs, Fault, Accumulate, Passthrough, Discard, Pace);

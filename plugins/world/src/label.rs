@@ -66,14 +66,14 @@ impl StageFactory for Label {
         .optional("flip_rate", FieldType::Float, 0.0, "Probability that label noise flips a label (the WARM paper uses 0.25).")
         .optional("position_bias", FieldType::Float, 0.0, "Probability that an annotator simply prefers the response shown first.")
         .optional("length_bias", FieldType::Float, 0.0, "Probability that an annotator prefers the longer response, when not position-decided and lengths differ.")
-        .optional("annotators", FieldType::Integer, 1, "Annotators in the pool; each pair is labelled by one, drawn per pair.")
+        .optional("annotators", FieldType::positive().at_most(1_000_000), 1, "Annotators in the pool; each pair is labelled by one, drawn per pair.")
         .optional(
             "annotator_spread",
             FieldType::Float,
             0.0,
             "Relative spread of each annotator's rates around the configured ones (0.5: +-50%), centred so the pool's mean is the configured rate.",
         )
-        .optional("seed", FieldType::Integer, 0, "Seed, combined with the pipeline seed.")
+        .optional("seed", FieldType::unsigned(), 0, "Seed, combined with the pipeline seed.")
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {

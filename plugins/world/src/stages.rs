@@ -42,7 +42,7 @@ impl StageFactory for Prompts {
             serde_json::json!(FAMILIES),
             "Task families, taken in turn: `sort`, `arith`, `keywords`.",
         )
-        .optional("count", FieldType::Integer, 100, "Prompts emitted per round.")
+        .optional("count", FieldType::unsigned(), 100, "Prompts emitted per round.")
         .optional(
             "split",
             FieldType::one_of(&["train", "shifted"]),
@@ -50,7 +50,7 @@ impl StageFactory for Prompts {
             "`train`: 4-6 numbers below 50, two operands up to 20, train keywords. `shifted`: 8-12 numbers \
              up to 1000, three operands up to 100, keywords never seen in train.",
         )
-        .optional("seed", FieldType::Integer, 0, "Seed, combined with the pipeline seed.")
+        .optional("seed", FieldType::unsigned(), 0, "Seed, combined with the pipeline seed.")
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
@@ -138,8 +138,8 @@ impl StageFactory for Demos {
             1.0,
             "1 = always right; below 1 each of three mistake opportunities strikes with probability 1 - quality.",
         )
-        .optional("samples", FieldType::Integer, 1, "Demonstrations per prompt.")
-        .optional("seed", FieldType::Integer, 0, "Seed, combined with the pipeline seed.")
+        .optional("samples", FieldType::positive().at_most(1_000_000), 1, "Demonstrations per prompt.")
+        .optional("seed", FieldType::unsigned(), 0, "Seed, combined with the pipeline seed.")
         .optional(
             "tag",
             FieldType::String,

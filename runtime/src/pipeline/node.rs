@@ -32,6 +32,9 @@ pub enum Value {
     Str(String),
     /// An integer.
     Int(i64),
+    /// An integer outside the `i64` range, kept as its digits (with sign) so
+    /// that a message can name it.
+    BigInt(String),
     /// A float.
     Float(f64),
     /// A boolean.
@@ -49,7 +52,7 @@ impl Value {
     pub fn type_name(&self) -> &'static str {
         match self {
             Value::Str(_) => "string",
-            Value::Int(_) => "integer",
+            Value::Int(_) | Value::BigInt(_) => "integer",
             Value::Float(_) => "float",
             Value::Bool(_) => "boolean",
             Value::Datetime(_) => "datetime",
@@ -61,7 +64,9 @@ impl Value {
     /// The value as JSON (stage configs cross the plugin boundary as JSON).
     pub fn to_json(&self) -> serde_json::Value {
         match self {
-            Value::Str(s) | Value::Datetime(s) => serde_json::Value::String(s.clone()),
+            Value::Str(s) | Value::Datetime(s) | Value::BigInt(s) => {
+                serde_json::Value::String(s.clone())
+            }
             Value::Int(i) => (*i).into(),
             Value::Float(f) => serde_json::Number::from_f64(*f)
                 .map(serde_json::Value::Number)
@@ -81,7 +86,7 @@ impl Value {
     pub fn to_toml_text(&self) -> String {
         match self {
             Value::Str(s) => toml_string(s),
-            Value::Datetime(s) => s.clone(),
+            Value::Datetime(s) | Value::BigInt(s) => s.clone(),
             Value::Int(i) => i.to_string(),
             Value::Float(f) => {
                 let s = f.to_string();
@@ -181,10 +186,22 @@ fn convert_table(table: DeTable<'_>) -> Value {
     Value::Table(
         table
             .into_iter()
-            .map(|(k, v)| Entry {
-                key_origin: Origin::File(k.span()),
-                key: k.into_inner().into_owned(),
-                node: convert(v),
+            .map(|(k, v)| {
+                let key_span = k.span();
+                let mut node = convert(v);
+                // A table opened by a header (`[stages.a.config.x]`) spans the
+                // whole header, from its `[`: point at its own key instead, so
+                // that a message about it names the right line and column.
+                if let (Origin::File(span), Value::Table(_)) = (&node.origin, &node.value) {
+                    if span.start < key_span.start {
+                        node.origin = Origin::File(key_span.clone());
+                    }
+                }
+                Entry {
+                    key_origin: Origin::File(key_span),
+                    key: k.into_inner().into_owned(),
+                    node,
+                }
             })
             .collect(),
     )
@@ -198,7 +215,12 @@ fn convert(v: Spanned<DeValue<'_>>) -> Node {
             let digits = i.as_str().replace('_', "");
             match i64::from_str_radix(&digits, i.radix()) {
                 Ok(n) => Value::Int(n),
-                Err(_) => Value::Str(digits),
+                Err(_) => Value::BigInt(match i.radix() {
+                    16 => format!("0x{digits}"),
+                    8 => format!("0o{digits}"),
+                    2 => format!("0b{digits}"),
+                    _ => digits,
+                }),
             }
         }
         DeValue::Float(f) => {
@@ -235,6 +257,44 @@ mod tests {
         assert_eq!(a[0].key_origin, Origin::File(4..5));
         assert_eq!(a[0].node.value, Value::Int(1));
         assert_eq!(a[1].node.value.to_toml_text(), "[\"s\", 2.5]");
+    }
+
+    #[test]
+    fn a_table_opened_by_a_header_is_located_at_its_key() {
+        let text = "[a]\nb = 1\n[a.c.d]\ne = 1\n";
+        let doc = parse_document(text).unwrap();
+        let Value::Table(top) = doc.value else {
+            panic!()
+        };
+        let Value::Table(a) = &top[0].node.value else {
+            panic!()
+        };
+        let c = a.iter().find(|e| e.key == "c").unwrap();
+        let Value::Table(c_entries) = &c.node.value else {
+            panic!()
+        };
+        // `d` is written at bytes 15..16 of `[a.c.d]`, which starts at 10.
+        assert_eq!(c_entries[0].node.origin, Origin::File(15..16));
+        // An inline table keeps its own span.
+        let doc = parse_document("x = { y = 1 }\n").unwrap();
+        let Value::Table(top) = doc.value else {
+            panic!()
+        };
+        assert_eq!(top[0].node.origin, Origin::File(4..13));
+    }
+
+    #[test]
+    fn integers_beyond_i64_keep_their_digits() {
+        let doc = parse_document("a = 99999999999999999999\nb = -9223372036854775808\n").unwrap();
+        let Value::Table(top) = doc.value else {
+            panic!()
+        };
+        assert_eq!(
+            top[0].node.value,
+            Value::BigInt("99999999999999999999".into())
+        );
+        assert_eq!(top[0].node.value.type_name(), "integer");
+        assert_eq!(top[1].node.value, Value::Int(i64::MIN));
     }
 
     #[test]

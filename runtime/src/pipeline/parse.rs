@@ -289,12 +289,7 @@ fn bounded(node: &Node, field: &str, ty: &FieldType, errors: &mut Vec<Diagnostic
         Value::Int(i) if (min..=max).contains(i) => return Some(*i as u64),
         Value::Int(i) => super::validate::out_of_range(field, &i.to_string(), ty),
         Value::BigInt(digits) => super::validate::out_of_range(field, digits, ty),
-        other => format!(
-            "`{field}` must be {}, found {} {}",
-            ty.expected(),
-            other.type_name(),
-            other.to_toml_text()
-        ),
+        other => super::validate::wrong_type(field, ty, other),
     };
     errors.push(Diagnostic::new(&node.origin, message));
     None

@@ -322,12 +322,7 @@ fn check_value(
     let mismatch = |errors: &mut Vec<Diagnostic>| {
         errors.push(Diagnostic::new(
             &node.origin,
-            format!(
-                "`{name}` must be {}, found {} {}",
-                ty.expected(),
-                node.value.type_name(),
-                node.value.to_toml_text()
-            ),
+            wrong_type(name, ty, &node.value),
         ));
         None
     };
@@ -342,7 +337,25 @@ fn check_value(
             };
             Some(resolved.to_string_lossy().into_owned().into())
         }
-        (FieldType::Integer, Value::Int(i)) => Some((*i).into()),
+        (FieldType::Integer | FieldType::Unsigned { .. }, Value::Int(i)) => {
+            let (min, max) = ty.integer_bounds().expect("integer types have bounds");
+            if (min..=max).contains(i) {
+                Some((*i).into())
+            } else {
+                errors.push(Diagnostic::new(
+                    &node.origin,
+                    out_of_range(name, &i.to_string(), ty),
+                ));
+                None
+            }
+        }
+        (FieldType::Integer | FieldType::Unsigned { .. }, Value::BigInt(digits)) => {
+            errors.push(Diagnostic::new(
+                &node.origin,
+                out_of_range(name, digits, ty),
+            ));
+            None
+        }
         (FieldType::Float, Value::Int(i)) => Some((*i as f64).into()),
         (FieldType::Float, Value::Float(f)) => Some(node.value.to_json())
             .filter(|_| f.is_finite())
@@ -386,6 +399,34 @@ fn check_value(
         }
         _ => mismatch(errors),
     }
+}
+
+/// "`NAME` must be TYPE, found TYPE VALUE" (for a bounded integer, with the
+/// range to use).
+pub(super) fn wrong_type(name: &str, ty: &FieldType, value: &Value) -> String {
+    let found = format!("found {} {}", value.type_name(), value.to_toml_text());
+    match ty {
+        FieldType::Unsigned { .. } => {
+            format!("`{name}` must be an integer, {found}; use {}", ty.expected())
+        }
+        _ => format!("`{name}` must be {}, {found}", ty.expected()),
+    }
+}
+
+/// "`NAME` = VALUE is out of range: use ...", naming the allowed range.
+pub(super) fn out_of_range(name: &str, value: &str, ty: &FieldType) -> String {
+    let negative = value.starts_with('-');
+    let limit = match (ty, negative) {
+        (FieldType::Unsigned { max: Some(_), .. }, _) => String::new(),
+        (FieldType::Unsigned { .. }, false) => format!(" (at most {})", FieldType::INTEGER_MAX),
+        (FieldType::Unsigned { .. }, true) => String::new(),
+        (_, true) => format!(" (at least {})", i64::MIN),
+        (_, false) => format!(" (at most {})", i64::MAX),
+    };
+    format!(
+        "`{name}` = {value} is out of range: use {}{limit}",
+        ty.expected()
+    )
 }
 
 /// Orders stages so that every non-feedback edge points forward, or reports

@@ -52,7 +52,8 @@ pub struct Sft {
 
 impl StageFactory for Sft {
     fn descriptor() -> StageDescriptor {
-        let int = FieldType::Integer;
+        let count = FieldType::unsigned();
+        let size = FieldType::positive().at_most(1 << 20);
         let float = FieldType::Float;
         StageDescriptor::new(
             "lm.sft",
@@ -63,22 +64,22 @@ impl StageFactory for Sft {
         .output("policy", RecordKind::Artifact)
         .optional("init", FieldType::String, "scratch", "`scratch` for a fresh model shaped by d_model..context, or the directory of a policy \
             checkpoint (relative to the run directory, e.g. `outputs/sft/final`), whose shape is then kept. Each round starts from it.")
-        .optional("d_model", int.clone(), 64, "Width of a fresh model.")
-        .optional("n_layers", int.clone(), 2, "Transformer blocks of a fresh model.")
-        .optional("n_heads", int.clone(), 4, "Attention heads of a fresh model; must divide d_model.")
-        .optional("context", int.clone(), 128, "Context length of a fresh model, in bytes; longer demos lose the start of the prompt.")
-        .optional("steps", int.clone(), 300, "Optimiser steps per round.")
-        .optional("batch_size", int.clone(), 16, "Sequences per micro-batch.")
+        .optional("d_model", FieldType::range(1, 65_536), 64, "Width of a fresh model.")
+        .optional("n_layers", FieldType::range(1, 1024), 2, "Transformer blocks of a fresh model.")
+        .optional("n_heads", FieldType::range(1, 1024), 4, "Attention heads of a fresh model; must divide d_model.")
+        .optional("context", size.clone(), 128, "Context length of a fresh model, in bytes; longer demos lose the start of the prompt.")
+        .optional("steps", FieldType::positive(), 300, "Optimiser steps per round.")
+        .optional("batch_size", size.clone(), 16, "Sequences per micro-batch.")
         .optional("lr", float.clone(), 3e-3, "Peak learning rate (AdamW).")
         .optional("min_lr", float.clone(), 3e-4, "Learning rate at the end of the cosine decay.")
-        .optional("warmup", int.clone(), 20, "Steps of linear warm-up.")
-        .optional("grad_accum", int.clone(), 1, "Micro-batches whose gradients are averaged into one optimiser step (effective batch = batch_size x grad_accum).")
+        .optional("warmup", count.clone(), 20, "Steps of linear warm-up.")
+        .optional("grad_accum", size, 1, "Micro-batches whose gradients are averaged into one optimiser step (effective batch = batch_size x grad_accum).")
         .optional("clip", float.clone(), 1.0, "Clip the global gradient norm to this.")
         .optional("weight_decay", float.clone(), 0.01, "AdamW weight decay.")
         .optional("eval_fraction", float.clone(), 0.1, "Fraction of demos held out for eval_loss (seeded per demo id).")
-        .optional("eval_every", int.clone(), 50, "Report eval_loss every this many steps (0 = only before and after training).")
-        .optional("checkpoint_every", int.clone(), 100, "Write and emit a checkpoint every this many steps (0 = only the final one).")
-        .optional("seed", int, 0, "Seed of initialisation, hold-out split and batch order, combined with the pipeline seed.")
+        .optional("eval_every", count.clone(), 50, "Report eval_loss every this many steps (0 = only before and after training).")
+        .optional("checkpoint_every", count.clone(), 100, "Write and emit a checkpoint every this many steps (0 = only the final one).")
+        .optional("seed", count, 0, "Seed of initialisation, hold-out split and batch order, combined with the pipeline seed.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
         .placement(Placement::Single)
     }
