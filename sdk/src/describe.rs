@@ -275,10 +275,7 @@ mod tests {
             "a non-negative integer from 1 to 64"
         );
         assert_eq!(FieldType::range(2, 9).integer_bounds(), Some((2, 9)));
-        assert_eq!(
-            FieldType::unsigned().integer_bounds(),
-            Some((0, i64::MAX))
-        );
+        assert_eq!(FieldType::unsigned().integer_bounds(), Some((0, i64::MAX)));
         assert_eq!(FieldType::Float.integer_bounds(), None);
         assert_eq!(FieldType::Float.at_most(3), FieldType::Float);
     }

@@ -407,7 +407,10 @@ pub(super) fn wrong_type(name: &str, ty: &FieldType, value: &Value) -> String {
     let found = format!("found {} {}", value.type_name(), value.to_toml_text());
     match ty {
         FieldType::Unsigned { .. } => {
-            format!("`{name}` must be an integer, {found}; use {}", ty.expected())
+            format!(
+                "`{name}` must be an integer, {found}; use {}",
+                ty.expected()
+            )
         }
         _ => format!("`{name}` must be {}, {found}", ty.expected()),
     }
