@@ -183,3 +183,115 @@ inputs = {{ models = ["a", "b"] }}
     // Nothing merged was written.
     assert!(!run_dir.join("outputs/warm/warm/model.safetensors").exists());
 }
+
+/// A pipeline scoring the world's pairs with the reward model(s) `models`
+/// names, and measuring accuracy against gold.
+fn scoring(name: &str, models: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "{name}"
+seed = 5
+{WORLD}
+[stages.scored]
+kind = "rm.score"
+inputs = {{ models = "{models}", records = "label" }}
+
+[stages.accuracy]
+kind = "eval.rm-accuracy"
+inputs = {{ pairs = "scored.pairs" }}
+config = {{ set = "gold", truth = "gold" }}
+"#
+    )
+}
+
+fn load_stage(id: &str, path: &Path) -> String {
+    format!(
+        "\n[stages.{id}]\nkind = \"artifact.load\"\nconfig = {{ path = \"{}\" }}\n",
+        path.display()
+    )
+}
+
+#[test]
+fn reward_models_from_earlier_runs_score_and_merge_without_retraining() {
+    let dir = TempDir::new("rm-reuse");
+    // Runs of one pipeline seed and init_seed start from one initialisation.
+    let train = |name: &str, init_seed: u64, lr: f64| {
+        let pipeline = format!(
+            "{}\n[stages.rm]\nkind = \"rm.train\"\ninputs = {{ pairs = \"label\" }}\nconfig = {{ init_seed = {init_seed}, lrs = [{lr}], {TINY} }}\n",
+            scoring(name, "rm")
+        );
+        let (run_dir, out) = run(&dir, name, &pipeline, "1");
+        assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+        run_dir
+    };
+    let first = train("first", 1, 1e-3);
+    let trained = metric(&first, "accuracy", "accuracy/gold").unwrap();
+    let ckpt = first.join("outputs/rm/member-0");
+
+    // The same model on the same pairs, loaded instead of trained: the same accuracy.
+    let reuse = format!("{}{}", scoring("reuse", "rm"), load_stage("rm", &ckpt));
+    let (reuse_dir, out) = run(&dir, "reuse", &reuse, "1");
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert_eq!(
+        metric(&reuse_dir, "accuracy", "accuracy/gold"),
+        Some(trained)
+    );
+    assert!(metric(&reuse_dir, "rm", "m0_train_loss").is_none());
+    let manifest = std::fs::read_to_string(reuse_dir.join("manifest.jsonl")).unwrap();
+    assert!(
+        manifest.contains("loaded rm/member-0/model.safetensors@0 from run")
+            && manifest.contains("shared init: scratch:init_seed="),
+        "lineage not carried over: {manifest}"
+    );
+
+    // WARM across runs: models of one initialisation merge, of another are refused.
+    let second = train("second", 1, 3e-3);
+    let other = train("other", 2, 1e-3);
+    let merge = |name: &str, b: &Path| {
+        let pipeline = format!(
+            "{}{}{}\n[stages.warm]\nkind = \"rm.warm\"\ninputs = {{ models = [\"a\", \"b\"] }}\n",
+            scoring(name, "warm"),
+            load_stage("a", &ckpt),
+            load_stage("b", &b.join("outputs/rm/member-0"))
+        );
+        run(&dir, name, &pipeline, "1")
+    };
+    let (merged, out) = merge("merged", &second);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert!(merged.join("outputs/warm/warm/model.safetensors").is_file());
+    assert!(metric(&merged, "accuracy", "accuracy/gold").is_some());
+    let (refused, out) = merge("refused", &other);
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("initialisation"), "{err}");
+    assert!(!refused.join("outputs/warm/warm/model.safetensors").exists());
+
+    // A tampered checkpoint is refused before anything runs, naming both hashes.
+    let model = ckpt.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&model, &bytes).unwrap();
+    let (tampered, out) = run(
+        &dir,
+        "tampered",
+        &reuse.replace("\"reuse\"", "\"tampered\""),
+        "1",
+    );
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("rejected config `path`") && err.contains("refusing to load it"),
+        "{err}"
+    );
+    let recorded = read_lines(&first.join("manifest.jsonl"))
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["id"] == "rm/member-0/model.safetensors@0")
+        .unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(&recorded), "{err}");
+    assert!(!tampered.exists());
+}
