@@ -198,10 +198,9 @@ pub fn main() -> i32 {
         Command::Graph { pipeline, common } => {
             load(&pipeline, &common).map(|(p, _, _)| print!("{}", crate::graph::mermaid(&p)))
         }
-        Command::Plugins { plugin_path, json } => {
-            plugins(&plugin_path, json);
-            Ok(())
-        }
+        Command::Plugins { plugin_path, json } => plugin::check_cli_dirs(&plugin_path)
+            .map_err(usage)
+            .map(|()| plugins(&plugin_path, json)),
         Command::NewStage { name, dir } => crate::scaffold::new_stage(&name, &dir)
             .map_err(usage)
             .map(|d| {
@@ -247,18 +246,45 @@ fn report(dir: &Path, out: Option<PathBuf>) -> Result<(), Failure> {
 
 /// Reads, parses, overrides and validates a pipeline.
 fn load(path: &Path, common: &Common) -> Result<(ResolvedPipeline, Registry, SourceFile), Failure> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    plugin::check_cli_dirs(&common.plugin_path).map_err(usage)?;
+    let bytes = std::fs::read(path).map_err(|e| {
         usage(format!(
             "{}: cannot read pipeline file: {e}",
             path.display()
         ))
     })?;
+    let text = pipeline::text::decode(&bytes).map_err(|u| {
+        usage(format!(
+            "{}:{}:{}: {}",
+            path.display(),
+            u.line,
+            u.col,
+            u.message
+        ))
+    })?;
+    drop(bytes);
     let source = SourceFile::new(path, text);
     let render = |ds: Vec<Diagnostic>| {
         let lines: Vec<String> = ds.iter().map(|d| source.render(d)).collect();
         usage(crate::diag::Diagnostics(lines).to_string())
     };
-    let mut p = pipeline::parse_pipeline(path, &source.text).map_err(render)?;
+    // Text that is not TOML from its first line on gets one message, not one
+    // per line: JSON before parsing, anything else when parsing floods.
+    let not_toml = pipeline::text::not_toml(&source.text);
+    if let Some(n) = not_toml.as_ref().filter(|n| n.json) {
+        return Err(render(vec![n.diagnostic.clone()]));
+    }
+    let mut p = match pipeline::parse_pipeline(path, &source.text) {
+        Ok(p) => p,
+        Err(ds) => match not_toml {
+            Some(mut n) if ds.len() > crate::diag::MAX_SHOWN => {
+                n.diagnostic.message +=
+                    &format!(" ({} TOML syntax errors in all)", ds.len());
+                return Err(render(vec![n.diagnostic]));
+            }
+            _ => return Err(render(ds)),
+        },
+    };
     let overrides: Vec<Diagnostic> = common
         .set
         .iter()

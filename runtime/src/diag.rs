@@ -92,10 +92,21 @@ impl SourceFile {
 #[derive(Debug)]
 pub struct Diagnostics(pub Vec<String>);
 
+/// At most this many diagnostics are printed; the rest are counted.
+pub const MAX_SHOWN: usize = 20;
+
 impl fmt::Display for Diagnostics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for line in &self.0 {
+        for line in self.0.iter().take(MAX_SHOWN) {
             writeln!(f, "{line}")?;
+        }
+        if self.0.len() > MAX_SHOWN {
+            let more = self.0.len() - MAX_SHOWN;
+            writeln!(
+                f,
+                "... and {more} more error{} (fix the first ones and validate again)",
+                if more == 1 { "" } else { "s" }
+            )?;
         }
         write!(
             f,
@@ -136,6 +147,18 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_lists_are_capped_and_counted() {
+        let lines: Vec<String> = (0..25).map(|i| format!("e{i}")).collect();
+        let text = Diagnostics(lines).to_string();
+        assert_eq!(text.lines().count(), MAX_SHOWN + 2, "{text}");
+        assert!(text.contains("e19\n... and 5 more errors"), "{text}");
+        assert!(!text.contains("e20"), "{text}");
+        assert!(text.ends_with("25 errors found"), "{text}");
+        let text = Diagnostics(vec!["one".into()]).to_string();
+        assert_eq!(text, "one\n1 error found");
+    }
 
     #[test]
     fn line_col_counts_from_one_and_in_characters() {

@@ -105,6 +105,37 @@ pub fn search_path(cli: &[PathBuf], pipeline: &[PathBuf]) -> Vec<PathBuf> {
     dirs
 }
 
+/// Checks the `--plugin-path` directories: each must be an existing
+/// directory (a typo would otherwise be skipped in silence, and the stage
+/// kinds it holds reported as unknown). The error names the directory.
+pub fn check_cli_dirs(dirs: &[PathBuf]) -> Result<(), String> {
+    for dir in dirs {
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "--plugin-path {}: not a directory; give the directory that holds the plugin \
+                     libraries (e.g. `--plugin-path {}`)",
+                    dir.display(),
+                    dir.parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new("."))
+                        .display()
+                ))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "--plugin-path {}: cannot read the directory: {e}; give a directory that \
+                     holds plugin libraries (build one with `cargo build --release`, then pass \
+                     its target/release)",
+                    dir.display()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a plugin's ABI version and SDK semver against ours.
 pub fn check_versions(path: &Path, abi_version: u32, sdk_version: &str) -> Result<(), String> {
     if abi_version != abi::ABI_VERSION {

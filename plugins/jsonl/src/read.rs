@@ -29,18 +29,25 @@ fn common(d: StageDescriptor) -> StageDescriptor {
             "fail",
             "A malformed line: `fail` stops the run naming the file and line; `skip` counts it in the `skipped` metric.",
         )
-        .optional("limit", FieldType::Integer, 0, "Read at most this many input records (0 = all).")
+        .optional("limit", FieldType::unsigned(), 0, "Read at most this many input records (0 = all).")
         // Every worker reads the file and parses its share of the records.
         .placement(Placement::DataParallel)
 }
 
+/// The UTF-8 byte-order mark some tools write at the start of a text file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Opens a possibly gzipped file.
 fn open(path: &Path) -> Result<Box<dyn BufRead>, StageError> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| StageError::config("path", format!("cannot open {}: {e}", path.display())))?;
+    let cannot = |e: std::io::Error| {
+        StageError::config("path", format!("cannot open {}: {e}", path.display()))
+    };
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
     let mut magic = [0u8; 2];
-    let n = file.read(&mut magic)?;
-    let file = std::fs::File::open(path)?;
+    let n = file
+        .read(&mut magic)
+        .map_err(|e| read_error(path, None, e))?;
+    let file = std::fs::File::open(path).map_err(cannot)?;
     Ok(if n == 2 && magic == [0x1f, 0x8b] {
         Box::new(BufReader::new(MultiGzDecoder::new(file)))
     } else {
@@ -48,10 +55,45 @@ fn open(path: &Path) -> Result<Box<dyn BufRead>, StageError> {
     })
 }
 
+/// An error reading a data file, naming the file (and the line, when known)
+/// and what to do about it.
+fn read_error(path: &Path, line: Option<usize>, e: std::io::Error) -> StageError {
+    let location = match line {
+        Some(n) => format!("{}:{n}", path.display()),
+        None => path.display().to_string(),
+    };
+    let gz = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".gz"));
+    let text = e.to_string();
+    let hint = if gz || text.contains("deflate") || text.contains("gzip") {
+        " (the gzip data is damaged or truncated: fetch or compress the file again; \
+         `gzip -t FILE` checks it)"
+    } else {
+        ""
+    };
+    StageError::at(location, format!("cannot read the file: {e}{hint}"))
+}
+
+/// "not UTF-8 text (invalid byte 0xFF at column 7)" for a line that is not.
+fn not_utf8(line: &[u8], e: std::str::Utf8Error) -> String {
+    let at = e.valid_up_to();
+    let column = String::from_utf8_lossy(&line[..at]).chars().count() + 1;
+    format!(
+        "the line is not UTF-8 text (invalid byte 0x{:02X} at column {column}); \
+         convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+        line[at]
+    )
+}
+
 /// Calls `each(location, id, value)` for every record of a JSON-lines file or
 /// a JSON array that belongs to this worker's shard (record `i` goes to worker
 /// `i mod workers`, so parsing runs in parallel), and for at most `limit`
 /// records in all (0 = no limit); stops at the first error `each` returns.
+/// A UTF-8 byte-order mark at the start of the file is ignored; a line that
+/// is not UTF-8 is a malformed record (`each` gets an `Err`), and a file that
+/// cannot be read (a damaged gzip stream) an error naming the file and line.
 fn for_each_record(
     path: &Path,
     (worker, workers): (usize, usize),
@@ -61,15 +103,21 @@ fn for_each_record(
     let mut reader = open(path)?;
     let stem = path.file_name().and_then(|n| n.to_str()).unwrap_or("input");
     let stem = stem.split('.').next().unwrap_or(stem).to_string();
-    let first = reader
-        .fill_buf()?
+    let start = reader
+        .fill_buf()
+        .map_err(|e| read_error(path, Some(1), e))?;
+    let bom = start.starts_with(BOM);
+    let first = start[if bom { BOM.len() } else { 0 }..]
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .copied();
     if first == Some(b'[') {
-        let mut text = String::new();
-        reader.read_to_string(&mut text)?;
-        let items: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
+        let mut bytes = Vec::new();
+        reader
+            .read_to_end(&mut bytes)
+            .map_err(|e| read_error(path, None, e))?;
+        let text = bytes.strip_prefix(BOM).unwrap_or(&bytes);
+        let items: Vec<Value> = serde_json::from_slice(text).map_err(|e| {
             StageError::at(
                 format!("{}:{}", path.display(), e.line()),
                 format!("invalid JSON array: {e}"),
@@ -88,11 +136,20 @@ fn for_each_record(
         return Ok(());
     }
     let mut index = 0u64;
-    for (i, line) in reader.lines().enumerate() {
-        let line_no = i + 1;
-        let location = format!("{}:{line_no}", path.display());
-        let line = line.map_err(|e| StageError::at(&location, format!("cannot read: {e}")))?;
-        if line.trim().is_empty() {
+    let mut buf = Vec::new();
+    for line_no in 1usize.. {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| read_error(path, Some(line_no), e))?;
+        if n == 0 {
+            break;
+        }
+        let mut line = &buf[..];
+        if line_no == 1 {
+            line = line.strip_prefix(BOM).unwrap_or(line);
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         index += 1;
@@ -102,7 +159,13 @@ fn for_each_record(
         if (index - 1) % workers as u64 != worker as u64 {
             continue;
         }
-        let value = serde_json::from_str::<Value>(&line).map_err(|e| format!("invalid JSON: {e}"));
+        let location = format!("{}:{line_no}", path.display());
+        let value = match std::str::from_utf8(line) {
+            Ok(text) => {
+                serde_json::from_str::<Value>(text).map_err(|e| format!("invalid JSON: {e}"))
+            }
+            Err(e) => Err(not_utf8(line, e)),
+        };
         each(&location, format!("{stem}:{line_no:06}"), value)?;
     }
     Ok(())
@@ -275,5 +338,92 @@ impl Stage for ReadPrompts {
         read_round(ctx, &self.config, |id, v| {
             formats::prompt(id, &v).map(|p| Outcome::Emit(Record::Prompt(p)))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hone-jsonl-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// (location, id, value or error) of every record.
+    fn records(path: &Path) -> Result<Vec<(String, Result<Value, String>)>, StageError> {
+        let mut out = Vec::new();
+        for_each_record(path, (0, 1), 0, |loc, _, v| {
+            out.push((loc.to_string(), v));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored() {
+        let path = temp("bom.jsonl", b"\xEF\xBB\xBF{\"a\": 1}\n{\"a\": 2}\n");
+        let got = records(&path).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].1, Ok(serde_json::json!({"a": 1})));
+        let path = temp("bom.json", b"\xEF\xBB\xBF [{\"a\": 1}]");
+        assert_eq!(records(&path).unwrap().len(), 1);
+        let path = temp("bom.jsonl.gz", &gzip(b"\xEF\xBB\xBF{\"a\": 1}\n"));
+        assert_eq!(
+            records(&path).unwrap()[0].1,
+            Ok(serde_json::json!({"a": 1}))
+        );
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_a_malformed_record_with_its_line() {
+        let path = temp(
+            "latin1.jsonl",
+            b"{\"a\": 1}\n{\"a\": \"caf\xE9\"}\n{\"a\": 3}\n",
+        );
+        let got = records(&path).unwrap();
+        assert_eq!(got.len(), 3, "the lines after it are still read");
+        assert_eq!(got[1].0, format!("{}:2", path.display()));
+        let err = got[1].1.clone().unwrap_err();
+        assert!(
+            err.contains("not UTF-8") && err.contains("0xE9") && err.contains("column 11"),
+            "{err}"
+        );
+        assert!(got[2].1.is_ok());
+    }
+
+    #[test]
+    fn a_damaged_gzip_stream_names_the_file() {
+        let mut text = String::new();
+        for i in 0..2000 {
+            text.push_str(&format!("{{\"i\": {i}, \"s\": \"{}\"}}\n", i * 7919 % 1000));
+        }
+        let mut bytes = gzip(text.as_bytes());
+        let mid = bytes.len() / 2;
+        for b in &mut bytes[mid..mid + 64] {
+            *b ^= 0x5A;
+        }
+        let path = temp("damaged.jsonl.gz", &bytes);
+        let err = records(&path).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}:", path.display())), "{err}");
+        assert!(err.contains("gzip"), "{err}");
+        // Damaged from the first block on: the error comes before any line.
+        let mut bytes = gzip(text.as_bytes());
+        for b in &mut bytes[10..40] {
+            *b ^= 0xFF;
+        }
+        let path = temp("damaged-start.jsonl.gz", &bytes);
+        let err = records(&path).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}:1: ", path.display())), "{err}");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod node;
 mod parse;
+pub mod text;
 mod validate;
 
 pub use parse::{apply_override, parse_pipeline};

@@ -95,9 +95,26 @@ fn parse_header(node: &Node, p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
             "seed" => p.seed = seed(&e.node, errors).unwrap_or(0),
             "plugin_path" => match &e.node.value {
                 Value::Array(items) => {
-                    for item in items {
+                    for (i, item) in items.iter().enumerate() {
                         if let Some(s) = string(item, &field, errors) {
-                            p.plugin_path.push(p.dir.join(s));
+                            let dir = p.dir.join(&s);
+                            if !dir.is_dir() {
+                                let what = if dir.exists() {
+                                    "is not a directory"
+                                } else {
+                                    "does not exist"
+                                };
+                                errors.push(Diagnostic::new(
+                                    &item.origin,
+                                    format!(
+                                        "`{field}[{i}]` = \"{s}\": {} {what}; give the directory \
+                                         that holds the plugin libraries (relative paths are \
+                                         resolved against the pipeline file's directory)",
+                                        dir.display()
+                                    ),
+                                ));
+                            }
+                            p.plugin_path.push(dir);
                         }
                     }
                 }
