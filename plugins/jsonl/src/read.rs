@@ -354,8 +354,11 @@ mod tests {
         path
     }
 
-    /// (location, id, value or error) of every record.
-    fn records(path: &Path) -> Result<Vec<(String, Result<Value, String>)>, StageError> {
+    /// A record's location and its value or error.
+    type Read = (String, Result<Value, String>);
+
+    /// (location, value or error) of every record.
+    fn records(path: &Path) -> Result<Vec<Read>, StageError> {
         let mut out = Vec::new();
         for_each_record(path, (0, 1), 0, |loc, _, v| {
             out.push((loc.to_string(), v));
