@@ -278,8 +278,7 @@ fn load(path: &Path, common: &Common) -> Result<(ResolvedPipeline, Registry, Sou
         Ok(p) => p,
         Err(ds) => match not_toml {
             Some(mut n) if ds.len() > crate::diag::MAX_SHOWN => {
-                n.diagnostic.message +=
-                    &format!(" ({} TOML syntax errors in all)", ds.len());
+                n.diagnostic.message += &format!(" ({} TOML syntax errors in all)", ds.len());
                 return Err(render(vec![n.diagnostic]));
             }
             _ => return Err(render(ds)),
