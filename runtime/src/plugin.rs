@@ -391,7 +391,8 @@ mod tests {
         assert!(check_versions(p, abi::ABI_VERSION, hone_sdk::SDK_VERSION).is_ok());
         let e = check_versions(p, abi::ABI_VERSION + 1, "9.9.9").unwrap_err();
         assert!(
-            e.contains("ABI version 2") && e.contains(&format!("ABI version {}", abi::ABI_VERSION)),
+            e.contains(&format!("ABI version {}", abi::ABI_VERSION + 1))
+                && e.contains(&format!("ABI version {}", abi::ABI_VERSION)),
             "{e}"
         );
         let e = check_versions(p, abi::ABI_VERSION, "7.0.0").unwrap_err();
