@@ -48,8 +48,16 @@ def placement(p):
     return p
 
 
+def kind(k):
+    if isinstance(k, dict):
+        (_, a), = k.items()
+        name = {"Policy": "policy", "RewardModel": "reward-model", "Dataset": "dataset"}.get(a)
+        return f"Artifact({name})" if name else "Artifact"
+    return k
+
+
 def ports(ps):
-    return ", ".join(f"`{p['name']}`: {p['kind']}" for p in ps) or "—"
+    return ", ".join(f"`{p['name']}`: {kind(p['kind'])}" for p in ps) or "—"
 
 
 def block(s):
@@ -84,6 +92,8 @@ def main():
     for kind in sorted(set(stages) - seen):
         family = kind.split(".")[0]
         idx = max((i for i, p in enumerate(result) if p.startswith(f"### `{family}.")), default=None)
+        if idx is None:  # a family section with no block yet
+            idx = next((i for i, p in enumerate(result) if p.startswith(f"## {family}:")), None)
         if idx is None:
             print(f"no section for {kind}; add `## {family}: ...` first", file=sys.stderr)
             continue

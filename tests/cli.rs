@@ -453,7 +453,13 @@ inputs = ["acc"]
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     let run = dir.join("runs/loop");
     for (round, expected) in [(0, 4), (1, 8), (2, 12)] {
-        let lines = read_lines(&run.join(format!("outputs/write/records.r{round}.jsonl")));
+        // One rule whatever the number of rounds: round 0 in outputs/STAGE/,
+        // round R in outputs/STAGE/round-R/.
+        let file = match round {
+            0 => "outputs/write/records.jsonl".to_string(),
+            r => format!("outputs/write/round-{r}/records.jsonl"),
+        };
+        let lines = read_lines(&run.join(file));
         assert_eq!(lines.len(), expected, "round {round}");
     }
     assert_eq!(read_lines(&run.join("journal.jsonl")).len(), 3);
@@ -686,4 +692,48 @@ fn metric_times_are_when_the_stage_raised_them() {
             "ticks {gap:.3} s apart: {times:?}"
         );
     }
+}
+
+#[test]
+fn an_artifact_of_the_wrong_kind_is_refused_at_validation() {
+    // A reward model wired into a policy port: refused where it is wired.
+    let p = r#"[stages.gen]
+kind = "testing.generate-pairs"
+
+[stages.rm]
+kind = "rm.train"
+inputs = { pairs = "gen" }
+
+[stages.prompts]
+kind = "world.prompts"
+
+[stages.rollout]
+kind = "lm.rollout"
+inputs = { prompts = "prompts", policy = "rm.models" }
+"#;
+    assert_invalid(
+        p,
+        "13:42",
+        &[
+            "port type mismatch: `rm.models` carries Artifact(reward-model)",
+            "input `policy` of stage `rollout` (lm.rollout) takes Artifact(policy)",
+        ],
+    );
+    // A policy into a reward-model port, the other way round.
+    let p = r#"[stages.demos]
+kind = "testing.generate-pairs"
+
+[stages.sft]
+kind = "lm.sft"
+inputs = "demos"
+
+[stages.score]
+kind = "rm.score"
+inputs = { models = "sft.policy", records = "demos" }
+"#;
+    assert_invalid(
+        p,
+        "10:21",
+        &["carries Artifact(policy)", "takes Artifact(reward-model)"],
+    );
 }

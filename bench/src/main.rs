@@ -142,6 +142,7 @@ fn pipeline_bench(n: usize) {
 fn score(i: usize) -> Record {
     Record::Score(hone_sdk::Score {
         id: format!("s{i}"),
+        prompt_id: format!("p{}", i % 64),
         name: "r".into(),
         value: i as f64,
     })

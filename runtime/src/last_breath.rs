@@ -68,6 +68,8 @@ struct Slot {
 }
 
 impl Slot {
+    // Only ever copied into the static array below, never used by reference.
+    #[allow(clippy::declare_interior_mutable_const)]
     const IDLE: Slot = Slot {
         stage: AtomicUsize::new(0),
         worker: AtomicUsize::new(0),
@@ -290,8 +292,8 @@ fn speak(what: &str) -> bool {
         describe(&mut buf, run, mine)
     } else {
         let mut any = false;
-        for slot in 0..MAX_WORKERS {
-            if SLOTS[slot].stage.load(Ordering::Acquire) != 0 {
+        for (slot, s) in SLOTS.iter().enumerate() {
+            if s.stage.load(Ordering::Acquire) != 0 {
                 if any {
                     buf.push("; ");
                 } else {

@@ -209,6 +209,16 @@ fn load_library(path: &Path) -> Result<Option<Loaded>, String> {
     // SAFETY: the version string is static in the plugin.
     let sdk_version = String::from_utf8_lossy(unsafe { table.sdk_version.as_slice() }).into_owned();
     check_versions(path, abi_version, &sdk_version)?;
+    let ours = hone_sdk::records::RECORD_FINGERPRINT;
+    // SAFETY: the fingerprint string is static in the plugin.
+    let theirs = String::from_utf8_lossy(unsafe { table.record_schema.as_slice() }).into_owned();
+    if theirs != ours {
+        return Err(format!(
+            "{}: plugin's record layouts (fingerprint {theirs}, hone-sdk {sdk_version}) differ from              this hone's (fingerprint {ours}, hone-sdk {}): rebuild the plugin against this hone-sdk",
+            path.display(),
+            hone_sdk::SDK_VERSION
+        ));
+    }
     // SAFETY: `describe` follows the ABI contract.
     let bytes = take(table, unsafe { (table.describe)() });
     let descriptors: Vec<StageDescriptor> = serde_json::from_slice(&bytes).map_err(|_| {
@@ -348,6 +358,44 @@ impl StageInstance {
         self.finish(err, out)
     }
 
+    /// The instance's state at the end of `round` (`None`: it keeps none,
+    /// or its plugin's table predates snapshots).
+    pub fn snapshot(&mut self, round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        if !self
+            .table
+            .has(entry_end(std::mem::offset_of!(PluginTable, snapshot)))
+        {
+            return Ok(None);
+        }
+        let mut out = OwnedBytes {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+            cap: 0,
+        };
+        // SAFETY: ABI contract; `out` is a valid out-pointer for the call.
+        let err = unsafe { (self.table.snapshot)(self.instance, round, &mut out) };
+        if let Some(e) = take_error(self.table, err) {
+            return Err(e);
+        }
+        Ok((!out.is_empty()).then(|| take(self.table, out)))
+    }
+
+    /// Restores the instance from a snapshot taken at the end of `round`.
+    pub fn restore(&mut self, round: u64, state: &[u8]) -> Result<(), StageError> {
+        if !self
+            .table
+            .has(entry_end(std::mem::offset_of!(PluginTable, restore)))
+        {
+            return Err(StageError::new(format!(
+                "stage '{}' was built before snapshots existed: it cannot be restored",
+                self.stage_id
+            )));
+        }
+        // SAFETY: ABI contract; `state` outlives the call.
+        let err = unsafe { (self.table.restore)(self.instance, round, Bytes::from_slice(state)) };
+        take_error(self.table, err).map_or(Ok(()), Err)
+    }
+
     fn finish(&self, err: OwnedBytes, out: &mut Emitted) -> Result<(), StageError> {
         if let Some(e) = take_error(self.table, err) {
             return Err(e);
@@ -357,6 +405,11 @@ impl StageInstance {
             None => Ok(()),
         }
     }
+}
+
+/// Where a table entry starting at `offset` ends.
+fn entry_end(offset: usize) -> usize {
+    offset + std::mem::size_of::<unsafe extern "C" fn()>()
 }
 
 fn callbacks(out: &mut Emitted) -> HostCallbacks {

@@ -126,7 +126,8 @@ pub fn plan(
     let shown = dir.display();
     let meta = std::fs::symlink_metadata(dir);
     if let Ok(m) = &meta {
-        if !m.is_dir() && !(m.file_type().is_symlink() && dir.is_dir()) {
+        let a_directory = m.is_dir() || (m.file_type().is_symlink() && dir.is_dir());
+        if !a_directory {
             return Err(format!(
                 "run directory {shown} exists and is not a directory: pass --run-dir DIR or \
                  choose another pipeline.name"

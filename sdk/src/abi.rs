@@ -28,7 +28,15 @@ use std::sync::OnceLock;
 /// could not decode a descriptor using a config type it does not know).
 ///
 /// 2: the `Unsigned { min, max }` config field type.
-pub const ABI_VERSION: u32 = 2;
+/// 3: `table_size`, `record_schema`, `snapshot` and `restore` in the table;
+///    typed records (token ids, per-token values, gold rewards, structured
+///    artifact references); artifact kinds in port types.
+///
+/// From 3 on, entries are only ever appended to the table, and `table_size`
+/// says how many a plugin has: a newer host reads an older plugin's table up
+/// to its size and treats later entries as absent, so adding an entry needs
+/// no version bump.
+pub const ABI_VERSION: u32 = 3;
 
 /// The symbol every plugin library exports. It keeps its name across ABI
 /// versions: a host finds the table of a plugin of any version through it and
@@ -134,8 +142,14 @@ pub struct HostCallbacks {
 pub struct PluginTable {
     /// [`ABI_VERSION`] of the plugin's SDK. Always the first field.
     pub abi_version: u32,
+    /// `size_of::<PluginTable>()` in the plugin's SDK: entries that end past
+    /// it are absent (see [`PluginTable::has`]).
+    pub table_size: u32,
     /// The plugin's SDK semver (UTF-8).
     pub sdk_version: Bytes,
+    /// [`crate::records::RECORD_FINGERPRINT`] of the plugin's SDK (UTF-8):
+    /// the host refuses a plugin whose record layouts differ from its own.
+    pub record_schema: Bytes,
     /// JSON array of [`StageDescriptor`]s.
     pub describe: unsafe extern "C" fn() -> OwnedBytes,
     /// Creates a stage from a JSON [`StageInit`]; writes the instance to
@@ -159,6 +173,22 @@ pub struct PluginTable {
     pub destroy: unsafe extern "C" fn(instance: *mut c_void),
     /// Frees a buffer the plugin returned.
     pub free: unsafe extern "C" fn(buf: OwnedBytes),
+    /// Saves the instance's state at the end of `round` into `out` (empty:
+    /// the stage keeps no state). Returns an error or empty.
+    pub snapshot:
+        unsafe extern "C" fn(instance: *mut c_void, round: u64, out: *mut OwnedBytes) -> OwnedBytes,
+    /// Restores a fresh instance from what `snapshot` saved at the end of
+    /// `round`. Returns an error or empty.
+    pub restore:
+        unsafe extern "C" fn(instance: *mut c_void, round: u64, state: Bytes) -> OwnedBytes,
+}
+
+impl PluginTable {
+    /// Whether the plugin's table reaches the entry that ends at byte `end`
+    /// (use `offset_of!(PluginTable, entry) + size_of::<fn()>()`).
+    pub fn has(&self, end: usize) -> bool {
+        self.table_size as usize >= end
+    }
 }
 
 // SAFETY: the table is immutable static data and function pointers.
@@ -199,9 +229,14 @@ static FACTORIES: OnceLock<Vec<Factory>> = OnceLock::new();
 
 static TABLE: PluginTable = PluginTable {
     abi_version: ABI_VERSION,
+    table_size: std::mem::size_of::<PluginTable>() as u32,
     sdk_version: Bytes {
         ptr: crate::SDK_VERSION.as_ptr(),
         len: crate::SDK_VERSION.len(),
+    },
+    record_schema: Bytes {
+        ptr: crate::records::RECORD_FINGERPRINT.as_ptr(),
+        len: crate::records::RECORD_FINGERPRINT.len(),
     },
     describe: ffi_describe,
     create: ffi_create,
@@ -209,6 +244,8 @@ static TABLE: PluginTable = PluginTable {
     on_round_end: ffi_on_round_end,
     destroy: ffi_destroy,
     free: ffi_free,
+    snapshot: ffi_snapshot,
+    restore: ffi_restore,
 };
 
 /// Called by [`crate::export_stages!`]: registers the plugin's stages and
@@ -372,6 +409,32 @@ unsafe extern "C" fn ffi_on_round_end(
         let mut ctx = Context::new(&mut link, &instance.init, round);
         instance.stage.on_round_end(&mut ctx)
     })
+}
+
+unsafe extern "C" fn ffi_snapshot(
+    instance: *mut c_void,
+    round: u64,
+    out: *mut OwnedBytes,
+) -> OwnedBytes {
+    // SAFETY: as in `ffi_on_batch`; `out` is a valid out-pointer.
+    let instance = unsafe { &mut *(instance as *mut Instance) };
+    let stage_id = instance.init.stage_id.clone();
+    contain(&stage_id, || {
+        let state = instance.stage.snapshot(round)?;
+        let bytes = state
+            .map(OwnedBytes::from_vec)
+            .unwrap_or_else(OwnedBytes::empty);
+        // SAFETY: the host passes a valid out-pointer.
+        unsafe { out.write(bytes) };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn ffi_restore(instance: *mut c_void, round: u64, state: Bytes) -> OwnedBytes {
+    // SAFETY: as in `ffi_on_batch`.
+    let (instance, bytes) = unsafe { (&mut *(instance as *mut Instance), state.as_slice()) };
+    let stage_id = instance.init.stage_id.clone();
+    contain(&stage_id, || instance.stage.restore(round, bytes))
 }
 
 unsafe extern "C" fn ffi_destroy(instance: *mut c_void) {

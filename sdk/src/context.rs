@@ -42,6 +42,24 @@ pub enum Event {
     },
 }
 
+/// Where a checkpoint stands in its stage's training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The training step (`None` for the final model).
+    pub step: Option<u64>,
+    /// The ensemble member.
+    pub member: Option<u64>,
+}
+
+/// The output directory of `round` under a stage's `base` directory.
+pub fn round_output_dir(base: &Path, round: u64) -> PathBuf {
+    if round == 0 {
+        base.to_path_buf()
+    } else {
+        base.join(format!("round-{round}"))
+    }
+}
+
 /// Where a [`Context`] sends what the stage produces. The plugin glue
 /// implements it over the C ABI; tests and benchmarks implement it in-process.
 pub trait HostLink {
@@ -143,6 +161,20 @@ impl<'a> Context<'a> {
         inputs: Vec<String>,
         lineage: Vec<String>,
     ) -> Result<ArtifactRef, StageError> {
+        self.register_checkpoint(kind, path, Checkpoint::default(), inputs, lineage)
+    }
+
+    /// [`Context::register_artifact`] for a training checkpoint: its step
+    /// and ensemble member travel as fields of the reference, so that no
+    /// consumer parses them back out of the id or the path.
+    pub fn register_checkpoint(
+        &mut self,
+        kind: &str,
+        path: &Path,
+        at: Checkpoint,
+        inputs: Vec<String>,
+        lineage: Vec<String>,
+    ) -> Result<ArtifactRef, StageError> {
         let sha256 = crate::fs::sha256_file(path).map_err(|e| {
             StageError::new(format!("cannot hash artifact {}: {e}", path.display()))
         })?;
@@ -151,12 +183,11 @@ impl<'a> Context<'a> {
             .relative_to_run(path)
             .to_string_lossy()
             .into_owned();
-        // Named by the path under the stage's output directory, so that
+        // Named by the path under the round's output directory, so that
         // checkpoints `ckpt-100/model.safetensors` and `final/model.safetensors`
-        // get distinct ids.
-        let output_dir = self.init.output_dir();
+        // get distinct names; the round is in the id.
         let name = path
-            .strip_prefix(&output_dir)
+            .strip_prefix(self.round_dir())
             .ok()
             .map(|p| p.to_string_lossy().into_owned())
             .or_else(|| path.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -167,6 +198,10 @@ impl<'a> Context<'a> {
             path: rel,
             sha256,
             round: self.round,
+            stage: self.init.stage_id.clone(),
+            name,
+            step: at.step,
+            member: at.member,
         };
         self.link.event(Event::Artifact {
             artifact: artifact.clone(),
@@ -186,9 +221,13 @@ impl<'a> Context<'a> {
         self.init
     }
 
-    /// This stage's output directory, created on demand.
+    /// This round's output directory, created on demand:
+    /// `RUN_DIR/outputs/STAGE_ID/` in round 0 and `.../round-R/` in round R
+    /// after it. The rule depends on the round only, never on how many
+    /// rounds the pipeline has, so a one-round run and the first round of a
+    /// loop write to the same place.
     pub fn output_dir(&self) -> Result<PathBuf, StageError> {
-        let dir = self.init.output_dir();
+        let dir = self.round_dir();
         std::fs::create_dir_all(&dir).map_err(|e| {
             StageError::new(format!(
                 "cannot create output directory {}: {e}",
@@ -196,6 +235,10 @@ impl<'a> Context<'a> {
             ))
         })?;
         Ok(dir)
+    }
+
+    fn round_dir(&self) -> PathBuf {
+        round_output_dir(&self.init.output_dir(), self.round)
     }
 
     /// Sends every pending batch to the host. The glue calls this after each
@@ -230,10 +273,20 @@ mod tests {
             let path = dir.join(sub).join("model.safetensors");
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, sub).unwrap();
+            let at = Checkpoint {
+                step: (sub == "ckpt-100").then_some(100),
+                member: None,
+            };
             let a = ctx
-                .register_artifact("policy", &path, vec![], vec![])
+                .register_checkpoint("policy", &path, at, vec![], vec![])
                 .unwrap();
-            assert_eq!(a.path, format!("outputs/test/{sub}/model.safetensors"));
+            // Round 3 writes under round-3/, whatever the number of rounds.
+            assert_eq!(
+                a.path,
+                format!("outputs/test/round-3/{sub}/model.safetensors")
+            );
+            assert_eq!((a.stage.as_str(), a.round, a.step), ("test", 3, at.step));
+            assert_eq!(a.name, format!("{sub}/model.safetensors"));
             ids.push(a.id);
         }
         assert_eq!(

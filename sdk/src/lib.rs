@@ -44,14 +44,16 @@ mod describe;
 mod error;
 pub mod fs;
 pub mod pretrained;
-mod records;
+pub mod records;
 mod stage;
 pub mod text;
 
-pub use context::{Collected, Context, Event, HostLink};
+pub use context::{round_output_dir, Checkpoint, Collected, Context, Event, HostLink};
 pub use describe::{one_of, ConfigField, FieldType, Placement, Port, StageDescriptor};
 pub use error::StageError;
-pub use records::{ArtifactRef, Completion, PreferencePair, Prompt, Record, RecordKind, Score};
+pub use records::{
+    ArtifactKind, ArtifactRef, Completion, PreferencePair, Prompt, Record, RecordKind, Score,
+};
 pub use stage::{Stage, StageFactory, StageInit};
 
 /// The SDK's semantic version, exchanged in the plugin handshake.
@@ -63,8 +65,8 @@ pub mod guide {}
 /// The names most stage code needs.
 pub mod prelude {
     pub use crate::{
-        ArtifactRef, Completion, ConfigField, Context, FieldType, Placement, PreferencePair,
-        Prompt, Record, RecordKind, Score, Stage, StageDescriptor, StageError, StageFactory,
-        StageInit,
+        ArtifactKind, ArtifactRef, Checkpoint, Completion, ConfigField, Context, FieldType,
+        Placement, PreferencePair, Prompt, Record, RecordKind, Score, Stage, StageDescriptor,
+        StageError, StageFactory, StageInit,
     };
 }

@@ -115,6 +115,25 @@ pub trait Stage: Send {
         let _ = ctx;
         Ok(())
     }
+
+    /// The stage's state at the end of `round`, after `on_round_end`: what a
+    /// fresh instance needs to carry on with round `round + 1` as if it had
+    /// run every round itself (weights, optimizer moments, learning-rate
+    /// step, RNG state, data position). `None`, the default, means the stage
+    /// keeps nothing from round to round.
+    fn snapshot(&mut self, round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        let _ = round;
+        Ok(None)
+    }
+
+    /// Restores a fresh instance from what [`Stage::snapshot`] returned at
+    /// the end of `round`, before any call for a later round.
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        let _ = (round, snapshot);
+        Err(StageError::new(
+            "this stage saves no snapshots, so there is nothing to restore it from",
+        ))
+    }
 }
 
 /// Describes and creates a stage kind. [`crate::export_stages!`] exports

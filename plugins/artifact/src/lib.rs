@@ -52,7 +52,7 @@ impl StageFactory for Load {
              verified against that run's manifest.jsonl, its lineage carried over) or any \
              directory holding hone's checkpoint files.",
         )
-        .output("artifact", RecordKind::Artifact)
+        .output("artifact", RecordKind::Artifact(ArtifactKind::Any))
         .required(
             "path",
             FieldType::Path,

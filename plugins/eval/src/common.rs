@@ -121,7 +121,7 @@ impl GroupBy {
     /// The group of `c`, or `None` when it has no policy / no such meta key.
     pub fn key(&self, c: &Completion) -> Option<String> {
         match self {
-            GroupBy::Policy => c.policy.as_ref().map(|p| policy_name(&p.id)),
+            GroupBy::Policy => c.policy.as_ref().map(policy_name),
             GroupBy::Meta(key) => c.meta.get(key).cloned(),
         }
     }
@@ -135,29 +135,17 @@ impl GroupBy {
     }
 }
 
-/// A policy artifact id without its round and weights file name:
-/// `sft/ckpt-250/model.safetensors@0` gives `sft/ckpt-250`.
-pub(crate) fn policy_name(artifact_id: &str) -> String {
-    let id = artifact_id
-        .rsplit_once('@')
-        .map_or(artifact_id, |(id, _)| id);
-    match id.rsplit_once('/') {
-        Some((dir, file)) if file.contains('.') => dir.to_string(),
-        _ => id.to_string(),
+/// A policy's name: its stage and checkpoint directory, with the round
+/// after an `@` from round 1 on (`sft/ckpt-250`, `sft/final@1`).
+pub(crate) fn policy_name(p: &ArtifactRef) -> String {
+    let dir = p
+        .name
+        .rsplit_once('/')
+        .map_or(p.name.as_str(), |(dir, _)| dir);
+    match p.round {
+        0 => format!("{}/{dir}", p.stage),
+        r => format!("{}/{dir}@{r}", p.stage),
     }
-}
-
-/// The checkpoint step of a policy name or artifact id: the `N` of a
-/// `ckpt-N` path component (`sft/ckpt-250/model.safetensors@0` gives 250).
-pub(crate) fn checkpoint_step(name: &str) -> Option<u64> {
-    policy_name(name)
-        .split('/')
-        .find_map(|part| part.strip_prefix("ckpt-")?.parse().ok())
-}
-
-/// Whether a policy name is a final checkpoint (a `final` path component).
-pub(crate) fn is_final(name: &str) -> bool {
-    policy_name(name).split('/').any(|part| part == "final")
 }
 
 /// Orders ids with their digit runs compared as numbers, so that
@@ -266,15 +254,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn policy_names_and_steps() {
-        let id = "sft/ckpt-250/model.safetensors@0";
-        assert_eq!(policy_name(id), "sft/ckpt-250");
-        assert_eq!(checkpoint_step(id), Some(250));
-        assert_eq!(checkpoint_step("sft/final/model.safetensors@0"), None);
-        assert!(is_final("sft/final/model.safetensors@0"));
+    fn policy_names_come_from_the_structured_reference() {
+        let policy = |name: &str, round| ArtifactRef {
+            id: String::new(),
+            kind: "policy".into(),
+            path: String::new(),
+            sha256: String::new(),
+            round,
+            stage: "sft".into(),
+            name: name.into(),
+            step: None,
+            member: None,
+        };
         assert_eq!(
-            policy_name("sft/round-1/final/model.safetensors@1"),
-            "sft/round-1/final"
+            policy_name(&policy("ckpt-250/model.safetensors", 0)),
+            "sft/ckpt-250"
+        );
+        assert_eq!(
+            policy_name(&policy("final/model.safetensors", 1)),
+            "sft/final@1"
         );
     }
 

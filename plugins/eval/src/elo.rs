@@ -324,13 +324,14 @@ mod tests {
             let Record::Completion(mut c) = completion(&format!("p:{ckpt}"), "p", &[]) else {
                 panic!()
             };
-            c.policy = Some(ArtifactRef {
-                id: format!("sft/{ckpt}/model.safetensors@0"),
-                kind: "policy".into(),
-                path: String::new(),
-                sha256: String::new(),
-                round: 0,
-            });
+            c.policy = Some(ArtifactRef::new(
+                "policy",
+                "sft",
+                format!("{ckpt}/model.safetensors"),
+                0,
+                "",
+                "",
+            ));
             ss.push(score(&c.id, "gold_reward", value));
             cs.push(Record::Completion(c));
         }

@@ -123,7 +123,10 @@ pub(crate) mod testing {
             prompt_id: prompt_id.into(),
             prompt: format!("prompt {prompt_id}"),
             text: format!("text {id}"),
+            token_ids: Vec::new(),
             token_logprobs: Vec::new(),
+            ref_logprobs: Vec::new(),
+            values: Vec::new(),
             policy: None,
             meta: meta
                 .iter()
@@ -136,6 +139,7 @@ pub(crate) mod testing {
     pub fn score(id: &str, name: &str, value: f64) -> Record {
         Record::Score(Score {
             id: id.into(),
+            prompt_id: String::new(),
             name: name.into(),
             value,
         })

@@ -1,7 +1,7 @@
 //! `eval.rewards`: mean rewards and the Monte-Carlo KL(π‖π_ref) of groups
 //! of completions (policy checkpoints, or meta values).
 
-use crate::common::{checkpoint_step, is_final, mean, GroupBy, ScoredCompletions};
+use crate::common::{mean, GroupBy, ScoredCompletions};
 use hone_sdk::prelude::*;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -26,8 +26,10 @@ struct Group {
     n: u64,
     /// Score values by name.
     scores: BTreeMap<String, Vec<f64>>,
-    /// logprob − ref_logprob, for completions that have both.
+    /// Σ_t token_logprobs − ref_logprobs, for completions that have both.
     kl: Vec<f64>,
+    /// The policy the group's completions came from (`group_by = "policy"`).
+    policy: Option<ArtifactRef>,
 }
 
 impl StageFactory for Rewards {
@@ -38,7 +40,7 @@ impl StageFactory for Rewards {
              `scores` to completions by id and reports, at step = the group's step (the checkpoint step of \
              `sft/ckpt-250`, `final_step` for a final checkpoint, a numeric meta value, else the group's \
              index), the mean of each score name (`gold_reward`, `proxy_reward`, ...) and `kl`, the mean of \
-             meta `logprob` - `ref_logprob` (lm.logprobs writes both): a Monte-Carlo estimate of \
+             the sum over tokens of `token_logprobs` - `ref_logprobs` (lm.logprobs fills the latter): a Monte-Carlo estimate of \
              KL(policy || reference). Also `completions` at each step and `ungrouped`; writes \
              OUTPUT_DIR/rewards.json and logs a table.",
         )
@@ -100,12 +102,12 @@ impl Stage for Rewards {
             };
             let g = groups.entry(key).or_default();
             g.n += 1;
+            g.policy = g.policy.take().or_else(|| c.policy.clone());
             for (name, value) in scores.all(&c.id).into_iter().flatten() {
                 g.scores.entry(name.clone()).or_default().push(*value);
             }
-            let num = |k: &str| c.meta.get(k).and_then(|v| v.parse::<f64>().ok());
-            if let (Some(lp), Some(rlp)) = (num("logprob"), num("ref_logprob")) {
-                g.kl.push(lp - rlp);
+            if let Some(kl) = c.logprob_minus_ref() {
+                g.kl.push(kl);
             }
         }
         ctx.metric("ungrouped", ungrouped as f64);
@@ -186,15 +188,22 @@ impl Rewards {
         let mut steps = BTreeMap::new();
         match &self.group_by {
             GroupBy::Policy => {
-                let largest = groups.keys().filter_map(|n| checkpoint_step(n)).max();
+                let step_of = |g: &Group| g.policy.as_ref().and_then(|p| p.step);
+                // A final model is registered without a step, as `final/...`.
+                let is_final = |g: &Group| {
+                    g.policy
+                        .as_ref()
+                        .is_some_and(|p| p.step.is_none() && p.name.starts_with("final/"))
+                };
+                let largest = groups.values().filter_map(step_of).max();
                 let final_step = self
                     .config
                     .final_step
                     .map(|s| s as u64)
                     .unwrap_or_else(|| largest.map_or(0, |s| s + 1));
-                for (i, name) in groups.keys().enumerate() {
-                    let step = checkpoint_step(name)
-                        .or_else(|| is_final(name).then_some(final_step))
+                for (i, (name, g)) in groups.iter().enumerate() {
+                    let step = step_of(g)
+                        .or_else(|| is_final(g).then_some(final_step))
                         .unwrap_or(i as u64);
                     steps.insert(name.clone(), step);
                 }
@@ -215,23 +224,22 @@ mod tests {
     use crate::testing::{completion, create, run, score};
 
     fn from_policy(id: &str, policy: &str, logprob: f64, ref_logprob: f64) -> Record {
-        let Record::Completion(mut c) = completion(
-            id,
-            "p",
-            &[
-                ("logprob", &logprob.to_string()),
-                ("ref_logprob", &ref_logprob.to_string()),
-            ],
-        ) else {
+        let Record::Completion(mut c) = completion(id, "p", &[]) else {
             panic!()
         };
-        c.policy = Some(ArtifactRef {
-            id: format!("sft/{policy}/model.safetensors@0"),
-            kind: "policy".into(),
-            path: String::new(),
-            sha256: String::new(),
-            round: 0,
-        });
+        // Two tokens, so the KL is a sum over tokens.
+        c.token_logprobs = vec![(logprob / 2.0) as f32; 2];
+        c.ref_logprobs = vec![(ref_logprob / 2.0) as f32; 2];
+        let mut p = ArtifactRef::new(
+            "policy",
+            "sft",
+            format!("{policy}/model.safetensors"),
+            0,
+            "",
+            "",
+        );
+        p.step = policy.strip_prefix("ckpt-").map(|s| s.parse().unwrap());
+        c.policy = Some(p);
         Record::Completion(c)
     }
 

@@ -59,7 +59,7 @@ impl StageFactory for RmAccuracy {
             "truth",
             FieldType::one_of(&["label", "gold"]),
             "label",
-            "`label`: the pair's own label (chosen is preferred). `gold`: chosen is preferred when meta \
+            "`label`: the pair's own label (chosen is preferred). `gold`: chosen is preferred when \
              `gold_chosen` > `gold_rejected` (world.label pairs); pairs with equal gold are skipped and \
              counted as `gold_ties`.",
         )
@@ -136,22 +136,18 @@ impl Stage for RmAccuracy {
                 )));
             };
             let y = if self.config.truth == "gold" {
-                let gold = |key: &str| -> Result<f64, StageError> {
-                    let value = pair.meta.get(key).ok_or_else(|| {
-                        StageError::new(format!(
-                            "pair {} has no meta `{key}`, which truth = \"gold\" needs (world.label writes it); \
-                             use truth = \"label\" for pairs without gold rewards",
-                            pair.id
-                        ))
-                    })?;
-                    value.parse().map_err(|_| {
-                        StageError::new(format!(
-                            "pair {}: meta `{key}` = \"{value}\" is not a number",
-                            pair.id
-                        ))
-                    })
+                let (Some(gc), Some(gr)) = (pair.gold_chosen, pair.gold_rejected) else {
+                    let missing = if pair.gold_chosen.is_none() {
+                        "gold_chosen"
+                    } else {
+                        "gold_rejected"
+                    };
+                    return Err(StageError::new(format!(
+                        "pair {} has no {missing}, which truth = \"gold\" needs (world.label \
+                         writes it); use truth = \"label\" for pairs without gold rewards",
+                        pair.id
+                    )));
                 };
-                let (gc, gr) = (gold("gold_chosen")?, gold("gold_rejected")?);
                 if gc == gr {
                     self.gold_ties += 1;
                     continue;
@@ -292,6 +288,10 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        // Gold rewards are typed fields; the tests give them as meta for brevity.
+        let mut gold = |k: &str| p.meta.remove(k).map(|v| v.parse::<f64>().unwrap());
+        p.gold_chosen = gold("gold_chosen");
+        p.gold_rejected = gold("gold_rejected");
         Record::Pair(p)
     }
 
@@ -338,7 +338,7 @@ mod tests {
     }
 
     #[test]
-    fn gold_truth_reads_meta_and_skips_ties() {
+    fn gold_truth_reads_the_gold_rewards_and_skips_ties() {
         let pairs = vec![
             // Gold says rejected is better; the RM agrees (chosen scored lower).
             pair(

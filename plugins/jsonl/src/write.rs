@@ -24,13 +24,13 @@ impl StageFactory for Write {
             "Writes records as JSON lines (gzip when the name ends in .gz); emits the file as a dataset artifact.",
         )
         .input("records", RecordKind::Any)
-        .output("artifact", RecordKind::Artifact)
+        .output("artifact", RecordKind::Artifact(ArtifactKind::Dataset))
         .optional(
             "file",
             FieldType::String,
             "records.jsonl",
-            "File name under RUN_DIR/outputs/STAGE_ID/; `{round}` is replaced by the round \
-                 (added before the extension when the pipeline has several rounds).",
+            "File name under the round's output directory (RUN_DIR/outputs/STAGE_ID/ in round 0, \
+             .../round-R/ in round R); `{round}` is replaced by the round.",
         )
         .optional(
             "sort",
@@ -58,19 +58,11 @@ impl StageFactory for Write {
     }
 }
 
-fn file_name(template: &str, round: u64, rounds: u64) -> String {
-    if template.contains("{round}") {
-        return template.replace("{round}", &round.to_string());
-    }
-    if rounds == 1 {
-        return template.to_string();
-    }
-    let (stem, ext) = template.split_once('.').unwrap_or((template, ""));
-    if ext.is_empty() {
-        format!("{stem}.r{round}")
-    } else {
-        format!("{stem}.r{round}.{ext}")
-    }
+/// The file name of `round`: the template with `{round}` replaced. Rounds
+/// are told apart by their output directories, not by names that would
+/// depend on how many rounds the pipeline has.
+fn file_name(template: &str, round: u64) -> String {
+    template.replace("{round}", &round.to_string())
 }
 
 fn to_json(record: &Record) -> serde_json::Value {
@@ -106,7 +98,7 @@ impl Stage for Write {
                 .map_err(|e| StageError::new(e.to_string()))?;
             text.push(b'\n');
         }
-        let name = file_name(&self.config.file, ctx.round(), ctx.init().rounds);
+        let name = file_name(&self.config.file, ctx.round());
         let bytes = if name.ends_with(".gz") {
             let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::default());
             enc.write_all(&text)?;
@@ -134,9 +126,9 @@ mod tests {
     use super::file_name;
 
     #[test]
-    fn round_goes_into_the_name_when_there_are_several() {
-        assert_eq!(file_name("pairs.jsonl", 0, 1), "pairs.jsonl");
-        assert_eq!(file_name("pairs.jsonl.gz", 2, 3), "pairs.r2.jsonl.gz");
-        assert_eq!(file_name("p-{round}.jsonl", 4, 9), "p-4.jsonl");
+    fn the_round_goes_into_the_name_only_where_asked() {
+        assert_eq!(file_name("pairs.jsonl", 0), "pairs.jsonl");
+        assert_eq!(file_name("pairs.jsonl.gz", 2), "pairs.jsonl.gz");
+        assert_eq!(file_name("p-{round}.jsonl", 4), "p-4.jsonl");
     }
 }

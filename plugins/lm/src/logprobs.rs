@@ -40,17 +40,16 @@ impl StageFactory for Logprobs {
         StageDescriptor::new(
             "lm.logprobs",
             "Scores completions under a reference policy (the newest `reference` artifact, e.g. from lm.sft), \
-             teacher-forced on the tokens lm.rollout sampled (its meta `token_ids`; for completions without \
-             them, the text's tokens, then the closing EOS or the stop string when token_logprobs cover them). Adds meta `ref_logprob` (sum of \
-             log pi_ref over those tokens), `logprob` (sum of token_logprobs; absent for completions without \
-             them, whose ref_logprob covers text and EOS), `ref_tokens` and `ref_policy`; logprob - \
-             ref_logprob estimates KL(policy || reference) (eval.rewards averages it). Completions whose \
-             tokens cannot be recovered (non-UTF-8 bytes in the text, an ending no `stop` string explains, \
-             too long for the context) pass through without ref_logprob and are counted as `unmatched`. \
-             Byte-level GPT checkpoints only.",
+             teacher-forced on the tokens lm.rollout sampled (its `token_ids`; for completions without \
+             them, the text's tokens, then the closing EOS or the stop string when token_logprobs cover them). Sets \
+             `ref_logprobs` (log pi_ref per token), `token_ids` where they were rebuilt, and meta `ref_policy`; \
+             the sum over tokens of token_logprobs - ref_logprobs estimates KL(policy || reference) \
+             (eval.rewards averages it). Completions whose tokens cannot be recovered (non-UTF-8 bytes in \
+             the text, an ending no `stop` string explains, too long for the context) pass through without \
+             ref_logprobs and are counted as `unmatched`. Byte-level GPT checkpoints only.",
         )
         .input("completions", RecordKind::Completion)
-        .input("reference", RecordKind::Artifact)
+        .input("reference", RecordKind::Artifact(ArtifactKind::Policy))
         .output("completions", RecordKind::Completion)
         .optional(
             "max_new_tokens",
@@ -96,7 +95,7 @@ impl Stage for Logprobs {
         for record in batch {
             match record {
                 Record::Completion(c) => self.completions.push(c),
-                Record::Artifact(a) => self.reference.offer(a),
+                Record::Artifact(a) => self.reference.offer(a)?,
                 _ => {}
             }
         }
@@ -135,13 +134,12 @@ impl Stage for Logprobs {
             }
             match tokens {
                 Tokens::Ids(ids) => {
-                    let ref_logprob: f64 = lps.iter().sum();
-                    c.meta.insert("ref_logprob".into(), ref_logprob.to_string());
-                    c.meta.insert("ref_tokens".into(), ids.len().to_string());
-                    if !c.token_logprobs.is_empty() {
-                        let logprob: f64 = c.token_logprobs.iter().map(|&l| l as f64).sum();
-                        c.meta.insert("logprob".into(), logprob.to_string());
-                        kl_sum += logprob - ref_logprob;
+                    c.ref_logprobs = lps.iter().map(|&l| l as f32).collect();
+                    if c.token_ids.is_empty() {
+                        c.token_ids = ids;
+                    }
+                    if let Some(kl) = c.logprob_minus_ref() {
+                        kl_sum += kl;
                         kl_n += 1;
                     }
                     scored += 1;
@@ -149,7 +147,7 @@ impl Stage for Logprobs {
                 Tokens::Unknown(why) => {
                     if unmatched == 0 {
                         ctx.log(format!(
-                            "completion {}: {why}; passed on without ref_logprob",
+                            "completion {}: {why}; passed on without ref_logprobs",
                             c.id
                         ));
                     }
@@ -175,16 +173,15 @@ impl Logprobs {
     /// (demonstrations), the text and EOS.
     fn tokens(&self, tok: &dyn Tokenizer, c: &Completion) -> Tokens {
         // lm.rollout records the sampled ids: nothing to reconstruct.
-        if let Some(recorded) = c.meta.get("token_ids") {
-            let ids: Result<Vec<u32>, _> = recorded.split_whitespace().map(str::parse).collect();
-            return match ids {
-                Ok(ids) if ids.len() == c.token_logprobs.len() => Tokens::Ids(ids),
-                Ok(ids) => Tokens::Unknown(format!(
-                    "meta token_ids holds {} ids for {} token log-probs",
-                    ids.len(),
+        if !c.token_ids.is_empty() {
+            return if c.token_ids.len() == c.token_logprobs.len() {
+                Tokens::Ids(c.token_ids.clone())
+            } else {
+                Tokens::Unknown(format!(
+                    "token_ids holds {} ids for {} token log-probs",
+                    c.token_ids.len(),
                     c.token_logprobs.len()
-                )),
-                Err(e) => Tokens::Unknown(format!("meta token_ids is not a list of ids: {e}")),
+                ))
             };
         }
         if c.text.contains('\u{FFFD}') {
@@ -377,19 +374,25 @@ mod tests {
             for c in &cs {
                 // Rollout records its token ids, so even texts whose bytes
                 // are not UTF-8 are scored.
-                assert!(c.meta.contains_key("token_ids"));
-                assert!(c.meta.contains_key("logprob"), "{c:?} {:?}", scored.events);
-                matched += 1;
-                let lp: f64 = c.meta["logprob"].parse().unwrap();
-                let ref_lp: f64 = c.meta["ref_logprob"].parse().unwrap();
-                let tokens = c.token_logprobs.len() as f64;
-                assert_eq!(c.meta["ref_tokens"], c.token_logprobs.len().to_string());
-                assert!(
-                    (lp - ref_lp).abs() < 1e-3 * tokens,
-                    "{}: {lp} vs {ref_lp} over {tokens} tokens ({:?})",
-                    c.id,
-                    c.text
+                assert_eq!(c.token_ids.len(), c.token_logprobs.len());
+                assert_eq!(
+                    c.ref_logprobs.len(),
+                    c.token_logprobs.len(),
+                    "{c:?} {:?}",
+                    scored.events
                 );
+                matched += 1;
+                // The reference is the sampling policy: per token, the same log-prob.
+                for (t, (lp, rlp)) in c.token_logprobs.iter().zip(&c.ref_logprobs).enumerate() {
+                    assert!(
+                        (lp - rlp).abs() < 1e-3,
+                        "{} token {t}: {lp} vs {rlp} ({:?})",
+                        c.id,
+                        c.text
+                    );
+                }
+                let kl = c.logprob_minus_ref().unwrap();
+                assert!(kl.abs() < 1e-3 * c.token_logprobs.len() as f64, "{kl}");
                 assert_eq!(c.meta["ref_policy"], policy.id);
             }
             assert_eq!(matched, 6, "every completion is scored: {cs:?}");
@@ -402,7 +405,10 @@ mod tests {
                 prompt_id: "p".into(),
                 prompt: "Human: say apple\n\nAssistant:".into(),
                 text: text.into(),
+                token_ids: vec![],
                 token_logprobs: vec![],
+                ref_logprobs: vec![],
+                values: vec![],
                 policy: None,
                 meta: BTreeMap::new(),
             })
@@ -423,9 +429,11 @@ mod tests {
         .unwrap();
         let cs = completions(&scored);
         assert_eq!(cs[0].id, "long");
-        assert!(!cs[0].meta.contains_key("ref_logprob"));
-        assert_eq!(cs[1].meta["ref_tokens"], "8");
-        assert!(!cs[1].meta.contains_key("logprob"));
+        assert!(cs[0].ref_logprobs.is_empty());
+        // " apple." and EOS, scored; no sampling log-probs, so no KL.
+        assert_eq!(cs[1].ref_logprobs.len(), 8);
+        assert_eq!(cs[1].token_ids.len(), 8);
+        assert_eq!(cs[1].logprob_minus_ref(), None);
         assert!(scored.events.contains(&hone_sdk::Event::Metric {
             name: "unmatched".into(),
             value: 1.0,
@@ -447,7 +455,10 @@ mod tests {
             prompt_id: "p".into(),
             prompt: "q".into(),
             text: text.into(),
+            token_ids: vec![],
             token_logprobs: vec![-1.0; sampled],
+            ref_logprobs: vec![],
+            values: vec![],
             policy: None,
             meta: BTreeMap::new(),
         };
@@ -482,9 +493,7 @@ mod tests {
         ));
         // Recorded ids win over the text, and must cover the log-probs.
         let mut recorded = c("h\u{FFFD}", 3);
-        recorded
-            .meta
-            .insert("token_ids".into(), "104 200 257".into());
+        recorded.token_ids = vec![104, 200, 257];
         assert_eq!(
             stage.tokens(&tok, &recorded),
             Tokens::Ids(vec![104, 200, 257])
@@ -492,10 +501,6 @@ mod tests {
         recorded.token_logprobs.pop();
         assert!(
             matches!(stage.tokens(&tok, &recorded), Tokens::Unknown(m) if m.contains("3 ids for 2"))
-        );
-        recorded.meta.insert("token_ids".into(), "104 x".into());
-        assert!(
-            matches!(stage.tokens(&tok, &recorded), Tokens::Unknown(m) if m.contains("not a list"))
         );
     }
 
@@ -508,7 +513,10 @@ mod tests {
             prompt_id: "p".into(),
             prompt: "q".into(),
             text: "t".into(),
+            token_ids: vec![],
             token_logprobs: vec![],
+            ref_logprobs: vec![],
+            values: vec![],
             policy: None,
             meta: BTreeMap::new(),
         });

@@ -43,7 +43,7 @@ impl StageFactory for Rollout {
             "Samples n completions per prompt from the latest policy artifact, with per-token log-probabilities.",
         )
         .input("prompts", RecordKind::Prompt)
-        .input("policy", RecordKind::Artifact)
+        .input("policy", RecordKind::Artifact(ArtifactKind::Policy))
         .output("completions", RecordKind::Completion)
         .optional("n", FieldType::positive().at_most(1 << 16), 1, "Completions sampled per prompt.")
         .optional("temperature", FieldType::Float, 1.0, "Softmax temperature; 0 = greedy.")
@@ -132,7 +132,7 @@ impl Stage for Rollout {
         for record in batch {
             match record {
                 Record::Prompt(p) => self.prompts.push(p),
-                Record::Artifact(a) => self.policy.offer(a),
+                Record::Artifact(a) => self.policy.offer(a)?,
                 _ => {}
             }
         }
@@ -172,11 +172,9 @@ impl Stage for Rollout {
                         .or_stage(&format!("sampling a completion of prompt {}", prompt.id))?;
                 new_tokens += ids.len();
                 count += 1;
-                let token_ids: Vec<String> = ids.iter().map(u32::to_string).collect();
                 let meta = BTreeMap::from([
                     ("sample".to_string(), i.to_string()),
                     ("new_tokens".to_string(), ids.len().to_string()),
-                    ("token_ids".to_string(), token_ids.join(" ")),
                 ]);
                 ctx.emit(
                     0,
@@ -185,7 +183,10 @@ impl Stage for Rollout {
                         prompt_id: prompt.id.clone(),
                         prompt: prompt.text.clone(),
                         text,
+                        token_ids: ids,
                         token_logprobs,
+                        ref_logprobs: Vec::new(),
+                        values: Vec::new(),
                         policy: Some(policy.clone()),
                         meta,
                     }),
@@ -249,7 +250,10 @@ impl Rollout {
                         prompt_id: prompt.id.clone(),
                         prompt: prompt.text.clone(),
                         text,
+                        token_ids: Vec::new(),
                         token_logprobs,
+                        ref_logprobs: Vec::new(),
+                        values: Vec::new(),
                         policy: None,
                         meta,
                     }),

@@ -92,9 +92,7 @@ fn truth(pair: &PreferencePair, gold: bool) -> Option<bool> {
     if !gold {
         return Some(true);
     }
-    let get = |k: &str| pair.meta.get(k).and_then(|v| v.parse::<f64>().ok());
-    let (c, r) = (get("gold_chosen")?, get("gold_rejected")?);
-    (c != r).then_some(c > r)
+    pair.gold_prefers_chosen()
 }
 
 /// Fraction of pairs whose reward difference agrees with their truth;
@@ -259,13 +257,14 @@ pub(crate) mod testing {
         let rel = format!("outputs/train/{name}");
         let dir = run_dir.join(&rel);
         let sha = save_reward_model(&dir, &varmap, cfg, &ByteTokenizer, &meta).unwrap();
-        ArtifactRef {
-            id: format!("train/{name}/model.safetensors@0"),
-            kind: super::REWARD_MODEL.into(),
-            path: format!("{rel}/model.safetensors"),
-            sha256: sha,
-            round: 0,
-        }
+        ArtifactRef::new(
+            super::REWARD_MODEL,
+            "train",
+            format!("{name}/model.safetensors"),
+            0,
+            format!("{rel}/model.safetensors"),
+            sha,
+        )
     }
 
     /// Pairs with a learnable preference: the chosen response contains

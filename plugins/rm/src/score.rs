@@ -10,7 +10,8 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 struct ScoreConfig {
     name: String,
-    only: Option<String>,
+    member: Option<u64>,
+    stage: Option<String>,
     batch_size: usize,
     device: String,
 }
@@ -35,18 +36,24 @@ impl StageFactory for Scorer {
              reward of an ensemble): a PreferencePair leaves on `pairs` with chosen_score / rejected_score set; \
              a Completion gives a Score (id = the completion's id) on `scores`. Metrics: scored, models.",
         )
-        .input("models", RecordKind::Artifact)
+        .input("models", RecordKind::Artifact(ArtifactKind::RewardModel))
         .input("records", RecordKind::Any)
         .output("pairs", RecordKind::PreferencePair)
         .output("scores", RecordKind::Score)
         .placement(Placement::DataParallel)
         .optional("name", FieldType::String, "proxy_reward", "The `name` of the Scores emitted for completions.")
         .optional(
-            "only",
+            "member",
+            FieldType::unsigned().at_most(1 << 16),
+            serde_json::Value::Null,
+            "Use only this member of an ensemble (rm.train's member N); unset = every model of the \
+             newest round.",
+        )
+        .optional(
+            "stage",
             FieldType::String,
             serde_json::Value::Null,
-            "Use only the reward models whose artifact id contains this text (e.g. `member-0/` for one \
-             member of an ensemble); unset = all of the newest round.",
+            "Use only the reward models this stage registered (its id); unset = any.",
         )
         .optional("batch_size", FieldType::positive().at_most(1 << 20), 32, "Sequences per forward pass (GPT or the pretrained backbone).")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
@@ -58,9 +65,9 @@ impl StageFactory for Scorer {
         if config.batch_size == 0 {
             return Err(StageError::config("batch_size", "must be at least 1"));
         }
-        if config.only.as_deref().is_some_and(|o| o.is_empty()) {
+        if config.stage.as_deref().is_some_and(|o| o.is_empty()) {
             return Err(StageError::config(
-                "only",
+                "stage",
                 "must not be empty; leave it unset to use every model",
             ));
         }
@@ -88,7 +95,10 @@ impl Stage for Scorer {
     ) -> Result<(), StageError> {
         for record in batch {
             match (port, record) {
-                (0, Record::Artifact(a)) => self.seen.push(a),
+                (0, Record::Artifact(a)) => {
+                    a.check_kind(ArtifactKind::RewardModel, "models")?;
+                    self.seen.push(a)
+                }
                 (1, r @ (Record::Pair(_) | Record::Completion(_))) => self.records.push(r),
                 _ => {}
             }
@@ -100,13 +110,28 @@ impl Stage for Scorer {
         let records = std::mem::take(&mut self.records);
         let mut models = newest_models(&self.seen);
         let all = models.len();
-        if let Some(only) = &self.config.only {
-            models.retain(|m| m.id.contains(only.as_str()));
+        let c = &self.config;
+        if c.member.is_some() || c.stage.is_some() {
+            models.retain(|m| {
+                c.member.is_none_or(|n| m.member == Some(n))
+                    && c.stage.as_ref().is_none_or(|s| &m.stage == s)
+            });
             if models.is_empty() && all > 0 {
+                let field = if c.member.is_some() {
+                    "member"
+                } else {
+                    "stage"
+                };
+                let wanted = match (&c.member, &c.stage) {
+                    (Some(n), Some(s)) => format!("member {n} of stage `{s}`"),
+                    (Some(n), None) => format!("member {n}"),
+                    (None, Some(s)) => format!("stage `{s}`"),
+                    (None, None) => unreachable!(),
+                };
                 return Err(StageError::config(
-                    "only",
+                    field,
                     format!(
-                        "no reward model's artifact id contains `{only}`; the newest round's: {}",
+                        "no reward model of the newest round is {wanted}; they are: {}",
                         newest_models(&self.seen)
                             .iter()
                             .map(|m| m.id.as_str())
@@ -177,6 +202,7 @@ impl Stage for Scorer {
                 1,
                 Record::Score(Score {
                     id: c.id,
+                    prompt_id: c.prompt_id,
                     name: self.config.name.clone(),
                     value,
                 }),

@@ -46,7 +46,7 @@ impl StageFactory for Strength {
              injected_flips_in_lowest_decile, injected_flips_in_lowest_quartile, strength_flip_precision; with \
              group_by_meta = KEY: mean_strength/VALUE and pairs/VALUE per value of meta KEY.",
         )
-        .input("models", RecordKind::Artifact)
+        .input("models", RecordKind::Artifact(ArtifactKind::RewardModel))
         .input("pairs", RecordKind::PreferencePair)
         .output("pairs", RecordKind::PreferencePair)
         .placement(Placement::Single)
@@ -66,7 +66,7 @@ impl StageFactory for Strength {
             "ambiguous",
             FieldType::one_of(&["keep", "drop", "smooth"]),
             "keep",
-            "What happens to ambiguous pairs: kept as they are, dropped, or given meta `smoothing` = smoothing.",
+            "What happens to ambiguous pairs: kept as they are, dropped, or given `label_smoothing` = smoothing.",
         )
         .optional("smoothing", FieldType::Float, 0.1, "Label-smoothing eps in [0, 0.5) written to ambiguous pairs with ambiguous = \"smooth\".")
         .optional("adaptive_margin", FieldType::Float, 0.0, "Scale of the adaptive margin: margin = scale * max(mean strength, 0); 0 = leave margins alone.")
@@ -144,7 +144,10 @@ impl Stage for Strength {
     ) -> Result<(), StageError> {
         for record in batch {
             match (port, record) {
-                (0, Record::Artifact(a)) => self.seen.push(a),
+                (0, Record::Artifact(a)) => {
+                    a.check_kind(ArtifactKind::RewardModel, "models")?;
+                    self.seen.push(a)
+                }
                 (1, Record::Pair(p)) => self.pairs.push(p),
                 _ => {}
             }
@@ -207,7 +210,7 @@ impl Stage for Strength {
                         continue;
                     }
                     "smooth" => {
-                        p.meta.insert("smoothing".into(), c.smoothing.to_string());
+                        p.label_smoothing = Some(c.smoothing);
                         smoothed += 1;
                     }
                     _ => {}

@@ -115,13 +115,14 @@ fn write_policy(run_dir: &std::path::Path, name: &str, seed: u64) -> ArtifactRef
     init_seeded(&varmap, seed).unwrap();
     let dir = run_dir.join("outputs/sft").join(name);
     let sha = hone_models::checkpoint::save(&dir, &varmap, &cfg, &ByteTokenizer).unwrap();
-    ArtifactRef {
-        id: format!("sft/{name}/model.safetensors@0"),
-        kind: "policy".into(),
-        path: format!("outputs/sft/{name}/model.safetensors"),
-        sha256: sha,
-        round: 0,
-    }
+    ArtifactRef::new(
+        "policy",
+        "sft",
+        format!("{name}/model.safetensors"),
+        0,
+        format!("outputs/sft/{name}/model.safetensors"),
+        sha,
+    )
 }
 
 #[test]
@@ -179,10 +180,9 @@ fn baklava_spread_starts_members_from_checkpoints_of_one_sft_run() {
         .err()
         .unwrap();
     assert!(err.message.contains("`init` port"), "{err}");
-    assert_eq!(
-        train::trajectory("sft/round-2/ckpt-5/model.safetensors@2"),
-        "sft@2"
-    );
+    let mut at_round_2 = ArtifactRef::new("policy", "sft", "ckpt-5/model.safetensors", 2, "", "");
+    at_round_2.step = Some(5);
+    assert_eq!(train::trajectory(&at_round_2), "sft@2");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -303,7 +303,10 @@ fn warm_merge_of_three_is_the_elementwise_mean_and_scores_like_any_rm() {
         prompt_id: "p".into(),
         prompt: pairs[0].prompt.clone(),
         text: pairs[0].chosen.clone(),
+        token_ids: vec![],
         token_logprobs: vec![],
+        ref_logprobs: vec![],
+        values: vec![],
         policy: None,
         meta: Default::default(),
     };
@@ -352,6 +355,9 @@ fn score_uses_the_ensemble_mean_of_the_newest_round() {
     let (mut a, mut b) = (a, b);
     a.round = 1;
     b.round = 1;
+    // Two members of one ensemble.
+    a.member = Some(0);
+    b.member = Some(1);
     let pair = learnable_pairs(1).remove(0);
     let pair_for_only = pair.clone();
     let each: Vec<f64> = [&a, &b]
@@ -388,12 +394,12 @@ fn score_uses_the_ensemble_mean_of_the_newest_round() {
     };
     assert!((p.chosen_score.unwrap() - (each[0] + each[1]) / 2.0).abs() < 1e-5);
     assert_eq!(metrics_of(&out, "models"), 2.0);
-    // `only` picks one member of the ensemble; naming none is a config error.
-    let only = |text: &str| {
+    // `member` picks one member of the ensemble; naming none is a config error.
+    let only = |member: u64| {
         run::<Scorer>(
             "score",
             &dir,
-            json!({ "only": text }),
+            json!({ "member": member }),
             vec![0],
             vec![
                 (0, input.clone()),
@@ -401,14 +407,14 @@ fn score_uses_the_ensemble_mean_of_the_newest_round() {
             ],
         )
     };
-    let out = only("train/b/").unwrap();
+    let out = only(1).unwrap();
     let Record::Pair(p) = &out.records[&0][0] else {
         panic!("expected a pair")
     };
     assert!((p.chosen_score.unwrap() - each[1]).abs() < 1e-5);
     assert_eq!(metrics_of(&out, "models"), 1.0);
-    let err = only("member-7").err().unwrap();
-    assert_eq!(err.config_field(), Some("only"));
+    let err = only(7).err().unwrap();
+    assert_eq!(err.config_field(), Some("member"));
     assert!(err.message.contains("train/a/model.safetensors@0"), "{err}");
     // Records but no model: an error saying what to connect.
     let err = run::<Scorer>(
@@ -641,7 +647,7 @@ fn strength_policies_drop_smooth_and_margin() {
     assert_eq!(metrics(&out)["pairs/no"], 6.0);
     for r in &out.records[&0] {
         let Record::Pair(p) = r else { panic!() };
-        assert_eq!(p.meta["smoothing"], "0.2");
+        assert_eq!(p.label_smoothing, Some(0.2));
     }
     let out = run_with(json!({"adaptive_margin": 2.0}));
     for r in &out.records[&0] {

@@ -126,7 +126,7 @@ fn minilm_members_learn_merge_with_warm_and_score() {
     let scored = run::<Scorer>(
         "score0",
         &dir,
-        json!({"only": "member-0/"}),
+        json!({"member": 0}),
         vec![0],
         vec![
             (0, models.iter().cloned().map(Record::Artifact).collect()),
@@ -232,13 +232,14 @@ fn write_head(run_dir: &std::path::Path, name: &str) -> ArtifactRef {
     };
     let rel = format!("outputs/train/{name}");
     let sha = save_head_reward_model(&run_dir.join(&rel), &varmap, &config, &meta).unwrap();
-    ArtifactRef {
-        id: format!("train/{name}/model.safetensors@0"),
-        kind: REWARD_MODEL.into(),
-        path: format!("{rel}/model.safetensors"),
-        sha256: sha,
-        round: 0,
-    }
+    ArtifactRef::new(
+        REWARD_MODEL,
+        "train",
+        format!("{name}/model.safetensors"),
+        0,
+        format!("{rel}/model.safetensors"),
+        sha,
+    )
 }
 
 #[test]

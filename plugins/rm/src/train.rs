@@ -74,13 +74,13 @@ impl StageFactory for Train {
             "Trains an ensemble of Bradley-Terry reward models on preference pairs (member i on worker (offset + i) mod N, offset = members of earlier per-member stages; \
              every member sees every pair) from one shared initialisation, diversified by seed, learning rate and \
              dropout. Loss per pair: -weight * [(1-eps) log sigmoid(d - m) + eps log sigmoid(m - d)], d = r(chosen) - \
-             r(rejected), m = margin_scale * margin, eps = meta `smoothing` or label_smoothing. Emits one \
+             r(rejected), m = margin_scale * margin, eps = the pair's `label_smoothing` or this stage's. Emits one \
              `reward-model` artifact per member. Metrics per member i: m{i}_train_loss, m{i}_eval_loss (by step), \
              m{i}_eval_accuracy.",
         )
         .input("pairs", RecordKind::PreferencePair)
-        .input("init", RecordKind::Artifact)
-        .output("models", RecordKind::Artifact)
+        .input("init", RecordKind::Artifact(ArtifactKind::Policy))
+        .output("models", RecordKind::Artifact(ArtifactKind::RewardModel))
         .placement(Placement::PerMember {
             members_field: "members".into(),
         })
@@ -138,7 +138,7 @@ impl StageFactory for Train {
         .optional("eval_fraction", float.clone(), 0.1, "Fraction of pairs held out for the eval metrics (seeded per pair id, the same for all members).")
         .optional("eval_every", count, 50, "Evaluate every this many steps (0 = only before and after training).")
         .optional("margin_scale", float.clone(), 1.0, "Multiplies each pair's `margin` inside the loss (0 = ignore margins).")
-        .optional("label_smoothing", float.clone(), 0.0, "Label smoothing eps in [0, 0.5); a pair's meta `smoothing` (set by rm.strength) overrides it.")
+        .optional("label_smoothing", float.clone(), 0.0, "Label smoothing eps in [0, 0.5); a pair's own `label_smoothing` (set by rm.strength) overrides it.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
     }
 
@@ -239,7 +239,10 @@ impl Stage for Train {
         for record in batch {
             match (port, record) {
                 (0, Record::Pair(p)) => self.pairs.push(p),
-                (1, Record::Artifact(a)) if a.kind == "policy" => self.policies.push(a),
+                (1, Record::Artifact(a)) => {
+                    a.check_kind(ArtifactKind::Policy, "init")?;
+                    self.policies.push(a)
+                }
                 _ => {}
             }
         }
@@ -303,20 +306,15 @@ struct Example {
     smoothing: f32,
 }
 
-/// The step of a checkpoint id (`sft/ckpt-100/model.safetensors@0` -> 100;
-/// `final` or no step -> after every numbered one).
-fn checkpoint_step(id: &str) -> u64 {
-    id.split('/')
-        .find_map(|part| part.strip_prefix("ckpt-").and_then(|s| s.parse().ok()))
-        .unwrap_or(u64::MAX)
+/// The step of a checkpoint, the final model (no step) after every
+/// numbered one.
+fn checkpoint_step(a: &ArtifactRef) -> u64 {
+    a.step.unwrap_or(u64::MAX)
 }
 
-/// The SFT trajectory of a policy artifact: its stage and round
-/// (`sft/ckpt-100/model.safetensors@0` -> `sft@0`).
-pub(crate) fn trajectory(id: &str) -> String {
-    let stage = id.split('/').next().unwrap_or(id);
-    let round = id.rsplit_once('@').map_or("", |(_, r)| r);
-    format!("{stage}@{round}")
+/// The SFT trajectory of a policy artifact: its stage and round (`sft@0`).
+pub(crate) fn trajectory(a: &ArtifactRef) -> String {
+    format!("{}@{}", a.stage, a.round)
 }
 
 impl Train {
@@ -351,8 +349,7 @@ impl Train {
             .filter(|a| a.round == round)
             .cloned()
             .collect();
-        policies
-            .sort_by(|a, b| (checkpoint_step(&a.id), &a.id).cmp(&(checkpoint_step(&b.id), &b.id)));
+        policies.sort_by(|a, b| (checkpoint_step(a), &a.id).cmp(&(checkpoint_step(b), &b.id)));
         policies.dedup_by(|a, b| a.id == b.id);
         if self.config.init_checkpoints == "last" {
             policies.drain(..policies.len() - 1);
@@ -403,7 +400,7 @@ impl Train {
                 (
                     cfg,
                     tok,
-                    trajectory(&a.id),
+                    trajectory(a),
                     a.id.clone(),
                     Some(dir.join(checkpoint::WEIGHTS)),
                 )
@@ -455,11 +452,7 @@ impl Train {
             rejected: encode_text(&p.prompt, &p.rejected),
             margin: (c.margin_scale * p.margin) as f32,
             weight: p.weight as f32,
-            smoothing: p
-                .meta
-                .get("smoothing")
-                .and_then(|s| s.parse::<f64>().ok())
-                .unwrap_or(c.label_smoothing) as f32,
+            smoothing: p.label_smoothing.unwrap_or(c.label_smoothing) as f32,
         }
     }
 
@@ -649,11 +642,7 @@ impl Train {
 
     /// Where member `member`'s checkpoint goes.
     fn member_dir(&self, ctx: &Context, member: usize) -> Result<PathBuf, StageError> {
-        let mut dir = ctx.output_dir()?;
-        if ctx.init().rounds != 1 {
-            dir = dir.join(format!("round-{}", ctx.round()));
-        }
-        Ok(dir.join(format!("member-{member}")))
+        Ok(ctx.output_dir()?.join(format!("member-{member}")))
     }
 
     /// Registers and emits a saved member.
@@ -671,9 +660,14 @@ impl Train {
                 meta.member, meta.seed, meta.lr, meta.dropout, meta.init
             ),
         ];
-        let artifact = ctx.register_artifact(
+        let at = Checkpoint {
+            step: None,
+            member: Some(meta.member as u64),
+        };
+        let artifact = ctx.register_checkpoint(
             REWARD_MODEL,
             &dir.join(checkpoint::WEIGHTS),
+            at,
             inputs,
             lineage,
         )?;

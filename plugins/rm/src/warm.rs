@@ -44,9 +44,9 @@ impl StageFactory for Warm {
              accuracy/warm and accuracy/ensemble (mean reward), and with scan = true interp_accuracy at step \
              round(100 alpha) along the line between the first two members.",
         )
-        .input("models", RecordKind::Artifact)
+        .input("models", RecordKind::Artifact(ArtifactKind::RewardModel))
         .input("pairs", RecordKind::PreferencePair)
-        .output("model", RecordKind::Artifact)
+        .output("model", RecordKind::Artifact(ArtifactKind::RewardModel))
         .placement(Placement::Single)
         .optional(
             "weights",
@@ -110,7 +110,10 @@ impl Stage for Warm {
     ) -> Result<(), StageError> {
         for record in batch {
             match (port, record) {
-                (0, Record::Artifact(a)) => self.seen.push(a),
+                (0, Record::Artifact(a)) => {
+                    a.check_kind(ArtifactKind::RewardModel, "models")?;
+                    self.seen.push(a)
+                }
                 (1, Record::Pair(p)) => self.pairs.push(p),
                 _ => {}
             }
@@ -145,11 +148,7 @@ impl Stage for Warm {
             }
         };
         let root = check_compatible(ctx.init(), &models)?;
-        let mut dir = ctx.output_dir()?;
-        if ctx.init().rounds != 1 {
-            dir = dir.join(format!("round-{}", ctx.round()));
-        }
-        let dir = dir.join("warm");
+        let dir = ctx.output_dir()?.join("warm");
         let inputs: Vec<PathBuf> = models
             .iter()
             .map(|m| ctx.init().run_dir.join(&m.path))

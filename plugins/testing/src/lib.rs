@@ -76,7 +76,7 @@ struct FaultConfig {
     mode: String,
     after: u64,
     message: String,
-    exit_code: i32,
+    exit_code: u8,
 }
 
 /// Passes records through, then fails (panics or errors) after N records.
@@ -103,7 +103,7 @@ impl StageFactory for Fault {
         )
         .optional(
             "exit_code",
-            FieldType::Integer,
+            FieldType::range(0, 255),
             3,
             "The status `mode = \"exit\"` passes to exit().",
         )
@@ -134,7 +134,7 @@ impl Fault {
         match self.config.mode.as_str() {
             "panic" => panic!("{}", self.config.message),
             "abort" => std::process::abort(),
-            "exit" => std::process::exit(self.config.exit_code),
+            "exit" => std::process::exit(self.config.exit_code.into()),
             "hang" => loop {
                 std::thread::sleep(std::time::Duration::from_secs(1));
             },
@@ -304,10 +304,10 @@ impl StageFactory for Pace {
             "testing.pace",
             "Raises metric `tick` at steps 0..ticks, `interval_ms` apart, in one call (to test metric times).",
         )
-        .optional("ticks", FieldType::Integer, 3, "Metrics to raise.")
+        .optional("ticks", FieldType::range(0, 1000), 3, "Metrics to raise.")
         .optional(
             "interval_ms",
-            FieldType::Integer,
+            FieldType::range(0, 60_000),
             500,
             "Pause between two ticks, in milliseconds.",
         )
@@ -332,4 +332,66 @@ impl Stage for Pace {
     }
 }
 
-hone_sdk::export_stages!(GeneratePairs, Fault, Accumulate, Passthrough, Discard, Pace);
+/// Counts the records of every round so far (metric `total` at each round's
+/// end) and keeps the count across rounds: the toy stage for snapshot and
+/// restore.
+#[derive(Default)]
+pub struct Counter {
+    total: u64,
+}
+
+impl StageFactory for Counter {
+    fn descriptor() -> StageDescriptor {
+        StageDescriptor::new(
+            "testing.counter",
+            "Counts records across rounds (metric `total`); snapshots its count (to test snapshot and restore).",
+        )
+        .input("records", RecordKind::Any)
+    }
+
+    fn create(_init: &StageInit) -> Result<Self, StageError> {
+        Ok(Counter::default())
+    }
+}
+
+impl Stage for Counter {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut Context,
+        _port: usize,
+        batch: Vec<Record>,
+    ) -> Result<(), StageError> {
+        self.total += batch.len() as u64;
+        Ok(())
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        ctx.metric("total", self.total as f64);
+        Ok(())
+    }
+
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        Ok(Some(self.total.to_le_bytes().to_vec()))
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        let bytes: [u8; 8] = snapshot.try_into().map_err(|_| {
+            StageError::new(format!(
+                "the snapshot of round {round} holds {} bytes, not a count's 8",
+                snapshot.len()
+            ))
+        })?;
+        self.total = u64::from_le_bytes(bytes);
+        Ok(())
+    }
+}
+
+hone_sdk::export_stages!(
+    GeneratePairs,
+    Fault,
+    Accumulate,
+    Passthrough,
+    Discard,
+    Pace,
+    Counter
+);

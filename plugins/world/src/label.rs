@@ -48,8 +48,8 @@ impl StageFactory for Label {
              response wins (bias `position`); else, if the lengths differ, with probability length_bias the \
              longer wins (bias `length`); else Bradley-Terry, P(a > b) = sigmoid((gold_a - gold_b) / temperature). \
              Then the label is flipped with probability flip_rate. Emits PreferencePairs (label_source \
-             `simulated`, `position_swapped` = the rejected response was shown first) with meta `gold_chosen`, \
-             `gold_rejected`, `clean_label`, `flipped`, `annotator`, `bias`, `prompt_id`, and the completions' `family` and \
+             `simulated`, `position_swapped` = the rejected response was shown first, `gold_chosen` and \
+             `gold_rejected` set) with meta `clean_label`, `flipped`, `annotator`, `bias`, `prompt_id`, and the completions' `family` and \
              `split`. Metrics (counts): pairs, flipped, \
              position_decided, length_decided, clean_agreement, skipped_identical.",
         )
@@ -197,9 +197,9 @@ impl Label {
         let mut pair =
             PreferencePair::new(&id, &a.prompt, &chosen.text, &rejected.text, "simulated");
         pair.position_swapped = a_first != a_wins;
+        pair.gold_chosen = Some(gold_c);
+        pair.gold_rejected = Some(gold_r);
         pair.meta = BTreeMap::from([
-            ("gold_chosen".to_string(), gold_c.to_string()),
-            ("gold_rejected".to_string(), gold_r.to_string()),
             ("clean_label".to_string(), (gold_c >= gold_r).to_string()),
             ("flipped".to_string(), flipped.to_string()),
             ("annotator".to_string(), annotator.to_string()),

@@ -202,7 +202,10 @@ impl Stage for Demos {
                         prompt_id: prompt.id.clone(),
                         prompt: prompt.text.clone(),
                         text,
+                        token_ids: Vec::new(),
                         token_logprobs: Vec::new(),
+                        ref_logprobs: Vec::new(),
+                        values: Vec::new(),
                         policy: None,
                         meta,
                     }),
@@ -272,6 +275,7 @@ impl Stage for Gold {
                     self.scored += 1;
                     let score = Score {
                         id: c.id,
+                        prompt_id: c.prompt_id,
                         name: "gold_reward".into(),
                         value,
                     };

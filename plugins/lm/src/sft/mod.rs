@@ -61,7 +61,7 @@ impl StageFactory for Sft {
              prompt + text), loss masked to the responses; emits checkpoints as policy artifacts.",
         )
         .input("demos", RecordKind::Any)
-        .output("policy", RecordKind::Artifact)
+        .output("policy", RecordKind::Artifact(ArtifactKind::Policy))
         .optional("init", FieldType::String, "scratch", "`scratch` for a fresh model shaped by d_model..context, or the directory of a policy \
             checkpoint (relative to the run directory, e.g. `outputs/sft/final`), whose shape is then kept. Each round starts from it.")
         .optional("d_model", FieldType::range(1, 65_536), 64, "Width of a fresh model.")
@@ -285,11 +285,7 @@ impl Sft {
         name: &str,
         step: usize,
     ) -> Result<(), StageError> {
-        let mut dir = ctx.output_dir()?;
-        if ctx.init().rounds != 1 {
-            dir = dir.join(format!("round-{}", ctx.round()));
-        }
-        let dir = dir.join(name);
+        let dir = ctx.output_dir()?.join(name);
         checkpoint::save(&dir, &model.varmap, model.gpt.config(), model.tok.as_ref())
             .or_stage(&format!("cannot write checkpoint {}", dir.display()))?;
         let origin = match self.init_dir {
@@ -297,9 +293,15 @@ impl Sft {
             Some(_) => format!("fine-tuned from {}", self.config.init),
         };
         let lineage = vec![origin, format!("lm.sft step {step}")];
-        let artifact = ctx.register_artifact(
+        // A numbered checkpoint carries its step; the final model carries none.
+        let at = Checkpoint {
+            step: name.starts_with("ckpt-").then_some(step as u64),
+            member: None,
+        };
+        let artifact = ctx.register_checkpoint(
             "policy",
             &dir.join(checkpoint::WEIGHTS),
+            at,
             Vec::new(),
             lineage,
         )?;

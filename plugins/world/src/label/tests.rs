@@ -12,7 +12,10 @@ fn completions(prompts: usize) -> Vec<Record> {
                 prompt_id: format!("p{i:05}"),
                 prompt: "Sort ascending: 5 3 9 1".into(),
                 text: text.to_string(),
+                token_ids: Vec::new(),
                 token_logprobs: Vec::new(),
+                ref_logprobs: Vec::new(),
+                values: Vec::new(),
                 policy: None,
                 meta: BTreeMap::new(),
             }));
@@ -84,10 +87,7 @@ fn noiseless_zero_temperature_labels_agree_with_gold() {
     assert_eq!(m["flipped"], 0.0);
     for p in pairs(out) {
         assert_eq!(p.meta["clean_label"], "true");
-        assert!(
-            p.meta["gold_chosen"].parse::<f64>().unwrap()
-                > p.meta["gold_rejected"].parse::<f64>().unwrap()
-        );
+        assert!(p.gold_chosen.unwrap() > p.gold_rejected.unwrap());
     }
 }
 
