@@ -295,3 +295,90 @@ fn reward_models_from_earlier_runs_score_and_merge_without_retraining() {
     assert!(err.contains(&recorded), "{err}");
     assert!(!tampered.exists());
 }
+
+#[test]
+fn one_reader_takes_several_files_and_accuracy_is_reported_per_source() {
+    let dir = TempDir::new("rm-sources");
+    let pair = |i: usize, good: bool| {
+        let (c, r) = if good {
+            ("a good answer", "bad")
+        } else {
+            ("bad", "a good answer")
+        };
+        format!("{{\"prompt\": \"question {i}\", \"chosen\": \"{c} {i}\", \"rejected\": \"{r} {i}\"}}\n")
+    };
+    std::fs::create_dir_all(dir.join("held")).unwrap();
+    dir.write(
+        "held/a.jsonl",
+        &(0..3).map(|i| pair(i, true)).collect::<String>(),
+    );
+    dir.write(
+        "held/b.jsonl",
+        &(3..5).map(|i| pair(i, false)).collect::<String>(),
+    );
+    dir.write("held/notes.txt", "not data");
+    dir.write(
+        "extra.jsonl",
+        &(5..9).map(|i| pair(i, true)).collect::<String>(),
+    );
+    let pipeline = format!(
+        r#"[pipeline]
+name = "sources"
+
+[stages.read]
+kind = "jsonl.read-pairs"
+config = {{ paths = ["held/*.jsonl"], format = "trl" }}
+
+[stages.other]
+kind = "jsonl.read-pairs"
+config = {{ path = "extra.jsonl", name = "expert", format = "trl" }}
+
+[stages.rm]
+kind = "rm.train"
+inputs = {{ pairs = ["read", "other"] }}
+config = {{ {TINY} }}
+
+[stages.scored]
+kind = "rm.score"
+inputs = {{ models = "rm", records = ["read", "other"] }}
+
+[stages.accuracy]
+kind = "eval.rm-accuracy"
+inputs = {{ pairs = "scored.pairs" }}
+config = {{ set = "held", split_by = "source" }}
+"#
+    );
+    let (run_dir, out) = run(&dir, "sources", &pipeline, "2");
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let m = |name: &str| metric(&run_dir, "accuracy", name);
+    assert_eq!(m("pairs/held_a.jsonl"), Some(3.0));
+    assert_eq!(m("pairs/held_b.jsonl"), Some(2.0));
+    assert_eq!(m("pairs/held_expert"), Some(4.0));
+    // The overall accuracy is the pair-weighted mean of the sources'.
+    let weighted = (3.0 * m("accuracy/held_a.jsonl").unwrap()
+        + 2.0 * m("accuracy/held_b.jsonl").unwrap()
+        + 4.0 * m("accuracy/held_expert").unwrap())
+        / 9.0;
+    assert!((m("accuracy/held").unwrap() - weighted).abs() < 1e-9);
+    // Every pair says where it came from.
+    let reader = read_lines(&run_dir.join("metrics.jsonl"))
+        .iter()
+        .filter(|l| l.contains("\"stage\":\"read\"") && l.contains("\"name\":\"read\""))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["value"]
+                .as_f64()
+                .unwrap()
+        })
+        .sum::<f64>();
+    assert_eq!(reader, 5.0);
+    // A glob that matches nothing is refused at its line, before anything runs.
+    let bad = pipeline.replace("held/*.jsonl", "held/*.csv");
+    let (bad_dir, out) = run(&dir, "nomatch", &bad, "1");
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(":6:") && err.contains("matches `*.csv`"),
+        "{err}"
+    );
+    assert!(!bad_dir.exists());
+}

@@ -46,7 +46,7 @@ impl StageFactory for RmAccuracy {
              rejected_score set, e.g. by rm.score). Metrics: `accuracy/SET` (fraction of pairs where the \
              reward difference agrees with the truth; a reward tie counts half), `ece/SET` (expected \
              calibration error of p = sigmoid(chosen_score - rejected_score) as the probability that \
-             `chosen` is better, each pair counted in both orientations so the label order does not matter), `pairs/SET`, and with `split_by` `accuracy/SET_VALUE` per meta value. \
+             `chosen` is better, each pair counted in both orientations so the label order does not matter), `pairs/SET`, and with `split_by` `accuracy/SET_VALUE` and `pairs/SET_VALUE` per meta value (`split_by = \"source\"`: per input file of the jsonl readers). \
              Logs the reliability table.",
         )
         .input("pairs", RecordKind::PreferencePair)
@@ -223,6 +223,7 @@ impl Stage for RmAccuracy {
         for (value, (correct, count)) in &by_split {
             let acc = correct / *count as f64;
             ctx.metric(&format!("accuracy/{set}_{value}"), acc);
+            ctx.metric(&format!("pairs/{set}_{value}"), *count as f64);
             lines.push(format!(
                 "  {}={value}: accuracy {acc:.4} over {count} pairs",
                 self.split_key()

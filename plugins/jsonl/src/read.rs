@@ -10,11 +10,17 @@ use std::path::{Path, PathBuf};
 
 #[derive(Deserialize)]
 struct ReadConfig {
-    path: PathBuf,
+    path: Option<PathBuf>,
+    #[serde(default)]
+    paths: Vec<PathBuf>,
+    name: Option<String>,
     #[serde(default = "auto")]
     format: String,
     on_error: String,
     limit: u64,
+    /// The files `path` / `paths` name, globs expanded, in order.
+    #[serde(skip)]
+    files: Vec<PathBuf>,
 }
 
 fn auto() -> String {
@@ -22,7 +28,21 @@ fn auto() -> String {
 }
 
 fn common(d: StageDescriptor) -> StageDescriptor {
-    d.required("path", FieldType::Path, "The input file: .jsonl, .jsonl.gz, or a .json array (gzip is detected by content).")
+    d.optional("path", FieldType::Path, serde_json::Value::Null, "The input file: .jsonl, .jsonl.gz, or a .json array (gzip is detected by content). `*` and `?` in the file name (not in directories) match several files, read in name order. Give `path` or `paths`.")
+        .optional(
+            "paths",
+            FieldType::List(Box::new(FieldType::Path)),
+            serde_json::Value::Array(vec![]),
+            "Several input files (globs allowed, as in `path`), read in the order given.",
+        )
+        .optional(
+            "name",
+            FieldType::String,
+            serde_json::Value::Null,
+            "The source name recorded in every record's meta `source` (default: its file's name); \
+             meta `source_file` always holds the file's name. `eval.rm-accuracy` with \
+             `split_by = \"source\"` reports accuracy per source.",
+        )
         .optional(
             "on_error",
             FieldType::one_of(&["fail", "skip"]),
@@ -87,6 +107,16 @@ fn not_utf8(line: &[u8], e: std::str::Utf8Error) -> String {
     )
 }
 
+/// The free-form metadata of a record the readers emit.
+fn meta_of(record: &mut Record) -> Option<&mut std::collections::BTreeMap<String, String>> {
+    match record {
+        Record::Pair(p) => Some(&mut p.meta),
+        Record::Prompt(p) => Some(&mut p.meta),
+        Record::Completion(c) => Some(&mut c.meta),
+        Record::Score(_) | Record::Artifact(_) => None,
+    }
+}
+
 /// Calls `each(location, id, value)` for every record of a JSON-lines file or
 /// a JSON array that belongs to this worker's shard (record `i` goes to worker
 /// `i mod workers`, so parsing runs in parallel), and for at most `limit`
@@ -94,15 +124,15 @@ fn not_utf8(line: &[u8], e: std::str::Utf8Error) -> String {
 /// A UTF-8 byte-order mark at the start of the file is ignored; a line that
 /// is not UTF-8 is a malformed record (`each` gets an `Err`), and a file that
 /// cannot be read (a damaged gzip stream) an error naming the file and line.
+/// Returns how many records counted towards `limit` (every worker's).
 fn for_each_record(
     path: &Path,
     (worker, workers): (usize, usize),
     limit: u64,
     mut each: impl FnMut(&str, String, Result<Value, String>) -> Result<(), StageError>,
-) -> Result<(), StageError> {
+) -> Result<u64, StageError> {
     let mut reader = open(path)?;
-    let stem = path.file_name().and_then(|n| n.to_str()).unwrap_or("input");
-    let stem = stem.split('.').next().unwrap_or(stem).to_string();
+    let stem = stem(path);
     let start = reader
         .fill_buf()
         .map_err(|e| read_error(path, Some(1), e))?;
@@ -123,17 +153,19 @@ fn for_each_record(
                 format!("invalid JSON array: {e}"),
             )
         })?;
+        let mut taken = 0;
         for (i, item) in items.into_iter().enumerate() {
             if limit > 0 && i as u64 >= limit {
                 break;
             }
+            taken += 1;
             if i % workers != worker {
                 continue;
             }
             let location = format!("{} element {i}", path.display());
             each(&location, format!("{stem}:{i:06}"), Ok(item))?;
         }
-        return Ok(());
+        return Ok(taken);
     }
     let mut index = 0u64;
     let mut buf = Vec::new();
@@ -168,21 +200,125 @@ fn for_each_record(
         };
         each(&location, format!("{stem}:{line_no:06}"), value)?;
     }
-    Ok(())
+    Ok(index.min(if limit > 0 { limit } else { u64::MAX }))
 }
 
 impl ReadConfig {
-    /// The validated config: the input file must exist.
+    /// The validated config: `path` or `paths`, every file existing, globs
+    /// matching at least one file, and no two files of one stem (their
+    /// records' ids, `STEM:LINE`, would collide).
     fn load(init: &StageInit) -> Result<Self, StageError> {
-        let config: ReadConfig = init.config()?;
-        if !config.path.is_file() {
+        let mut config: ReadConfig = init.config()?;
+        let (field, patterns) = match (&config.path, config.paths.is_empty()) {
+            (Some(_), false) => {
+                return Err(StageError::config(
+                    "paths",
+                    "give `path` or `paths`, not both",
+                ))
+            }
+            (Some(p), true) => ("path", vec![p.clone()]),
+            (None, false) => ("paths", config.paths.clone()),
+            (None, true) => {
+                return Err(StageError::config(
+                    "path",
+                    "no input: give `path = \"FILE\"` or `paths = [\"FILE\", ...]`",
+                ))
+            }
+        };
+        if config.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
             return Err(StageError::config(
-                "path",
-                format!("{} does not exist or is not a file", config.path.display()),
+                "name",
+                "must not be empty; leave it unset to use file names",
             ));
         }
+        let mut files = Vec::new();
+        for pattern in &patterns {
+            files.extend(expand(pattern).map_err(|e| StageError::config(field, e))?);
+        }
+        let mut stems = std::collections::BTreeMap::new();
+        for f in &files {
+            if let Some(other) = stems.insert(stem(f), f) {
+                return Err(StageError::config(
+                    field,
+                    format!(
+                        "{} and {} share the name `{}`, so their records' ids would collide: \
+                         read them with two stages",
+                        other.display(),
+                        f.display(),
+                        stem(f)
+                    ),
+                ));
+            }
+        }
+        config.files = files;
         Ok(config)
     }
+}
+
+/// The part of a file name before its first dot: records are `STEM:LINE`.
+fn stem(path: &Path) -> String {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("input");
+    name.split('.').next().unwrap_or(name).to_string()
+}
+
+/// The files a path names: itself, or with `*` / `?` in its file name, the
+/// files of its directory that match, in name order (at least one).
+fn expand(pattern: &Path) -> Result<Vec<PathBuf>, String> {
+    let name = pattern.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !name.contains(['*', '?']) {
+        if !pattern.is_file() {
+            return Err(format!(
+                "{} does not exist or is not a file",
+                pattern.display()
+            ));
+        }
+        return Ok(vec![pattern.to_path_buf()]);
+    }
+    let dir = pattern
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot list {} for `{name}`: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| glob_match(name, n))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("no file in {} matches `{name}`", dir.display()));
+    }
+    Ok(files)
+}
+
+/// Whether `text` matches `pattern`, where `*` matches any run of characters
+/// and `?` any one character.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut i, mut j, mut star, mut mark) = (0, 0, None, 0);
+    while j < t.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == t[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some(i);
+            mark = j;
+            i += 1;
+        } else if let Some(s) = star {
+            i = s + 1;
+            mark += 1;
+            j = mark;
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == '*')
 }
 
 /// What one input record became.
@@ -207,20 +343,37 @@ fn read_round(
     }
     let mut counts = Counts::default();
     let shard = (ctx.init().worker, ctx.init().workers);
-    for_each_record(&c.path, shard, c.limit, |location, id, value| {
-        match value.and_then(|v| parse(id, v)) {
-            Ok(Outcome::Emit(record)) => {
-                counts.read += 1;
-                ctx.emit(0, record);
-                if counts.read % 1000 == 0 {
-                    ctx.progress("reading", counts.read, 0);
-                }
-            }
-            Ok(Outcome::Dropped(reason)) => *counts.dropped.entry(reason).or_default() += 1,
-            Err(msg) => counts.malformed(ctx, &c.on_error, location, msg)?,
+    // `limit` counts records over all files; each file is sharded on its own.
+    let mut left = c.limit;
+    for file in &c.files {
+        if c.limit > 0 && left == 0 {
+            break;
         }
-        Ok(())
-    })?;
+        let file_name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let source = c.name.clone().unwrap_or_else(|| file_name.clone());
+        let taken = for_each_record(file, shard, left, |location, id, value| {
+            match value.and_then(|v| parse(id, v)) {
+                Ok(Outcome::Emit(mut record)) => {
+                    if let Some(meta) = meta_of(&mut record) {
+                        meta.insert("source".into(), source.clone());
+                        meta.insert("source_file".into(), file_name.clone());
+                    }
+                    counts.read += 1;
+                    ctx.emit(0, record);
+                    if counts.read % 1000 == 0 {
+                        ctx.progress("reading", counts.read, 0);
+                    }
+                }
+                Ok(Outcome::Dropped(reason)) => *counts.dropped.entry(reason).or_default() += 1,
+                Err(msg) => counts.malformed(ctx, &c.on_error, location, msg)?,
+            }
+            Ok(())
+        })?;
+        left = left.saturating_sub(taken);
+    }
     counts.report(ctx);
     Ok(())
 }
@@ -352,6 +505,32 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
         path
+    }
+
+    #[test]
+    fn globs_match_names() {
+        assert!(glob_match("*.jsonl", "a.jsonl"));
+        assert!(glob_match("test-?.jsonl.gz", "test-1.jsonl.gz"));
+        assert!(!glob_match("test-?.jsonl.gz", "test-10.jsonl.gz"));
+        assert!(glob_match("*a*b*", "xxaxxbxx"));
+        assert!(!glob_match("*.jsonl", "a.jsonl.gz"));
+        assert!(glob_match("*", ""));
+    }
+
+    #[test]
+    fn a_glob_expands_in_name_order_or_says_what_it_missed() {
+        let dir = std::env::temp_dir().join(format!("hone-glob-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["b.jsonl", "a.jsonl", "c.txt"] {
+            std::fs::write(dir.join(f), "{}").unwrap();
+        }
+        let files = expand(&dir.join("*.jsonl")).unwrap();
+        assert_eq!(files, [dir.join("a.jsonl"), dir.join("b.jsonl")]);
+        let e = expand(&dir.join("*.csv")).unwrap_err();
+        assert!(e.contains("no file in") && e.contains("`*.csv`"), "{e}");
+        let e = expand(&dir.join("absent.jsonl")).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// A record's location and its value or error.

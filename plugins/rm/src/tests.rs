@@ -63,6 +63,39 @@ fn training_lowers_the_loss_and_raises_accuracy() {
 }
 
 #[test]
+fn the_loss_table_averages_each_window_over_its_own_steps() {
+    // 23 steps, a row every 2: the last row's window is one step long.
+    let dir = temp_run_dir("table");
+    let out = run::<Train>(
+        "rm",
+        &dir,
+        tiny_train(json!({"steps": 23, "eval_every": 0})),
+        vec![0],
+        vec![(0, records(&learnable_pairs(32)))],
+    )
+    .unwrap();
+    let loss = series(&out, "m0_train_loss");
+    let table = out
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::Log { message } if message.starts_with("member 0\n") => Some(message.clone()),
+            _ => None,
+        })
+        .expect("a loss table");
+    let row = |step: usize| -> f64 {
+        let line = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&step.to_string()))
+            .unwrap_or_else(|| panic!("no row {step} in\n{table}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert!((row(22) - mean(&loss[20..22])).abs() < 1e-4, "{table}");
+    assert!((row(23) - loss[22]).abs() < 1e-4, "{table}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn members_differ_but_share_the_lineage_root() {
     let dir = temp_run_dir("members");
     let pairs = learnable_pairs(24);

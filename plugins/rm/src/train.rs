@@ -753,7 +753,10 @@ impl Train {
                 last_eval = run_eval(ctx, step)?;
             }
             if step % every == 0 || step == c.steps {
-                let mean = since.drain(..).sum::<f64>() / every.min(step).max(1) as f64;
+                // The mean over the steps since the last row: the last window
+                // can be shorter than `every`.
+                let n = since.len().max(1);
+                let mean = since.drain(..).sum::<f64>() / n as f64;
                 let (el, ea) = fmt_eval(last_eval.take());
                 table.push(format!("{step:>6} {mean:>10.4} {el:>10} {ea:>9}"));
             }
