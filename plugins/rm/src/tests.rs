@@ -79,7 +79,9 @@ fn the_loss_table_averages_each_window_over_its_own_steps() {
         .events
         .iter()
         .find_map(|e| match e {
-            Event::Log { message } if message.starts_with("member 0\n") => Some(message.clone()),
+            hone_sdk::Event::Log { message } if message.starts_with("member 0\n") => {
+                Some(message.clone())
+            }
             _ => None,
         })
         .expect("a loss table");
