@@ -327,7 +327,7 @@ name = "sources"
 
 [stages.read]
 kind = "jsonl.read-pairs"
-config = {{ paths = ["held/*.jsonl"], format = "trl" }}
+config = {{ path = "held/a*.jsonl", paths = ["held/b*"], format = "trl" }}
 
 [stages.other]
 kind = "jsonl.read-pairs"
@@ -372,7 +372,7 @@ config = {{ set = "held", split_by = "source" }}
         .sum::<f64>();
     assert_eq!(reader, 5.0);
     // A glob that matches nothing is refused at its line, before anything runs.
-    let bad = pipeline.replace("held/*.jsonl", "held/*.csv");
+    let bad = pipeline.replace("held/a*.jsonl", "held/*.csv");
     let (bad_dir, out) = run(&dir, "nomatch", &bad, "1");
     let (_, err) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");

@@ -45,7 +45,9 @@ mod error;
 pub mod fs;
 pub mod pretrained;
 pub mod records;
+pub mod round;
 mod stage;
+pub mod testing;
 pub mod text;
 
 pub use context::{round_output_dir, Checkpoint, Collected, Context, Event, HostLink};
@@ -54,6 +56,7 @@ pub use error::StageError;
 pub use records::{
     ArtifactKind, ArtifactRef, Completion, PreferencePair, Prompt, Record, RecordKind, Score,
 };
+pub use round::RoundInput;
 pub use stage::{Stage, StageFactory, StageInit};
 
 /// The SDK's semantic version, exchanged in the plugin handshake.
@@ -66,7 +69,7 @@ pub mod guide {}
 pub mod prelude {
     pub use crate::{
         ArtifactKind, ArtifactRef, Checkpoint, Completion, ConfigField, Context, FieldType,
-        Placement, PreferencePair, Prompt, Record, RecordKind, Score, Stage, StageDescriptor,
-        StageError, StageFactory, StageInit,
+        Placement, PreferencePair, Prompt, Record, RecordKind, RoundInput, Score, Stage,
+        StageDescriptor, StageError, StageFactory, StageInit,
     };
 }

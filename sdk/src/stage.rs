@@ -103,10 +103,25 @@ pub trait Stage: Send {
         port: usize,
         batch: Vec<Record>,
     ) -> Result<(), StageError> {
-        let _ = (ctx, batch);
-        Err(StageError::new(format!(
-            "this stage takes no input, but got records on port {port}"
-        )))
+        let _ = ctx;
+        match self.round_input() {
+            Some(buffer) => {
+                buffer.add(port, batch);
+                Ok(())
+            }
+            None => Err(StageError::new(format!(
+                "this stage takes no input, but got records on port {port}"
+            ))),
+        }
+    }
+
+    /// The buffer the default [`Stage::on_batch`] fills, for a stage that
+    /// works on a whole round's input in `on_round_end`: hold a
+    /// [`crate::RoundInput`], return it here, and `take()` it at the round's
+    /// end. `None` (the default) for stages without input or with their own
+    /// `on_batch`.
+    fn round_input(&mut self) -> Option<&mut crate::RoundInput> {
+        None
     }
 
     /// No more input can arrive for `ctx.round()`. Called once per round, in

@@ -18,9 +18,7 @@ pub struct BestOfN {
     ns: Vec<usize>,
     keep: usize,
     keep_all: bool,
-    completions: Vec<Completion>,
-    proxy: Scores,
-    gold: Scores,
+    input: RoundInput,
 }
 
 /// The analytic KL(π_best-of-n ‖ π) of best-of-n sampling: log n − (n−1)/n.
@@ -97,35 +95,21 @@ impl StageFactory for BestOfN {
             ns,
             keep,
             keep_all: config.keep_all,
-            completions: Vec::new(),
-            proxy: Scores::default(),
-            gold: Scores::default(),
+            input: RoundInput::default(),
         })
     }
 }
 
 impl Stage for BestOfN {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        for record in batch {
-            match (port, record) {
-                (0, Record::Completion(c)) => self.completions.push(c),
-                (1, Record::Score(s)) => self.proxy.add(s),
-                (2, Record::Score(s)) => self.gold.add(s),
-                _ => {}
-            }
-        }
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let completions = std::mem::take(&mut self.completions);
-        let proxy = std::mem::take(&mut self.proxy);
-        let gold = std::mem::take(&mut self.gold);
+        let mut input = self.input.take();
+        let completions = input.completions(0);
+        let proxy = Scores::of(&mut input, 1);
+        let gold = Scores::of(&mut input, 2);
         if completions.is_empty() {
             return Ok(());
         }

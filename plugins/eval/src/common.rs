@@ -33,6 +33,16 @@ impl Scores {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The scores of a round's `port`, in arrival order (a later score of
+    /// one record and name replaces an earlier one).
+    pub fn of(input: &mut RoundInput, port: usize) -> Scores {
+        let mut scores = Scores::default();
+        for s in input.scores(port) {
+            scores.add(s);
+        }
+        scores
+    }
 }
 
 /// Where a completion's score was found.
@@ -47,29 +57,15 @@ pub(crate) enum Source {
 /// A round's completions (input port 0) and the scores joined to them
 /// (port 1), buffered until the round ends.
 #[derive(Default)]
-pub(crate) struct ScoredCompletions {
-    completions: Vec<Completion>,
-    scores: Scores,
-}
+pub(crate) struct ScoredCompletions;
 
 impl ScoredCompletions {
-    /// Buffers a batch that arrived on `port`.
-    pub fn add(&mut self, port: usize, batch: Vec<Record>) {
-        for record in batch {
-            match (port, record) {
-                (0, Record::Completion(c)) => self.completions.push(c),
-                (1, Record::Score(s)) => self.scores.add(s),
-                _ => {}
-            }
-        }
-    }
-
-    /// The round's completions in id order (digit runs as numbers) and
-    /// their scores, leaving the buffer empty; `None` when no completion
-    /// arrived.
-    pub fn take(&mut self) -> Option<(Vec<Completion>, Scores)> {
-        let mut completions = std::mem::take(&mut self.completions);
-        let scores = std::mem::take(&mut self.scores);
+    /// A round's completions (port 0) in id order (digit runs as numbers)
+    /// and their scores (port 1); `None` when no completion arrived.
+    pub fn take(input: &mut RoundInput) -> Option<(Vec<Completion>, Scores)> {
+        let mut round = input.take();
+        let mut completions = round.completions(0);
+        let scores = Scores::of(&mut round, 1);
         if completions.is_empty() {
             return None;
         }

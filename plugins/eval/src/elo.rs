@@ -24,7 +24,7 @@ pub struct Elo {
     config: EloConfig,
     player: GroupBy,
     seed: u64,
-    input: ScoredCompletions,
+    input: RoundInput,
 }
 
 /// One game: players `a` and `b` (indices), and a's result (1, 0.5 or 0).
@@ -107,24 +107,18 @@ impl StageFactory for Elo {
             config,
             player,
             seed,
-            input: ScoredCompletions::default(),
+            input: RoundInput::default(),
         })
     }
 }
 
 impl Stage for Elo {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        self.input.add(port, batch);
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let Some((completions, scores)) = self.input.take() else {
+        let Some((completions, scores)) = ScoredCompletions::take(&mut self.input) else {
             return Ok(());
         };
         let mut names: Vec<String> = Vec::new();

@@ -36,7 +36,6 @@ hone_sdk::export_stages!(Rewards, WinRate, Elo, RmAccuracy, BestOfN);
 #[cfg(test)]
 pub(crate) mod testing {
     use hone_sdk::prelude::*;
-    use hone_sdk::{Collected, Event};
 
     /// What one round of a stage produced.
     pub struct Output {
@@ -61,21 +60,9 @@ pub(crate) mod testing {
         }
     }
 
-    /// The descriptor's defaults, overridden by `config`.
-    pub fn full_config<S: StageFactory>(config: serde_json::Value) -> serde_json::Value {
-        let mut full = serde_json::Map::new();
-        for field in S::descriptor().config {
-            full.insert(field.name, field.default);
-        }
-        for (k, v) in config.as_object().unwrap() {
-            full.insert(k.clone(), v.clone());
-        }
-        serde_json::Value::Object(full)
-    }
-
     /// Creates `S` with `config` over its defaults.
     pub fn create<S: StageFactory>(config: serde_json::Value) -> Result<S, StageError> {
-        S::create(&StageInit::for_test("eval", full_config::<S>(config)))
+        hone_sdk::testing::create::<S>(config)
     }
 
     /// Runs one round of `S`, `inputs` being (port, records) batches fed in
@@ -84,35 +71,13 @@ pub(crate) mod testing {
         config: serde_json::Value,
         inputs: Vec<(usize, Vec<Record>)>,
     ) -> Result<Output, StageError> {
-        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let mut init = StageInit::for_test("eval", full_config::<S>(config));
-        // Each run its own directory: tests run in parallel.
-        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        init.run_dir =
-            std::env::temp_dir().join(format!("hone-eval-test-{}-{n}", std::process::id()));
-        let mut stage = S::create(&init)?;
-        let mut out = Collected::default();
-        {
-            let mut ctx = Context::new(&mut out, &init, 0);
-            for (port, batch) in inputs {
-                stage.on_batch(&mut ctx, port, batch)?;
-            }
-            stage.on_round_end(&mut ctx)?;
-        }
-        let records = out.records.remove(&0).unwrap_or_default();
-        let (mut metrics, mut logs) = (Vec::new(), Vec::new());
-        for e in out.events {
-            match e {
-                Event::Metric { name, value, step } => metrics.push((name, value, step)),
-                Event::Log { message } => logs.push(message),
-                _ => {}
-            }
-        }
+        let init = hone_sdk::testing::init::<S>(config);
+        let out = hone_sdk::testing::run_round::<S>(&init, inputs)?;
         Ok(Output {
-            records,
-            metrics,
-            logs,
-            run_dir: init.run_dir.clone(),
+            records: out.emitted(0).to_vec(),
+            metrics: out.metric_list(),
+            logs: out.logs(),
+            run_dir: init.run_dir,
         })
     }
 

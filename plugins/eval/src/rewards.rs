@@ -17,7 +17,7 @@ struct RewardsConfig {
 pub struct Rewards {
     config: RewardsConfig,
     group_by: GroupBy,
-    input: ScoredCompletions,
+    input: RoundInput,
 }
 
 /// What one group's completions add up to.
@@ -73,24 +73,18 @@ impl StageFactory for Rewards {
         Ok(Rewards {
             config,
             group_by,
-            input: ScoredCompletions::default(),
+            input: RoundInput::default(),
         })
     }
 }
 
 impl Stage for Rewards {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        self.input.add(port, batch);
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let Some((completions, scores)) = self.input.take() else {
+        let Some((completions, scores)) = ScoredCompletions::take(&mut self.input) else {
             return Ok(());
         };
         let mut groups: BTreeMap<String, Group> = BTreeMap::new();

@@ -18,11 +18,7 @@ struct WinRateConfig {
 /// Win rate of one set of completions against another, by a score.
 pub struct WinRate {
     config: WinRateConfig,
-    a: Vec<Completion>,
-    b: Vec<Completion>,
-    scores: Scores,
-    a_scores: Scores,
-    b_scores: Scores,
+    input: RoundInput,
 }
 
 impl StageFactory for WinRate {
@@ -67,40 +63,22 @@ impl StageFactory for WinRate {
         }
         Ok(WinRate {
             config,
-            a: Vec::new(),
-            b: Vec::new(),
-            scores: Scores::default(),
-            a_scores: Scores::default(),
-            b_scores: Scores::default(),
+            input: RoundInput::default(),
         })
     }
 }
 
 impl Stage for WinRate {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        for record in batch {
-            match (port, record) {
-                (0, Record::Completion(c)) => self.a.push(c),
-                (1, Record::Completion(c)) => self.b.push(c),
-                (2, Record::Score(s)) => self.scores.add(s),
-                (3, Record::Score(s)) => self.a_scores.add(s),
-                (4, Record::Score(s)) => self.b_scores.add(s),
-                _ => {}
-            }
-        }
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let (a, b) = (std::mem::take(&mut self.a), std::mem::take(&mut self.b));
-        let scores = std::mem::take(&mut self.scores);
-        let a_scores = std::mem::take(&mut self.a_scores);
-        let b_scores = std::mem::take(&mut self.b_scores);
+        let mut input = self.input.take();
+        let (a, b) = (input.completions(0), input.completions(1));
+        let scores = Scores::of(&mut input, 2);
+        let a_scores = Scores::of(&mut input, 3);
+        let b_scores = Scores::of(&mut input, 4);
         if a.is_empty() && b.is_empty() {
             return Ok(());
         }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Deserialize)]
 struct ReadConfig {
-    path: Option<PathBuf>,
+    path: PathBuf,
     #[serde(default)]
     paths: Vec<PathBuf>,
     name: Option<String>,
@@ -28,12 +28,12 @@ fn auto() -> String {
 }
 
 fn common(d: StageDescriptor) -> StageDescriptor {
-    d.optional("path", FieldType::Path, serde_json::Value::Null, "The input file: .jsonl, .jsonl.gz, or a .json array (gzip is detected by content). `*` and `?` in the file name (not in directories) match several files, read in name order. Give `path` or `paths`.")
+    d.required("path", FieldType::Path, "The input file: .jsonl, .jsonl.gz, or a .json array (gzip is detected by content). `*` and `?` in the file name (not in directories) match several files, read in name order.")
         .optional(
             "paths",
             FieldType::List(Box::new(FieldType::Path)),
             serde_json::Value::Array(vec![]),
-            "Several input files (globs allowed, as in `path`), read in the order given.",
+            "More input files (globs allowed, as in `path`), read after `path` in the order given.",
         )
         .optional(
             "name",
@@ -209,37 +209,25 @@ impl ReadConfig {
     /// records' ids, `STEM:LINE`, would collide).
     fn load(init: &StageInit) -> Result<Self, StageError> {
         let mut config: ReadConfig = init.config()?;
-        let (field, patterns) = match (&config.path, config.paths.is_empty()) {
-            (Some(_), false) => {
-                return Err(StageError::config(
-                    "paths",
-                    "give `path` or `paths`, not both",
-                ))
-            }
-            (Some(p), true) => ("path", vec![p.clone()]),
-            (None, false) => ("paths", config.paths.clone()),
-            (None, true) => {
-                return Err(StageError::config(
-                    "path",
-                    "no input: give `path = \"FILE\"` or `paths = [\"FILE\", ...]`",
-                ))
-            }
-        };
+        let patterns: Vec<(&str, &PathBuf)> = std::iter::once(("path", &config.path))
+            .chain(config.paths.iter().map(|p| ("paths", p)))
+            .collect();
         if config.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
             return Err(StageError::config(
                 "name",
                 "must not be empty; leave it unset to use file names",
             ));
         }
-        let mut files = Vec::new();
-        for pattern in &patterns {
-            files.extend(expand(pattern).map_err(|e| StageError::config(field, e))?);
+        let mut files: Vec<(&str, PathBuf)> = Vec::new();
+        for (field, pattern) in &patterns {
+            let found = expand(pattern).map_err(|e| StageError::config(*field, e))?;
+            files.extend(found.into_iter().map(|f| (*field, f)));
         }
         let mut stems = std::collections::BTreeMap::new();
-        for f in &files {
+        for (field, f) in &files {
             if let Some(other) = stems.insert(stem(f), f) {
                 return Err(StageError::config(
-                    field,
+                    *field,
                     format!(
                         "{} and {} share the name `{}`, so their records' ids would collide: \
                          read them with two stages",
@@ -250,7 +238,7 @@ impl ReadConfig {
                 ));
             }
         }
-        config.files = files;
+        config.files = files.into_iter().map(|(_, f)| f).collect();
         Ok(config)
     }
 }

@@ -19,7 +19,7 @@ pub use sft::Sft;
 use hone_models::checkpoint;
 use hone_models::gpt::Gpt;
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
-use hone_sdk::{ArtifactKind, ArtifactRef, Context, StageError};
+use hone_sdk::{ArtifactKind, ArtifactRef, Context, RoundInput, StageError};
 
 hone_sdk::export_stages!(Sft, Rollout, Logprobs);
 
@@ -65,17 +65,18 @@ impl NewestPolicy {
         }
     }
 
-    /// Takes `a` if it is a policy at least as new as the current one: a
-    /// later round, or the same round and arriving later (lm.sft emits its
-    /// final checkpoint last).
-    fn offer(&mut self, a: ArtifactRef) -> Result<(), StageError> {
-        a.check_kind(ArtifactKind::Policy, self.port)?;
-        let newer = self
-            .newest
-            .as_ref()
-            .is_none_or(|current| a.round >= current.round);
-        if newer {
-            self.newest = Some(a);
+    /// Takes, from a round's `port`, each policy at least as new as the
+    /// current one: a later round, or the same round and arriving later
+    /// (lm.sft emits its final checkpoint last). Another kind is an error.
+    fn offer_all(&mut self, input: &mut RoundInput, port: usize) -> Result<(), StageError> {
+        for a in input.artifacts(port, ArtifactKind::Policy, self.port)? {
+            let newer = self
+                .newest
+                .as_ref()
+                .is_none_or(|current| a.round >= current.round);
+            if newer {
+                self.newest = Some(a);
+            }
         }
         Ok(())
     }

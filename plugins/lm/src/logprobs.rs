@@ -21,7 +21,7 @@ struct LogprobsConfig {
 pub struct Logprobs {
     config: LogprobsConfig,
     device: Device,
-    completions: Vec<Completion>,
+    input: RoundInput,
     /// The newest reference policy artifact, loaded when scoring.
     reference: NewestPolicy,
 }
@@ -79,31 +79,21 @@ impl StageFactory for Logprobs {
         Ok(Logprobs {
             config,
             device,
-            completions: Vec::new(),
+            input: RoundInput::default(),
             reference: NewestPolicy::new("reference", "reference", "reference policy"),
         })
     }
 }
 
 impl Stage for Logprobs {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        _port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        for record in batch {
-            match record {
-                Record::Completion(c) => self.completions.push(c),
-                Record::Artifact(a) => self.reference.offer(a)?,
-                _ => {}
-            }
-        }
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let mut completions = std::mem::take(&mut self.completions);
+        let mut input = self.input.take();
+        self.reference.offer_all(&mut input, 1)?;
+        let mut completions = input.completions(0);
         if completions.is_empty() {
             return Ok(());
         }

@@ -29,7 +29,7 @@ struct RolloutConfig {
 pub struct Rollout {
     config: RolloutConfig,
     device: Device,
-    prompts: Vec<Prompt>,
+    input: RoundInput,
     /// The newest policy artifact, loaded when sampled from.
     policy: NewestPolicy,
     /// The pretrained model named by `pretrained`, once loaded.
@@ -116,31 +116,21 @@ impl StageFactory for Rollout {
             smollm: None,
             config,
             device,
-            prompts: Vec::new(),
+            input: RoundInput::default(),
             policy: NewestPolicy::new("policy", "policy", "policy"),
         })
     }
 }
 
 impl Stage for Rollout {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        _port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        for record in batch {
-            match record {
-                Record::Prompt(p) => self.prompts.push(p),
-                Record::Artifact(a) => self.policy.offer(a)?,
-                _ => {}
-            }
-        }
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let mut prompts = std::mem::take(&mut self.prompts);
+        let mut input = self.input.take();
+        self.policy.offer_all(&mut input, 1)?;
+        let mut prompts = input.prompts(0);
         if prompts.is_empty() {
             return Ok(());
         }

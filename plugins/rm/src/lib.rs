@@ -129,8 +129,7 @@ pub(crate) mod testing {
     use hone_models::tokenizer::ByteTokenizer;
     use hone_models::{DType, Device, VarBuilder, VarMap};
     use hone_sdk::prelude::*;
-    use hone_sdk::{Collected, Event};
-    use std::collections::BTreeMap;
+    use hone_sdk::Collected;
     use std::path::{Path, PathBuf};
 
     /// A fresh run directory under the temp directory.
@@ -141,21 +140,9 @@ pub(crate) mod testing {
         dir
     }
 
-    /// The descriptor's defaults overridden by `config`.
-    pub fn full_config<S: StageFactory>(config: serde_json::Value) -> serde_json::Value {
-        let mut full = serde_json::Map::new();
-        for field in S::descriptor().config {
-            full.insert(field.name, field.default);
-        }
-        for (k, v) in config.as_object().unwrap() {
-            full.insert(k.clone(), v.clone());
-        }
-        serde_json::Value::Object(full)
-    }
-
     /// Creates `S` with `config` over the defaults; the error if it refuses.
     pub fn create<S: StageFactory>(config: serde_json::Value) -> Result<S, StageError> {
-        S::create(&StageInit::for_test("rm", full_config::<S>(config)))
+        hone_sdk::testing::create::<S>(config)
     }
 
     /// Runs one round of `S` as stage `stage_id` in `run_dir`, feeding
@@ -167,55 +154,12 @@ pub(crate) mod testing {
         members: Vec<usize>,
         inputs: Vec<(usize, Vec<Record>)>,
     ) -> Result<Collected, StageError> {
-        let mut init = StageInit::for_test("rm", full_config::<S>(config));
+        let mut init = hone_sdk::testing::init::<S>(config);
+        let _ = std::fs::remove_dir_all(&init.run_dir);
         init.stage_id = stage_id.into();
         init.run_dir = run_dir.to_path_buf();
         init.members = members;
-        let mut stage = S::create(&init)?;
-        let mut out = Collected::default();
-        {
-            let mut ctx = Context::new(&mut out, &init, 0);
-            for (port, batch) in inputs {
-                stage.on_batch(&mut ctx, port, batch)?;
-            }
-            stage.on_round_end(&mut ctx)?;
-        }
-        Ok(out)
-    }
-
-    /// The metrics of `out` by name (the last value of each).
-    pub fn metrics(out: &Collected) -> BTreeMap<String, f64> {
-        out.events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Metric { name, value, .. } => Some((name.clone(), *value)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Every value of one metric, in order.
-    pub fn series(out: &Collected, wanted: &str) -> Vec<f64> {
-        out.events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Metric { name, value, .. } if name == wanted => Some(*value),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// The artifacts emitted on port `port`.
-    pub fn artifacts(out: &Collected, port: usize) -> Vec<ArtifactRef> {
-        out.records
-            .get(&port)
-            .into_iter()
-            .flatten()
-            .filter_map(|r| match r {
-                Record::Artifact(a) => Some(a.clone()),
-                _ => None,
-            })
-            .collect()
+        hone_sdk::testing::run_round::<S>(&init, inputs)
     }
 
     /// A tiny backbone shape.

@@ -25,7 +25,7 @@ pub struct Scorer {
     loaded: Vec<(String, Rm)>,
     /// Scores with them; holds a pretrained backbone once for all heads.
     scoring: Scoring,
-    records: Vec<Record>,
+    input: RoundInput,
 }
 
 impl StageFactory for Scorer {
@@ -81,33 +81,25 @@ impl StageFactory for Scorer {
             seen: Vec::new(),
             loaded: Vec::new(),
             scoring,
-            records: Vec::new(),
+            input: RoundInput::default(),
         })
     }
 }
 
 impl Stage for Scorer {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        for record in batch {
-            match (port, record) {
-                (0, Record::Artifact(a)) => {
-                    a.check_kind(ArtifactKind::RewardModel, "models")?;
-                    self.seen.push(a)
-                }
-                (1, r @ (Record::Pair(_) | Record::Completion(_))) => self.records.push(r),
-                _ => {}
-            }
-        }
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let records = std::mem::take(&mut self.records);
+        let mut input = self.input.take();
+        self.seen
+            .extend(input.artifacts(0, ArtifactKind::RewardModel, "models")?);
+        let records: Vec<Record> = input
+            .records(1)
+            .into_iter()
+            .filter(|r| matches!(r, Record::Pair(_) | Record::Completion(_)))
+            .collect();
         let mut models = newest_models(&self.seen);
         let all = models.len();
         let c = &self.config;

@@ -36,15 +36,15 @@ fn training_lowers_the_loss_and_raises_accuracy() {
         vec![(0, records(&pairs))],
     )
     .unwrap();
-    let loss = series(&out, "m0_train_loss");
+    let loss = out.series("m0_train_loss");
     assert_eq!(loss.len(), 100);
     let (first, last) = (mean(&loss[..10]), mean(&loss[90..]));
     assert!(last < first * 0.5, "train loss {first} -> {last}");
-    let eval = series(&out, "m0_eval_loss");
+    let eval = out.series("m0_eval_loss");
     assert!(eval.last().unwrap() < &eval[0], "eval loss {eval:?}");
-    let acc = series(&out, "m0_eval_accuracy");
+    let acc = out.series("m0_eval_accuracy");
     assert!(*acc.last().unwrap() >= 0.9, "eval accuracy {acc:?}");
-    let models = artifacts(&out, 0);
+    let models = out.artifacts(0);
     assert_eq!(models.len(), 1);
     assert_eq!(models[0].id, "rm/member-0/model.safetensors@0");
     assert_eq!(models[0].kind, REWARD_MODEL);
@@ -74,7 +74,7 @@ fn the_loss_table_averages_each_window_over_its_own_steps() {
         vec![(0, records(&learnable_pairs(32)))],
     )
     .unwrap();
-    let loss = series(&out, "m0_train_loss");
+    let loss = out.series("m0_train_loss");
     let table = out
         .events
         .iter()
@@ -113,7 +113,7 @@ fn members_differ_but_share_the_lineage_root() {
     )
     .unwrap();
     let b = run::<Train>("rm", &dir, config, vec![1], vec![(0, records(&pairs))]).unwrap();
-    let (a, b) = (&artifacts(&a, 0)[0], &artifacts(&b, 0)[0]);
+    let (a, b) = (&a.artifacts(0)[0], &b.artifacts(0)[0]);
     assert_eq!(b.id, "rm/member-1/model.safetensors@0");
     assert_ne!(a.sha256, b.sha256);
     let (ma, mb) = (
@@ -133,7 +133,7 @@ fn members_differ_but_share_the_lineage_root() {
     let config =
         tiny_train(json!({"members": 2, "steps": 5, "lrs": [1e-2, 3e-3], "dropouts": [0.0, 0.1]}));
     let c = run::<Train>("rm", &again, config, vec![1], vec![(0, records(&pairs))]).unwrap();
-    assert_eq!(artifacts(&c, 0)[0].sha256, b.sha256);
+    assert_eq!(c.artifacts(0)[0].sha256, b.sha256);
     std::fs::remove_dir_all(&again).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -180,7 +180,7 @@ fn baklava_spread_starts_members_from_checkpoints_of_one_sft_run() {
         vec![(0, records(&pairs)), (1, policies.clone())],
     )
     .unwrap();
-    assert_eq!(artifacts(&out, 0).len(), 4);
+    assert_eq!(out.artifacts(0).len(), 4);
     let inits: Vec<String> = (0..4)
         .map(|m| {
             let meta = load_meta(&dir.join(format!("outputs/rm/member-{m}"))).unwrap();
@@ -281,7 +281,7 @@ fn warm_merge_of_three_is_the_elementwise_mean_and_scores_like_any_rm() {
         vec![(0, input), (1, records(&pairs))],
     )
     .unwrap();
-    let merged = artifacts(&out, 0);
+    let merged = out.artifacts(0);
     assert_eq!(merged.len(), 1);
     assert_eq!(merged[0].id, "warm/warm/model.safetensors@0");
     assert_eq!(merged[0].kind, REWARD_MODEL);
@@ -310,7 +310,7 @@ fn warm_merge_of_three_is_the_elementwise_mean_and_scores_like_any_rm() {
         members.iter().map(|a| a.id.clone()).collect::<Vec<_>>()
     );
     assert_eq!(meta.weights.len(), 3);
-    let metrics = metrics(&out);
+    let metrics = out.metrics();
     for name in [
         "accuracy/member0",
         "accuracy/member2",
@@ -322,7 +322,7 @@ fn warm_merge_of_three_is_the_elementwise_mean_and_scores_like_any_rm() {
             "{name} missing from {metrics:?}"
         );
     }
-    assert_eq!(series(&out, "interp_accuracy").len(), 3);
+    assert_eq!(out.series("interp_accuracy").len(), 3);
     // The merged model loads and scores, also through rm.score.
     let rm = load_reward_model(&warm_dir, &Device::Cpu).unwrap();
     let direct = score_texts(
@@ -376,7 +376,7 @@ fn warm_merge_of_three_is_the_elementwise_mean_and_scores_like_any_rm() {
 }
 
 fn metrics_of(out: &hone_sdk::Collected, name: &str) -> f64 {
-    metrics(out)[name]
+    out.metrics()[name]
 }
 
 #[test]
@@ -614,7 +614,7 @@ fn strength_flips_pairs_every_member_ranks_the_other_way() {
     let kept = find(&agree.id);
     assert_eq!(kept.chosen, agree.chosen);
     assert!(!kept.meta.contains_key("strength_flipped"));
-    let m = metrics(&out);
+    let m = out.metrics();
     let hist: f64 = m
         .iter()
         .filter(|(k, _)| k.starts_with("strength_hist/"))
@@ -670,16 +670,16 @@ fn strength_policies_drop_smooth_and_margin() {
     };
     let out = run_with(json!({"ambiguous_below": 1e9, "ambiguous": "drop"}));
     assert!(!out.records.contains_key(&0));
-    assert_eq!(metrics(&out)["dropped"], 12.0);
-    assert!(!metrics(&out).contains_key("mean_strength/yes"));
+    assert_eq!(out.metrics()["dropped"], 12.0);
+    assert!(!out.metrics().contains_key("mean_strength/yes"));
     let out = run_with(
         json!({"ambiguous_below": 1e9, "ambiguous": "smooth", "smoothing": 0.2,
         "group_by_meta": "agreement"}),
     );
-    assert_eq!(metrics(&out)["smoothed"], 12.0);
-    assert!(metrics(&out).contains_key("mean_strength/yes"));
-    assert_eq!(metrics(&out)["pairs/yes"], 6.0);
-    assert_eq!(metrics(&out)["pairs/no"], 6.0);
+    assert_eq!(out.metrics()["smoothed"], 12.0);
+    assert!(out.metrics().contains_key("mean_strength/yes"));
+    assert_eq!(out.metrics()["pairs/yes"], 6.0);
+    assert_eq!(out.metrics()["pairs/no"], 6.0);
     for r in &out.records[&0] {
         let Record::Pair(p) = r else { panic!() };
         assert_eq!(p.label_smoothing, Some(0.2));

@@ -82,20 +82,20 @@ fn minilm_members_learn_merge_with_warm_and_score() {
     )
     .unwrap();
     for m in 0..2 {
-        let loss = series(&out, &format!("m{m}_train_loss"));
+        let loss = out.series(&format!("m{m}_train_loss"));
         assert_eq!(loss.len(), 60);
         let (first, last) = (mean(&loss[..5]), mean(&loss[55..]));
         assert!(
             last < first * 0.5,
             "member {m}: train loss {first} -> {last}"
         );
-        let acc = series(&out, &format!("m{m}_eval_accuracy"));
+        let acc = out.series(&format!("m{m}_eval_accuracy"));
         assert!(
             *acc.last().unwrap() >= 0.9,
             "member {m}: eval accuracy {acc:?}"
         );
     }
-    let models = artifacts(&out, 0);
+    let models = out.artifacts(0);
     assert_eq!(models.len(), 2);
     let member0 = dir.join("outputs/rm/member-0");
     let meta = load_meta(&member0).unwrap();
@@ -169,11 +169,11 @@ fn minilm_members_learn_merge_with_warm_and_score() {
         ],
     )
     .unwrap();
-    let m = metrics(&warm);
+    let m = warm.metrics();
     assert_eq!(m["accuracy/warm"], m["accuracy/ensemble"]);
     assert!(m["accuracy/warm"] >= 0.9, "{m:?}");
-    assert_eq!(series(&warm, "interp_accuracy").len(), 3);
-    let merged = artifacts(&warm, 0);
+    assert_eq!(warm.series("interp_accuracy").len(), 3);
+    let merged = warm.artifacts(0);
     assert_eq!(merged.len(), 1);
     let warm_meta = load_meta(&dir.join("outputs/warm/warm")).unwrap();
     assert_eq!(warm_meta.backbone, MODEL_NAME);
@@ -285,7 +285,7 @@ fn reward_json_without_backbone_still_loads_and_scores() {
         vec![(0, vec![Record::Artifact(a)]), (1, records(&pairs))],
     )
     .unwrap();
-    assert_eq!(metrics(&out)["scored"], 4.0);
+    assert_eq!(out.metrics()["scored"], 4.0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -320,14 +320,14 @@ fn minilm_workers_embed_together_without_waiting_forever() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (m, out) in outs.iter().enumerate() {
-        assert_eq!(artifacts(out, 0).len(), 1);
-        assert_eq!(series(out, &format!("m{m}_train_loss")).len(), 20);
+        assert_eq!(out.artifacts(0).len(), 1);
+        assert_eq!(out.series(&format!("m{m}_train_loss")).len(), 20);
     }
     // A single instance afterwards (every row cached) trains member 0 the same.
     let again = run::<Train>("rm", &dir, config, vec![0], vec![(0, records(&pairs))]).unwrap();
     assert_eq!(
-        series(&again, "m0_train_loss"),
-        series(&outs[0], "m0_train_loss")
+        again.series("m0_train_loss"),
+        outs[0].series("m0_train_loss")
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -59,7 +59,8 @@ pub struct Train {
     device: Device,
     /// Holds the pretrained backbone (loaded once) and embeds the pairs.
     scoring: Scoring,
-    pairs: Vec<PreferencePair>,
+    input: RoundInput,
+    /// Every policy seen on `init`, across rounds.
     policies: Vec<ArtifactRef>,
 }
 
@@ -223,34 +224,22 @@ impl StageFactory for Train {
             lrs,
             device,
             scoring,
-            pairs: Vec::new(),
+            input: RoundInput::default(),
             policies: Vec::new(),
         })
     }
 }
 
 impl Stage for Train {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        for record in batch {
-            match (port, record) {
-                (0, Record::Pair(p)) => self.pairs.push(p),
-                (1, Record::Artifact(a)) => {
-                    a.check_kind(ArtifactKind::Policy, "init")?;
-                    self.policies.push(a)
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let mut pairs = std::mem::take(&mut self.pairs);
+        let mut input = self.input.take();
+        self.policies
+            .extend(input.artifacts(1, ArtifactKind::Policy, "init")?);
+        let mut pairs = input.pairs(0);
         pairs.sort_by(|a, b| a.id.cmp(&b.id));
         pairs.dedup_by(|a, b| a.id == b.id);
         ctx.metric("pairs", pairs.len() as f64);

@@ -30,8 +30,9 @@ pub struct Warm {
     device: Device,
     /// Scores with the models; holds a pretrained backbone once for all heads.
     scoring: Scoring,
+    /// Every reward model seen, across rounds.
     seen: Vec<ArtifactRef>,
-    pairs: Vec<PreferencePair>,
+    input: RoundInput,
 }
 
 impl StageFactory for Warm {
@@ -96,33 +97,21 @@ impl StageFactory for Warm {
             device,
             scoring,
             seen: Vec::new(),
-            pairs: Vec::new(),
+            input: RoundInput::default(),
         })
     }
 }
 
 impl Stage for Warm {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        for record in batch {
-            match (port, record) {
-                (0, Record::Artifact(a)) => {
-                    a.check_kind(ArtifactKind::RewardModel, "models")?;
-                    self.seen.push(a)
-                }
-                (1, Record::Pair(p)) => self.pairs.push(p),
-                _ => {}
-            }
-        }
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let mut pairs = std::mem::take(&mut self.pairs);
+        let mut input = self.input.take();
+        self.seen
+            .extend(input.artifacts(0, ArtifactKind::RewardModel, "models")?);
+        let mut pairs = input.pairs(1);
         pairs.sort_by(|a, b| a.id.cmp(&b.id));
         let models = newest_models(&self.seen);
         ctx.metric("models", models.len() as f64);

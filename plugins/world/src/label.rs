@@ -34,7 +34,7 @@ pub struct Label {
     config: LabelConfig,
     seed: u64,
     pool: Vec<Annotator>,
-    by_prompt: BTreeMap<String, Vec<Completion>>,
+    input: RoundInput,
 }
 
 const RATES: [&str; 3] = ["flip_rate", "position_bias", "length_bias"];
@@ -102,7 +102,7 @@ impl StageFactory for Label {
             config,
             seed,
             pool,
-            by_prompt: BTreeMap::new(),
+            input: RoundInput::default(),
         })
     }
 }
@@ -218,21 +218,8 @@ impl Label {
 }
 
 impl Stage for Label {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        _port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        for record in batch {
-            if let Record::Completion(c) = record {
-                self.by_prompt
-                    .entry(c.prompt_id.clone())
-                    .or_default()
-                    .push(c);
-            }
-        }
-        Ok(())
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
@@ -248,7 +235,11 @@ impl Stage for Label {
         .into_iter()
         .map(|k| (k, 0))
         .collect();
-        for (prompt_id, mut group) in std::mem::take(&mut self.by_prompt) {
+        let mut by_prompt: BTreeMap<String, Vec<Completion>> = BTreeMap::new();
+        for c in self.input.take().completions(0) {
+            by_prompt.entry(c.prompt_id.clone()).or_default().push(c);
+        }
+        for (prompt_id, mut group) in by_prompt {
             group.sort_by(|x, y| x.id.cmp(&y.id));
             let gold: Option<Vec<f64>> = group
                 .iter()

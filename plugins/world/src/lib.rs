@@ -24,42 +24,24 @@ hone_sdk::export_stages!(Prompts, Demos, Label, Gold);
 #[cfg(test)]
 pub(crate) mod testing {
     use hone_sdk::prelude::*;
-    use hone_sdk::{Collected, Event};
     use std::collections::BTreeMap;
 
-    /// Runs one round of `S` over `input`, config overriding the defaults.
+    /// Runs one round of `S` over `input` on `worker`, config overriding
+    /// the defaults: its records and its metrics by name.
     pub fn run<S: StageFactory>(
         config: serde_json::Value,
         input: Vec<Record>,
         worker: usize,
     ) -> (Vec<Record>, BTreeMap<String, f64>) {
-        let mut full = serde_json::Map::new();
-        for field in S::descriptor().config {
-            full.insert(field.name, field.default);
-        }
-        for (k, v) in config.as_object().unwrap() {
-            full.insert(k.clone(), v.clone());
-        }
-        let mut init = StageInit::for_test("world", serde_json::Value::Object(full));
+        let mut init = hone_sdk::testing::init::<S>(config);
         init.worker = worker;
-        let mut stage = S::create(&init).unwrap();
-        let mut out = Collected::default();
-        {
-            let mut ctx = Context::new(&mut out, &init, 0);
-            if !input.is_empty() {
-                stage.on_batch(&mut ctx, 0, input).unwrap();
-            }
-            stage.on_round_end(&mut ctx).unwrap();
-        }
-        let records = out.records.remove(&0).unwrap_or_default();
-        let metrics = out
-            .events
-            .into_iter()
-            .filter_map(|e| match e {
-                Event::Metric { name, value, .. } => Some((name, value)),
-                _ => None,
-            })
-            .collect();
-        (records, metrics)
+        let inputs = if input.is_empty() {
+            vec![]
+        } else {
+            vec![(0, input)]
+        };
+        let out = hone_sdk::testing::run_round::<S>(&init, inputs).unwrap();
+        let _ = std::fs::remove_dir_all(&init.run_dir);
+        (out.emitted(0).to_vec(), out.metrics())
     }
 }
