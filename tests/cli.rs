@@ -2,24 +2,8 @@
 //! errors, failures, the dataflow across workers and processes, and
 //! out-of-tree plugins.
 
-use hone_tests::{hone, metric, read_lines, text, workspace, TempDir};
+use hone_tests::{hone, metric, read_lines, text, workspace, TempDir, GOOD};
 use std::path::Path;
-
-const GOOD: &str = r#"[pipeline]
-name = "gen"
-
-[stages.gen]
-kind = "testing.generate-pairs"
-config = { count = 50 }
-
-[stages.filter]
-kind = "filter.pairs"
-inputs = ["gen"]
-
-[stages.write]
-kind = "jsonl.write"
-inputs = { records = "filter.pairs" }
-"#;
 
 /// Asserts that validating `pipeline` exits 2 with an error at `line:col`
 /// containing every one of `needles`.

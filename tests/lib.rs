@@ -9,6 +9,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// A small valid pipeline: 50 generated pairs, filtered, written.
+pub const GOOD: &str = r#"[pipeline]
+name = "gen"
+
+[stages.gen]
+kind = "testing.generate-pairs"
+config = { count = 50 }
+
+[stages.filter]
+kind = "filter.pairs"
+inputs = ["gen"]
+
+[stages.write]
+kind = "jsonl.write"
+inputs = { records = "filter.pairs" }
+"#;
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

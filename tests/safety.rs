@@ -3,27 +3,11 @@
 //! on directories that are not runs, stages that abort, exit or hang, stages
 //! that reject their config, and cluster flags.
 
-use hone_tests::{hone, read_lines, text, TempDir};
+use hone_tests::{hone, read_lines, text, TempDir, GOOD};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
-
-const GOOD: &str = r#"[pipeline]
-name = "gen"
-
-[stages.gen]
-kind = "testing.generate-pairs"
-config = { count = 50 }
-
-[stages.filter]
-kind = "filter.pairs"
-inputs = ["gen"]
-
-[stages.write]
-kind = "jsonl.write"
-inputs = { records = "filter.pairs" }
-"#;
 
 /// Every file under `dir` with its contents.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {

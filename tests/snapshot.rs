@@ -1,5 +1,5 @@
 //! Snapshot and restore through the C ABI, across a process restart: one
-//! process runs a round of `testing.counter` and saves its snapshot; a new
+//! process runs a round of `testing.discard` and saves its snapshot; a new
 //! process restores a fresh instance from it and carries on.
 
 use hone::plugin::{Emitted, Registry, StageInstance};
@@ -8,17 +8,18 @@ use hone_tests::{bin_dir, TempDir};
 use std::path::Path;
 use std::process::Command;
 
-fn counter() -> StageInstance {
+fn instance(kind: &str) -> StageInstance {
     let registry = Registry::load(&[bin_dir()]);
-    let kind = registry
+    let found = registry
         .kinds
-        .get("testing.counter")
+        .get(kind)
         .expect("the testing plugin is built (cargo build)");
-    StageInstance::create(
-        kind,
-        &StageInit::for_test("testing.counter", serde_json::json!({})),
-    )
-    .unwrap()
+    StageInstance::create(found, &StageInit::for_test(kind, serde_json::json!({}))).unwrap()
+}
+
+/// `testing.discard`, which keeps its count across rounds.
+fn counter() -> StageInstance {
+    instance("testing.discard")
 }
 
 fn pairs(n: usize) -> Vec<Record> {
@@ -95,13 +96,7 @@ fn snapshot_survives_a_process_restart() {
     let err = counter().restore(0, b"xyz").unwrap_err();
     assert!(err.message.contains("holds 3 bytes"), "{err}");
     // A stateless stage has no snapshot, and cannot be restored.
-    let registry = Registry::load(&[bin_dir()]);
-    let kind = &registry.kinds["testing.discard"];
-    let mut discard = StageInstance::create(
-        kind,
-        &StageInit::for_test("testing.discard", serde_json::json!({})),
-    )
-    .unwrap();
-    assert_eq!(discard.snapshot(0).unwrap(), None);
-    assert!(discard.restore(0, b"").is_err());
+    let mut passthrough = instance("testing.passthrough");
+    assert_eq!(passthrough.snapshot(0).unwrap(), None);
+    assert!(passthrough.restore(0, b"").is_err());
 }

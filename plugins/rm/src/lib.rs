@@ -63,6 +63,35 @@ fn artifact_dir(init: &StageInit, artifact: &ArtifactRef) -> PathBuf {
     file.parent().map(PathBuf::from).unwrap_or(file)
 }
 
+/// What a stage scoring with the newest reward models keeps: every model
+/// that arrived on port 0 so far, across rounds, and the round's input.
+#[derive(Default)]
+struct Models {
+    seen: Vec<ArtifactRef>,
+    input: RoundInput,
+}
+
+impl Models {
+    /// The buffer the stage's `round_input` hands out.
+    fn buffer(&mut self) -> &mut RoundInput {
+        &mut self.input
+    }
+
+    /// The round's input; its reward models (port 0, checked to be reward
+    /// models) join those seen before.
+    fn take_round(&mut self) -> Result<RoundInput, StageError> {
+        let mut input = self.input.take();
+        self.seen
+            .extend(input.artifacts(0, ArtifactKind::RewardModel, "models")?);
+        Ok(input)
+    }
+
+    /// The newest round's models (see [`newest_models`]).
+    fn newest(&self) -> Vec<ArtifactRef> {
+        newest_models(&self.seen)
+    }
+}
+
 /// The `reward-model` artifacts of the newest round among `seen`, sorted by
 /// id and without duplicates.
 fn newest_models(seen: &[ArtifactRef]) -> Vec<ArtifactRef> {

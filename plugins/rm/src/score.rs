@@ -1,7 +1,7 @@
 //! `rm.score`: rewards from one reward model or the mean of an ensemble.
 
 use crate::model::{Rm, Scoring};
-use crate::{device, load_rm, newest_models};
+use crate::{device, load_rm, Models};
 use hone_models::Device;
 use hone_sdk::prelude::*;
 use serde::Deserialize;
@@ -20,12 +20,11 @@ struct ScoreConfig {
 pub struct Scorer {
     config: ScoreConfig,
     device: Device,
-    seen: Vec<ArtifactRef>,
+    models: Models,
     /// The models loaded last, by artifact id, reused while they stay newest.
     loaded: Vec<(String, Rm)>,
     /// Scores with them; holds a pretrained backbone once for all heads.
     scoring: Scoring,
-    input: RoundInput,
 }
 
 impl StageFactory for Scorer {
@@ -78,29 +77,26 @@ impl StageFactory for Scorer {
         Ok(Scorer {
             config,
             device,
-            seen: Vec::new(),
+            models: Models::default(),
             loaded: Vec::new(),
             scoring,
-            input: RoundInput::default(),
         })
     }
 }
 
 impl Stage for Scorer {
     fn round_input(&mut self) -> Option<&mut RoundInput> {
-        Some(&mut self.input)
+        Some(self.models.buffer())
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let mut input = self.input.take();
-        self.seen
-            .extend(input.artifacts(0, ArtifactKind::RewardModel, "models")?);
+        let mut input = self.models.take_round()?;
         let records: Vec<Record> = input
             .records(1)
             .into_iter()
             .filter(|r| matches!(r, Record::Pair(_) | Record::Completion(_)))
             .collect();
-        let mut models = newest_models(&self.seen);
+        let mut models = self.models.newest();
         let all = models.len();
         let c = &self.config;
         if c.member.is_some() || c.stage.is_some() {
@@ -124,7 +120,8 @@ impl Stage for Scorer {
                     field,
                     format!(
                         "no reward model of the newest round is {wanted}; they are: {}",
-                        newest_models(&self.seen)
+                        self.models
+                            .newest()
                             .iter()
                             .map(|m| m.id.as_str())
                             .collect::<Vec<_>>()

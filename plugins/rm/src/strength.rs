@@ -3,7 +3,7 @@
 //! disagrees with, or give strong pairs a larger margin.
 
 use crate::model::Scoring;
-use crate::{device, load_rm, newest_models};
+use crate::{device, load_rm, Models};
 use hone_models::Device;
 use hone_sdk::prelude::*;
 use serde::Deserialize;
@@ -29,9 +29,7 @@ pub struct Strength {
     device: Device,
     /// Scores with the models; holds a pretrained backbone once for all heads.
     scoring: Scoring,
-    /// Every reward model seen, across rounds.
-    seen: Vec<ArtifactRef>,
-    input: RoundInput,
+    models: Models,
 }
 
 impl StageFactory for Strength {
@@ -130,28 +128,25 @@ impl StageFactory for Strength {
             config,
             device,
             scoring,
-            seen: Vec::new(),
-            input: RoundInput::default(),
+            models: Models::default(),
         })
     }
 }
 
 impl Stage for Strength {
     fn round_input(&mut self) -> Option<&mut RoundInput> {
-        Some(&mut self.input)
+        Some(self.models.buffer())
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let mut input = self.input.take();
-        self.seen
-            .extend(input.artifacts(0, ArtifactKind::RewardModel, "models")?);
+        let mut input = self.models.take_round()?;
         let mut pairs = input.pairs(1);
         if pairs.is_empty() {
             ctx.metric("pairs", 0.0);
             return Ok(());
         }
         pairs.sort_by(|a, b| a.id.cmp(&b.id));
-        let models = newest_models(&self.seen);
+        let models = self.models.newest();
         if models.len() < 2 {
             return Err(StageError::new(format!(
                 "preference strength needs an ensemble of at least 2 reward models, found {}: connect `models` \

@@ -3,16 +3,18 @@
 use crate::model::Scoring;
 use crate::{artifact_dir, device, OrStageError, REWARD_MODEL};
 use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW};
+use hone_models::batches::Batches;
 use hone_models::checkpoint;
 use hone_models::gpt::{init_seeded, GptConfig};
 use hone_models::heads::RewardModel;
+use hone_models::preference::{bradley_terry_losses, pair_accuracy};
 use hone_models::reward::{
     encode, pad_right, save_head_reward_model, save_reward_model, PretrainedConfig, RewardMeta,
     GPT_BACKBONE,
 };
 use hone_models::sample::Rng;
 use hone_models::tokenizer::{load_tokenizer, ByteTokenizer, Tokenizer};
-use hone_models::train::{clip_grad_norm, lr_at};
+use hone_models::train::{check_shape, clip_grad_norm, lr_at};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
 use hone_pretrained::minilm::MODEL_NAME as MINILM;
 use hone_sdk::prelude::*;
@@ -156,24 +158,13 @@ impl StageFactory for Train {
             ("batch_size", config.batch_size),
             ("embed_batch_size", config.embed_batch_size),
         ];
-        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(StageError::config(*field, "must be at least 1"));
-        }
-        if !config.d_model.is_multiple_of(config.n_heads) {
-            return Err(StageError::config(
-                "n_heads",
-                format!(
-                    "{} does not divide d_model {}",
-                    config.n_heads, config.d_model
-                ),
-            ));
-        }
-        if !(0.0..1.0).contains(&config.eval_fraction) {
-            return Err(StageError::config(
-                "eval_fraction",
-                format!("must be in [0, 1), found {}", config.eval_fraction),
-            ));
-        }
+        check_shape(
+            &positive,
+            config.d_model,
+            config.n_heads,
+            config.eval_fraction,
+        )
+        .map_err(|(field, message)| StageError::config(field, message))?;
         if !(0.0..0.5).contains(&config.label_smoothing) {
             return Err(StageError::config(
                 "label_smoothing",
@@ -774,60 +765,6 @@ enum Net<'a> {
     },
 }
 
-/// Cycles through example indices, reshuffled (seeded by pair id) every epoch.
-struct Batches {
-    keys: Vec<String>,
-    order: Vec<usize>,
-    cursor: usize,
-    epoch: u64,
-    seed: u64,
-}
-
-impl Batches {
-    fn new(keys: Vec<String>, seed: u64) -> Self {
-        let mut b = Batches {
-            keys,
-            order: Vec::new(),
-            cursor: 0,
-            epoch: 0,
-            seed,
-        };
-        b.shuffle();
-        b
-    }
-
-    fn shuffle(&mut self) {
-        let mut order: Vec<usize> = (0..self.keys.len()).collect();
-        order.sort_by_key(|&i| {
-            (
-                seeded_hash(self.seed, &format!("order:{}:{}", self.epoch, self.keys[i])),
-                i,
-            )
-        });
-        self.order = order;
-    }
-
-    fn next(&mut self, size: usize) -> Vec<usize> {
-        let mut batch = Vec::with_capacity(size);
-        while batch.len() < size.min(self.keys.len()) {
-            if self.cursor == self.order.len() {
-                self.cursor = 0;
-                self.epoch += 1;
-                self.shuffle();
-            }
-            batch.push(self.order[self.cursor]);
-            self.cursor += 1;
-        }
-        batch
-    }
-}
-
-/// log sigmoid(x), stably: -(relu(-x) + log(1 + exp(-|x|))).
-fn log_sigmoid(x: &Tensor) -> hone_models::Result<Tensor> {
-    let soft = (x.neg()?.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    Ok(soft.neg()?)
-}
-
 /// Dropout for a training step: the probability and the mask's seed; `None`
 /// for evaluation.
 type Dropout = Option<(f32, u64)>;
@@ -917,10 +854,7 @@ fn pair_losses(
         col(|e| e.weight)?,
         col(|e| e.smoothing)?,
     );
-    let x = (&diff - margin)?;
-    let agree = (log_sigmoid(&x)? * (1.0 - &eps)?)?;
-    let disagree = (log_sigmoid(&x.neg()?)? * eps)?;
-    let loss = ((agree + disagree)? * weight)?.neg()?;
+    let loss = bradley_terry_losses(&diff, &margin, &weight, &eps)?;
     Ok((loss, diff))
 }
 
@@ -934,25 +868,21 @@ fn bt_loss(
     Ok(pair_losses(net, batch, dropout, device)?.0.mean_all()?)
 }
 
-/// Mean loss and accuracy (reward of chosen > rejected) over held-out pairs.
+/// Mean loss and accuracy (reward of chosen above rejected; a tie counts
+/// half, as everywhere in hone) over held-out pairs.
 fn evaluate(
     net: &Net,
     eval: &[Example],
     batch_size: usize,
     device: &Device,
 ) -> hone_models::Result<(f64, f64)> {
-    let (mut loss, mut right) = (0.0, 0usize);
+    let (mut loss, mut diffs) = (0.0, Vec::with_capacity(eval.len()));
     for chunk in eval.chunks(batch_size) {
         let batch: Vec<&Example> = chunk.iter().collect();
         let (l, d) = pair_losses(net, &batch, None, device)?;
         loss += f64::from(l.detach().sum_all()?.to_scalar::<f32>()?);
-        right += d
-            .detach()
-            .to_vec1::<f32>()?
-            .iter()
-            .filter(|&&d| d > 0.0)
-            .count();
+        diffs.extend(d.detach().to_vec1::<f32>()?.into_iter().map(f64::from));
     }
     let n = eval.len().max(1) as f64;
-    Ok((loss / n, right as f64 / n))
+    Ok((loss / n, pair_accuracy(diffs).unwrap_or(0.0)))
 }

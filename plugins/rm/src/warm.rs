@@ -2,7 +2,7 @@
 
 use crate::merge::{merge, MergeError};
 use crate::model::{load_rm_dir, HeadRm, Rm, Scoring};
-use crate::{accuracy, artifact_dir, device, load_rm, newest_models, OrStageError, REWARD_MODEL};
+use crate::{accuracy, artifact_dir, device, load_rm, Models, OrStageError, REWARD_MODEL};
 use hone_models::checkpoint;
 use hone_models::gpt::GptConfig;
 use hone_models::heads::RewardModel;
@@ -30,9 +30,7 @@ pub struct Warm {
     device: Device,
     /// Scores with the models; holds a pretrained backbone once for all heads.
     scoring: Scoring,
-    /// Every reward model seen, across rounds.
-    seen: Vec<ArtifactRef>,
-    input: RoundInput,
+    models: Models,
 }
 
 impl StageFactory for Warm {
@@ -96,24 +94,21 @@ impl StageFactory for Warm {
             config,
             device,
             scoring,
-            seen: Vec::new(),
-            input: RoundInput::default(),
+            models: Models::default(),
         })
     }
 }
 
 impl Stage for Warm {
     fn round_input(&mut self) -> Option<&mut RoundInput> {
-        Some(&mut self.input)
+        Some(self.models.buffer())
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        let mut input = self.input.take();
-        self.seen
-            .extend(input.artifacts(0, ArtifactKind::RewardModel, "models")?);
+        let mut input = self.models.take_round()?;
         let mut pairs = input.pairs(1);
         pairs.sort_by(|a, b| a.id.cmp(&b.id));
-        let models = newest_models(&self.seen);
+        let models = self.models.newest();
         ctx.metric("models", models.len() as f64);
         if models.is_empty() {
             return Ok(());

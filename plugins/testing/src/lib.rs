@@ -246,17 +246,20 @@ impl Stage for Passthrough {
     }
 }
 
-/// Counts and drops every record: a sink that costs nothing.
+/// Counts and drops every record: a sink that costs nothing. It keeps its
+/// count across rounds (metric `total`) and snapshots it: the toy stage for
+/// snapshot and restore.
 #[derive(Default)]
 pub struct Discard {
     received: u64,
+    total: u64,
 }
 
 impl StageFactory for Discard {
     fn descriptor() -> StageDescriptor {
         StageDescriptor::new(
             "testing.discard",
-            "Counts records (metric `received`) and drops them.",
+            "Counts records (metric `received` per round, `total` over the rounds so far) and drops them; snapshots its total.",
         )
         .input("records", RecordKind::Any)
         .placement(Placement::DataParallel)
@@ -279,8 +282,25 @@ impl Stage for Discard {
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        self.total += self.received;
         ctx.metric("received", self.received as f64);
+        ctx.metric("total", self.total as f64);
         self.received = 0;
+        Ok(())
+    }
+
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        Ok(Some(self.total.to_le_bytes().to_vec()))
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        let bytes: [u8; 8] = snapshot.try_into().map_err(|_| {
+            StageError::new(format!(
+                "the snapshot of round {round} holds {} bytes, not a count's 8",
+                snapshot.len()
+            ))
+        })?;
+        self.total = u64::from_le_bytes(bytes);
         Ok(())
     }
 }
@@ -332,66 +352,4 @@ impl Stage for Pace {
     }
 }
 
-/// Counts the records of every round so far (metric `total` at each round's
-/// end) and keeps the count across rounds: the toy stage for snapshot and
-/// restore.
-#[derive(Default)]
-pub struct Counter {
-    total: u64,
-}
-
-impl StageFactory for Counter {
-    fn descriptor() -> StageDescriptor {
-        StageDescriptor::new(
-            "testing.counter",
-            "Counts records across rounds (metric `total`); snapshots its count (to test snapshot and restore).",
-        )
-        .input("records", RecordKind::Any)
-    }
-
-    fn create(_init: &StageInit) -> Result<Self, StageError> {
-        Ok(Counter::default())
-    }
-}
-
-impl Stage for Counter {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut Context,
-        _port: usize,
-        batch: Vec<Record>,
-    ) -> Result<(), StageError> {
-        self.total += batch.len() as u64;
-        Ok(())
-    }
-
-    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        ctx.metric("total", self.total as f64);
-        Ok(())
-    }
-
-    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
-        Ok(Some(self.total.to_le_bytes().to_vec()))
-    }
-
-    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
-        let bytes: [u8; 8] = snapshot.try_into().map_err(|_| {
-            StageError::new(format!(
-                "the snapshot of round {round} holds {} bytes, not a count's 8",
-                snapshot.len()
-            ))
-        })?;
-        self.total = u64::from_le_bytes(bytes);
-        Ok(())
-    }
-}
-
-hone_sdk::export_stages!(
-    GeneratePairs,
-    Fault,
-    Accumulate,
-    Passthrough,
-    Discard,
-    Pace,
-    Counter
-);
+hone_sdk::export_stages!(GeneratePairs, Fault, Accumulate, Passthrough, Discard, Pace);

@@ -8,12 +8,14 @@
 //! softmax of attention and GELU, which are this crate's fused CPU ops with
 //! their own backward pass (`ops`, checked against the primitives).
 
+pub mod batches;
 pub mod checkpoint;
 pub mod device;
 mod error;
 pub mod gpt;
 pub mod heads;
 mod ops;
+pub mod preference;
 pub mod reward;
 pub mod sample;
 pub mod tokenizer;

@@ -70,10 +70,33 @@ pub fn accumulate(acc: &mut Option<GradStore>, other: GradStore, vars: &[Var]) -
 /// predict (the caller shifts: `targets[t] = ids[t + 1]`); `mask` [B,T] f32.
 /// A mask of all zeros gives a loss of 0.
 pub fn masked_lm_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (picked, mask) = masked_token_logprobs("masked_lm_loss", logits, targets, mask)?;
+    let count = mask.sum_all()?.maximum(1.0)?;
+    Ok(picked.sum_all()?.neg()?.div(&count)?)
+}
+
+/// Teacher-forced log-probability of each sequence's masked tokens, summed:
+/// [B], differentiable. `logits` [B,T,V], `targets` [B,T] (the token each
+/// position predicts), `mask` [B,T] (1 on response tokens: prompt and
+/// padding positions do not count). What DPO compares between policy and
+/// reference, and what PPO's ratio and a KL estimate are made of.
+pub fn sequence_logprobs(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (picked, _) = masked_token_logprobs("sequence_logprobs", logits, targets, mask)?;
+    Ok(picked.sum(1)?)
+}
+
+/// log softmax(logits) at `targets`, times `mask`: [B,T], and the mask in
+/// the logits' dtype.
+fn masked_token_logprobs(
+    what: &str,
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let (b, t, _) = logits.dims3()?;
     if targets.dims() != [b, t] || mask.dims() != [b, t] {
         return Err(Error::Invalid(format!(
-            "masked_lm_loss: logits {:?} need targets and mask [{b}, {t}], got {:?} and {:?}",
+            "{what}: logits {:?} need targets and mask [{b}, {t}], got {:?} and {:?}",
             logits.dims(),
             targets.dims(),
             mask.dims()
@@ -84,8 +107,34 @@ pub fn masked_lm_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Resul
         .gather(&targets.to_dtype(DType::U32)?.unsqueeze(2)?, 2)?
         .squeeze(2)?;
     let mask = mask.to_dtype(logits.dtype())?;
-    let count = mask.sum_all()?.maximum(1.0)?;
-    Ok((picked * &mask)?.sum_all()?.neg()?.div(&count)?)
+    Ok(((picked * &mask)?, mask))
+}
+
+/// Checks a model-and-training shape before anything is built: every
+/// `positive` (name, value) at least 1, `n_heads` dividing `d_model`, and
+/// `eval_fraction` in [0, 1). The error names the offending field.
+pub fn check_shape(
+    positive: &[(&'static str, usize)],
+    d_model: usize,
+    n_heads: usize,
+    eval_fraction: f64,
+) -> std::result::Result<(), (&'static str, String)> {
+    if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        return Err((field, "must be at least 1".into()));
+    }
+    if n_heads == 0 || !d_model.is_multiple_of(n_heads) {
+        return Err((
+            "n_heads",
+            format!("{n_heads} does not divide d_model {d_model}"),
+        ));
+    }
+    if !(0.0..1.0).contains(&eval_fraction) {
+        return Err((
+            "eval_fraction",
+            format!("must be in [0, 1), found {eval_fraction}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Pads `seqs` (each truncated to its first `max_len` tokens) with `pad` into
@@ -124,6 +173,40 @@ mod tests {
     use super::*;
     use crate::gpt::tests::tiny;
     use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+    #[test]
+    fn sequence_logprobs_sum_the_masked_tokens_and_have_gradients() {
+        let logits = Var::new(
+            &[[[0.0f32, 1.0, 2.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let targets = Tensor::new(&[[2u32, 0, 1]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[0f32, 1.0, 1.0]], &Device::Cpu).unwrap();
+        let lp = sequence_logprobs(logits.as_tensor(), &targets, &mask).unwrap();
+        let ln = |row: [f32; 3], k: usize| row[k] - row.iter().map(|x| x.exp()).sum::<f32>().ln();
+        let want = ln([2.0, 0.0, 0.0], 0) + ln([0.0, 0.0, 0.0], 1);
+        assert!((lp.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-5);
+        let grads = lp.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(&logits).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(
+            g[0][0],
+            [0.0, 0.0, 0.0],
+            "a masked position gets no gradient"
+        );
+        assert!(g[0][1][0] > 0.0 && g[0][2][1] > 0.0);
+    }
+
+    #[test]
+    fn shape_checks_name_the_field() {
+        assert_eq!(check_shape(&[("steps", 3)], 16, 4, 0.1), Ok(()));
+        assert_eq!(
+            check_shape(&[("steps", 0)], 16, 4, 0.1).unwrap_err().0,
+            "steps"
+        );
+        assert_eq!(check_shape(&[], 16, 3, 0.1).unwrap_err().0, "n_heads");
+        assert_eq!(check_shape(&[], 16, 4, 1.0).unwrap_err().0, "eval_fraction");
+    }
 
     #[test]
     fn lr_schedule_endpoints() {

@@ -3,7 +3,7 @@
 
 use hone_models::tokenizer::Tokenizer;
 use hone_models::{Device, Tensor};
-use hone_sdk::text::{seeded_hash, seeded_unit};
+use hone_sdk::text::seeded_unit;
 
 /// A prompt and the response to imitate.
 pub(super) struct Demo {
@@ -91,56 +91,32 @@ pub(super) fn prepare(
     )
 }
 
-/// Cycles through the training examples, reshuffled (seeded) every epoch.
+/// Cycles through the training examples, reshuffled (seeded by id) every
+/// epoch ([`hone_models::batches::Batches`] over their ids).
 pub(super) struct Batches {
-    examples: Vec<(String, Example)>,
-    order: Vec<usize>,
-    cursor: usize,
-    epoch: u64,
-    seed: u64,
+    examples: Vec<Example>,
+    order: hone_models::batches::Batches,
 }
 
 impl Batches {
     fn new(examples: Vec<(String, Example)>, seed: u64) -> Self {
-        let mut b = Batches {
+        let (ids, examples): (Vec<String>, Vec<Example>) = examples.into_iter().unzip();
+        Batches {
             examples,
-            order: Vec::new(),
-            cursor: 0,
-            epoch: 0,
-            seed,
-        };
-        b.shuffle();
-        b
+            order: hone_models::batches::Batches::new(ids, seed),
+        }
     }
 
     pub(super) fn len(&self) -> usize {
         self.examples.len()
     }
 
-    fn shuffle(&mut self) {
-        let key = |i: usize| {
-            seeded_hash(
-                self.seed,
-                &format!("order:{}:{}", self.epoch, self.examples[i].0),
-            )
-        };
-        let mut order: Vec<usize> = (0..self.examples.len()).collect();
-        order.sort_by_key(|&i| (key(i), i));
-        self.order = order;
-    }
-
     pub(super) fn next(&mut self, size: usize) -> Vec<Example> {
-        let mut batch = Vec::with_capacity(size);
-        while batch.len() < size.min(self.examples.len()) {
-            if self.cursor == self.order.len() {
-                self.cursor = 0;
-                self.epoch += 1;
-                self.shuffle();
-            }
-            batch.push(self.examples[self.order[self.cursor]].1.clone());
-            self.cursor += 1;
-        }
-        batch
+        self.order
+            .next(size)
+            .into_iter()
+            .map(|i| self.examples[i].clone())
+            .collect()
     }
 }
 

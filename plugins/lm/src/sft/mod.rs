@@ -11,7 +11,7 @@ use data::{prepare, to_tensors, Demo, Example};
 use hone_models::checkpoint;
 use hone_models::gpt::{init_seeded, Gpt, GptConfig};
 use hone_models::tokenizer::{load_tokenizer, ByteTokenizer, Tokenizer};
-use hone_models::train::{accumulate, clip_grad_norm, lr_at, masked_lm_loss};
+use hone_models::train::{accumulate, check_shape, clip_grad_norm, lr_at, masked_lm_loss};
 use hone_models::{DType, Device, Var, VarBuilder, VarMap};
 use hone_sdk::prelude::*;
 use serde::Deserialize;
@@ -96,24 +96,13 @@ impl StageFactory for Sft {
             ("batch_size", config.batch_size),
             ("grad_accum", config.grad_accum),
         ];
-        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(StageError::config(*field, "must be at least 1"));
-        }
-        if !config.d_model.is_multiple_of(config.n_heads) {
-            return Err(StageError::config(
-                "n_heads",
-                format!(
-                    "{} does not divide d_model {}",
-                    config.n_heads, config.d_model
-                ),
-            ));
-        }
-        if !(0.0..1.0).contains(&config.eval_fraction) {
-            return Err(StageError::config(
-                "eval_fraction",
-                format!("must be in [0, 1), found {}", config.eval_fraction),
-            ));
-        }
+        check_shape(
+            &positive,
+            config.d_model,
+            config.n_heads,
+            config.eval_fraction,
+        )
+        .map_err(|(field, message)| StageError::config(field, message))?;
         let init_dir = match config.init.as_str() {
             "scratch" => None,
             path => {
