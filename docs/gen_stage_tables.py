@@ -5,7 +5,8 @@ descriptors the stages report. Blocks for kinds the file lacks are appended to
 their family's section (## FAMILY:). Run from the repository root after
 `cargo build`:
 
-    python3 docs/gen_stage_tables.py
+    python3 docs/gen_stage_tables.py            # rewrite docs/stages.md
+    python3 docs/gen_stage_tables.py --check    # exit 1 if it is stale (CI)
 """
 import json
 import re
@@ -99,7 +100,13 @@ def main():
             continue
         result.insert(idx + 1, block(stages[kind]) + "\n")
         # keep the family's blocks in kind order
-    open(DOC, "w").write("".join(result).rstrip("\n") + "\n")
+    new = "".join(result).rstrip("\n") + "\n"
+    if "--check" in sys.argv:
+        if new != text:
+            print(f"{DOC} is stale against `hone plugins --json`: run `python3 docs/gen_stage_tables.py`", file=sys.stderr)
+            sys.exit(1)
+        return
+    open(DOC, "w").write(new)
 
 
 if __name__ == "__main__":

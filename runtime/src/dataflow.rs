@@ -152,6 +152,9 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
             outputs[s] = Some(out);
         }
         for (handle, edge) in loops {
+            // `rounds == 0` (until stopped) is refused by validation today;
+            // the branches for it here and in `stage_operator` are kept for
+            // `hone serve`, whose loop has no last round.
             let last = if rounds == 0 { None } else { Some(rounds - 1) };
             route(
                 outputs[edge.from].clone().expect("all stages built"),
