@@ -7,11 +7,15 @@
 //!   artifact, with per-token log-probabilities.
 //! - `lm.logprobs`: scores completions under a reference policy
 //!   (teacher-forced), for KL estimates.
+//! - `lm.dpo`: direct preference optimisation (DPO, IPO, cDPO, SimPO) of a
+//!   policy on preference pairs against a frozen reference.
 
+mod dpo;
 mod logprobs;
 mod rollout;
 mod sft;
 
+pub use dpo::Dpo;
 pub use logprobs::Logprobs;
 pub use rollout::Rollout;
 pub use sft::Sft;
@@ -21,7 +25,7 @@ use hone_models::gpt::Gpt;
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
 use hone_sdk::{ArtifactKind, ArtifactRef, Context, RoundInput, StageError};
 
-hone_sdk::export_stages!(Sft, Rollout, Logprobs);
+hone_sdk::export_stages!(Sft, Rollout, Logprobs, Dpo);
 
 /// Turns a model-core (or candle) error into a stage error saying what was
 /// being done.

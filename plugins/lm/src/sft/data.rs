@@ -15,7 +15,7 @@ pub(super) struct Demo {
 /// One training sequence: `inputs[t]` predicts `targets[t]`, and `mask[t]`
 /// is 1 where that target is a response token (or the closing EOS).
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Example {
+pub(crate) struct Example {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
     pub mask: Vec<f32>,
@@ -25,7 +25,7 @@ pub(super) struct Example {
 /// `context` positions. Too long a sequence loses the start of the prompt
 /// first (the turn being answered is at its end), then the end of the
 /// response.
-pub(super) fn tokenize(
+pub(crate) fn tokenize(
     tok: &dyn Tokenizer,
     prompt: &str,
     response: &str,
@@ -121,7 +121,7 @@ impl Batches {
 }
 
 /// Pads examples into inputs and targets [B,L] u32 and a loss mask [B,L] f32.
-pub(super) fn to_tensors(
+pub(crate) fn to_tensors(
     examples: &[Example],
     pad: u32,
     device: &Device,

@@ -1,7 +1,7 @@
 //! `lm.sft`: supervised fine-tuning of a causal LM on demonstrations, with
 //! the next-token loss masked to the responses.
 
-mod data;
+pub(crate) mod data;
 #[cfg(test)]
 pub(crate) mod tests;
 

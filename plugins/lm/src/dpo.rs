@@ -1,0 +1,563 @@
+//! `lm.dpo`: direct preference optimisation of a policy on preference
+//! pairs, offline: DPO, IPO, conservative DPO and SimPO (the losses live in
+//! `hone_models::preference`), with each pair's `margin` and `weight` (from
+//! `rm.strength`: an adaptive margin, ambiguous pairs down-weighted) inside
+//! the loss.
+//!
+//! The reference's log-probabilities never change, so they are computed once
+//! per pair before training and cached; each step runs the policy only.
+
+use crate::sft::data::{to_tensors, tokenize, Example};
+use crate::{device, NewestPolicy, OrStageError};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use hone_models::batches::Batches;
+use hone_models::checkpoint;
+use hone_models::gpt::Gpt;
+use hone_models::preference::{dpo_losses, pair_credit, DpoBatch, DpoLoss, DpoParams};
+use hone_models::tokenizer::{load_tokenizer, Tokenizer};
+use hone_models::train::{clip_grad_norm, lr_at, sequence_logprobs};
+use hone_models::{Device, Tensor, VarMap};
+use hone_sdk::prelude::*;
+use hone_sdk::text::seeded_unit;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DpoConfig {
+    loss: String,
+    beta: f64,
+    label_smoothing: f64,
+    gamma: f64,
+    use_margin: bool,
+    use_weight: bool,
+    steps: usize,
+    batch_size: usize,
+    lr: f64,
+    min_lr: f64,
+    warmup: usize,
+    clip: f64,
+    weight_decay: f64,
+    eval_fraction: f64,
+    eval_every: usize,
+    checkpoint_every: usize,
+    seed: u64,
+    device: String,
+}
+
+/// Optimises the newest `policy` artifact on a round's pairs against a
+/// frozen reference.
+pub struct Dpo {
+    config: DpoConfig,
+    loss: DpoLoss,
+    device: Device,
+    input: RoundInput,
+    policy: NewestPolicy,
+    reference: NewestPolicy,
+}
+
+impl StageFactory for Dpo {
+    fn descriptor() -> StageDescriptor {
+        let count = FieldType::unsigned();
+        let size = FieldType::positive().at_most(1 << 20);
+        let float = FieldType::Float;
+        StageDescriptor::new(
+            "lm.dpo",
+            "Direct preference optimisation of the newest `policy` artifact (byte-level GPT) on the round's \
+             pairs, against the frozen `reference` policy (default: the policy it starts from). Losses \
+             (hone_models::preference): `sigmoid` (DPO), `ipo`, `robust` (conservative DPO, label_smoothing) \
+             and `simpo` (reference-free, length-normalised, gamma). Sequence log-probs are summed over \
+             response tokens only; the reference's are computed once per pair and cached. Each pair's \
+             `margin` is subtracted from the loss's logit and its `weight` scales its loss (rm.strength sets \
+             both). Metrics by step (TRL's names): loss, rewards/chosen, rewards/rejected, rewards/margins, \
+             rewards/accuracies, kl (the mean log-ratio log pi - log pi_ref over the pairs' responses), and \
+             eval_loss, eval_rewards/accuracies, eval_rewards/margins on a seeded hold-out; logs a loss \
+             table. Writes checkpoints ckpt-STEP (every checkpoint_every steps) and final, emitted as \
+             `policy` artifacts with lineage `dpo from POLICY, reference REF`.",
+        )
+        .input("pairs", RecordKind::PreferencePair)
+        .input("policy", RecordKind::Artifact(ArtifactKind::Policy))
+        .input("reference", RecordKind::Artifact(ArtifactKind::Policy))
+        .output("policy", RecordKind::Artifact(ArtifactKind::Policy))
+        .optional("loss", FieldType::one_of(&["sigmoid", "ipo", "robust", "simpo"]), "sigmoid", "The objective (see the description).")
+        .optional("beta", float.clone(), 0.1, "beta: the reward scale, the strength of the implicit KL constraint (> 0).")
+        .optional("label_smoothing", float.clone(), 0.1, "epsilon of `robust`: the probability a label is wrong, in [0, 0.5).")
+        .optional("gamma", float.clone(), 0.5, "gamma of `simpo`: the target reward margin.")
+        .optional("use_margin", FieldType::Bool, true, "Subtract each pair's `margin` from the logit.")
+        .optional("use_weight", FieldType::Bool, true, "Scale each pair's loss by its `weight`.")
+        .optional("steps", size.clone(), 200, "Optimiser steps.")
+        .optional("batch_size", size.clone(), 8, "Pairs per step.")
+        .optional("lr", float.clone(), 5e-5, "Peak learning rate (AdamW).")
+        .optional("min_lr", float.clone(), 5e-6, "Learning rate at the end of the cosine decay.")
+        .optional("warmup", count.clone(), 10, "Linear warm-up steps.")
+        .optional("clip", float.clone(), 1.0, "Gradient-norm clip.")
+        .optional("weight_decay", float.clone(), 0.0, "AdamW weight decay.")
+        .optional("eval_fraction", float, 0.1, "Fraction of pairs held out (seeded by pair id), in [0, 1).")
+        .optional("eval_every", count.clone(), 50, "Evaluate every this many steps (0 = only before and after).")
+        .optional("checkpoint_every", count.clone(), 0, "Write and emit a checkpoint every this many steps (0 = only the final one).")
+        .optional("seed", count, 0, "Seed of the hold-out split and batch order, combined with the pipeline seed.")
+        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: DpoConfig = init.config()?;
+        let loss = DpoLoss::parse(&config.loss)
+            .ok_or_else(|| StageError::config("loss", format!("unknown loss `{}`", config.loss)))?;
+        if !(config.beta > 0.0 && config.beta.is_finite()) {
+            return Err(StageError::config(
+                "beta",
+                format!("must be above 0, found {}", config.beta),
+            ));
+        }
+        if !(0.0..0.5).contains(&config.label_smoothing) {
+            return Err(StageError::config(
+                "label_smoothing",
+                format!("must be in [0, 0.5), found {}", config.label_smoothing),
+            ));
+        }
+        if !(0.0..1.0).contains(&config.eval_fraction) {
+            return Err(StageError::config(
+                "eval_fraction",
+                format!("must be in [0, 1), found {}", config.eval_fraction),
+            ));
+        }
+        if config.steps == 0 || config.batch_size == 0 {
+            let field = if config.steps == 0 {
+                "steps"
+            } else {
+                "batch_size"
+            };
+            return Err(StageError::config(field, "must be at least 1"));
+        }
+        let device = device(&config.device)?;
+        Ok(Dpo {
+            config,
+            loss,
+            device,
+            input: RoundInput::default(),
+            policy: NewestPolicy::new("policy", "policy", "policy"),
+            reference: NewestPolicy::new("reference", "reference", "reference policy"),
+        })
+    }
+}
+
+impl Stage for Dpo {
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let mut input = self.input.take();
+        self.policy.offer_all(&mut input, 1)?;
+        self.reference.offer_all(&mut input, 2)?;
+        let mut pairs = input.pairs(0);
+        // Sorted, so that training does not depend on arrival order.
+        pairs.sort_by(|a, b| a.id.cmp(&b.id));
+        pairs.dedup_by(|a, b| a.id == b.id);
+        ctx.metric("pairs", pairs.len() as f64);
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let Some(start) = self.policy.newest.clone() else {
+            return Err(StageError::new(format!(
+                "no policy artifact arrived in round {}: wire `policy` to the policy to optimise, e.g. \
+                 inputs = {{ pairs = \"...\", policy = \"sft.policy\" }}",
+                ctx.round()
+            )));
+        };
+        let dir = artifact_dir(ctx, &start);
+        let doing = format!("cannot load policy {} from {}", start.id, dir.display());
+        let (gpt, varmap) = checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?;
+        let tok = load_tokenizer(&dir).or_stage(&doing)?;
+        // The reference: its own port, or else the policy training starts from.
+        let reference = self
+            .reference
+            .newest
+            .clone()
+            .unwrap_or_else(|| start.clone());
+        let frozen = if !self.loss.uses_reference() {
+            None
+        } else if self.reference.newest.is_some() {
+            self.reference.load(ctx, &self.device)?;
+            None
+        } else {
+            Some(checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?.0)
+        };
+        let reference_gpt: Option<&Gpt> = match (&frozen, self.loss.uses_reference()) {
+            (Some(g), _) => Some(g),
+            (None, true) => self.reference.get().map(|(_, g, _)| g),
+            (None, false) => None,
+        };
+        let trainer = Trainer {
+            config: &self.config,
+            loss: self.loss,
+            device: &self.device,
+            seed: self.config.seed ^ ctx.init().seed,
+        };
+        let policy = Policy {
+            gpt,
+            varmap,
+            tok,
+            from: start,
+        };
+        trainer.train(ctx, &policy, reference_gpt, &reference, &pairs)
+    }
+}
+
+/// The directory of a checkpoint artifact (the directory of its file).
+fn artifact_dir(ctx: &Context, a: &ArtifactRef) -> std::path::PathBuf {
+    let file = ctx.init().run_dir.join(&a.path);
+    file.parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or(file)
+}
+
+/// The policy being optimised.
+struct Policy {
+    gpt: Gpt,
+    varmap: VarMap,
+    tok: Box<dyn Tokenizer>,
+    from: ArtifactRef,
+}
+
+/// One pair, tokenized, with its cached reference log-probabilities.
+struct Item {
+    id: String,
+    chosen: Example,
+    rejected: Example,
+    reference: (f32, f32),
+    margin: f32,
+    weight: f32,
+}
+
+/// What a batch of pairs gives: the mean loss (a tensor, to step on) and
+/// the sums the metrics are made of.
+struct Outcome {
+    loss: Tensor,
+    sums: Sums,
+}
+
+/// Sums over pairs of what the metrics report.
+#[derive(Default, Clone, Copy)]
+struct Sums {
+    n: f64,
+    loss: f64,
+    chosen: f64,
+    rejected: f64,
+    credit: f64,
+    log_ratio: f64,
+}
+
+impl Sums {
+    fn add(&mut self, o: Sums) {
+        self.n += o.n;
+        self.loss += o.loss;
+        self.chosen += o.chosen;
+        self.rejected += o.rejected;
+        self.credit += o.credit;
+        self.log_ratio += o.log_ratio;
+    }
+
+    fn mean(&self, x: f64) -> f64 {
+        x / self.n.max(1.0)
+    }
+}
+
+struct Trainer<'a> {
+    config: &'a DpoConfig,
+    loss: DpoLoss,
+    device: &'a Device,
+    seed: u64,
+}
+
+impl Trainer<'_> {
+    fn train(
+        &self,
+        ctx: &mut Context,
+        policy: &Policy,
+        reference: Option<&Gpt>,
+        reference_ref: &ArtifactRef,
+        pairs: &[PreferencePair],
+    ) -> Result<(), StageError> {
+        let c = self.config;
+        let context = policy.gpt.config().context;
+        let mut items: Vec<Item> = pairs
+            .iter()
+            .map(|p| Item {
+                id: p.id.clone(),
+                chosen: tokenize(policy.tok.as_ref(), &p.prompt, &p.chosen, context),
+                rejected: tokenize(policy.tok.as_ref(), &p.prompt, &p.rejected, context),
+                reference: (0.0, 0.0),
+                margin: if c.use_margin { p.margin as f32 } else { 0.0 },
+                weight: if c.use_weight { p.weight as f32 } else { 1.0 },
+            })
+            .collect();
+        let pad = policy.tok.pad_id();
+        if let Some(reference) = reference {
+            // Once per pair, before training: the reference never changes.
+            for chunk in items.chunks_mut(c.batch_size) {
+                let (lc, lr) = self
+                    .logprobs(reference, chunk, pad)
+                    .or_stage("scoring pairs under the reference")?;
+                let (lc, lr) = (
+                    lc.detach()
+                        .to_vec1::<f32>()
+                        .or_stage("reference log-probs")?,
+                    lr.detach()
+                        .to_vec1::<f32>()
+                        .or_stage("reference log-probs")?,
+                );
+                for (item, r) in chunk.iter_mut().zip(lc.into_iter().zip(lr)) {
+                    item.reference = r;
+                }
+            }
+        }
+        let (train, eval): (Vec<Item>, Vec<Item>) = items
+            .into_iter()
+            .partition(|i| seeded_unit(self.seed, &format!("holdout:{}", i.id)) >= c.eval_fraction);
+        let (train, eval) = if train.is_empty() {
+            (eval, Vec::new())
+        } else {
+            (train, eval)
+        };
+        let vars = policy.varmap.all_vars();
+        ctx.log(format!(
+            "{} on {} pairs ({} held out), {} steps, beta {}, from {}, reference {}",
+            c.loss,
+            train.len(),
+            eval.len(),
+            c.steps,
+            c.beta,
+            policy.from.id,
+            if self.loss.uses_reference() {
+                reference_ref.id.as_str()
+            } else {
+                "none (simpo)"
+            },
+        ));
+        let params = ParamsAdamW {
+            lr: c.lr,
+            weight_decay: c.weight_decay,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vars.clone(), params).or_stage("cannot create the optimiser")?;
+        let mut batches = Batches::new(train.iter().map(|i| i.id.clone()).collect(), self.seed);
+        let mut table = vec![format!(
+            "{:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "step", "loss", "acc", "margin", "eval_loss", "eval_acc"
+        )];
+        let every = (c.steps / 10).max(1);
+        let evaluate = |ctx: &mut Context, step: usize| -> Result<Option<Sums>, StageError> {
+            if eval.is_empty() {
+                return Ok(None);
+            }
+            let mut sums = Sums::default();
+            for chunk in eval.chunks(c.batch_size) {
+                let refs: Vec<&Item> = chunk.iter().collect();
+                let o = self
+                    .outcome(&policy.gpt, &refs, pad)
+                    .or_stage("evaluation failed")?;
+                sums.add(o.sums);
+            }
+            let s = step as u64;
+            ctx.metric_at("eval_loss", sums.mean(sums.loss), s);
+            ctx.metric_at("eval_rewards/accuracies", sums.mean(sums.credit), s);
+            ctx.metric_at(
+                "eval_rewards/margins",
+                sums.mean(sums.chosen - sums.rejected),
+                s,
+            );
+            Ok(Some(sums))
+        };
+        let mut last_eval = evaluate(ctx, 0)?;
+        let mut window = Sums::default();
+        for step in 1..=c.steps {
+            opt.set_learning_rate(lr_at(step - 1, c.warmup, c.steps, c.lr, c.min_lr));
+            let batch: Vec<&Item> = batches
+                .next(c.batch_size)
+                .into_iter()
+                .map(|i| &train[i])
+                .collect();
+            let o = self
+                .outcome(&policy.gpt, &batch, pad)
+                .or_stage("training step failed")?;
+            let mut grads = o.loss.backward().or_stage("training step failed")?;
+            clip_grad_norm(&mut grads, &vars, c.clip).or_stage("training step failed")?;
+            opt.step(&grads).or_stage("training step failed")?;
+            let (s, m) = (step as u64, o.sums);
+            ctx.metric_at("loss", m.mean(m.loss), s);
+            ctx.metric_at("rewards/chosen", m.mean(m.chosen), s);
+            ctx.metric_at("rewards/rejected", m.mean(m.rejected), s);
+            ctx.metric_at("rewards/margins", m.mean(m.chosen - m.rejected), s);
+            ctx.metric_at("rewards/accuracies", m.mean(m.credit), s);
+            ctx.metric_at("kl", m.mean(m.log_ratio), s);
+            ctx.progress("dpo", s, c.steps as u64);
+            window.add(m);
+            if (c.eval_every > 0 && step % c.eval_every == 0) || step == c.steps {
+                last_eval = evaluate(ctx, step)?;
+            }
+            if step % every == 0 || step == c.steps {
+                let (el, ea) = last_eval.take().map_or(("-".into(), "-".into()), |e| {
+                    (
+                        format!("{:.4}", e.mean(e.loss)),
+                        format!("{:.3}", e.mean(e.credit)),
+                    )
+                });
+                table.push(format!(
+                    "{step:>6} {:>9.4} {:>9.3} {:>9.4} {el:>9} {ea:>9}",
+                    window.mean(window.loss),
+                    window.mean(window.credit),
+                    window.mean(window.chosen - window.rejected),
+                ));
+                window = Sums::default();
+            }
+            if c.checkpoint_every > 0 && step % c.checkpoint_every == 0 && step < c.steps {
+                self.checkpoint(
+                    ctx,
+                    policy,
+                    reference_ref,
+                    &format!("ckpt-{step}"),
+                    Some(step),
+                )?;
+            }
+        }
+        ctx.log(table.join("\n"));
+        self.checkpoint(ctx, policy, reference_ref, "final", None)
+    }
+
+    /// Sequence log-probs of chosen and rejected [B] each under `gpt`, in
+    /// one forward pass over the 2B sequences.
+    fn logprobs(
+        &self,
+        gpt: &Gpt,
+        items: &[Item],
+        pad: u32,
+    ) -> hone_models::Result<(Tensor, Tensor)> {
+        let refs: Vec<&Item> = items.iter().collect();
+        let (lp, _) = self.forward(gpt, &refs, pad)?;
+        let b = items.len();
+        Ok((lp.narrow(0, 0, b)?, lp.narrow(0, b, b)?))
+    }
+
+    /// log pi of every chosen then every rejected response [2B], and the
+    /// responses' lengths [2B].
+    fn forward(
+        &self,
+        gpt: &Gpt,
+        items: &[&Item],
+        pad: u32,
+    ) -> hone_models::Result<(Tensor, Tensor)> {
+        let examples: Vec<Example> = items
+            .iter()
+            .map(|i| i.chosen.clone())
+            .chain(items.iter().map(|i| i.rejected.clone()))
+            .collect();
+        let (x, y, mask) = to_tensors(&examples, pad, self.device)?;
+        let lp = sequence_logprobs(&gpt.forward(&x)?, &y, &mask)?;
+        Ok((lp, mask.sum(1)?))
+    }
+
+    /// The loss of a batch and its metric sums.
+    fn outcome(&self, gpt: &Gpt, items: &[&Item], pad: u32) -> hone_models::Result<Outcome> {
+        let b = items.len();
+        let (lp, len) = self.forward(gpt, items, pad)?;
+        let col = |f: &dyn Fn(&Item) -> f32| {
+            Tensor::from_vec(
+                items.iter().map(|i| f(i)).collect::<Vec<f32>>(),
+                b,
+                self.device,
+            )
+        };
+        let (reference_chosen, reference_rejected) =
+            (col(&|i| i.reference.0)?, col(&|i| i.reference.1)?);
+        let (margin, weight) = (col(&|i| i.margin)?, col(&|i| i.weight)?);
+        let (policy_chosen, policy_rejected) = (lp.narrow(0, 0, b)?, lp.narrow(0, b, b)?);
+        let batch = DpoBatch {
+            policy_chosen: &policy_chosen,
+            policy_rejected: &policy_rejected,
+            reference_chosen: &reference_chosen,
+            reference_rejected: &reference_rejected,
+            chosen_len: &len.narrow(0, 0, b)?,
+            rejected_len: &len.narrow(0, b, b)?,
+            margin: &margin,
+            weight: &weight,
+        };
+        let p = DpoParams {
+            beta: self.config.beta,
+            label_smoothing: self.config.label_smoothing,
+            gamma: self.config.gamma,
+        };
+        let (losses, chosen, rejected) = dpo_losses(self.loss, p, &batch)?;
+        let loss = losses.mean_all()?;
+        let values = |t: &Tensor| t.detach().to_vec1::<f32>();
+        let (chosen, rejected) = (values(&chosen)?, values(&rejected)?);
+        let log_ratio = values(
+            &((policy_chosen - &reference_chosen)? + (policy_rejected - &reference_rejected)?)?,
+        )?;
+        let sums = Sums {
+            n: b as f64,
+            loss: f64::from(loss.to_scalar::<f32>()?) * b as f64,
+            chosen: chosen.iter().map(|&x| f64::from(x)).sum(),
+            rejected: rejected.iter().map(|&x| f64::from(x)).sum(),
+            credit: chosen
+                .iter()
+                .zip(&rejected)
+                .map(|(&c, &r)| pair_credit(f64::from(c - r), true))
+                .sum(),
+            log_ratio: log_ratio.iter().map(|&x| f64::from(x) / 2.0).sum(),
+        };
+        Ok(Outcome { loss, sums })
+    }
+
+    /// Saves the policy as `NAME/` in the round's output directory,
+    /// registers it and emits it.
+    fn checkpoint(
+        &self,
+        ctx: &mut Context,
+        policy: &Policy,
+        reference: &ArtifactRef,
+        name: &str,
+        step: Option<usize>,
+    ) -> Result<(), StageError> {
+        let dir = ctx.output_dir()?.join(name);
+        checkpoint::save(
+            &dir,
+            &policy.varmap,
+            policy.gpt.config(),
+            policy.tok.as_ref(),
+        )
+        .or_stage(&format!("cannot write checkpoint {}", dir.display()))?;
+        let c = self.config;
+        let steps = step.unwrap_or(c.steps);
+        let lineage = if self.loss.uses_reference() {
+            vec![
+                format!("dpo from {}, reference {}", policy.from.id, reference.id),
+                format!("lm.dpo loss {} beta {} step {steps}", c.loss, c.beta),
+            ]
+        } else {
+            vec![
+                format!("dpo from {}, reference none (simpo)", policy.from.id),
+                format!(
+                    "lm.dpo loss simpo beta {} gamma {} step {steps}",
+                    c.beta, c.gamma
+                ),
+            ]
+        };
+        let at = Checkpoint {
+            step: step.map(|s| s as u64),
+            member: None,
+        };
+        let inputs = vec![policy.from.id.clone(), reference.id.clone()];
+        let artifact = ctx.register_checkpoint(
+            "policy",
+            &dir.join(checkpoint::WEIGHTS),
+            at,
+            inputs,
+            lineage,
+        )?;
+        ctx.emit(0, Record::Artifact(artifact));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

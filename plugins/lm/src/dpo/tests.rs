@@ -1,0 +1,220 @@
+//! In-process tests of `lm.dpo`: gradients reach every parameter, a toy
+//! preference is learnt by each loss, the same seed gives the same weights,
+//! and a missing or wrong input fails clearly.
+
+use super::*;
+use crate::sft::tests::{demos, run_sft, temp_run_dir, tiny_config};
+use hone_models::gpt::{init_seeded, GptConfig};
+use hone_models::tokenizer::ByteTokenizer;
+use hone_models::{DType, VarBuilder};
+use hone_sdk::Collected;
+use serde_json::json;
+
+/// A preference the policy can learn: after each question, " yes" over " no".
+fn pairs(n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| {
+            let mut p = PreferencePair::new(
+                format!("q{i:03}"),
+                format!("Human: question {i}?\n\nAssistant:"),
+                " yes",
+                " no",
+                "test",
+            );
+            p.margin = 0.0;
+            Record::Pair(p)
+        })
+        .collect()
+}
+
+/// A policy artifact (a briefly fine-tuned tiny GPT) in `dir`.
+fn policy(dir: &std::path::Path) -> ArtifactRef {
+    let out = run_sft(
+        dir,
+        tiny_config(json!({"steps": 5, "checkpoint_every": 0})),
+        demos(16),
+    );
+    out.artifacts(0).pop().expect("a policy")
+}
+
+fn config(overrides: serde_json::Value) -> serde_json::Value {
+    let mut c = hone_sdk::testing::full_config::<Dpo>(json!({
+        "steps": 30, "batch_size": 8, "lr": 5e-3, "min_lr": 5e-4, "warmup": 2,
+        "eval_fraction": 0.25, "eval_every": 10, "beta": 0.5,
+    }));
+    for (k, v) in overrides.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+fn run(
+    dir: &std::path::Path,
+    config: serde_json::Value,
+    inputs: Vec<(usize, Vec<Record>)>,
+) -> Result<Collected, StageError> {
+    let mut init = StageInit::for_test("lm.dpo", config);
+    init.stage_id = "dpo".into();
+    init.run_dir = dir.to_path_buf();
+    hone_sdk::testing::run_round::<Dpo>(&init, inputs)
+}
+
+#[test]
+fn every_parameter_gets_a_gradient_under_each_loss() {
+    let cfg = GptConfig {
+        vocab_size: ByteTokenizer::VOCAB,
+        d_model: 16,
+        n_layers: 2,
+        n_heads: 2,
+        context: 32,
+    };
+    for loss in [
+        DpoLoss::Sigmoid,
+        DpoLoss::Ipo,
+        DpoLoss::Robust,
+        DpoLoss::Simpo,
+    ] {
+        let varmap = VarMap::new();
+        let gpt = Gpt::new(
+            &cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        init_seeded(&varmap, 1).unwrap();
+        let dpo_config: DpoConfig = serde_json::from_value(config(json!({}))).unwrap();
+        let trainer = Trainer {
+            config: &dpo_config,
+            loss,
+            device: &Device::Cpu,
+            seed: 0,
+        };
+        let tok = ByteTokenizer;
+        let items: Vec<Item> = (0..3)
+            .map(|i| Item {
+                id: format!("p{i}"),
+                chosen: tokenize(&tok, &format!("q{i}"), " yes", 32),
+                rejected: tokenize(&tok, &format!("q{i}"), " no thanks", 32),
+                reference: (-3.0, -4.0),
+                margin: 0.1,
+                weight: 1.0,
+            })
+            .collect();
+        let refs: Vec<&Item> = items.iter().collect();
+        let o = trainer.outcome(&gpt, &refs, tok.pad_id()).unwrap();
+        let grads = o.loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        // The LM head is tied to nothing and every variable is trained.
+        for (name, var) in data.iter() {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{loss:?}: no gradient for {name}"));
+            let s = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(s > 0.0, "{loss:?}: zero gradient for {name}");
+        }
+    }
+}
+
+#[test]
+fn each_loss_learns_a_toy_preference() {
+    let dir = temp_run_dir("dpo-toy");
+    let start = policy(&dir);
+    for loss in ["sigmoid", "ipo", "robust", "simpo"] {
+        let out = run(
+            &dir,
+            config(json!({ "loss": loss })),
+            vec![(0, pairs(32)), (1, vec![Record::Artifact(start.clone())])],
+        )
+        .unwrap();
+        let losses = out.series("loss");
+        assert_eq!(losses.len(), 30);
+        let (first, last) = (
+            losses[..5].iter().sum::<f64>() / 5.0,
+            losses[25..].iter().sum::<f64>() / 5.0,
+        );
+        assert!(last < first, "{loss}: loss {first} -> {last}");
+        // Held-out pairs are won, by a growing margin.
+        let acc = out.series("eval_rewards/accuracies");
+        assert_eq!(*acc.last().unwrap(), 1.0, "{loss}: {acc:?}");
+        let margins = out.series("eval_rewards/margins");
+        assert!(margins.last().unwrap() > &margins[0], "{loss}: {margins:?}");
+        let policies = out.artifacts(0);
+        assert_eq!(policies.len(), 1, "only the final checkpoint");
+        assert_eq!(policies[0].name, "final/model.safetensors");
+        assert_eq!(policies[0].step, None);
+        assert!(
+            out.logs().iter().any(|l| l.contains("eval_loss")),
+            "a loss table"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_same_seed_gives_the_same_weights_and_checkpoints_carry_their_step() {
+    let dir = temp_run_dir("dpo-seed");
+    let start = policy(&dir);
+    let input = || vec![(0, pairs(16)), (1, vec![Record::Artifact(start.clone())])];
+    let c = config(json!({"steps": 6, "checkpoint_every": 3}));
+    let a = run(&dir, c.clone(), input()).unwrap().artifacts(0);
+    let b = run(&dir, c, input()).unwrap().artifacts(0);
+    assert_eq!(a.len(), 2);
+    assert_eq!(
+        (a[0].name.as_str(), a[0].step),
+        ("ckpt-3/model.safetensors", Some(3))
+    );
+    assert_eq!(a[1].sha256, b[1].sha256, "same seed, same final weights");
+    let other = run(&dir, config(json!({"steps": 6, "seed": 9})), input())
+        .unwrap()
+        .artifacts(0);
+    assert_ne!(
+        other[0].sha256, a[1].sha256,
+        "another seed, another batch order"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_reference_port_is_used_and_checked() {
+    let dir = temp_run_dir("dpo-ref");
+    let start = policy(&dir);
+    // With the start as an explicit reference, the same result as the default.
+    let input = |reference: Option<ArtifactRef>| {
+        let mut v = vec![(0, pairs(16)), (1, vec![Record::Artifact(start.clone())])];
+        if let Some(r) = reference {
+            v.push((2, vec![Record::Artifact(r)]));
+        }
+        v
+    };
+    let c = config(json!({"steps": 4}));
+    let default = run(&dir, c.clone(), input(None)).unwrap();
+    let explicit = run(&dir, c.clone(), input(Some(start.clone()))).unwrap();
+    assert_eq!(default.series("loss"), explicit.series("loss"));
+    // A reward model on the reference port is refused, naming the port.
+    let mut rm = start.clone();
+    rm.kind = "reward-model".into();
+    let err = run(&dir, c.clone(), input(Some(rm))).err().unwrap();
+    assert!(
+        err.message
+            .contains("input `reference` takes policy artifacts"),
+        "{err}"
+    );
+    // No policy: an error saying what to wire.
+    let err = run(&dir, c, vec![(0, pairs(4))]).err().unwrap();
+    assert!(err.message.contains("wire `policy`"), "{err}");
+    // Bad settings name their field.
+    for (bad, field) in [
+        (json!({"beta": 0.0}), "beta"),
+        (json!({"label_smoothing": 0.5}), "label_smoothing"),
+        (json!({"eval_fraction": 1.0}), "eval_fraction"),
+    ] {
+        let err = hone_sdk::testing::create::<Dpo>(bad).err().unwrap();
+        assert_eq!(err.config_field(), Some(field), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,108 @@
+//! Policy learners end to end through the `hone` binary: SFT, then DPO on
+//! the simulated world's noisy pairs, then sampling from the DPO policy and
+//! scoring it with the gold reward.
+
+use hone_tests::{hone, metric, read_lines, text, TempDir};
+
+const PIPELINE: &str = r#"[pipeline]
+name = "dpo"
+seed = 4
+
+[stages.prompts]
+kind = "world.prompts"
+config = { count = 40, split = "train" }
+
+[stages.demos]
+kind = "world.demos"
+inputs = "prompts"
+config = { quality = 0.8, samples = 1, tag = "sft" }
+
+[stages.sft]
+kind = "lm.sft"
+inputs = "demos"
+config = { d_model = 32, n_layers = 1, n_heads = 2, context = 64, steps = 20, batch_size = 8, eval_every = 0, checkpoint_every = 0 }
+
+[stages.candidates]
+kind = "world.demos"
+inputs = "prompts"
+config = { quality = 0.5, samples = 3 }
+
+[stages.label]
+kind = "world.label"
+inputs = "candidates"
+config = { flip_rate = 0.1 }
+
+[stages.dpo]
+kind = "lm.dpo"
+inputs = { pairs = "label", policy = "sft.policy" }
+config = { steps = 20, batch_size = 8, lr = 3e-3, beta = 0.2, eval_every = 10 }
+
+[stages.rollout]
+kind = "lm.rollout"
+inputs = { prompts = "prompts", policy = "dpo.policy" }
+config = { n = 2, max_new_tokens = 16 }
+
+[stages.gold]
+kind = "world.gold"
+inputs = "rollout"
+
+[stages.write]
+kind = "jsonl.write"
+inputs = "rollout"
+"#;
+
+#[test]
+fn dpo_trains_the_sft_policy_and_rollout_samples_from_it() {
+    let dir = TempDir::new("dpo");
+    let path = dir.write("dpo.toml", PIPELINE);
+    let out = hone(
+        &dir.0,
+        &["run", path.to_str().unwrap(), "-q", "--workers", "2"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let run = dir.join("runs/dpo");
+    let pairs = metric(&run, "dpo", "pairs").unwrap();
+    assert_eq!(Some(pairs), metric(&run, "label", "pairs"));
+    // Its metrics, under TRL's names, at every step.
+    let series = |name: &str| -> Vec<f64> {
+        read_lines(&run.join("metrics.jsonl"))
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["stage"] == "dpo" && v["name"] == name)
+            .map(|v| v["value"].as_f64().unwrap())
+            .collect()
+    };
+    for name in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "kl",
+    ] {
+        assert_eq!(series(name).len(), 20, "{name}");
+    }
+    let loss = series("loss");
+    assert!(
+        loss[15..].iter().sum::<f64>() < loss[..5].iter().sum::<f64>(),
+        "{loss:?}"
+    );
+    // The DPO policy's lineage names where it came from, and rollout uses it.
+    let manifest = std::fs::read_to_string(run.join("manifest.jsonl")).unwrap();
+    assert!(
+        manifest.contains(
+            "dpo from sft/final/model.safetensors@0, reference sft/final/model.safetensors@0"
+        ),
+        "{manifest}"
+    );
+    let samples = read_lines(&run.join("outputs/write/records.jsonl"));
+    assert_eq!(samples.len(), 80);
+    for s in &samples {
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        assert_eq!(v["policy"]["id"], "dpo/final/model.safetensors@0", "{s}");
+    }
+    assert_eq!(
+        metric(&run, "gold", "scored").unwrap() + metric(&run, "gold", "skipped").unwrap(),
+        80.0
+    );
+}
