@@ -78,7 +78,7 @@ fn dpo_trains_the_sft_policy_and_rollout_samples_from_it() {
         "rewards/rejected",
         "rewards/margins",
         "rewards/accuracies",
-        "kl",
+        "log_ratio",
     ] {
         assert_eq!(series(name).len(), 20, "{name}");
     }

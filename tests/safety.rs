@@ -538,4 +538,24 @@ fn peers_that_never_come_time_out_with_a_clear_message() {
             "{err}"
         );
     }
+    // Without a hostfile, process 1 looks for process 0 at localhost:2101.
+    let started = Instant::now();
+    let (out, err) = run(
+        &home.0,
+        &[
+            "run",
+            p,
+            "--processes",
+            "2",
+            "--process",
+            "1",
+            "--connect-timeout",
+            "2",
+            "--run-dir",
+            "nohosts",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(err.contains("process 0 at localhost:2101"), "{err}");
 }

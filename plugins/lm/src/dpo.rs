@@ -69,7 +69,7 @@ impl StageFactory for Dpo {
              response tokens only; the reference's are computed once per pair and cached. Each pair's \
              `margin` is subtracted from the loss's logit and its `weight` scales its loss (rm.strength sets \
              both). Metrics by step (TRL's names): loss, rewards/chosen, rewards/rejected, rewards/margins, \
-             rewards/accuracies, kl (the mean log-ratio log pi - log pi_ref over the pairs' responses), and \
+             rewards/accuracies, log_ratio (the mean of log pi - log pi_ref over the pairs' responses: not a KL, which needs the policy's own samples; lm.logprobs and eval.rewards measure that), and \
              eval_loss, eval_rewards/accuracies, eval_rewards/margins on a seeded hold-out; logs a loss \
              table. Writes checkpoints ckpt-STEP (every checkpoint_every steps) and final, emitted as \
              `policy` artifacts with lineage `dpo from POLICY, reference REF`.",
@@ -389,7 +389,7 @@ impl Trainer<'_> {
             ctx.metric_at("rewards/rejected", m.mean(m.rejected), s);
             ctx.metric_at("rewards/margins", m.mean(m.chosen - m.rejected), s);
             ctx.metric_at("rewards/accuracies", m.mean(m.credit), s);
-            ctx.metric_at("kl", m.mean(m.log_ratio), s);
+            ctx.metric_at("log_ratio", m.mean(m.log_ratio), s);
             ctx.progress("dpo", s, c.steps as u64);
             window.add(m);
             if (c.eval_every > 0 && step % c.eval_every == 0) || step == c.steps {
