@@ -2,7 +2,7 @@
 //! errors, failures, the dataflow across workers and processes, and
 //! out-of-tree plugins.
 
-use hone_tests::{hone, metric, read_lines, text, workspace, TempDir, GOOD};
+use hone_tests::{expect, hone, metric, read_lines, text, workspace, TempDir, GOOD};
 use std::path::Path;
 
 /// Asserts that validating `pipeline` exits 2 with an error at `line:col`
@@ -270,10 +270,12 @@ fn panicking_stage_exits_1_with_stage_id_and_message() {
         .replace("filter.pairs\"", "filter\"");
     let dir = TempDir::new("panic");
     let path = dir.write("p.toml", &p);
-    let out = hone(&dir.0, &["run", path.to_str().unwrap(), "--workers", "2"]);
-    let (_, err) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("stage `filter` failed"), "{err}");
+    let err = expect(
+        &dir.0,
+        &["run", path.to_str().unwrap(), "--workers", "2"],
+        1,
+        &["stage `filter` failed"],
+    );
     assert!(
         err.contains("stage 'filter' panicked: boom at ten"),
         "{err}"
@@ -306,12 +308,11 @@ fn failing_stage_exits_1_with_stage_id_and_error() {
         .replace("filter.pairs\"", "filter\"");
     let dir = TempDir::new("fail");
     let path = dir.write("p.toml", &p);
-    let out = hone(&dir.0, &["run", path.to_str().unwrap()]);
-    let (_, err) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("stage `filter` failed on worker 0: disk on fire"),
-        "{err}"
+    expect(
+        &dir.0,
+        &["run", path.to_str().unwrap()],
+        1,
+        &["stage `filter` failed on worker 0: disk on fire"],
     );
 }
 
@@ -321,10 +322,12 @@ fn malformed_input_line_is_reported_or_skipped_and_counted() {
     dir.write("d.jsonl", "{\"prompt\": \"p\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{not json\n{\"prompt\": \"q\", \"chosen\": \"c\", \"rejected\": \"d\"}\n");
     let base = "[stages.read]\nkind = \"jsonl.read-pairs\"\nconfig = { path = \"d.jsonl\", on_error = \"ON\" }\n\n[stages.write]\nkind = \"jsonl.write\"\ninputs = [\"read\"]\n";
     let path = dir.write("fail.toml", &base.replace("ON", "fail"));
-    let out = hone(&dir.0, &["run", path.to_str().unwrap()]);
-    let (_, err) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("d.jsonl:2: invalid JSON"), "{err}");
+    expect(
+        &dir.0,
+        &["run", path.to_str().unwrap()],
+        1,
+        &["d.jsonl:2: invalid JSON"],
+    );
     let path = dir.write("skip.toml", &base.replace("ON", "skip"));
     let out = hone(&dir.0, &["run", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));

@@ -5,7 +5,7 @@
 //! capped, and the JSONL readers accept a byte-order mark and skip (and
 //! count) a line that is not UTF-8.
 
-use hone_tests::{hone, metric, read_lines, text, TempDir};
+use hone_tests::{expect, hone, metric, read_lines, text, TempDir};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -112,12 +112,11 @@ fn negative_counts_are_refused_at_their_line_naming_field_value_and_range() {
                inputs = { completions = \"gen\" }\nconfig = { ns = [1, -2] }\n";
     let dir = TempDir::new("bon");
     let path = dir.write("p.toml", bon);
-    let out = hone(&dir.0, &["validate", path.to_str().unwrap()]);
-    let (_, err) = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("`stages.b.config.ns[1]` = -2 is out of range"),
-        "{err}"
+    expect(
+        &dir.0,
+        &["validate", path.to_str().unwrap()],
+        2,
+        &["`stages.b.config.ns[1]` = -2 is out of range"],
     );
 }
 

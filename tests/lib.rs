@@ -63,6 +63,36 @@ pub fn hone(cwd: &Path, args: &[&str]) -> Output {
         .expect("hone runs")
 }
 
+/// Runs `hone run FILE --run-dir RUN_DIR --workers N -q` in `cwd`.
+pub fn run_file(cwd: &Path, file: &Path, run_dir: &Path, workers: &str) -> Output {
+    hone(
+        cwd,
+        &[
+            "run",
+            file.to_str().expect("a UTF-8 path"),
+            "--run-dir",
+            run_dir.to_str().expect("a UTF-8 path"),
+            "--workers",
+            workers,
+            "-q",
+        ],
+    )
+}
+
+/// Runs `hone ARGS` in `cwd` and asserts its exit code and that its stderr
+/// holds every one of `needles` (and no panic of hone's own: a stage's
+/// contained panic is reported as an error); returns the stderr.
+pub fn expect(cwd: &Path, args: &[&str], code: i32, needles: &[&str]) -> String {
+    let out = hone(cwd, args);
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+    assert!(!err.contains("thread '"), "hone panicked: {err}");
+    err
+}
+
 /// Stdout and stderr of a finished command, for assertion messages.
 pub fn text(o: &Output) -> (String, String) {
     (

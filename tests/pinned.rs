@@ -4,7 +4,7 @@
 //! again after it, on one worker and on two: totals over workers agree
 //! exactly. A deliberate change of results updates them, and says so.
 
-use hone_tests::{hone, text, workspace, TempDir};
+use hone_tests::{run_file, text, workspace, TempDir};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -13,19 +13,7 @@ use std::path::Path;
 fn totals(pipeline: &str, workers: &str) -> BTreeMap<String, f64> {
     let dir = TempDir::new("pinned");
     let run_dir = dir.join("run");
-    let file = workspace().join(pipeline);
-    let out = hone(
-        &dir.0,
-        &[
-            "run",
-            file.to_str().unwrap(),
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-            "--workers",
-            workers,
-            "-q",
-        ],
-    );
+    let out = run_file(&dir.0, &workspace().join(pipeline), &run_dir, workers);
     assert_eq!(out.status.code(), Some(0), "{pipeline}: {:?}", text(&out));
     sum_metrics(&run_dir)
 }

@@ -2,7 +2,7 @@
 //! workers, WARM merging and its refusal, preference strength, and the eval
 //! stages scoring a reward model and best-of-n.
 
-use hone_tests::{hone, metric, read_lines, text, TempDir};
+use hone_tests::{metric, read_lines, run_file, text, TempDir};
 use std::path::{Path, PathBuf};
 
 /// World pairs with 25% flipped labels, shared by the pipelines below.
@@ -33,18 +33,7 @@ fn run(
 ) -> (PathBuf, std::process::Output) {
     let file = dir.write(&format!("{name}.toml"), pipeline);
     let run_dir = dir.join(name);
-    let out = hone(
-        &dir.0,
-        &[
-            "run",
-            file.to_str().unwrap(),
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-            "--workers",
-            workers,
-            "-q",
-        ],
-    );
+    let out = run_file(&dir.0, &file, &run_dir, workers);
     (run_dir, out)
 }
 

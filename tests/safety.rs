@@ -62,6 +62,21 @@ fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, Vec<u8>>, what: &str)
     assert!(changed.is_empty(), "{what} changed files: {changed:?}");
 }
 
+/// Runs `hone ARGS` in `cwd` and asserts that it is refused (exit 2) with
+/// `needle` in its message, and that no file under `home` changed.
+fn assert_refused(
+    cwd: &Path,
+    args: &[&str],
+    needle: &str,
+    home: &Path,
+    before: &BTreeMap<PathBuf, Vec<u8>>,
+) {
+    let (out, err) = run(cwd, args);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.contains(needle), "{args:?}: {err}");
+    assert_unchanged(home, before, &format!("{args:?}"));
+}
+
 fn run(cwd: &Path, args: &[&str]) -> (Output, String) {
     let out = hone(cwd, args);
     let err = text(&out).1;
@@ -144,7 +159,7 @@ fn replace_and_resume_leave_a_directory_that_is_not_a_run_alone() {
         assert_unchanged(&home.0, &before, &format!("{flag} changed files"));
     }
     // A plain file where the run directory would go.
-    let (out, err) = run(
+    assert_refused(
         &home.0,
         &[
             "run",
@@ -153,10 +168,10 @@ fn replace_and_resume_leave_a_directory_that_is_not_a_run_alone() {
             "notes.txt",
             "--replace",
         ],
+        "is not a directory",
+        &home.0,
+        &before,
     );
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("is not a directory"), "{err}");
-    assert_unchanged(&home.0, &before, "this run");
 }
 
 #[test]
@@ -174,42 +189,16 @@ fn replace_never_deletes_the_current_directory_or_a_parent_even_a_marked_one() {
         (home.join("sub/deeper"), "../.."),
         (home.join("sub/deeper"), home.0.to_str().unwrap()),
     ] {
-        let (out, err) = run(
-            &cwd,
-            &[
-                "run",
-                path.to_str().unwrap(),
-                "--run-dir",
-                run_dir,
-                "--replace",
-            ],
-        );
-        assert_eq!(out.status.code(), Some(2), "{run_dir}: {err}");
-        assert!(
-            err.contains("--replace refuses to delete"),
-            "{run_dir}: {err}"
-        );
-        assert_unchanged(
-            &home.0,
-            &before,
-            &format!("--run-dir {run_dir} changed files"),
-        );
+        let p = path.to_str().unwrap();
+        let args = ["run", p, "--run-dir", run_dir, "--replace"];
+        assert_refused(&cwd, &args, "--replace refuses to delete", &home.0, &before);
     }
     // The directory holding the pipeline file being run, from elsewhere.
     let elsewhere = TempDir::new("elsewhere");
-    let (out, err) = run(
-        &elsewhere.0,
-        &[
-            "run",
-            path.to_str().unwrap(),
-            "--run-dir",
-            home.0.to_str().unwrap(),
-            "--replace",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("the pipeline file being run"), "{err}");
-    assert_unchanged(&home.0, &before, "this run");
+    let (p, h) = (path.to_str().unwrap(), home.0.to_str().unwrap());
+    let args = ["run", p, "--run-dir", h, "--replace"];
+    let needle = "the pipeline file being run";
+    assert_refused(&elsewhere.0, &args, needle, &home.0, &before);
 }
 
 #[test]
@@ -510,52 +499,32 @@ fn peers_that_never_come_time_out_with_a_clear_message() {
         "hosts",
         &format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
     );
-    for process in ["0", "1"] {
+    // Each process alone, with the hostfile; then process 1 without one,
+    // looking for process 0 at localhost:2101.
+    let cases = [
+        (
+            "0",
+            Some("hosts"),
+            "process 0 of 2: the other processes did not connect within 2 s",
+        ),
+        (
+            "1",
+            Some("hosts"),
+            "process 1 of 2: the other processes did not connect within 2 s",
+        ),
+        ("1", None, "process 0 at localhost:2101"),
+    ];
+    for (process, hosts, needle) in cases {
+        let run_dir = format!("run{process}{}", hosts.is_some());
+        let mut args = vec!["run", p, "--processes", "2", "--process", process];
+        args.extend(["--connect-timeout", "2", "--run-dir", &run_dir]);
+        if let Some(h) = hosts {
+            args.extend(["--hostfile", h]);
+        }
         let started = Instant::now();
-        let (out, err) = run(
-            &home.0,
-            &[
-                "run",
-                p,
-                "--processes",
-                "2",
-                "--process",
-                process,
-                "--hostfile",
-                "hosts",
-                "--connect-timeout",
-                "2",
-                "--run-dir",
-                &format!("run{process}"),
-            ],
-        );
+        let (out, err) = run(&home.0, &args);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(started.elapsed() < Duration::from_secs(30));
-        assert!(
-            err.contains(&format!(
-                "error: process {process} of 2: the other processes did not connect within 2 s"
-            )),
-            "{err}"
-        );
+        assert!(err.contains(needle), "{err}");
     }
-    // Without a hostfile, process 1 looks for process 0 at localhost:2101.
-    let started = Instant::now();
-    let (out, err) = run(
-        &home.0,
-        &[
-            "run",
-            p,
-            "--processes",
-            "2",
-            "--process",
-            "1",
-            "--connect-timeout",
-            "2",
-            "--run-dir",
-            "nohosts",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(30));
-    assert!(err.contains("process 0 at localhost:2101"), "{err}");
 }

@@ -55,6 +55,16 @@ impl RoundInput {
         })
     }
 
+    /// The preference pairs of `port` in id order, one per id (the first to
+    /// arrive): what a trainer needs so that its data does not depend on
+    /// arrival order or on a pair reaching it twice.
+    pub fn pairs_by_id(&mut self, port: usize) -> Vec<PreferencePair> {
+        let mut pairs = self.pairs(port);
+        pairs.sort_by(|a, b| a.id.cmp(&b.id));
+        pairs.dedup_by(|a, b| a.id == b.id);
+        pairs
+    }
+
     /// The completions of `port`.
     pub fn completions(&mut self, port: usize) -> Vec<Completion> {
         self.of(port, |r| match r {

@@ -57,8 +57,11 @@ pub struct Dpo {
 
 impl StageFactory for Dpo {
     fn descriptor() -> StageDescriptor {
-        let count = FieldType::unsigned();
-        let size = FieldType::positive().at_most(1 << 20);
+        // Counts (0 allowed), sizes (at least 1) and reals.
+        let (count, size) = (
+            FieldType::unsigned(),
+            FieldType::positive().at_most(1 << 20),
+        );
         let float = FieldType::Float;
         StageDescriptor::new(
             "lm.dpo",
@@ -149,10 +152,7 @@ impl Stage for Dpo {
         let mut input = self.input.take();
         self.policy.offer_all(&mut input, 1)?;
         self.reference.offer_all(&mut input, 2)?;
-        let mut pairs = input.pairs(0);
-        // Sorted, so that training does not depend on arrival order.
-        pairs.sort_by(|a, b| a.id.cmp(&b.id));
-        pairs.dedup_by(|a, b| a.id == b.id);
+        let pairs = input.pairs_by_id(0);
         ctx.metric("pairs", pairs.len() as f64);
         if pairs.is_empty() {
             return Ok(());

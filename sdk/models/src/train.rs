@@ -110,16 +110,83 @@ fn masked_token_logprobs(
     Ok(((picked * &mask)?, mask))
 }
 
-/// Checks a model-and-training shape before anything is built: every
-/// `positive` (name, value) at least 1, `n_heads` dividing `d_model`, and
-/// `eval_fraction` in [0, 1). The error names the offending field.
+/// The variables of `varmap` that `grads` gives no gradient, or an
+/// all-zero one, by name (sorted). candle's fused layer norm, softmax and
+/// SDPA have no backward pass, so a model built on them trains without an
+/// error while the gradient silently stops: every model and learner has a
+/// test that this list is empty (or names the one variable expected).
+pub fn vars_without_gradient(varmap: &crate::VarMap, grads: &GradStore) -> Result<Vec<String>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("the VarMap's lock is poisoned".into()))?;
+    let mut missing = Vec::new();
+    for (name, var) in data.iter() {
+        let zero = match grads.get(var) {
+            None => true,
+            Some(g) => {
+                g.abs()?
+                    .sum_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?
+                    == 0.0
+            }
+        };
+        if zero {
+            missing.push(name.clone());
+        }
+    }
+    missing.sort();
+    Ok(missing)
+}
+
+/// A GPT's shape as a stage's config gives it, for [`check_shape`].
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Width.
+    pub d_model: usize,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Attention heads (must divide `d_model`).
+    pub n_heads: usize,
+    /// Context length.
+    pub context: usize,
+}
+
+impl Shape {
+    /// The shape of `d_model` wide, `n_layers` deep, `n_heads` heads and a
+    /// context of `context` tokens.
+    pub fn new(d_model: usize, n_layers: usize, n_heads: usize, context: usize) -> Self {
+        Shape {
+            d_model,
+            n_layers,
+            n_heads,
+            context,
+        }
+    }
+}
+
+/// Checks a model-and-training shape before anything is built: the shape's
+/// sizes and every `positive` (name, value) at least 1, `n_heads` dividing
+/// `d_model`, and `eval_fraction` in [0, 1). The error names the field.
 pub fn check_shape(
+    shape: Shape,
     positive: &[(&'static str, usize)],
-    d_model: usize,
-    n_heads: usize,
     eval_fraction: f64,
 ) -> std::result::Result<(), (&'static str, String)> {
-    if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+    let Shape {
+        d_model,
+        n_layers,
+        n_heads,
+        context,
+    } = shape;
+    let sizes = [
+        ("d_model", d_model),
+        ("n_layers", n_layers),
+        ("n_heads", n_heads),
+        ("context", context),
+    ];
+    if let Some((field, _)) = sizes.iter().chain(positive).find(|(_, v)| *v == 0) {
         return Err((field, "must be at least 1".into()));
     }
     if n_heads == 0 || !d_model.is_multiple_of(n_heads) {
@@ -199,13 +266,21 @@ mod tests {
 
     #[test]
     fn shape_checks_name_the_field() {
-        assert_eq!(check_shape(&[("steps", 3)], 16, 4, 0.1), Ok(()));
+        let shape = |d_model, n_heads| Shape {
+            d_model,
+            n_layers: 1,
+            n_heads,
+            context: 8,
+        };
+        assert_eq!(check_shape(shape(16, 4), &[("steps", 3)], 0.1), Ok(()));
+        let field = |r: std::result::Result<(), (&'static str, String)>| r.unwrap_err().0;
         assert_eq!(
-            check_shape(&[("steps", 0)], 16, 4, 0.1).unwrap_err().0,
+            field(check_shape(shape(16, 4), &[("steps", 0)], 0.1)),
             "steps"
         );
-        assert_eq!(check_shape(&[], 16, 3, 0.1).unwrap_err().0, "n_heads");
-        assert_eq!(check_shape(&[], 16, 4, 1.0).unwrap_err().0, "eval_fraction");
+        assert_eq!(field(check_shape(shape(0, 4), &[], 0.1)), "d_model");
+        assert_eq!(field(check_shape(shape(16, 3), &[], 0.1)), "n_heads");
+        assert_eq!(field(check_shape(shape(16, 4), &[], 1.0)), "eval_fraction");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use data::{prepare, to_tensors, Demo, Example};
 use hone_models::checkpoint;
 use hone_models::gpt::{init_seeded, Gpt, GptConfig};
 use hone_models::tokenizer::{load_tokenizer, ByteTokenizer, Tokenizer};
-use hone_models::train::{accumulate, check_shape, clip_grad_norm, lr_at, masked_lm_loss};
+use hone_models::train::{accumulate, check_shape, clip_grad_norm, lr_at, masked_lm_loss, Shape};
 use hone_models::{DType, Device, Var, VarBuilder, VarMap};
 use hone_sdk::prelude::*;
 use serde::Deserialize;
@@ -87,22 +87,19 @@ impl StageFactory for Sft {
     fn create(init: &StageInit) -> Result<Self, StageError> {
         let config: SftConfig = init.config()?;
         let device = device(&config.device)?;
+        let shape = Shape::new(
+            config.d_model,
+            config.n_layers,
+            config.n_heads,
+            config.context,
+        );
         let positive = [
-            ("d_model", config.d_model),
-            ("n_layers", config.n_layers),
-            ("n_heads", config.n_heads),
-            ("context", config.context),
             ("steps", config.steps),
             ("batch_size", config.batch_size),
             ("grad_accum", config.grad_accum),
         ];
-        check_shape(
-            &positive,
-            config.d_model,
-            config.n_heads,
-            config.eval_fraction,
-        )
-        .map_err(|(field, message)| StageError::config(field, message))?;
+        check_shape(shape, &positive, config.eval_fraction)
+            .map_err(|(field, message)| StageError::config(field, message))?;
         let init_dir = match config.init.as_str() {
             "scratch" => None,
             path => {

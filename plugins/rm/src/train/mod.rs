@@ -12,7 +12,7 @@ use hone_models::reward::{
     encode, save_head_reward_model, save_reward_model, PretrainedConfig, RewardMeta, GPT_BACKBONE,
 };
 use hone_models::tokenizer::{load_tokenizer, ByteTokenizer, Tokenizer};
-use hone_models::train::check_shape;
+use hone_models::train::{check_shape, Shape};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
 use hone_pretrained::minilm::MODEL_NAME as MINILM;
 use hone_sdk::prelude::*;
@@ -146,23 +146,20 @@ impl StageFactory for Train {
     fn create(init: &StageInit) -> Result<Self, StageError> {
         let config: TrainConfig = init.config()?;
         let device = device(&config.device)?;
+        let shape = Shape::new(
+            config.d_model,
+            config.n_layers,
+            config.n_heads,
+            config.context,
+        );
         let positive = [
             ("members", config.members),
-            ("d_model", config.d_model),
-            ("n_layers", config.n_layers),
-            ("n_heads", config.n_heads),
-            ("context", config.context),
             ("steps", config.steps),
             ("batch_size", config.batch_size),
             ("embed_batch_size", config.embed_batch_size),
         ];
-        check_shape(
-            &positive,
-            config.d_model,
-            config.n_heads,
-            config.eval_fraction,
-        )
-        .map_err(|(field, message)| StageError::config(field, message))?;
+        check_shape(shape, &positive, config.eval_fraction)
+            .map_err(|(field, message)| StageError::config(field, message))?;
         if !(0.0..0.5).contains(&config.label_smoothing) {
             return Err(StageError::config(
                 "label_smoothing",
@@ -228,9 +225,7 @@ impl Stage for Train {
         let mut input = self.input.take();
         self.policies
             .extend(input.artifacts(1, ArtifactKind::Policy, "init")?);
-        let mut pairs = input.pairs(0);
-        pairs.sort_by(|a, b| a.id.cmp(&b.id));
-        pairs.dedup_by(|a, b| a.id == b.id);
+        let pairs = input.pairs_by_id(0);
         ctx.metric("pairs", pairs.len() as f64);
         if pairs.is_empty() {
             return Ok(());
