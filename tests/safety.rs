@@ -528,3 +528,43 @@ fn peers_that_never_come_time_out_with_a_clear_message() {
         assert!(err.contains(needle), "{err}");
     }
 }
+
+#[test]
+fn replace_and_resume_keep_what_the_pipeline_reads_and_where_the_user_is() {
+    let home = users_home("inputs");
+    // A pipeline that reads the very run it would replace.
+    let reads_its_run = "[pipeline]\nname = \"gen\"\n\n[stages.read]\nkind = \"jsonl.read-pairs\"\n\
+                         config = { path = \"runs/gen/outputs/write/records.jsonl\", format = \"trl\" }\n";
+    let path = home.write("reads.toml", reads_its_run);
+    let before = snapshot(&home.0);
+    let p = path.to_str().unwrap();
+    let needle = "it holds stage `read`'s input `path`";
+    assert_refused(&home.0, &["run", p, "--replace"], needle, &home.0, &before);
+    // --resume (of an unfinished run) would move it into attempts/: refused too.
+    std::fs::remove_file(home.join("runs/gen/journal.jsonl")).unwrap();
+    let before = snapshot(&home.0);
+    assert_refused(&home.0, &["run", p, "--resume"], needle, &home.0, &before);
+    // Standing inside the run directory, --resume would move the user's
+    // current directory away.
+    let inside = home.join("runs/gen/outputs");
+    let good = home.write("good.toml", GOOD);
+    let before = snapshot(&home.0);
+    let g = good.to_str().unwrap();
+    let args = ["run", g, "--run-dir", "..", "--resume"];
+    let needle = "--resume refuses to move the files of";
+    assert_refused(&inside, &args, needle, &home.0, &before);
+}
+
+#[test]
+fn a_hostfile_line_holds_one_address() {
+    let home = TempDir::new("hostline");
+    let path = home.write("p.toml", GOOD);
+    home.write("hosts", "localhost:2101 localhost:2102\nlocalhost:2103\n");
+    let p = path.to_str().unwrap();
+    let (out, err) = run(
+        &home.0,
+        &["run", p, "--processes", "2", "--hostfile", "hosts"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("hosts:1: one process address a line"), "{err}");
+}

@@ -163,6 +163,42 @@ fn index_parser(s: &str) -> Result<usize, String> {
     }
 }
 
+/// What `--replace` and `--resume` must not delete or move: the pipeline
+/// file, and every path a stage's config names (a stage reading a checkpoint
+/// of the very run being replaced would lose it before reading it).
+fn protected(p: &ResolvedPipeline, pipeline_file: &Path) -> Vec<rundir::Protected> {
+    fn paths(ty: &hone_sdk::FieldType, value: &serde_json::Value, out: &mut Vec<PathBuf>) {
+        match (ty, value) {
+            (hone_sdk::FieldType::Path, serde_json::Value::String(s)) => out.push(PathBuf::from(s)),
+            (hone_sdk::FieldType::List(inner), serde_json::Value::Array(items)) => {
+                for item in items {
+                    paths(inner, item, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = vec![(
+        "the pipeline file being run".to_string(),
+        pipeline_file.to_path_buf(),
+    )];
+    for stage in &p.stages {
+        for field in &stage.descriptor.config {
+            let mut found = Vec::new();
+            if let Some(v) = stage.config.get(&field.name) {
+                paths(&field.ty, v, &mut found);
+            }
+            out.extend(found.into_iter().map(|path| {
+                (
+                    format!("stage `{}`'s input `{}`", stage.decl.id, field.name),
+                    path,
+                )
+            }));
+        }
+    }
+    out
+}
+
 /// A failed command: the message and the exit code.
 struct Failure {
     code: i32,
@@ -409,6 +445,8 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         .run_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&resolved.pipeline.name));
+    // Absolute from the start: what is checked is what is changed.
+    let run_dir = std::path::absolute(&run_dir).unwrap_or(run_dir);
     let existing = if args.replace {
         Existing::Replace
     } else if args.resume {
@@ -421,8 +459,13 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     // refused or failed start changes nothing on disk.
     let mut plan = None;
     if args.process == 0 {
-        match rundir::plan(&run_dir, existing, resolved.pipeline.rounds, &args.pipeline)
-            .map_err(usage)?
+        match rundir::plan(
+            &run_dir,
+            existing,
+            resolved.pipeline.rounds,
+            &protected(&resolved, &args.pipeline),
+        )
+        .map_err(usage)?
         {
             Plan::AlreadyComplete => {
                 println!(
@@ -434,7 +477,6 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             p => plan = Some(p),
         }
     }
-    let run_dir = std::path::absolute(&run_dir).unwrap_or(run_dir);
     let prepared_early = args.processes > 1;
     if prepared_early {
         // A cluster's processes cannot wait for each other's stages before

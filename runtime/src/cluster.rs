@@ -35,7 +35,16 @@ pub fn addresses(hostfile: Option<&Path>, processes: usize) -> Result<Vec<String
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        for address in line.split_whitespace() {
+        let mut tokens = line.split_whitespace();
+        let address = tokens.next().unwrap_or_default();
+        if tokens.next().is_some() {
+            return Err(format!(
+                "{}:{}: one process address a line, found \"{line}\": put each HOST:PORT on its own line",
+                path.display(),
+                i + 1
+            ));
+        }
+        {
             check_address(address).map_err(|why| {
                 format!(
                     "{}:{}: \"{address}\" is not a process address ({why}): write HOST:PORT, \
@@ -109,8 +118,9 @@ pub fn connection_deadline(
             list.join(", ")
         );
         crate::last_breath::exiting();
-        // SAFETY: timely's connection loop cannot be interrupted; nothing has
-        // been written yet (the run directory is made once connected).
+        // SAFETY: timely's connection loop cannot be interrupted, so the
+        // process ends here. (Process 0 prepared the run directory before
+        // connecting: see docs/architecture.md, known gaps.)
         unsafe { libc::_exit(1) }
     });
 }

@@ -159,7 +159,8 @@ pub fn install(stages: &[(String, String)], run_dir: &std::path::Path, timeout: 
             .collect(),
         footer: format!(
             "run directory: {} (its files are whole; journal.jsonl lists the rounds that \
-             completed, and `hone run PIPELINE --resume` runs the rest)\n",
+             completed, and `hone run PIPELINE --resume` runs the pipeline again, keeping this \
+             attempt in attempts/)\n",
             run_dir.display()
         ),
         started: Instant::now(),
@@ -172,8 +173,10 @@ pub fn install(stages: &[(String, String)], run_dir: &std::path::Path, timeout: 
     unsafe {
         for (i, &sig) in FATAL.iter().enumerate() {
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_fatal_signal as extern "C" fn(libc::c_int) as usize;
-            action.sa_flags = libc::SA_ONSTACK;
+            action.sa_sigaction = on_fatal_signal
+                as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+                as usize;
+            action.sa_flags = libc::SA_ONSTACK | libc::SA_SIGINFO;
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(sig, &action, PREVIOUS[i].as_ptr());
         }
@@ -288,8 +291,10 @@ fn speak(what: &str) -> bool {
     let mut buf = Buf::over(unsafe { &mut *SPEECH.0.get() });
     buf.push("\nerror: ");
     let mine = MY_SLOT.with(|m| m.get());
-    let named = if mine < MAX_WORKERS && SLOTS[mine].stage.load(Ordering::Acquire) != 0 {
-        describe(&mut buf, run, mine)
+    let named = if mine < MAX_WORKERS {
+        // A worker thread outside any stage call: the fault is hone's own,
+        // whatever other workers are doing; blaming one would mislead.
+        SLOTS[mine].stage.load(Ordering::Acquire) != 0 && describe(&mut buf, run, mine)
     } else {
         let mut any = false;
         for (slot, s) in SLOTS.iter().enumerate() {
@@ -313,7 +318,11 @@ fn speak(what: &str) -> bool {
     true
 }
 
-extern "C" fn on_fatal_signal(sig: libc::c_int) {
+extern "C" fn on_fatal_signal(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
     let what = match sig {
         libc::SIGABRT => "aborted the process (SIGABRT: the stage called abort(), overflowed its stack, or failed while unwinding)",
         libc::SIGSEGV => "crashed the process (SIGSEGV: invalid memory access)",
@@ -323,13 +332,23 @@ extern "C" fn on_fatal_signal(sig: libc::c_int) {
     };
     speak(what);
     let i = FATAL.iter().position(|&s| s == sig).unwrap_or(0);
-    // SAFETY: restoring the handler in place before ours; then, for a signal
-    // that was sent rather than caused by the faulting instruction,
-    // re-raising it (it is delivered when this handler returns). A faulting
-    // instruction re-runs on return and meets the restored handler itself.
+    // SAFETY: `info` is the kernel's siginfo for this delivery (SA_SIGINFO),
+    // or null. si_code <= 0 means the signal was sent (kill, raise, abort)
+    // rather than raised by a faulting instruction.
+    let sent = info.is_null() || unsafe { (*info).si_code } <= 0;
+    // SAFETY: restoring the handler in place before ours; then re-raising a
+    // sent signal (it is delivered when this handler returns). A faulting
+    // instruction re-runs on return and meets the restored handler itself
+    // (for SIGSEGV / SIGBUS, Rust's stack-overflow report).
+    // A sent signal goes to the default action: Rust's handler would return
+    // from a sent SIGSEGV and let the process run on.
     unsafe {
-        libc::sigaction(sig, PREVIOUS[i].as_ptr(), std::ptr::null_mut());
-        if sig != libc::SIGSEGV && sig != libc::SIGBUS {
+        if sent {
+            libc::signal(sig, libc::SIG_DFL);
+        } else {
+            libc::sigaction(sig, PREVIOUS[i].as_ptr(), std::ptr::null_mut());
+        }
+        if sent || (sig != libc::SIGSEGV && sig != libc::SIGBUS) {
             libc::raise(sig);
         }
     }
@@ -361,7 +380,11 @@ fn watch(timeout: Option<Duration>) {
             if let Some(limit) = timeout.filter(|l| ran > *l) {
                 let mut storage = [0u8; 1024];
                 let mut who = Buf::over(&mut storage);
-                if !describe(&mut who, run, slot) || SPOKEN.swap(true, Ordering::SeqCst) {
+                let since = s.since_ms.load(Ordering::Relaxed);
+                // The call may have ended, and another begun, since `ran`
+                // was read: stop only the call that overran.
+                let still = Duration::from_millis(now_ms().saturating_sub(since)) > limit;
+                if !describe(&mut who, run, slot) || !still || SPOKEN.swap(true, Ordering::SeqCst) {
                     continue;
                 }
                 eprintln!(

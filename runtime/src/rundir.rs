@@ -114,14 +114,20 @@ pub enum Action {
     },
 }
 
+/// A place `--replace` and `--resume` must leave where it is: what it is
+/// (for the message) and its path.
+pub type Protected = (String, PathBuf);
+
 /// Decides what to do with `dir` and checks that it can be done, changing
-/// nothing. `pipeline_file` is protected: a directory holding it is never
-/// replaced.
+/// nothing. `protected` (the pipeline file, the stages' input paths) and the
+/// current directory are never deleted or moved, even inside a marked run
+/// directory: a stage reading an earlier checkpoint of the run it replaces
+/// would otherwise lose it.
 pub fn plan(
     dir: &Path,
     existing: Existing,
     rounds: u64,
-    pipeline_file: &Path,
+    protected: &[Protected],
 ) -> Result<Plan, String> {
     let shown = dir.display();
     let meta = std::fs::symlink_metadata(dir);
@@ -165,7 +171,7 @@ pub fn plan(
             if !is_run {
                 return Err(not_a_run("--replace"));
             }
-            check_not_holding_user_places(dir, pipeline_file)?;
+            check_not_holding_user_places(dir, protected, "--replace refuses to delete")?;
             check_writable(dir)?;
             if let Some(parent) = std::path::absolute(dir)
                 .ok()
@@ -183,6 +189,7 @@ pub fn plan(
             if completed_rounds(dir) >= rounds && rounds > 0 {
                 return Ok(Plan::AlreadyComplete);
             }
+            check_not_holding_user_places(dir, protected, "--resume refuses to move the files of")?;
             check_writable(dir)?;
             let attempts = dir.join("attempts");
             if attempts.exists() && !attempts.is_dir() {
@@ -208,29 +215,37 @@ fn next_attempt(attempts: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// `--replace` never deletes the current directory, one of its parents, or
-/// the directory holding the pipeline file being run, even a marked one.
-fn check_not_holding_user_places(dir: &Path, pipeline_file: &Path) -> Result<(), String> {
-    let Ok(target) = dir.canonicalize() else {
-        return Ok(());
-    };
-    let protected = [
-        (std::env::current_dir().ok(), "the current directory"),
-        (
-            pipeline_file.canonicalize().ok(),
-            "the pipeline file being run",
-        ),
-    ];
-    for (place, what) in protected {
-        if let Some(place) = place {
-            if place.starts_with(&target) {
-                return Err(format!(
-                    "--replace refuses to delete {}: it holds {what} ({}). Pass --run-dir DIR \
-                     to run elsewhere",
-                    dir.display(),
-                    place.display()
-                ));
-            }
+/// `--replace` and `--resume` never delete or move the current directory,
+/// one of its parents, or a directory holding a `protected` place, even in a
+/// marked run directory. A directory that cannot be resolved is refused too:
+/// when in doubt, nothing is deleted.
+fn check_not_holding_user_places(
+    dir: &Path,
+    protected: &[Protected],
+    refusal: &str,
+) -> Result<(), String> {
+    let target = dir
+        .canonicalize()
+        .map_err(|e| format!("{refusal} {}: cannot resolve it ({e})", dir.display()))?;
+    let cwd = std::env::current_dir()
+        .ok()
+        .map(|d| ("the current directory".to_string(), d));
+    for (what, place) in cwd.iter().chain(protected) {
+        // A place that does not exist yet cannot be lost; resolve its parent.
+        let resolved = place.canonicalize().ok().or_else(|| {
+            let parent = std::path::absolute(place)
+                .ok()?
+                .parent()?
+                .canonicalize()
+                .ok()?;
+            Some(parent.join(place.file_name()?))
+        });
+        if resolved.is_some_and(|p| p.starts_with(&target)) {
+            return Err(format!(
+                "{refusal} {}: it holds {what} ({}). Pass --run-dir DIR to run elsewhere",
+                dir.display(),
+                place.display()
+            ));
         }
     }
     Ok(())
@@ -281,8 +296,18 @@ impl Plan {
                         dir.display()
                     ));
                 }
-                std::fs::remove_dir_all(dir)
-                    .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?
+                // Renamed aside first (one atomic step), deleted after: a
+                // deletion that fails half-way (a read-only file inside)
+                // then leaves the old run whole under the aside name.
+                let aside = aside_name(dir);
+                std::fs::rename(dir, &aside)
+                    .map_err(|e| format!("cannot move {} aside: {e}", dir.display()))?;
+                if let Err(e) = std::fs::remove_dir_all(&aside) {
+                    eprintln!(
+                        "warning: the replaced run is kept at {}: it could not be deleted ({e})",
+                        aside.display()
+                    );
+                }
             }
             Action::Resume { attempt } => move_to_attempt(dir, *attempt)?,
         }
@@ -299,6 +324,15 @@ impl Plan {
         write(MARKER, format!("{marker}\n").as_bytes())?;
         write("pipeline.toml", pipeline_toml.as_bytes())
     }
+}
+
+/// `DIR`'s sibling `.DIR.replaced-PID`, where `--replace` moves the old run.
+fn aside_name(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    dir.with_file_name(format!(".{name}.replaced-{}", std::process::id()))
 }
 
 /// Moves every entry but `attempts/` into `attempts/N/`; on failure moves

@@ -345,14 +345,18 @@ impl Record {
     /// so that every record about one prompt meets on one worker (duplicate
     /// removal, best-of-n, pairing best with worst need that).
     ///
-    /// A completion and the scores of it shard by the prompt's id instead,
+    /// A completion and the scores of it shard by the prompt's id instead
+    /// (by the prompt text when a completion has no prompt id),
     /// so that the n completions of a prompt and their scores meet on one
     /// worker (pairing best against worst needs all of them).
     pub fn shard_key(&self) -> u64 {
         let text = match self {
             Record::Prompt(p) => &p.text,
             Record::Pair(p) => &p.prompt,
-            Record::Completion(c) => return crate::text::stable_hash(c.prompt_id.as_bytes()),
+            Record::Completion(c) if !c.prompt_id.is_empty() => {
+                return crate::text::stable_hash(c.prompt_id.as_bytes())
+            }
+            Record::Completion(c) => &c.prompt,
             Record::Score(s) if !s.prompt_id.is_empty() => {
                 return crate::text::stable_hash(s.prompt_id.as_bytes())
             }

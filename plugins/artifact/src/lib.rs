@@ -5,8 +5,8 @@
 //! `from_pretrained(path)` works in Hugging Face tools: a reward model trained
 //! once can score new data without being trained again.
 //!
-//! When the file lies in a hone run directory (a parent holding
-//! `manifest.jsonl`), it is verified before anything runs: its sha256 must be
+//! When the file lies in a hone run directory (a parent holding the
+//! `.hone-run` marker and `manifest.jsonl`), it is verified before anything runs: its sha256 must be
 //! the one that run's manifest recorded, and its kind and lineage are taken
 //! from there, so `rm.warm`'s shared-initialisation check works across runs.
 //! The artifact is referenced where it is, by absolute path, not copied: a
@@ -211,11 +211,12 @@ fn detect_kind(file: &Path) -> Option<String> {
     }
 }
 
-/// The nearest directory above `file` holding a `manifest.jsonl`.
+/// The nearest hone run directory above `file`: one holding the run marker
+/// and a `manifest.jsonl` (a stray manifest elsewhere proves nothing).
 fn run_dir_of(file: &Path) -> Option<PathBuf> {
     file.ancestors()
         .skip(1)
-        .find(|d| d.join("manifest.jsonl").is_file())
+        .find(|d| d.join("manifest.jsonl").is_file() && d.join(".hone-run").is_file())
         .map(Path::to_path_buf)
 }
 
@@ -309,6 +310,7 @@ mod tests {
             "lineage": ["shared init: scratch:init_seed=1"], "inputs": [],
         });
         std::fs::write(run.join("manifest.jsonl"), format!("{line}\n")).unwrap();
+        std::fs::write(run.join(".hone-run"), "{}").unwrap();
         (run, ckpt)
     }
 

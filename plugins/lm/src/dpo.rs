@@ -83,7 +83,7 @@ impl StageFactory for Dpo {
         .output("policy", RecordKind::Artifact(ArtifactKind::Policy))
         .optional("loss", FieldType::one_of(&["sigmoid", "ipo", "robust", "simpo"]), "sigmoid", "The objective (see the description).")
         .optional("beta", float.clone(), 0.1, "beta: the reward scale, the strength of the implicit KL constraint (> 0).")
-        .optional("label_smoothing", float.clone(), 0.1, "epsilon of `robust`: the probability a label is wrong, in [0, 0.5).")
+        .optional("label_smoothing", float.clone(), 0.1, "epsilon of `robust`: the probability a label is wrong, in [0, 0.5); a pair's own `label_smoothing` (set by rm.strength on ambiguous pairs) overrides it.")
         .optional("gamma", float.clone(), 0.5, "gamma of `simpo`: the target reward margin.")
         .optional("use_margin", FieldType::Bool, true, "Subtract each pair's `margin` from the logit.")
         .optional("use_weight", FieldType::Bool, true, "Scale each pair's loss by its `weight`.")
@@ -187,6 +187,19 @@ impl Stage for Dpo {
             (None, true) => self.reference.get().map(|(_, g, _)| g),
             (None, false) => None,
         };
+        // The reference scores the policy's tokens: the same vocabulary, and
+        // room for the policy's sequences.
+        if let Some(r) = reference_gpt {
+            let (rc, pc) = (r.config(), gpt.config());
+            if rc.vocab_size != pc.vocab_size || rc.context < pc.context {
+                return Err(StageError::new(format!(
+                    "reference {} (vocabulary {}, context {}) cannot score the sequences of policy {} \
+                     (vocabulary {}, context {}): give a reference of the policy's tokenizer and at \
+                     least its context",
+                    reference.id, rc.vocab_size, rc.context, start.id, pc.vocab_size, pc.context
+                )));
+            }
+        }
         let trainer = Trainer {
             config: &self.config,
             loss: self.loss,
@@ -227,6 +240,9 @@ struct Item {
     reference: (f32, f32),
     margin: f32,
     weight: f32,
+    /// ε of the robust loss: the pair's own `label_smoothing` (rm.strength
+    /// sets it on ambiguous pairs), else the stage's.
+    epsilon: f32,
 }
 
 /// What a batch of pairs gives: the mean loss (a tensor, to step on) and
@@ -289,6 +305,7 @@ impl Trainer<'_> {
                 reference: (0.0, 0.0),
                 margin: if c.use_margin { p.margin as f32 } else { 0.0 },
                 weight: if c.use_weight { p.weight as f32 } else { 1.0 },
+                epsilon: p.label_smoothing.unwrap_or(c.label_smoothing) as f32,
             })
             .collect();
         let pad = policy.tok.pad_id();
@@ -389,7 +406,10 @@ impl Trainer<'_> {
             ctx.metric_at("rewards/rejected", m.mean(m.rejected), s);
             ctx.metric_at("rewards/margins", m.mean(m.chosen - m.rejected), s);
             ctx.metric_at("rewards/accuracies", m.mean(m.credit), s);
-            ctx.metric_at("log_ratio", m.mean(m.log_ratio), s);
+            // Without a reference (SimPO) there is no log-ratio to report.
+            if self.loss.uses_reference() {
+                ctx.metric_at("log_ratio", m.mean(m.log_ratio), s);
+            }
             ctx.progress("dpo", s, c.steps as u64);
             window.add(m);
             if (c.eval_every > 0 && step % c.eval_every == 0) || step == c.steps {
@@ -470,6 +490,7 @@ impl Trainer<'_> {
         let (reference_chosen, reference_rejected) =
             (col(&|i| i.reference.0)?, col(&|i| i.reference.1)?);
         let (margin, weight) = (col(&|i| i.margin)?, col(&|i| i.weight)?);
+        let epsilon = col(&|i| i.epsilon)?;
         let (policy_chosen, policy_rejected) = (lp.narrow(0, 0, b)?, lp.narrow(0, b, b)?);
         let batch = DpoBatch {
             policy_chosen: &policy_chosen,
@@ -480,6 +501,7 @@ impl Trainer<'_> {
             rejected_len: &len.narrow(0, b, b)?,
             margin: &margin,
             weight: &weight,
+            epsilon: &epsilon,
         };
         let p = DpoParams {
             beta: self.config.beta,

@@ -78,7 +78,8 @@ impl DpoLoss {
 pub struct DpoParams {
     /// β: the strength of the implicit KL constraint (the reward scale).
     pub beta: f64,
-    /// ε of [`DpoLoss::Robust`].
+    /// ε of [`DpoLoss::Robust`] for pairs without their own (the batch's
+    /// `epsilon` carries each pair's).
     pub label_smoothing: f64,
     /// γ of [`DpoLoss::Simpo`].
     pub gamma: f64,
@@ -105,6 +106,8 @@ pub struct DpoBatch<'a> {
     pub margin: &'a Tensor,
     /// Multiplies the pair's loss.
     pub weight: &'a Tensor,
+    /// Each pair's ε for [`DpoLoss::Robust`] (ignored by the others).
+    pub epsilon: &'a Tensor,
 }
 
 /// Per-pair losses [B] and the implicit rewards of chosen and rejected [B]
@@ -126,10 +129,7 @@ pub fn dpo_losses(loss: DpoLoss, p: DpoParams, b: &DpoBatch) -> Result<(Tensor, 
     let zeros = gap.zeros_like()?;
     let losses = match loss {
         DpoLoss::Sigmoid => bradley_terry_losses(&gap, b.margin, b.weight, &zeros)?,
-        DpoLoss::Robust => {
-            let eps = (zeros.ones_like()? * p.label_smoothing)?;
-            bradley_terry_losses(&gap, b.margin, b.weight, &eps)?
-        }
+        DpoLoss::Robust => bradley_terry_losses(&gap, b.margin, b.weight, b.epsilon)?,
         DpoLoss::Simpo => {
             let margin = (b.margin + p.gamma)?;
             bradley_terry_losses(&gap, &margin, b.weight, &zeros)?
@@ -270,6 +270,7 @@ mod tests {
                 rejected_len: &one(lr),
                 margin: &one(m),
                 weight: &one(w),
+                epsilon: &one(p.label_smoothing),
             };
             let (l, chosen, _) = dpo_losses(loss, p, &batch).unwrap();
             let got = f64::from(l.to_vec1::<f32>().unwrap()[0]);

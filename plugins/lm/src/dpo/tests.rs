@@ -97,6 +97,7 @@ fn every_parameter_gets_a_gradient_under_each_loss() {
                 reference: (-3.0, -4.0),
                 margin: 0.1,
                 weight: 1.0,
+                epsilon: 0.1,
             })
             .collect();
         let refs: Vec<&Item> = items.iter().collect();
