@@ -106,3 +106,103 @@ fn dpo_trains_the_sft_policy_and_rollout_samples_from_it() {
         80.0
     );
 }
+
+const LOOP: &str = r#"[pipeline]
+name = "grpo"
+rounds = 3
+seed = 2
+
+[stages.demos]
+kind = "testing.generate-pairs"
+config = { count = 32 }
+
+[stages.sft]
+kind = "lm.sft"
+inputs = "demos"
+config = { d_model = 32, n_layers = 1, n_heads = 2, context = 64, steps = 10, batch_size = 8, eval_every = 0, checkpoint_every = 0 }
+
+[stages.prompts]
+kind = "world.prompts"
+config = { count = 6, split = "train" }
+
+[stages.rollout]
+kind = "lm.rollout"
+inputs = { prompts = "prompts", policy = "sft.policy" }
+feedback = { policy = "grpo.policy" }
+config = { n = 4, max_new_tokens = 12 }
+
+[stages.ref]
+kind = "lm.logprobs"
+inputs = { completions = "rollout", reference = "sft.policy" }
+config = { max_new_tokens = 12 }
+
+[stages.gold]
+kind = "world.gold"
+inputs = "ref"
+
+[stages.grpo]
+kind = "lm.grpo"
+inputs = { completions = "ref", scores = "gold", policy = "sft.policy" }
+feedback = { policy = "grpo.policy" }
+config = { score = "gold_reward", max_new_tokens = 12, lr = 1e-3 }
+
+[stages.write]
+kind = "jsonl.write"
+inputs = "rollout"
+"#;
+
+#[test]
+fn grpo_closes_the_loop_over_three_rounds() {
+    let dir = TempDir::new("grpo");
+    let path = dir.write("grpo.toml", LOOP);
+    let out = hone(
+        &dir.0,
+        &["run", path.to_str().unwrap(), "-q", "--workers", "2"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let run = dir.join("runs/grpo");
+    assert_eq!(read_lines(&run.join("journal.jsonl")).len(), 3);
+    // Round t samples from the policy round t - 1 produced (SFT in round 0).
+    for (round, file, policy) in [
+        (
+            0,
+            "outputs/write/records.jsonl",
+            "sft/final/model.safetensors@0",
+        ),
+        (
+            1,
+            "outputs/write/round-1/records.jsonl",
+            "grpo/final/model.safetensors@0",
+        ),
+        (
+            2,
+            "outputs/write/round-2/records.jsonl",
+            "grpo/final/model.safetensors@1",
+        ),
+    ] {
+        let samples = read_lines(&run.join(file));
+        assert_eq!(samples.len(), 24, "round {round}");
+        for s in &samples {
+            let v: serde_json::Value = serde_json::from_str(s).unwrap();
+            assert_eq!(v["policy"]["id"], policy, "round {round}: {s}");
+        }
+    }
+    // Each round's update reports its reward and KL to the SFT reference.
+    let per_round = |name: &str| -> Vec<f64> {
+        read_lines(&run.join("metrics.jsonl"))
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["stage"] == "grpo" && v["name"] == name)
+            .map(|v| v["value"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(per_round("groups"), [6.0, 6.0, 6.0]);
+    let kl = per_round("kl");
+    assert_eq!(kl.len(), 3);
+    assert!(kl.iter().all(|k| *k >= 0.0), "k3 is never negative: {kl:?}");
+    let manifest = std::fs::read_to_string(run.join("manifest.jsonl")).unwrap();
+    assert!(
+        manifest.contains("grpo from grpo/final/model.safetensors@0"),
+        "{manifest}"
+    );
+}

@@ -7,15 +7,19 @@
 //!   artifact, with per-token log-probabilities.
 //! - `lm.logprobs`: scores completions under a reference policy
 //!   (teacher-forced), for KL estimates.
+//! - `lm.grpo`: group-baseline RL (RLOO, GRPO, Dr. GRPO) on the policy's
+//!   own samples and their scores.
 //! - `lm.dpo`: direct preference optimisation (DPO, IPO, cDPO, SimPO) of a
 //!   policy on preference pairs against a frozen reference.
 
 mod dpo;
+mod grpo;
 mod logprobs;
 mod rollout;
 mod sft;
 
 pub use dpo::Dpo;
+pub use grpo::Grpo;
 pub use logprobs::Logprobs;
 pub use rollout::Rollout;
 pub use sft::Sft;
@@ -25,7 +29,7 @@ use hone_models::gpt::Gpt;
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
 use hone_sdk::{ArtifactKind, ArtifactRef, Context, RoundInput, StageError};
 
-hone_sdk::export_stages!(Sft, Rollout, Logprobs, Dpo);
+hone_sdk::export_stages!(Sft, Rollout, Logprobs, Dpo, Grpo);
 
 /// Turns a model-core (or candle) error into a stage error saying what was
 /// being done.

@@ -15,6 +15,7 @@ mod error;
 pub mod gpt;
 pub mod heads;
 mod ops;
+pub mod policy_gradient;
 pub mod preference;
 pub mod reward;
 pub mod sample;

@@ -85,6 +85,16 @@ pub fn sequence_logprobs(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Re
     Ok(picked.sum(1)?)
 }
 
+/// Teacher-forced log-probability of each target token [B,T],
+/// differentiable: log softmax(logits) at `targets`. What a policy-gradient
+/// ratio π/π_old and a per-token KL are made of.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    Ok(log_probs
+        .gather(&targets.to_dtype(DType::U32)?.unsqueeze(2)?, 2)?
+        .squeeze(2)?)
+}
+
 /// log softmax(logits) at `targets`, times `mask`: [B,T], and the mask in
 /// the logits' dtype.
 fn masked_token_logprobs(
@@ -102,10 +112,7 @@ fn masked_token_logprobs(
             mask.dims()
         )));
     }
-    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let picked = log_probs
-        .gather(&targets.to_dtype(DType::U32)?.unsqueeze(2)?, 2)?
-        .squeeze(2)?;
+    let picked = token_logprobs(logits, targets)?;
     let mask = mask.to_dtype(logits.dtype())?;
     Ok(((picked * &mask)?, mask))
 }

@@ -1,0 +1,414 @@
+//! `lm.grpo`: group-baseline reinforcement learning on the policy's own
+//! samples, one stage with a switch: RLOO (leave-one-out baseline), GRPO
+//! (group mean and std) or Dr. GRPO (no std, no length normalisation). No
+//! value head: the k samples of a prompt are each other's baseline. The
+//! objectives live in `hone_models::policy_gradient`.
+//!
+//! It learns from round t's completions (their sampled `token_ids` and
+//! `token_logprobs`, the old log-probs of the ratio) and the `Score`s of
+//! them, and emits the updated policy; a feedback edge hands it to
+//! `lm.rollout` for round t + 1.
+
+use crate::sft::data::{to_tensors, Example};
+use crate::{device, OrStageError};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use hone_models::batches::Batches;
+use hone_models::checkpoint;
+use hone_models::gpt::Gpt;
+use hone_models::policy_gradient::{clipped_surrogate, group_advantages, k3, Baseline};
+use hone_models::tokenizer::{load_tokenizer, Tokenizer};
+use hone_models::train::{clip_grad_norm, token_logprobs};
+use hone_models::{Device, Tensor};
+use hone_sdk::prelude::*;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrpoConfig {
+    baseline: String,
+    score: String,
+    kl: String,
+    beta: f64,
+    clip: f64,
+    epochs: usize,
+    batch_size: usize,
+    lr: f64,
+    max_grad_norm: f64,
+    max_new_tokens: usize,
+    seed: u64,
+    device: String,
+}
+
+/// Updates the policy that sampled a round's completions from their scores.
+pub struct Grpo {
+    config: GrpoConfig,
+    baseline: Baseline,
+    device: Device,
+    input: RoundInput,
+    /// The newest policy seen on `policy`, across rounds (round, then arrival).
+    policy: Option<ArtifactRef>,
+}
+
+impl StageFactory for Grpo {
+    fn descriptor() -> StageDescriptor {
+        let (count, size) = (
+            FieldType::unsigned(),
+            FieldType::positive().at_most(1 << 20),
+        );
+        StageDescriptor::new(
+            "lm.grpo",
+            "Group-baseline RL (no value head) on the policy's own samples: for each prompt's k \
+             completions (lm.rollout with n = k), advantages from their `score` Scores by `baseline` \
+             (`rloo`: reward minus the others' mean; `grpo`: minus the group mean, over its std; \
+             `dr_grpo`: minus the mean, and the loss summed over tokens / max_new_tokens instead of \
+             averaged per sequence), then `epochs` passes of the clipped surrogate (clip) over \
+             mini-batches, ratio against the completions' own token_logprobs. `kl`: `k3` adds beta * \
+             the k3 estimate of KL(pi || pi_ref) per token to the loss; `sequence` subtracts beta * \
+             sum(logp_old - ref) from each reward; both need ref_logprobs (lm.logprobs before this \
+             stage); `none`. Emits the updated `policy` (final/, in round R's output directory) for \
+             a feedback edge back to lm.rollout. Metrics: reward, reward_std, kl (k3, mean per \
+             token), clip_fraction, loss, response_length, groups, unscored.",
+        )
+        .input("completions", RecordKind::Completion)
+        .input("scores", RecordKind::Score)
+        .input("policy", RecordKind::Artifact(ArtifactKind::Policy))
+        .output("policy", RecordKind::Artifact(ArtifactKind::Policy))
+        .optional("baseline", FieldType::one_of(&["rloo", "grpo", "dr_grpo"]), "grpo", "How a group's rewards become advantages.")
+        .optional("score", FieldType::String, "proxy_reward", "The `name` of the Scores that are the reward.")
+        .optional("kl", FieldType::one_of(&["k3", "sequence", "none"]), "k3", "How the KL to the reference enters (see the description).")
+        .optional("beta", FieldType::Float, 0.04, "The KL coefficient.")
+        .optional("clip", FieldType::Float, 0.2, "epsilon of the clipped surrogate, in (0, 1).")
+        .optional("epochs", size.clone(), 1, "Passes over the round's completions.")
+        .optional("batch_size", size.clone(), 8, "Completions per optimiser step.")
+        .optional("lr", FieldType::Float, 1e-4, "Learning rate (AdamW, constant).")
+        .optional("max_grad_norm", FieldType::Float, 1.0, "Gradient-norm clip.")
+        .optional("max_new_tokens", size, 64, "The length Dr. GRPO divides by (lm.rollout's max_new_tokens).")
+        .optional("seed", count, 0, "Seed of the mini-batch order, combined with the pipeline seed.")
+        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: GrpoConfig = init.config()?;
+        let baseline = Baseline::parse(&config.baseline).ok_or_else(|| {
+            StageError::config(
+                "baseline",
+                format!("unknown baseline `{}`", config.baseline),
+            )
+        })?;
+        if !(config.clip > 0.0 && config.clip < 1.0) {
+            return Err(StageError::config(
+                "clip",
+                format!("must be in (0, 1), found {}", config.clip),
+            ));
+        }
+        if !(config.beta >= 0.0 && config.beta.is_finite()) {
+            return Err(StageError::config(
+                "beta",
+                format!("must be 0 or more, found {}", config.beta),
+            ));
+        }
+        let device = device(&config.device)?;
+        Ok(Grpo {
+            config,
+            baseline,
+            device,
+            input: RoundInput::default(),
+            policy: None,
+        })
+    }
+}
+
+impl Stage for Grpo {
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let mut input = self.input.take();
+        for a in input.artifacts(2, ArtifactKind::Policy, "policy")? {
+            if self.policy.as_ref().is_none_or(|p| a.round >= p.round) {
+                self.policy = Some(a);
+            }
+        }
+        let mut completions = input.completions(0);
+        completions.sort_by(|a, b| a.id.cmp(&b.id));
+        let rewards: BTreeMap<String, f64> = input
+            .scores(1)
+            .into_iter()
+            .filter(|s| s.name == self.config.score)
+            .map(|s| (s.id, s.value))
+            .collect();
+        if completions.is_empty() {
+            return Ok(());
+        }
+        let Some(policy) = self.policy.clone() else {
+            return Err(StageError::new(format!(
+                "no policy artifact arrived by round {}: wire `policy` to the policy that sampled the \
+                 completions (its first from lm.sft, later rounds from this stage's own output, as feedback)",
+                ctx.round()
+            )));
+        };
+        self.update(ctx, &policy, completions, &rewards)
+    }
+}
+
+/// One completion ready to learn from.
+struct Sample {
+    id: String,
+    example: Example,
+    old: Vec<f32>,
+    reference: Vec<f32>,
+    advantage: f32,
+}
+
+impl Grpo {
+    fn update(
+        &self,
+        ctx: &mut Context,
+        policy: &ArtifactRef,
+        completions: Vec<Completion>,
+        rewards: &BTreeMap<String, f64>,
+    ) -> Result<(), StageError> {
+        let c = &self.config;
+        let needs_reference = c.kl != "none" && c.beta > 0.0;
+        let file = ctx.init().run_dir.join(&policy.path);
+        let dir = file
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or(file);
+        let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
+        let (gpt, varmap) = checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?;
+        let tok = load_tokenizer(&dir).or_stage(&doing)?;
+        // Group by prompt; a completion without its reward is counted, not used.
+        let mut groups: BTreeMap<String, Vec<(Completion, f64)>> = BTreeMap::new();
+        let mut unscored = 0u64;
+        for comp in completions {
+            if comp.token_ids.is_empty() || comp.token_ids.len() != comp.token_logprobs.len() {
+                return Err(StageError::new(format!(
+                    "completion {} has {} token ids for {} token log-probs: lm.grpo learns from \
+                     lm.rollout's samples, which record both",
+                    comp.id,
+                    comp.token_ids.len(),
+                    comp.token_logprobs.len()
+                )));
+            }
+            if needs_reference && comp.ref_logprobs.len() != comp.token_ids.len() {
+                return Err(StageError::config(
+                    "kl",
+                    format!(
+                        "kl = \"{}\" needs each completion's ref_logprobs, and {} has none: put an \
+                         lm.logprobs stage (reference = the SFT policy) between lm.rollout and this one, \
+                         or set kl = \"none\"",
+                        c.kl, comp.id
+                    ),
+                ));
+            }
+            match rewards.get(&comp.id) {
+                Some(&r) => groups
+                    .entry(comp.prompt_id.clone())
+                    .or_default()
+                    .push((comp, r)),
+                None => unscored += 1,
+            }
+        }
+        ctx.metric("unscored", unscored as f64);
+        ctx.metric("groups", groups.len() as f64);
+        let (mut all_rewards, mut samples) = (Vec::new(), Vec::new());
+        let context = gpt.config().context;
+        for (_, group) in groups {
+            let shaped: Vec<f64> = group
+                .iter()
+                .map(|(comp, r)| {
+                    all_rewards.push(*r);
+                    if c.kl == "sequence" {
+                        let kl: f64 = comp
+                            .token_logprobs
+                            .iter()
+                            .zip(&comp.ref_logprobs)
+                            .map(|(&o, &rf)| f64::from(o - rf))
+                            .sum();
+                        r - c.beta * kl
+                    } else {
+                        *r
+                    }
+                })
+                .collect();
+            let advantages = group_advantages(&shaped, self.baseline);
+            for ((comp, _), a) in group.into_iter().zip(advantages) {
+                samples.push(sample(tok.as_ref(), &comp, a as f32, context));
+            }
+        }
+        let n = all_rewards.len().max(1) as f64;
+        let mean = all_rewards.iter().sum::<f64>() / n;
+        let std = (all_rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+        ctx.metric("reward", mean);
+        ctx.metric("reward_std", std);
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let lengths: f64 = samples
+            .iter()
+            .map(|s| s.example.mask.iter().sum::<f32>() as f64)
+            .sum();
+        ctx.metric("response_length", lengths / samples.len() as f64);
+        let vars = varmap.all_vars();
+        // No weight decay: with nothing to learn (equal rewards), the policy
+        // must stay as it is.
+        let params = ParamsAdamW {
+            lr: c.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vars.clone(), params).or_stage("cannot create the optimiser")?;
+        let seed = c.seed ^ ctx.init().seed ^ ctx.round();
+        let mut order = Batches::new(samples.iter().map(|s| s.id.clone()).collect(), seed);
+        let steps = c.epochs * samples.len().div_ceil(c.batch_size);
+        let (mut loss_sum, mut kl_sum, mut clipped_sum) = (0.0, 0.0, 0.0);
+        for step in 1..=steps {
+            let batch: Vec<&Sample> = order
+                .next(c.batch_size)
+                .into_iter()
+                .map(|i| &samples[i])
+                .collect();
+            let (loss, kl, clipped) = self
+                .loss(&gpt, &batch, tok.pad_id(), needs_reference)
+                .or_stage("policy step failed")?;
+            let mut grads = loss.backward().or_stage("policy step failed")?;
+            clip_grad_norm(&mut grads, &vars, c.max_grad_norm).or_stage("policy step failed")?;
+            opt.step(&grads).or_stage("policy step failed")?;
+            let value = f64::from(loss.to_scalar::<f32>().or_stage("policy step failed")?);
+            ctx.metric_at("step_loss", value, step as u64);
+            loss_sum += value;
+            kl_sum += kl;
+            clipped_sum += clipped;
+        }
+        ctx.metric("loss", loss_sum / steps as f64);
+        ctx.metric("kl", kl_sum / steps as f64);
+        ctx.metric("clip_fraction", clipped_sum / steps as f64);
+        ctx.log(format!(
+            "{} on {} completions ({} steps): reward {mean:.4} (std {std:.4}), kl {:.4}, clip fraction {:.3}",
+            c.baseline,
+            samples.len(),
+            steps,
+            kl_sum / steps as f64,
+            clipped_sum / steps as f64
+        ));
+        let out = ctx.output_dir()?.join("final");
+        checkpoint::save(&out, &varmap, gpt.config(), tok.as_ref())
+            .or_stage(&format!("cannot write checkpoint {}", out.display()))?;
+        let lineage = vec![
+            format!("{} from {}", c.baseline, policy.id),
+            format!(
+                "lm.grpo round {}: {} completions, kl {} beta {}, clip {}, epochs {}",
+                ctx.round(),
+                samples.len(),
+                c.kl,
+                c.beta,
+                c.clip,
+                c.epochs
+            ),
+        ];
+        let artifact = ctx.register_artifact(
+            "policy",
+            &out.join(checkpoint::WEIGHTS),
+            vec![policy.id.clone()],
+            lineage,
+        )?;
+        ctx.emit(0, Record::Artifact(artifact));
+        Ok(())
+    }
+
+    /// The batch's loss, its mean k3 KL per token and its clip fraction.
+    fn loss(
+        &self,
+        gpt: &Gpt,
+        batch: &[&Sample],
+        pad: u32,
+        with_kl: bool,
+    ) -> hone_models::Result<(Tensor, f64, f64)> {
+        let c = &self.config;
+        let examples: Vec<Example> = batch.iter().map(|s| s.example.clone()).collect();
+        let (x, y, mask) = to_tensors(&examples, pad, &self.device)?;
+        let (b, t) = mask.dims2()?;
+        // Old and reference log-probs, laid out like the targets.
+        let lay = |f: &dyn Fn(&Sample) -> &[f32]| -> hone_models::Result<Tensor> {
+            let mut v = vec![0f32; b * t];
+            for (i, s) in batch.iter().enumerate() {
+                let start = s.example.mask.iter().position(|&m| m > 0.0).unwrap_or(0);
+                for (k, &x) in f(s).iter().enumerate() {
+                    if start + k < t {
+                        v[i * t + start + k] = x;
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(v, (b, t), &self.device)?)
+        };
+        let old = lay(&|s| &s.old)?;
+        let logp = token_logprobs(&gpt.forward(&x)?, &y)?;
+        let advantages = Tensor::from_vec(
+            batch.iter().map(|s| s.advantage).collect::<Vec<f32>>(),
+            b,
+            &self.device,
+        )?;
+        let mut per_token = clipped_surrogate(&logp, &old, &advantages, c.clip)?;
+        let mut kl = 0.0;
+        let tokens = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
+        if with_kl {
+            let reference = lay(&|s| &s.reference)?;
+            let k = k3(&logp, &reference)?;
+            kl = f64::from((k.detach() * &mask)?.sum_all()?.to_scalar::<f32>()? / tokens);
+            if c.kl == "k3" {
+                per_token = (per_token + (k * c.beta)?)?;
+            }
+        }
+        let masked = (per_token * &mask)?;
+        let loss = match self.baseline {
+            // Each sequence's mean over its tokens, then the batch's mean.
+            Baseline::Rloo | Baseline::Grpo => {
+                let lengths = mask.sum(1)?.maximum(1.0)?;
+                (masked.sum(1)? / lengths)?.mean_all()?
+            }
+            // A constant divisor: no preference for short or long answers.
+            Baseline::DrGrpo => (masked.sum_all()? / (b * c.max_new_tokens) as f64)?,
+        };
+        let ratio = (logp.detach() - &old)?.exp()?;
+        let outside = ratio
+            .ge(1.0 + c.clip)?
+            .to_dtype(hone_models::DType::F32)?
+            .add(&ratio.le(1.0 - c.clip)?.to_dtype(hone_models::DType::F32)?)?;
+        let clipped = f64::from((outside * &mask)?.sum_all()?.to_scalar::<f32>()? / tokens);
+        Ok((loss, kl, clipped))
+    }
+}
+
+/// A completion as a teacher-forced example: `BOS prompt` then its sampled
+/// ids, cut from the left to the context (as lm.rollout cut the prompt),
+/// with the mask on the sampled tokens.
+fn sample(tok: &dyn Tokenizer, c: &Completion, advantage: f32, context: usize) -> Sample {
+    let mut ids = vec![tok.bos_id()];
+    ids.extend(tok.encode(&c.prompt));
+    let prompt_len = ids.len();
+    ids.extend(&c.token_ids);
+    let start = ids.len().saturating_sub(context + 1).min(prompt_len - 1);
+    let mut ids = ids.split_off(start);
+    ids.truncate(context + 1);
+    let first = prompt_len - 1 - start;
+    let kept = (ids.len() - 1).saturating_sub(first);
+    Sample {
+        id: c.id.clone(),
+        example: Example {
+            inputs: ids[..ids.len() - 1].to_vec(),
+            targets: ids[1..].to_vec(),
+            mask: (0..ids.len() - 1)
+                .map(|t| if t >= first { 1.0 } else { 0.0 })
+                .collect(),
+        },
+        old: c.token_logprobs[..kept.min(c.token_logprobs.len())].to_vec(),
+        reference: c.ref_logprobs.iter().take(kept).copied().collect(),
+        advantage,
+    }
+}
+
+#[cfg(test)]
+mod tests;

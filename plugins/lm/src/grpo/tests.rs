@@ -1,0 +1,182 @@
+//! In-process tests of `lm.grpo`: a known optimum is approached, every
+//! parameter gets a gradient, missing inputs fail clearly.
+
+use super::*;
+use crate::sft::tests::{demos, run_sft, temp_run_dir, tiny_config};
+use hone_sdk::Collected;
+use serde_json::json;
+
+/// A policy artifact (a briefly fine-tuned tiny GPT) in `dir`.
+fn policy(dir: &std::path::Path) -> ArtifactRef {
+    let out = run_sft(
+        dir,
+        tiny_config(json!({"steps": 5, "checkpoint_every": 0})),
+        demos(16),
+    );
+    out.artifacts(0).pop().expect("a policy")
+}
+
+/// log pi(text | prompt) per token under the checkpoint of `a`.
+fn logprobs(dir: &std::path::Path, a: &ArtifactRef, prompt: &str, ids: &[u32]) -> Vec<f32> {
+    let ckpt = dir.join(&a.path);
+    let ckpt = ckpt.parent().unwrap();
+    let (gpt, _) = checkpoint::load_gpt(ckpt, &Device::Cpu).unwrap();
+    let tok = load_tokenizer(ckpt).unwrap();
+    let c = completion("x", "p", prompt, ids.to_vec(), vec![0.0; ids.len()]);
+    let s = sample(tok.as_ref(), &c, 0.0, gpt.config().context);
+    let (x, y, _) =
+        to_tensors(std::slice::from_ref(&s.example), tok.pad_id(), &Device::Cpu).unwrap();
+    let lp = token_logprobs(&gpt.forward(&x).unwrap(), &y)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let first = s.example.mask.iter().position(|&m| m > 0.0).unwrap();
+    lp[0][first..first + ids.len()].to_vec()
+}
+
+fn completion(id: &str, prompt_id: &str, prompt: &str, ids: Vec<u32>, lp: Vec<f32>) -> Completion {
+    Completion {
+        id: id.into(),
+        prompt_id: prompt_id.into(),
+        prompt: prompt.into(),
+        text: String::new(),
+        ref_logprobs: lp.clone(),
+        token_ids: ids,
+        token_logprobs: lp,
+        values: vec![],
+        policy: None,
+        meta: Default::default(),
+    }
+}
+
+fn score(id: &str, value: f64) -> Record {
+    Record::Score(Score {
+        id: id.into(),
+        prompt_id: String::new(),
+        name: "reward".into(),
+        value,
+    })
+}
+
+fn run(
+    dir: &std::path::Path,
+    config: serde_json::Value,
+    inputs: Vec<(usize, Vec<Record>)>,
+) -> Result<Collected, StageError> {
+    let mut c = hone_sdk::testing::full_config::<Grpo>(json!({"score": "reward"}));
+    for (k, v) in config.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    let mut init = StageInit::for_test("lm.grpo", c);
+    init.stage_id = "grpo".into();
+    init.run_dir = dir.to_path_buf();
+    hone_sdk::testing::run_round::<Grpo>(&init, inputs)
+}
+
+/// Two answers to each of 8 prompts, " yes" rewarded and " no" not, with
+/// the policy's own log-probs: each baseline moves probability to " yes".
+#[test]
+fn each_baseline_moves_the_policy_towards_the_rewarded_answer() {
+    let dir = temp_run_dir("grpo-toy");
+    let start = policy(&dir);
+    let tok = hone_models::tokenizer::ByteTokenizer;
+    let (yes, no) = (tok.encode(" yes"), tok.encode(" no"));
+    let prompt = |i: usize| format!("Human: question {i}?\n\nAssistant:");
+    let gap = |a: &ArtifactRef| -> f32 {
+        let lp = |ids: &[u32]| logprobs(&dir, a, &prompt(0), ids).iter().sum::<f32>();
+        lp(&yes) - lp(&no)
+    };
+    let before = gap(&start);
+    for baseline in ["rloo", "grpo", "dr_grpo"] {
+        let (mut comps, mut scores) = (Vec::new(), Vec::new());
+        for i in 0..8 {
+            for (k, (ids, r)) in [(&yes, 1.0), (&no, 0.0), (&yes, 1.0), (&no, 0.0)]
+                .into_iter()
+                .enumerate()
+            {
+                let id = format!("p{i}#{k}");
+                let lp = logprobs(&dir, &start, &prompt(i), ids);
+                comps.push(Record::Completion(completion(
+                    &id,
+                    &format!("p{i}"),
+                    &prompt(i),
+                    ids.clone(),
+                    lp,
+                )));
+                scores.push(score(&id, r));
+            }
+        }
+        let out = run(
+            &dir,
+            json!({"baseline": baseline, "epochs": 4, "lr": 3e-3, "batch_size": 8, "max_new_tokens": 4}),
+            vec![(0, comps), (1, scores), (2, vec![Record::Artifact(start.clone())])],
+        )
+        .unwrap();
+        assert_eq!(out.metric("groups", None), Some(8.0));
+        assert_eq!(out.metric("reward", None), Some(0.5));
+        let updated = out.artifacts(0).pop().expect("a policy");
+        let after = gap(&updated);
+        assert!(
+            after > before + 1.0,
+            "{baseline}: log-prob gap yes - no {before} -> {after}"
+        );
+        // On-policy at the first step: the k3 KL starts at 0 and stays small.
+        let kl = out.metric("kl", None).unwrap();
+        assert!((0.0..1.0).contains(&kl), "{baseline}: kl {kl}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn equal_rewards_teach_nothing_and_inputs_are_checked() {
+    let dir = temp_run_dir("grpo-equal");
+    let start = policy(&dir);
+    let tok = hone_models::tokenizer::ByteTokenizer;
+    let ids = tok.encode(" maybe");
+    let lp = logprobs(&dir, &start, "q", &ids);
+    let comps: Vec<Record> = (0..4)
+        .map(|k| {
+            Record::Completion(completion(
+                &format!("c{k}"),
+                "p",
+                "q",
+                ids.clone(),
+                lp.clone(),
+            ))
+        })
+        .collect();
+    let scores: Vec<Record> = (0..4).map(|k| score(&format!("c{k}"), 0.7)).collect();
+    let input = |comps: Vec<Record>| {
+        vec![
+            (0, comps),
+            (1, scores.clone()),
+            (2, vec![Record::Artifact(start.clone())]),
+        ]
+    };
+    let out = run(&dir, json!({"kl": "none"}), input(comps.clone())).unwrap();
+    // Zero advantages, ratio 1: the loss and its gradient are zero, so the
+    // weights do not move.
+    assert_eq!(out.metric("loss", None), Some(0.0));
+    assert_eq!(out.artifacts(0)[0].sha256, start.sha256);
+    // Without ref_logprobs, a KL setting says what to wire.
+    let mut bare = comps.clone();
+    for r in &mut bare {
+        if let Record::Completion(c) = r {
+            c.ref_logprobs.clear();
+        }
+    }
+    let err = run(&dir, json!({"kl": "k3"}), input(bare)).err().unwrap();
+    assert!(err.message.contains("lm.logprobs"), "{err}");
+    assert_eq!(err.config_field(), Some("kl"));
+    // Without token ids: a clear error.
+    let mut text_only = comps;
+    if let Record::Completion(c) = &mut text_only[0] {
+        c.token_ids.clear();
+    }
+    let err = run(&dir, json!({}), input(text_only)).err().unwrap();
+    assert!(err.message.contains("token ids"), "{err}");
+    // No policy at all.
+    let err = run(&dir, json!({}), vec![(0, input(vec![]).remove(1).1)]);
+    assert!(err.is_ok(), "no completions: nothing to do");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
