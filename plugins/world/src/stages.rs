@@ -19,6 +19,12 @@ struct PromptsConfig {
     count: u64,
     split: String,
     seed: u64,
+    #[serde(default = "every_round")]
+    every_round: bool,
+}
+
+fn every_round() -> bool {
+    true
 }
 
 /// Draws world task prompts.
@@ -51,6 +57,12 @@ impl StageFactory for Prompts {
              up to 1000, three operands up to 100, keywords never seen in train.",
         )
         .optional("seed", FieldType::unsigned(), 0, "Seed, combined with the pipeline seed.")
+        .optional(
+            "every_round",
+            FieldType::Bool,
+            true,
+            "Emit `count` fresh prompts in every round; false: in round 0 only (e.g. SFT data in a loop).",
+        )
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
@@ -88,6 +100,9 @@ impl StageFactory for Prompts {
 
 impl Stage for Prompts {
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        if ctx.round() > 0 && !self.config.every_round {
+            return Ok(());
+        }
         let count = self.config.count;
         let first = ctx.round() * count;
         for i in first..first + count {
@@ -303,6 +318,28 @@ impl Stage for Gold {
 mod tests {
     use super::*;
     use crate::testing::run;
+
+    #[test]
+    fn prompts_come_every_round_unless_told_otherwise() {
+        let rounds = |every_round: bool| -> Vec<usize> {
+            let config = serde_json::json!({"count": 5, "every_round": every_round});
+            let init = hone_sdk::testing::init::<Prompts>(config);
+            let mut stage = Prompts::create(&init).unwrap();
+            let counts = (0..3)
+                .map(|round| {
+                    let mut out = hone_sdk::Collected::default();
+                    let mut ctx = Context::new(&mut out, &init, round);
+                    stage.on_round_end(&mut ctx).unwrap();
+                    drop(ctx);
+                    out.emitted(0).len()
+                })
+                .collect();
+            let _ = std::fs::remove_dir_all(&init.run_dir);
+            counts
+        };
+        assert_eq!(rounds(true), [5, 5, 5]);
+        assert_eq!(rounds(false), [5, 0, 0]);
+    }
 
     #[test]
     fn prompts_are_seeded_and_follow_the_split() {
