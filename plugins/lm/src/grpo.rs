@@ -83,7 +83,7 @@ impl StageFactory for Grpo {
         .optional("batch_size", size.clone(), 8, "Completions per optimiser step.")
         .optional("lr", FieldType::Float, 1e-4, "Learning rate (AdamW, constant).")
         .optional("max_grad_norm", FieldType::Float, 1.0, "Gradient-norm clip.")
-        .optional("max_new_tokens", size, 64, "The length Dr. GRPO divides by (lm.rollout's max_new_tokens).")
+        .optional("max_new_tokens", size, 64, "lm.rollout's max_new_tokens: it fixes how rollout cut each prompt (so the ratio starts at 1), and Dr. GRPO divides by it.")
         .optional("seed", count, 0, "Seed of the mini-batch order, combined with the pipeline seed.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
     }
@@ -236,7 +236,13 @@ impl Grpo {
                 .collect();
             let advantages = group_advantages(&shaped, self.baseline);
             for ((comp, _), a) in group.into_iter().zip(advantages) {
-                samples.push(sample(tok.as_ref(), &comp, a as f32, context));
+                samples.push(sample(
+                    tok.as_ref(),
+                    &comp,
+                    a as f32,
+                    context,
+                    c.max_new_tokens,
+                ));
             }
         }
         let n = all_rewards.len().max(1) as f64;
@@ -383,14 +389,29 @@ impl Grpo {
 }
 
 /// A completion as a teacher-forced example: `BOS prompt` then its sampled
-/// ids, cut from the left to the context (as lm.rollout cut the prompt),
-/// with the mask on the sampled tokens.
-fn sample(tok: &dyn Tokenizer, c: &Completion, advantage: f32, context: usize) -> Sample {
+/// ids, the prompt cut to its last `context - max_new_tokens` tokens exactly
+/// as lm.rollout cut it when sampling (and lm.logprobs when scoring), so
+/// the ratio starts at 1 and the reference's log-probs line up; the mask is
+/// on the sampled tokens.
+fn sample(
+    tok: &dyn Tokenizer,
+    c: &Completion,
+    advantage: f32,
+    context: usize,
+    max_new_tokens: usize,
+) -> Sample {
     let mut ids = vec![tok.bos_id()];
     ids.extend(tok.encode(&c.prompt));
     let prompt_len = ids.len();
     ids.extend(&c.token_ids);
-    let start = ids.len().saturating_sub(context + 1).min(prompt_len - 1);
+    let room = context.saturating_sub(max_new_tokens).max(1);
+    let mut start = prompt_len.saturating_sub(room);
+    // Inputs are every id but the last; a completion longer than
+    // max_new_tokens allows costs more of the prompt.
+    let inputs = |start: usize| ids.len() - 1 - start;
+    if inputs(start) > context {
+        start = (start + inputs(start) - context).min(prompt_len - 1);
+    }
     let mut ids = ids.split_off(start);
     ids.truncate(context + 1);
     let first = prompt_len - 1 - start;

@@ -23,7 +23,7 @@ fn logprobs(dir: &std::path::Path, a: &ArtifactRef, prompt: &str, ids: &[u32]) -
     let (gpt, _) = checkpoint::load_gpt(ckpt, &Device::Cpu).unwrap();
     let tok = load_tokenizer(ckpt).unwrap();
     let c = completion("x", "p", prompt, ids.to_vec(), vec![0.0; ids.len()]);
-    let s = sample(tok.as_ref(), &c, 0.0, gpt.config().context);
+    let s = sample(tok.as_ref(), &c, 0.0, gpt.config().context, 4);
     let (x, y, _) =
         to_tensors(std::slice::from_ref(&s.example), tok.pad_id(), &Device::Cpu).unwrap();
     let lp = token_logprobs(&gpt.forward(&x).unwrap(), &y)
@@ -178,5 +178,67 @@ fn equal_rewards_teach_nothing_and_inputs_are_checked() {
     // No policy at all.
     let err = run(&dir, json!({}), vec![(0, input(vec![]).remove(1).1)]);
     assert!(err.is_ok(), "no completions: nothing to do");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Real samples from lm.rollout, scored by lm.logprobs under the same
+/// policy: at the first step the ratio is 1 (nothing clipped) and the k3 KL
+/// is 0, even for prompts longer than the room rollout keeps for them.
+#[test]
+fn on_policy_samples_start_at_ratio_one_and_zero_kl() {
+    use crate::{Logprobs, Rollout};
+    let dir = temp_run_dir("grpo-onpolicy");
+    let start = policy(&dir);
+    let long =
+        "Human: tell me a long story about a river, a stone, a cloud and a tiger.\n\nAssistant:";
+    let prompts: Vec<Record> = (0..3)
+        .map(|i| {
+            Record::Prompt(Prompt {
+                id: format!("p{i}"),
+                text: format!("{long} {i}"),
+                meta: Default::default(),
+            })
+        })
+        .collect();
+    let stage = |kind: &str, config: serde_json::Value| {
+        let mut init = StageInit::for_test(kind, config);
+        init.run_dir = dir.clone();
+        init
+    };
+    let policy_in = vec![Record::Artifact(start.clone())];
+    let rollout_init = stage(
+        "lm.rollout",
+        hone_sdk::testing::full_config::<Rollout>(json!({"n": 4, "max_new_tokens": 12})),
+    );
+    let sampled = hone_sdk::testing::run_round::<Rollout>(
+        &rollout_init,
+        vec![(0, prompts), (1, policy_in.clone())],
+    )
+    .unwrap();
+    let logprobs_init = stage(
+        "lm.logprobs",
+        hone_sdk::testing::full_config::<Logprobs>(json!({"max_new_tokens": 12})),
+    );
+    let scored = hone_sdk::testing::run_round::<Logprobs>(
+        &logprobs_init,
+        vec![(0, sampled.emitted(0).to_vec()), (1, policy_in.clone())],
+    )
+    .unwrap();
+    let completions = scored.emitted(0).to_vec();
+    assert_eq!(completions.len(), 12);
+    let scores: Vec<Record> = completions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| score(r.id(), (i % 3) as f64))
+        .collect();
+    let out = run(
+        &dir,
+        json!({"epochs": 1, "batch_size": 12, "lr": 1e-9, "max_new_tokens": 12}),
+        vec![(0, completions), (1, scores), (2, policy_in)],
+    )
+    .unwrap();
+    assert_eq!(out.metric("clip_fraction", None), Some(0.0));
+    let kl = out.metric("kl", None).unwrap();
+    assert!(kl.abs() < 1e-4, "k3 to the policy itself: {kl}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
