@@ -2,36 +2,10 @@
 //! errors, failures, the dataflow across workers and processes, and
 //! out-of-tree plugins.
 
-use hone_tests::{expect, hone, metric, read_lines, text, workspace, TempDir, GOOD};
+use hone_tests::{
+    assert_invalid, expect, hone, metric, read_lines, text, workspace, TempDir, GOOD,
+};
 use std::path::Path;
-
-/// Asserts that validating `pipeline` exits 2 with an error at `line:col`
-/// containing every one of `needles`.
-fn assert_invalid(pipeline: &str, line_col: &str, needles: &[&str]) {
-    let dir = TempDir::new("invalid");
-    let path = dir.write("p.toml", pipeline);
-    for command in ["validate", "run"] {
-        let out = hone(&dir.0, &[command, path.to_str().unwrap()]);
-        let (_, err) = text(&out);
-        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
-        let prefix = format!("{}:{line_col}: ", path.display());
-        let line = err
-            .lines()
-            .find(|l| l.starts_with(&prefix))
-            .unwrap_or_else(|| panic!("no `{prefix}` in:\n{err}"));
-        for needle in needles {
-            assert!(line.contains(needle), "`{needle}` not in `{line}`");
-        }
-        assert!(
-            !err.contains("panicked") && !err.contains("backtrace"),
-            "{err}"
-        );
-    }
-    assert!(
-        !dir.join("runs").exists(),
-        "an invalid pipeline must not create a run directory"
-    );
-}
 
 #[test]
 fn valid_pipeline_validates() {

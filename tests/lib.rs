@@ -93,6 +93,52 @@ pub fn expect(cwd: &Path, args: &[&str], code: i32, needles: &[&str]) -> String 
     err
 }
 
+/// Asserts that `validate` and `run` of `pipeline` (written as p.toml in a
+/// fresh directory holding `files`) exit 2 with an error at `line_col` that
+/// contains every needle, and that the run left no run directory.
+pub fn assert_invalid_with(
+    files: &[(&str, &[u8])],
+    pipeline: &[u8],
+    line_col: &str,
+    needles: &[&str],
+) {
+    let dir = TempDir::new("errors");
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let path = dir.join("p.toml");
+    std::fs::write(&path, pipeline).unwrap();
+    for command in ["validate", "run"] {
+        let out = hone(&dir.0, &[command, path.to_str().unwrap()]);
+        let (_, err) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        let prefix = format!("{}:{line_col}: ", path.display());
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{command}: no `{prefix}` in:\n{err}"));
+        for needle in needles {
+            assert!(
+                line.contains(needle),
+                "{command}: `{needle}` not in `{line}`"
+            );
+        }
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{err}"
+        );
+    }
+    assert!(
+        !dir.join("runs").exists(),
+        "an invalid pipeline made a run directory"
+    );
+}
+
+/// [`assert_invalid_with`] for a pipeline alone.
+pub fn assert_invalid(pipeline: &str, line_col: &str, needles: &[&str]) {
+    assert_invalid_with(&[], pipeline.as_bytes(), line_col, needles);
+}
+
 /// Stdout and stderr of a finished command, for assertion messages.
 pub fn text(o: &Output) -> (String, String) {
     (

@@ -164,7 +164,7 @@ impl Stage for Dpo {
                 ctx.round()
             )));
         };
-        let dir = artifact_dir(ctx, &start);
+        let dir = crate::checkpoint_dir(ctx, &start);
         let doing = format!("cannot load policy {} from {}", start.id, dir.display());
         let (gpt, varmap) = checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?;
         let tok = load_tokenizer(&dir).or_stage(&doing)?;
@@ -214,14 +214,6 @@ impl Stage for Dpo {
         };
         trainer.train(ctx, &policy, reference_gpt, &reference, &pairs)
     }
-}
-
-/// The directory of a checkpoint artifact (the directory of its file).
-fn artifact_dir(ctx: &Context, a: &ArtifactRef) -> std::path::PathBuf {
-    let file = ctx.init().run_dir.join(&a.path);
-    file.parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or(file)
 }
 
 /// The policy being optimised.

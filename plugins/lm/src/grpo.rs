@@ -10,7 +10,7 @@
 //! `lm.rollout` for round t + 1.
 
 use crate::sft::data::{to_tensors, Example};
-use crate::{device, OrStageError};
+use crate::{device, NewestPolicy, OrStageError};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use hone_models::batches::Batches;
 use hone_models::checkpoint;
@@ -46,8 +46,9 @@ pub struct Grpo {
     baseline: Baseline,
     device: Device,
     input: RoundInput,
-    /// The newest policy seen on `policy`, across rounds (round, then arrival).
-    policy: Option<ArtifactRef>,
+    /// The newest policy seen on `policy`, across rounds (round, then
+    /// arrival); loaded here with its weights to train, not by NewestPolicy.
+    policy: NewestPolicy,
 }
 
 impl StageFactory for Grpo {
@@ -114,7 +115,7 @@ impl StageFactory for Grpo {
             baseline,
             device,
             input: RoundInput::default(),
-            policy: None,
+            policy: NewestPolicy::new("policy", "policy", "policy"),
         })
     }
 }
@@ -126,11 +127,7 @@ impl Stage for Grpo {
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let mut input = self.input.take();
-        for a in input.artifacts(2, ArtifactKind::Policy, "policy")? {
-            if self.policy.as_ref().is_none_or(|p| a.round >= p.round) {
-                self.policy = Some(a);
-            }
-        }
+        self.policy.offer_all(&mut input, 2)?;
         let mut completions = input.completions(0);
         completions.sort_by(|a, b| a.id.cmp(&b.id));
         let rewards: BTreeMap<String, f64> = input
@@ -142,7 +139,7 @@ impl Stage for Grpo {
         if completions.is_empty() {
             return Ok(());
         }
-        let Some(policy) = self.policy.clone() else {
+        let Some(policy) = self.policy.newest.clone() else {
             return Err(StageError::new(format!(
                 "no policy artifact arrived by round {}: wire `policy` to the policy that sampled the \
                  completions (its first from lm.sft, later rounds from this stage's own output, as feedback)",
@@ -172,11 +169,7 @@ impl Grpo {
     ) -> Result<(), StageError> {
         let c = &self.config;
         let needs_reference = c.kl != "none" && c.beta > 0.0;
-        let file = ctx.init().run_dir.join(&policy.path);
-        let dir = file
-            .parent()
-            .map(std::path::Path::to_path_buf)
-            .unwrap_or(file);
+        let dir = crate::checkpoint_dir(ctx, policy);
         let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
         let (gpt, varmap) = checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?;
         let tok = load_tokenizer(&dir).or_stage(&doing)?;
@@ -404,14 +397,8 @@ fn sample(
     ids.extend(tok.encode(&c.prompt));
     let prompt_len = ids.len();
     ids.extend(&c.token_ids);
-    let room = context.saturating_sub(max_new_tokens).max(1);
-    let mut start = prompt_len.saturating_sub(room);
-    // Inputs are every id but the last; a completion longer than
-    // max_new_tokens allows costs more of the prompt.
-    let inputs = |start: usize| ids.len() - 1 - start;
-    if inputs(start) > context {
-        start = (start + inputs(start) - context).min(prompt_len - 1);
-    }
+    let start =
+        crate::teacher_forcing_start(prompt_len, c.token_ids.len(), context, max_new_tokens);
     let mut ids = ids.split_off(start);
     ids.truncate(context + 1);
     let first = prompt_len - 1 - start;

@@ -43,6 +43,37 @@ impl<T, E: std::fmt::Display> OrStageError<T> for Result<T, E> {
     }
 }
 
+/// The checkpoint directory of a policy artifact (the directory of its
+/// weights file; an absolute path for one loaded from another run).
+fn checkpoint_dir(ctx: &Context, a: &ArtifactRef) -> std::path::PathBuf {
+    let file = ctx.init().run_dir.join(&a.path);
+    file.parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or(file)
+}
+
+/// Where teacher forcing starts in `BOS prompt` of `prompt_len` tokens
+/// followed by `completion_len` sampled ones: the prompt cut to its last
+/// `context - max_new_tokens` tokens, as lm.rollout cut it when sampling,
+/// and further when a completion is longer than `max_new_tokens` allows, so
+/// that the inputs (every id but the last) fit the context. One rule for
+/// lm.logprobs and lm.grpo, so their log-probs line up with the sampler's.
+fn teacher_forcing_start(
+    prompt_len: usize,
+    completion_len: usize,
+    context: usize,
+    max_new_tokens: usize,
+) -> usize {
+    let room = context.saturating_sub(max_new_tokens).max(1);
+    let start = prompt_len.saturating_sub(room);
+    let inputs = prompt_len - start + completion_len - 1;
+    if inputs > context {
+        (start + inputs - context).min(prompt_len - 1)
+    } else {
+        start
+    }
+}
+
 /// The device named by the `device` field, or a config error naming it.
 fn device(name: &str) -> Result<hone_models::Device, StageError> {
     hone_models::device::device(name).map_err(|e| StageError::config("device", e.to_string()))
@@ -103,16 +134,15 @@ impl NewestPolicy {
         if self.loaded.as_ref().is_some_and(|(a, _, _)| a == policy) {
             return Ok(());
         }
-        let file = ctx.init().run_dir.join(&policy.path);
-        let dir = file.parent().unwrap_or(&file);
+        let dir = checkpoint_dir(ctx, policy);
         let doing = format!(
             "cannot load {} {} from {}",
             self.role,
             policy.id,
             dir.display()
         );
-        let (gpt, _) = checkpoint::load_gpt(dir, device).or_stage(&doing)?;
-        let tok = load_tokenizer(dir).or_stage(&doing)?;
+        let (gpt, _) = checkpoint::load_gpt(&dir, device).or_stage(&doing)?;
+        let tok = load_tokenizer(&dir).or_stage(&doing)?;
         self.loaded = Some((policy.clone(), gpt, tok));
         Ok(())
     }

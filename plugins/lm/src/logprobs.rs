@@ -232,14 +232,12 @@ impl Logprobs {
         let context = gpt.config().context;
         let mut prompt_ids = vec![tok.bos_id()];
         prompt_ids.extend(tok.encode(prompt));
-        let room = context.saturating_sub(self.config.max_new_tokens).max(1);
-        let mut start = prompt_ids.len().saturating_sub(room);
-        // Inputs: the prompt and every id but the last (which is only predicted).
-        let len = |start: usize| prompt_ids.len() - start + ids.len() - 1;
-        if len(start) > context {
-            // A longer completion than max_new_tokens allows: cut more prompt.
-            start = (start + len(start) - context).min(prompt_ids.len() - 1);
-        }
+        let start = crate::teacher_forcing_start(
+            prompt_ids.len(),
+            ids.len(),
+            context,
+            self.config.max_new_tokens,
+        );
         let mut input = prompt_ids[start..].to_vec();
         let first = input.len() - 1;
         input.extend(&ids[..ids.len() - 1]);
