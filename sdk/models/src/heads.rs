@@ -1,5 +1,5 @@
-//! Heads on a [`Gpt`] backbone: a scalar reward model and a per-token value
-//! head for PPO.
+//! Heads on a [`Gpt`] backbone: a scalar reward model, a per-token value
+//! head, and PPO's critic (a trunk with a value head).
 
 use crate::gpt::{linear, Gpt, GptConfig};
 use crate::sample::Rng;
@@ -129,6 +129,48 @@ impl ValueHead {
     }
 }
 
+/// PPO's critic: a transformer of the policy's shape with a [`ValueHead`]
+/// on its final hidden states, one value per position. A separate model
+/// rather than a head on the policy (OpenRLHF's and TRL's choice too): the
+/// value loss cannot pull the policy's features, the policy checkpoint
+/// stays a plain [`Gpt`], and the critic can start from the policy's
+/// weights. Variables: the trunk's at the root (`lm_head.weight` unused,
+/// see [`Critic::trainable`]), the head under `value_head`.
+pub struct Critic {
+    /// The transformer whose hidden states are valued.
+    pub trunk: Gpt,
+    head: ValueHead,
+}
+
+impl Critic {
+    /// Builds the trunk at `vb`'s root and the head under `value_head`.
+    pub fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            trunk: Gpt::new(cfg, vb.clone())?,
+            head: ValueHead::new(cfg.d_model, vb.pp("value_head"))?,
+        })
+    }
+
+    /// Values [B,T] of ids [B,T]: at position t, the value of the state
+    /// after token t, i.e. before the token that position predicts.
+    pub fn values(&self, ids: &Tensor) -> Result<Tensor> {
+        self.head.forward(&self.trunk.hidden(ids)?)
+    }
+
+    /// The variables the value loss trains: all but the trunk's unused LM
+    /// head (it would get no gradient, and AdamW's weight decay would
+    /// shrink it for nothing).
+    pub fn trainable(varmap: &crate::VarMap) -> Vec<crate::Var> {
+        let data = varmap.data().lock().expect("VarMap lock poisoned");
+        let mut named: Vec<(&String, &crate::Var)> = data
+            .iter()
+            .filter(|(name, _)| name.as_str() != "lm_head.weight")
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +276,26 @@ mod tests {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         assert!((a - c).abs() > 1e-7);
         assert!(rm.score(&ids(&[&[5, 6]]), &[3]).is_err());
+    }
+
+    #[test]
+    fn every_critic_parameter_but_the_lm_head_gets_a_gradient() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let critic = Critic::new(&GptConfig::tiny(259), vb).unwrap();
+        init_seeded(&varmap, 3).unwrap();
+        let values = critic.values(&ids(&[&[1, 2, 3], &[4, 5, 6]])).unwrap();
+        assert_eq!(values.dims(), &[2, 3]);
+        let target = Tensor::new(&[[1f32, 0.0, 2.0], [0.5, 0.5, 0.5]], &Device::Cpu).unwrap();
+        let loss = (values - target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert_eq!(
+            crate::train::vars_without_gradient(&varmap, &grads).unwrap(),
+            ["lm_head.weight"]
+        );
+        let trainable = Critic::trainable(&varmap);
+        assert_eq!(trainable.len(), varmap.all_vars().len() - 1);
+        assert!(trainable.iter().all(|v| grads.get(v).is_some()));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod gpt;
 pub mod heads;
 mod ops;
 pub mod policy_gradient;
+pub mod ppo;
 pub mod preference;
 pub mod reward;
 pub mod sample;

@@ -61,8 +61,9 @@ pub fn k3(logp: &Tensor, ref_logp: &Tensor) -> Result<Tensor> {
 }
 
 /// The clipped surrogate per token [B,T] (to minimise):
-/// −min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A), ρ = exp(logp − old_logp), with each
-/// sequence's advantage `advantages` [B] broadcast over its tokens.
+/// −min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A), ρ = exp(logp − old_logp). The
+/// advantages are one per sequence [B] (group baselines, broadcast over its
+/// tokens) or one per token [B,T] (PPO's GAE).
 pub fn clipped_surrogate(
     logp: &Tensor,
     old_logp: &Tensor,
@@ -75,7 +76,17 @@ pub fn clipped_surrogate(
         )));
     }
     let ratio = (logp - old_logp)?.exp()?;
-    let a = advantages.unsqueeze(1)?.broadcast_as(ratio.shape())?;
+    let a = if advantages.rank() == 1 {
+        advantages.unsqueeze(1)?.broadcast_as(ratio.shape())?
+    } else if advantages.dims() == ratio.dims() {
+        advantages.clone()
+    } else {
+        return Err(Error::Invalid(format!(
+            "clipped_surrogate: advantages {:?} fit neither [B] nor the log-probs' {:?}",
+            advantages.dims(),
+            ratio.dims()
+        )));
+    };
     let unclipped = (&ratio * &a)?;
     let clipped = (ratio.clamp(1.0 - clip, 1.0 + clip)? * &a)?;
     Ok(unclipped.minimum(&clipped)?.neg()?)
