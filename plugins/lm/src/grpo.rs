@@ -9,6 +9,7 @@
 //! them, and emits the updated policy; a feedback edge hands it to
 //! `lm.rollout` for round t + 1.
 
+use crate::sampled::{lay, Sampled};
 use crate::sft::data::{to_tensors, Example};
 use crate::{device, NewestPolicy, OrStageError};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -16,7 +17,7 @@ use hone_models::batches::Batches;
 use hone_models::checkpoint;
 use hone_models::gpt::Gpt;
 use hone_models::policy_gradient::{clipped_surrogate, group_advantages, k3, Baseline};
-use hone_models::tokenizer::{load_tokenizer, Tokenizer};
+use hone_models::tokenizer::load_tokenizer;
 use hone_models::train::{clip_grad_norm, token_logprobs};
 use hone_models::{Device, Tensor};
 use hone_sdk::prelude::*;
@@ -150,12 +151,9 @@ impl Stage for Grpo {
     }
 }
 
-/// One completion ready to learn from.
+/// One completion ready to learn from, with its group-relative advantage.
 struct Sample {
-    id: String,
-    example: Example,
-    old: Vec<f32>,
-    reference: Vec<f32>,
+    sampled: Sampled,
     advantage: f32,
 }
 
@@ -229,13 +227,10 @@ impl Grpo {
                 .collect();
             let advantages = group_advantages(&shaped, self.baseline);
             for ((comp, _), a) in group.into_iter().zip(advantages) {
-                samples.push(sample(
-                    tok.as_ref(),
-                    &comp,
-                    a as f32,
-                    context,
-                    c.max_new_tokens,
-                ));
+                samples.push(Sample {
+                    sampled: Sampled::new(tok.as_ref(), &comp, context, c.max_new_tokens),
+                    advantage: a as f32,
+                });
             }
         }
         let n = all_rewards.len().max(1) as f64;
@@ -246,10 +241,7 @@ impl Grpo {
         if samples.is_empty() {
             return Ok(());
         }
-        let lengths: f64 = samples
-            .iter()
-            .map(|s| s.example.mask.iter().sum::<f32>() as f64)
-            .sum();
+        let lengths: f64 = samples.iter().map(|s| s.sampled.tokens() as f64).sum();
         ctx.metric("response_length", lengths / samples.len() as f64);
         let vars = varmap.all_vars();
         // No weight decay: with nothing to learn (equal rewards), the policy
@@ -261,7 +253,7 @@ impl Grpo {
         };
         let mut opt = AdamW::new(vars.clone(), params).or_stage("cannot create the optimiser")?;
         let seed = c.seed ^ ctx.init().seed ^ ctx.round();
-        let mut order = Batches::new(samples.iter().map(|s| s.id.clone()).collect(), seed);
+        let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
         let steps = c.epochs * samples.len().div_ceil(c.batch_size);
         let (mut loss_sum, mut kl_sum, mut clipped_sum) = (0.0, 0.0, 0.0);
         for step in 1..=steps {
@@ -327,23 +319,12 @@ impl Grpo {
         with_kl: bool,
     ) -> hone_models::Result<(Tensor, f64, f64)> {
         let c = &self.config;
-        let examples: Vec<Example> = batch.iter().map(|s| s.example.clone()).collect();
+        let examples: Vec<Example> = batch.iter().map(|s| s.sampled.example.clone()).collect();
         let (x, y, mask) = to_tensors(&examples, pad, &self.device)?;
         let (b, t) = mask.dims2()?;
-        // Old and reference log-probs, laid out like the targets.
-        let lay = |f: &dyn Fn(&Sample) -> &[f32]| -> hone_models::Result<Tensor> {
-            let mut v = vec![0f32; b * t];
-            for (i, s) in batch.iter().enumerate() {
-                let start = s.example.mask.iter().position(|&m| m > 0.0).unwrap_or(0);
-                for (k, &x) in f(s).iter().enumerate() {
-                    if start + k < t {
-                        v[i * t + start + k] = x;
-                    }
-                }
-            }
-            Ok(Tensor::from_vec(v, (b, t), &self.device)?)
-        };
-        let old = lay(&|s| &s.old)?;
+        let old = lay(batch, t, &self.device, |s| {
+            (s.sampled.first, &s.sampled.old)
+        })?;
         let logp = token_logprobs(&gpt.forward(&x)?, &y)?;
         let advantages = Tensor::from_vec(
             batch.iter().map(|s| s.advantage).collect::<Vec<f32>>(),
@@ -354,7 +335,9 @@ impl Grpo {
         let mut kl = 0.0;
         let tokens = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
         if with_kl {
-            let reference = lay(&|s| &s.reference)?;
+            let reference = lay(batch, t, &self.device, |s| {
+                (s.sampled.first, &s.sampled.reference)
+            })?;
             let k = k3(&logp, &reference)?;
             kl = f64::from((k.detach() * &mask)?.sum_all()?.to_scalar::<f32>()? / tokens);
             if c.kl == "k3" {
@@ -381,42 +364,5 @@ impl Grpo {
     }
 }
 
-/// A completion as a teacher-forced example: `BOS prompt` then its sampled
-/// ids, the prompt cut to its last `context - max_new_tokens` tokens exactly
-/// as lm.rollout cut it when sampling (and lm.logprobs when scoring), so
-/// the ratio starts at 1 and the reference's log-probs line up; the mask is
-/// on the sampled tokens.
-fn sample(
-    tok: &dyn Tokenizer,
-    c: &Completion,
-    advantage: f32,
-    context: usize,
-    max_new_tokens: usize,
-) -> Sample {
-    let mut ids = vec![tok.bos_id()];
-    ids.extend(tok.encode(&c.prompt));
-    let prompt_len = ids.len();
-    ids.extend(&c.token_ids);
-    let start =
-        crate::teacher_forcing_start(prompt_len, c.token_ids.len(), context, max_new_tokens);
-    let mut ids = ids.split_off(start);
-    ids.truncate(context + 1);
-    let first = prompt_len - 1 - start;
-    let kept = (ids.len() - 1).saturating_sub(first);
-    Sample {
-        id: c.id.clone(),
-        example: Example {
-            inputs: ids[..ids.len() - 1].to_vec(),
-            targets: ids[1..].to_vec(),
-            mask: (0..ids.len() - 1)
-                .map(|t| if t >= first { 1.0 } else { 0.0 })
-                .collect(),
-        },
-        old: c.token_logprobs[..kept.min(c.token_logprobs.len())].to_vec(),
-        reference: c.ref_logprobs.iter().take(kept).copied().collect(),
-        advantage,
-    }
-}
-
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

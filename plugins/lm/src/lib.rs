@@ -7,6 +7,8 @@
 //!   artifact, with per-token log-probabilities.
 //! - `lm.logprobs`: scores completions under a reference policy
 //!   (teacher-forced), for KL estimates.
+//! - `lm.ppo`: PPO with a critic, GAE and a KL penalty (fixed or adaptive)
+//!   on the policy's own samples and their scores.
 //! - `lm.grpo`: group-baseline RL (RLOO, GRPO, Dr. GRPO) on the policy's
 //!   own samples and their scores.
 //! - `lm.dpo`: direct preference optimisation (DPO, IPO, cDPO, SimPO) of a
@@ -15,12 +17,15 @@
 mod dpo;
 mod grpo;
 mod logprobs;
+mod ppo;
 mod rollout;
+mod sampled;
 mod sft;
 
 pub use dpo::Dpo;
 pub use grpo::Grpo;
 pub use logprobs::Logprobs;
+pub use ppo::Ppo;
 pub use rollout::Rollout;
 pub use sft::Sft;
 
@@ -29,7 +34,7 @@ use hone_models::gpt::Gpt;
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
 use hone_sdk::{ArtifactKind, ArtifactRef, Context, RoundInput, StageError};
 
-hone_sdk::export_stages!(Sft, Rollout, Logprobs, Dpo, Grpo);
+hone_sdk::export_stages!(Sft, Rollout, Logprobs, Dpo, Grpo, Ppo);
 
 /// Turns a model-core (or candle) error into a stage error saying what was
 /// being done.

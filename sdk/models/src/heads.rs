@@ -287,7 +287,12 @@ mod tests {
         let values = critic.values(&ids(&[&[1, 2, 3], &[4, 5, 6]])).unwrap();
         assert_eq!(values.dims(), &[2, 3]);
         let target = Tensor::new(&[[1f32, 0.0, 2.0], [0.5, 0.5, 0.5]], &Device::Cpu).unwrap();
-        let loss = (values - target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let loss = (values - target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
         let grads = loss.backward().unwrap();
         assert_eq!(
             crate::train::vars_without_gradient(&varmap, &grads).unwrap(),

@@ -66,7 +66,12 @@ pub fn token_rewards(
 /// sequence: δ_t = r_t + γ·V_{t+1} − V_t with V after the last token 0 (the
 /// episode ends), A_t = δ_t + γλ·A_{t+1}. Returns the advantages and the
 /// returns A_t + V_t, the value head's targets.
-pub fn gae(rewards: &[f32], values: &[f32], gamma: f32, lambda: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+pub fn gae(
+    rewards: &[f32],
+    values: &[f32],
+    gamma: f32,
+    lambda: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     if rewards.len() != values.len() {
         return Err(Error::Invalid(format!(
             "gae: {} rewards for {} values",
@@ -301,10 +306,15 @@ mod tests {
         assert!(KlEstimator::K3.per_token(0.1f32.ln(), 0.4f32.ln()) > 0.0);
         let logits = Tensor::new(&[[[p[0].ln(), p[1].ln(), p[2].ln()]]], &Device::Cpu).unwrap();
         // Logits need not be normalised: shift the reference's by a constant.
-        let ref_logits =
-            Tensor::new(&[[[q[0].ln() + 3.0, q[1].ln() + 3.0, q[2].ln() + 3.0]]], &Device::Cpu)
-                .unwrap();
-        let exact = exact_kl(&logits, &ref_logits).unwrap().to_vec2::<f32>().unwrap();
+        let ref_logits = Tensor::new(
+            &[[[q[0].ln() + 3.0, q[1].ln() + 3.0, q[2].ln() + 3.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let exact = exact_kl(&logits, &ref_logits)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert!(close(exact[0][0], kl), "{exact:?} vs {kl}");
         let h = entropy(&logits).unwrap().to_vec2::<f32>().unwrap()[0][0];
         let want: f32 = -p.iter().map(|a| a * a.ln()).sum::<f32>();
@@ -321,7 +331,10 @@ mod tests {
         let v = Var::new(&[[0.1f32, 0.5]], &Device::Cpu).unwrap();
         let (loss, which) = clipped_value_loss(v.as_tensor(), &old, &ret, 0.2).unwrap();
         let l = loss.to_vec2::<f32>().unwrap();
-        assert!(close(l[0][0], 0.5 * 0.81) && close(l[0][1], 0.5 * 0.64), "{l:?}");
+        assert!(
+            close(l[0][0], 0.5 * 0.81) && close(l[0][1], 0.5 * 0.64),
+            "{l:?}"
+        );
         assert_eq!(which.to_vec2::<f32>().unwrap(), [[0.0, 1.0]]);
         let g = loss.sum_all().unwrap().backward().unwrap();
         let g = g.get(&v).unwrap().to_vec2::<f32>().unwrap();

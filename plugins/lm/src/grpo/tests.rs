@@ -3,11 +3,12 @@
 
 use super::*;
 use crate::sft::tests::{demos, run_sft, temp_run_dir, tiny_config};
+use hone_models::tokenizer::Tokenizer as _;
 use hone_sdk::Collected;
 use serde_json::json;
 
 /// A policy artifact (a briefly fine-tuned tiny GPT) in `dir`.
-fn policy(dir: &std::path::Path) -> ArtifactRef {
+pub(crate) fn policy(dir: &std::path::Path) -> ArtifactRef {
     let out = run_sft(
         dir,
         tiny_config(json!({"steps": 5, "checkpoint_every": 0})),
@@ -17,24 +18,34 @@ fn policy(dir: &std::path::Path) -> ArtifactRef {
 }
 
 /// log pi(text | prompt) per token under the checkpoint of `a`.
-fn logprobs(dir: &std::path::Path, a: &ArtifactRef, prompt: &str, ids: &[u32]) -> Vec<f32> {
+pub(crate) fn logprobs(
+    dir: &std::path::Path,
+    a: &ArtifactRef,
+    prompt: &str,
+    ids: &[u32],
+) -> Vec<f32> {
     let ckpt = dir.join(&a.path);
     let ckpt = ckpt.parent().unwrap();
     let (gpt, _) = checkpoint::load_gpt(ckpt, &Device::Cpu).unwrap();
     let tok = load_tokenizer(ckpt).unwrap();
     let c = completion("x", "p", prompt, ids.to_vec(), vec![0.0; ids.len()]);
-    let s = sample(tok.as_ref(), &c, 0.0, gpt.config().context, 4);
+    let s = Sampled::new(tok.as_ref(), &c, gpt.config().context, 4);
     let (x, y, _) =
         to_tensors(std::slice::from_ref(&s.example), tok.pad_id(), &Device::Cpu).unwrap();
     let lp = token_logprobs(&gpt.forward(&x).unwrap(), &y)
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-    let first = s.example.mask.iter().position(|&m| m > 0.0).unwrap();
-    lp[0][first..first + ids.len()].to_vec()
+    lp[0][s.first..s.first + ids.len()].to_vec()
 }
 
-fn completion(id: &str, prompt_id: &str, prompt: &str, ids: Vec<u32>, lp: Vec<f32>) -> Completion {
+pub(crate) fn completion(
+    id: &str,
+    prompt_id: &str,
+    prompt: &str,
+    ids: Vec<u32>,
+    lp: Vec<f32>,
+) -> Completion {
     Completion {
         id: id.into(),
         prompt_id: prompt_id.into(),
@@ -49,7 +60,7 @@ fn completion(id: &str, prompt_id: &str, prompt: &str, ids: Vec<u32>, lp: Vec<f3
     }
 }
 
-fn score(id: &str, value: f64) -> Record {
+pub(crate) fn score(id: &str, value: f64) -> Record {
     Record::Score(Score {
         id: id.into(),
         prompt_id: String::new(),

@@ -1,0 +1,705 @@
+//! `lm.ppo`: proximal policy optimisation of the policy on its own samples
+//! against a scalar reward with a per-token KL penalty to the reference
+//! (Ziegler et al. 2019; Ouyang et al. 2022), with a critic.
+//!
+//! The critic is a separate model of the policy's shape with a value head
+//! (`hone_models::heads::Critic`), started from the policy's weights in the
+//! first round and kept, with the KL controller and the reward statistics,
+//! across rounds. A separate critic, not a head on the policy: the value
+//! loss cannot pull the policy's features, and the policy artifact stays a
+//! plain checkpoint that every lm stage loads.
+//!
+//! Each round: the completions of round t (their sampled `token_ids`, old
+//! `token_logprobs` and `ref_logprobs` from lm.logprobs) and their `Score`s
+//! become per-token rewards (−β·KL on each token, the score on the last),
+//! GAE(γ, λ) turns them and the critic's values into advantages and
+//! returns, and `epochs` passes of mini-batches train the clipped surrogate
+//! and the clipped value loss. The updated policy goes out for a feedback
+//! edge to lm.rollout.
+
+use crate::sampled::{lay, Sampled};
+use crate::sft::data::{to_tensors, Example};
+use crate::{device, NewestPolicy, OrStageError};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use hone_models::batches::Batches;
+use hone_models::checkpoint;
+use hone_models::gpt::{init_seeded, Gpt, GptConfig};
+use hone_models::heads::Critic;
+use hone_models::policy_gradient::clipped_surrogate;
+use hone_models::ppo::{
+    clipped_value_loss, entropy, exact_kl, explained_variance, gae, mean_std, token_rewards,
+    whiten, KlController, KlEstimator, RunningMoments,
+};
+use hone_models::tokenizer::{load_tokenizer, Tokenizer};
+use hone_models::train::{clip_grad_norm, token_logprobs};
+use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
+use hone_sdk::prelude::*;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PpoConfig {
+    score: String,
+    kl_estimator: String,
+    beta: f64,
+    target_kl: f64,
+    horizon: f64,
+    gamma: f64,
+    lam: f64,
+    clip: f64,
+    value_clip: f64,
+    vf_coef: f64,
+    whiten_advantages: bool,
+    normalize_reward: bool,
+    reward_clip: f64,
+    missing_eos_penalty: f64,
+    epochs: usize,
+    batch_size: usize,
+    early_stop_kl: f64,
+    lr: f64,
+    critic_lr: f64,
+    max_grad_norm: f64,
+    max_new_tokens: usize,
+    seed: u64,
+    device: String,
+}
+
+/// The critic and its variables, kept across rounds.
+struct CriticState {
+    critic: Critic,
+    varmap: VarMap,
+    config: GptConfig,
+}
+
+/// Updates the policy that sampled a round's completions, with a critic.
+pub struct Ppo {
+    config: PpoConfig,
+    estimator: KlEstimator,
+    device: Device,
+    input: RoundInput,
+    policy: NewestPolicy,
+    /// Optional: the reference model, for the exact KL metric.
+    reference: NewestPolicy,
+    critic: Option<CriticState>,
+    kl: KlController,
+    moments: RunningMoments,
+}
+
+impl StageFactory for Ppo {
+    fn descriptor() -> StageDescriptor {
+        let (count, size) = (
+            FieldType::unsigned(),
+            FieldType::positive().at_most(1 << 20),
+        );
+        StageDescriptor::new(
+            "lm.ppo",
+            "PPO on the policy's own samples with a critic (a separate model of the policy's shape \
+             with a value head, started from the policy's weights and kept across rounds). Per \
+             completion (lm.rollout, then lm.logprobs for ref_logprobs): per-token rewards -beta * \
+             KL (`kl_estimator` k1 or k3, against ref_logprobs) plus its `score` Score on the last \
+             token (less missing_eos_penalty when it did not end with EOS; optionally normalised by \
+             running statistics and clipped), then GAE(gamma, lam) with the critic's values, \
+             advantages whitened, and `epochs` passes over mini-batches of the clipped surrogate \
+             (clip) and the clipped value loss (value_clip, weighted vf_coef), stopping early when \
+             the approximate KL to the sampler passes early_stop_kl. beta is fixed, or adapted \
+             towards target_kl (nats per sequence) over `horizon` samples. Wire `reference` (the \
+             SFT policy) to also log the exact KL. Emits the updated `policy` (final/) for a \
+             feedback edge to lm.rollout, and registers the critic (critic/). Metrics: reward, \
+             reward_std, kl (k1 sum per sequence), kl_k3, kl_exact (with `reference`), beta, \
+             entropy, clip_fraction, approx_kl, value_loss, value_clip_fraction, \
+             explained_variance, policy_loss, response_length, no_eos, epochs_run, unscored.",
+        )
+        .input("completions", RecordKind::Completion)
+        .input("scores", RecordKind::Score)
+        .input("policy", RecordKind::Artifact(ArtifactKind::Policy))
+        .input("reference", RecordKind::Artifact(ArtifactKind::Policy))
+        .output("policy", RecordKind::Artifact(ArtifactKind::Policy))
+        .optional("score", FieldType::String, "proxy_reward", "The `name` of the Scores that are the reward.")
+        .optional("kl_estimator", FieldType::one_of(&["k1", "k3"]), "k1", "Per-token KL estimate in the reward: k1 = logp - ref (unbiased, can be negative), k3 (never negative).")
+        .optional("beta", FieldType::Float, 0.05, "KL coefficient (the start, when target_kl adapts it).")
+        .optional("target_kl", FieldType::Float, 0.0, "Adaptive KL: the sequence KL (nats) to steer beta towards; 0 keeps beta fixed.")
+        .optional("horizon", FieldType::Float, 10000.0, "Adaptive KL: the number of samples over which beta adapts.")
+        .optional("gamma", FieldType::Float, 1.0, "GAE discount, in [0, 1].")
+        .optional("lam", FieldType::Float, 0.95, "GAE lambda, in [0, 1].")
+        .optional("clip", FieldType::Float, 0.2, "epsilon of the clipped surrogate, in (0, 1).")
+        .optional("value_clip", FieldType::Float, 0.2, "How far a value may move from the rollout's in one round, above 0.")
+        .optional("vf_coef", FieldType::Float, 0.1, "Weight of the value loss, above 0.")
+        .optional("whiten_advantages", FieldType::Bool, true, "Whiten the advantages over the round's tokens.")
+        .optional("normalize_reward", FieldType::Bool, false, "Normalise scores by the running mean and std of every round so far.")
+        .optional("reward_clip", FieldType::Float, 0.0, "Clip (normalised) scores to [-c, c]; 0 = no clip.")
+        .optional("missing_eos_penalty", FieldType::Float, 0.0, "Subtracted from the score of a completion that did not end with EOS (cut at max_new_tokens); 0 = none.")
+        .optional("epochs", size.clone(), 4, "PPO epochs over the round's completions.")
+        .optional("batch_size", size.clone(), 8, "Completions per mini-batch (one optimiser step each).")
+        .optional("early_stop_kl", FieldType::Float, 0.0, "Stop the round's epochs once a mini-batch's approximate KL (per token, to the sampler) exceeds this; 0 = never.")
+        .optional("lr", FieldType::Float, 1e-4, "Policy learning rate (AdamW, constant).")
+        .optional("critic_lr", FieldType::Float, 1e-4, "Critic learning rate (AdamW, constant).")
+        .optional("max_grad_norm", FieldType::Float, 1.0, "Gradient-norm clip, for the policy and the critic each.")
+        .optional("max_new_tokens", size, 64, "lm.rollout's max_new_tokens: it fixes how rollout cut each prompt (so the ratio starts at 1).")
+        .optional("seed", count, 0, "Seed of the mini-batch order and the value head's start, combined with the pipeline seed.")
+        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+    }
+
+    fn create(init: &StageInit) -> Result<Self, StageError> {
+        let config: PpoConfig = init.config()?;
+        let estimator = KlEstimator::parse(&config.kl_estimator).ok_or_else(|| {
+            StageError::config(
+                "kl_estimator",
+                format!("unknown estimator `{}`", config.kl_estimator),
+            )
+        })?;
+        let within = |name: &str, v: f64, ok: bool, rule: &str| {
+            if ok && v.is_finite() {
+                Ok(())
+            } else {
+                Err(StageError::config(
+                    name,
+                    format!("must be {rule}, found {v}"),
+                ))
+            }
+        };
+        let c = &config;
+        within("clip", c.clip, c.clip > 0.0 && c.clip < 1.0, "in (0, 1)")?;
+        within("value_clip", c.value_clip, c.value_clip > 0.0, "above 0")?;
+        within("vf_coef", c.vf_coef, c.vf_coef > 0.0, "above 0")?;
+        within("beta", c.beta, c.beta >= 0.0, "0 or more")?;
+        within(
+            "target_kl",
+            c.target_kl,
+            c.target_kl >= 0.0,
+            "0 (fixed beta) or more",
+        )?;
+        within("horizon", c.horizon, c.horizon > 0.0, "above 0")?;
+        within(
+            "gamma",
+            c.gamma,
+            (0.0..=1.0).contains(&c.gamma),
+            "in [0, 1]",
+        )?;
+        within("lam", c.lam, (0.0..=1.0).contains(&c.lam), "in [0, 1]")?;
+        within(
+            "reward_clip",
+            c.reward_clip,
+            c.reward_clip >= 0.0,
+            "0 (none) or more",
+        )?;
+        within(
+            "early_stop_kl",
+            c.early_stop_kl,
+            c.early_stop_kl >= 0.0,
+            "0 (never) or more",
+        )?;
+        within("lr", c.lr, c.lr > 0.0, "above 0")?;
+        within("critic_lr", c.critic_lr, c.critic_lr > 0.0, "above 0")?;
+        within(
+            "missing_eos_penalty",
+            c.missing_eos_penalty,
+            true,
+            "a number",
+        )?;
+        let device = device(&config.device)?;
+        let kl = KlController {
+            beta: config.beta,
+            target: (config.target_kl > 0.0).then_some(config.target_kl),
+            horizon: config.horizon,
+        };
+        Ok(Ppo {
+            config,
+            estimator,
+            device,
+            input: RoundInput::default(),
+            policy: NewestPolicy::new("policy", "policy", "policy"),
+            reference: NewestPolicy::new("reference", "reference", "reference policy"),
+            critic: None,
+            kl,
+            moments: RunningMoments::default(),
+        })
+    }
+}
+
+impl Stage for Ppo {
+    fn round_input(&mut self) -> Option<&mut RoundInput> {
+        Some(&mut self.input)
+    }
+
+    fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let mut input = self.input.take();
+        self.policy.offer_all(&mut input, 2)?;
+        self.reference.offer_all(&mut input, 3)?;
+        let mut completions = input.completions(0);
+        completions.sort_by(|a, b| a.id.cmp(&b.id));
+        let rewards: BTreeMap<String, f64> = input
+            .scores(1)
+            .into_iter()
+            .filter(|s| s.name == self.config.score)
+            .map(|s| (s.id, s.value))
+            .collect();
+        if completions.is_empty() {
+            return Ok(());
+        }
+        let Some(policy) = self.policy.newest.clone() else {
+            return Err(StageError::new(format!(
+                "no policy artifact arrived by round {}: wire `policy` to the policy that sampled the \
+                 completions (its first from lm.sft, later rounds from this stage's own output, as feedback)",
+                ctx.round()
+            )));
+        };
+        self.update(ctx, &policy, completions, &rewards)
+    }
+}
+
+/// One completion with what PPO computed for it before the update.
+struct Sample {
+    sampled: Sampled,
+    /// The critic's values of the response's states at rollout time.
+    values: Vec<f32>,
+    advantages: Vec<f32>,
+    returns: Vec<f32>,
+}
+
+/// Sums over one mini-batch, for the round's metrics.
+#[derive(Default)]
+struct StepStats {
+    policy_loss: f64,
+    value_loss: f64,
+    clipped: f64,
+    value_clipped: f64,
+    approx_kl: f64,
+    entropy: f64,
+}
+
+impl Ppo {
+    fn update(
+        &mut self,
+        ctx: &mut Context,
+        policy: &ArtifactRef,
+        completions: Vec<Completion>,
+        rewards: &BTreeMap<String, f64>,
+    ) -> Result<(), StageError> {
+        let dir = crate::checkpoint_dir(ctx, policy);
+        let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
+        let (gpt, varmap) = checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?;
+        let tok = load_tokenizer(&dir).or_stage(&doing)?;
+        self.ensure_critic(ctx, &gpt, &varmap)?;
+        let needs_reference = self.config.beta > 0.0 || self.kl.target.is_some();
+        let (c, estimator) = (&self.config, self.estimator);
+        let context = gpt.config().context;
+
+        // Completions with their scores; one without a score is counted.
+        let (mut scored, mut unscored, mut no_eos) = (Vec::new(), 0u64, 0u64);
+        for comp in completions {
+            check_completion(&comp, needs_reference)?;
+            let Some(&raw) = rewards.get(&comp.id) else {
+                unscored += 1;
+                continue;
+            };
+            let ended = comp.token_ids.last() == Some(&tok.eos_id());
+            no_eos += u64::from(!ended);
+            let sampled = Sampled::new(tok.as_ref(), &comp, context, c.max_new_tokens);
+            if sampled.tokens() > 0 {
+                scored.push((sampled, raw, ended));
+            }
+        }
+        ctx.metric("unscored", unscored as f64);
+        if scored.is_empty() {
+            return Ok(());
+        }
+        let n = scored.len();
+        ctx.metric("no_eos", no_eos as f64 / n as f64);
+        let raw: Vec<f32> = scored.iter().map(|(_, r, _)| *r as f32).collect();
+        let (mean, std) = mean_std(&raw);
+        ctx.metric("reward", mean);
+        ctx.metric("reward_std", std);
+        if c.normalize_reward {
+            self.moments.extend(raw.iter().map(|&r| f64::from(r)));
+        }
+        let beta = self.kl.beta;
+        ctx.metric("beta", beta);
+
+        // Values at rollout time, then rewards, GAE and returns.
+        let pad = tok.pad_id();
+        let critic = &self.critic.as_ref().expect("ensured above").critic;
+        let mut samples = Vec::with_capacity(n);
+        let (mut kl_k1, mut kl_k3) = (0.0, 0.0);
+        let chunk: Vec<&Sampled> = scored.iter().map(|(s, _, _)| s).collect();
+        let mut values = Vec::with_capacity(n);
+        for batch in chunk.chunks(c.batch_size) {
+            values.extend(
+                self.values(critic, batch, pad)
+                    .or_stage("cannot compute the critic's values")?,
+            );
+        }
+        for ((sampled, raw, ended), values) in scored.into_iter().zip(values) {
+            let mut score = raw;
+            if !ended {
+                score -= c.missing_eos_penalty;
+            }
+            if c.normalize_reward {
+                score = self.moments.normalise(score);
+            }
+            if c.reward_clip > 0.0 {
+                score = score.clamp(-c.reward_clip, c.reward_clip);
+            }
+            let reference: Vec<f32> = if sampled.reference.len() == sampled.tokens() {
+                sampled.reference.clone()
+            } else {
+                sampled.old.clone()
+            };
+            kl_k1 += sampled
+                .old
+                .iter()
+                .zip(&reference)
+                .map(|(&o, &r)| f64::from(KlEstimator::K1.per_token(o, r)))
+                .sum::<f64>();
+            kl_k3 += sampled
+                .old
+                .iter()
+                .zip(&reference)
+                .map(|(&o, &r)| f64::from(KlEstimator::K3.per_token(o, r)))
+                .sum::<f64>();
+            let token_rewards = token_rewards(
+                score as f32,
+                &sampled.old,
+                &reference,
+                beta as f32,
+                estimator,
+            );
+            let (advantages, returns) = gae(&token_rewards, &values, c.gamma as f32, c.lam as f32)
+                .or_stage("GAE failed")?;
+            samples.push(Sample {
+                sampled,
+                values,
+                advantages,
+                returns,
+            });
+        }
+        let (kl_k1, kl_k3) = (kl_k1 / n as f64, kl_k3 / n as f64);
+        ctx.metric("kl", kl_k1);
+        ctx.metric("kl_k3", kl_k3);
+        if let Some(kl) = self.exact_kl(ctx, &gpt, &samples, pad)? {
+            ctx.metric("kl_exact", kl);
+        }
+        let all = |f: fn(&Sample) -> &Vec<f32>| -> Vec<f32> {
+            samples.iter().flat_map(|s| f(s).iter().copied()).collect()
+        };
+        ctx.metric(
+            "explained_variance",
+            explained_variance(&all(|s| &s.values), &all(|s| &s.returns)),
+        );
+        let tokens: usize = samples.iter().map(|s| s.sampled.tokens()).sum();
+        ctx.metric("response_length", tokens as f64 / n as f64);
+        if self.config.whiten_advantages {
+            let mut flat = all(|s| &s.advantages);
+            whiten(&mut flat);
+            let mut rest = &flat[..];
+            for s in &mut samples {
+                let (mine, tail) = rest.split_at(s.advantages.len());
+                s.advantages.copy_from_slice(mine);
+                rest = tail;
+            }
+        }
+
+        let (steps, stats) = self.optimise(ctx, &gpt, &varmap, &samples, pad)?;
+        let per = |x: f64| x / steps.max(1) as f64;
+        ctx.metric("policy_loss", per(stats.policy_loss));
+        ctx.metric("value_loss", per(stats.value_loss));
+        ctx.metric("clip_fraction", per(stats.clipped));
+        ctx.metric("value_clip_fraction", per(stats.value_clipped));
+        ctx.metric("approx_kl", per(stats.approx_kl));
+        ctx.metric("entropy", per(stats.entropy));
+        let batches_per_epoch = n.div_ceil(self.config.batch_size);
+        let epochs_run = steps as f64 / batches_per_epoch as f64;
+        ctx.metric("epochs_run", epochs_run);
+        self.kl.update(kl_k1, n);
+        ctx.log(format!(
+            "ppo on {n} completions ({steps} steps, {epochs_run:.2} epochs): reward {mean:.4} \
+             (std {std:.4}), kl {kl_k1:.4} (k3 {kl_k3:.4}), beta {beta:.4} -> {:.4}, clip fraction \
+             {:.3}, value loss {:.4}, entropy {:.3}",
+            self.kl.beta,
+            per(stats.clipped),
+            per(stats.value_loss),
+            per(stats.entropy),
+        ));
+        self.save(ctx, policy, &gpt, &varmap, tok.as_ref(), n)
+    }
+
+    /// Starts the critic from the policy's weights (and a seeded value
+    /// head) the first time; later rounds keep training the same critic.
+    fn ensure_critic(
+        &mut self,
+        ctx: &Context,
+        gpt: &Gpt,
+        policy_vars: &VarMap,
+    ) -> Result<(), StageError> {
+        if let Some(state) = &self.critic {
+            if &state.config != gpt.config() {
+                return Err(StageError::new(
+                    "the policy's shape changed between rounds; lm.ppo's critic was built for the first \
+                     policy: wire `policy` to one lineage (lm.sft, then this stage's feedback)",
+                ));
+            }
+            return Ok(());
+        }
+        let doing = "cannot build the critic";
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
+        let critic = Critic::new(gpt.config(), vb).or_stage(doing)?;
+        init_seeded(&varmap, self.config.seed ^ ctx.init().seed ^ 0x5eed_c417).or_stage(doing)?;
+        {
+            let from = policy_vars.data().lock().expect("VarMap lock poisoned");
+            let to = varmap.data().lock().expect("VarMap lock poisoned");
+            for (name, var) in from.iter() {
+                if let Some(target) = to.get(name) {
+                    target.set(var.as_tensor()).or_stage(doing)?;
+                }
+            }
+        }
+        self.critic = Some(CriticState {
+            critic,
+            varmap,
+            config: gpt.config().clone(),
+        });
+        Ok(())
+    }
+
+    /// The critic's values of each sample's response states (no gradient).
+    fn values(
+        &self,
+        critic: &Critic,
+        batch: &[&Sampled],
+        pad: u32,
+    ) -> hone_models::Result<Vec<Vec<f32>>> {
+        let examples: Vec<Example> = batch.iter().map(|s| s.example.clone()).collect();
+        let (x, _, _) = to_tensors(&examples, pad, &self.device)?;
+        let v = critic.values(&x)?.detach().to_vec2::<f32>()?;
+        Ok(batch
+            .iter()
+            .zip(v)
+            .map(|(s, row)| row[s.first..s.first + s.tokens()].to_vec())
+            .collect())
+    }
+
+    /// The exact KL(π_old‖π_ref) per sequence, summed over its tokens and
+    /// averaged, when a reference is wired.
+    fn exact_kl(
+        &mut self,
+        ctx: &Context,
+        gpt: &Gpt,
+        samples: &[Sample],
+        pad: u32,
+    ) -> Result<Option<f64>, StageError> {
+        if self.reference.newest.is_none() {
+            return Ok(None);
+        }
+        self.reference.load(ctx, &self.device)?;
+        let (_, reference, _) = self.reference.get().expect("loaded above");
+        let mut total = 0.0;
+        let mut run = || -> hone_models::Result<f64> {
+            for batch in samples.chunks(self.config.batch_size) {
+                let examples: Vec<Example> =
+                    batch.iter().map(|s| s.sampled.example.clone()).collect();
+                let (x, _, mask) = to_tensors(&examples, pad, &self.device)?;
+                let kl = exact_kl(&gpt.forward(&x)?, &reference.forward(&x)?)?;
+                total += f64::from((kl * mask)?.sum_all()?.to_scalar::<f32>()?);
+            }
+            Ok(total / samples.len() as f64)
+        };
+        run().or_stage("cannot compute the exact KL").map(Some)
+    }
+
+    /// `epochs` passes of mini-batches, stopping early on the approximate
+    /// KL; returns the steps taken and the sums of their statistics.
+    fn optimise(
+        &self,
+        ctx: &mut Context,
+        gpt: &Gpt,
+        varmap: &VarMap,
+        samples: &[Sample],
+        pad: u32,
+    ) -> Result<(usize, StepStats), StageError> {
+        let c = &self.config;
+        let state = self.critic.as_ref().expect("ensured before");
+        let policy_vars = varmap.all_vars();
+        let critic_vars = Critic::trainable(&state.varmap);
+        // No weight decay: with nothing to learn, the policy must stay put.
+        let adam = |lr| ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let doing = "cannot create the optimiser";
+        let mut policy_opt = AdamW::new(policy_vars.clone(), adam(c.lr)).or_stage(doing)?;
+        let mut critic_opt = AdamW::new(critic_vars.clone(), adam(c.critic_lr)).or_stage(doing)?;
+        let seed = c.seed ^ ctx.init().seed ^ ctx.round();
+        let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
+        let steps = c.epochs * samples.len().div_ceil(c.batch_size);
+        let mut stats = StepStats::default();
+        let failed = "PPO step failed";
+        for step in 1..=steps {
+            let batch: Vec<&Sample> = order
+                .next(c.batch_size)
+                .into_iter()
+                .map(|i| &samples[i])
+                .collect();
+            let (loss, s) = self
+                .loss(gpt, &state.critic, &batch, pad)
+                .or_stage(failed)?;
+            let mut grads = loss.backward().or_stage(failed)?;
+            clip_grad_norm(&mut grads, &policy_vars, c.max_grad_norm).or_stage(failed)?;
+            clip_grad_norm(&mut grads, &critic_vars, c.max_grad_norm).or_stage(failed)?;
+            policy_opt.step(&grads).or_stage(failed)?;
+            critic_opt.step(&grads).or_stage(failed)?;
+            let value = f64::from(loss.to_scalar::<f32>().or_stage(failed)?);
+            ctx.metric_at("step_loss", value, step as u64);
+            let stop = c.early_stop_kl > 0.0 && s.approx_kl > c.early_stop_kl;
+            stats.policy_loss += s.policy_loss;
+            stats.value_loss += s.value_loss;
+            stats.clipped += s.clipped;
+            stats.value_clipped += s.value_clipped;
+            stats.approx_kl += s.approx_kl;
+            stats.entropy += s.entropy;
+            if stop {
+                ctx.log(format!(
+                    "early stop at step {step} of {steps}: approx KL {:.4} > {}",
+                    s.approx_kl, c.early_stop_kl
+                ));
+                return Ok((step, stats));
+            }
+        }
+        Ok((steps, stats))
+    }
+
+    /// One mini-batch's loss (policy surrogate + vf_coef · value loss, each
+    /// a mean over the batch's response tokens) and its statistics.
+    fn loss(
+        &self,
+        gpt: &Gpt,
+        critic: &Critic,
+        batch: &[&Sample],
+        pad: u32,
+    ) -> hone_models::Result<(Tensor, StepStats)> {
+        let c = &self.config;
+        let examples: Vec<Example> = batch.iter().map(|s| s.sampled.example.clone()).collect();
+        let (x, y, mask) = to_tensors(&examples, pad, &self.device)?;
+        let (_, t) = mask.dims2()?;
+        let d = &self.device;
+        let at = |s: &&Sample| s.sampled.first;
+        let old = lay(batch, t, d, |s| (at(s), &s.sampled.old[..]))?;
+        let advantages = lay(batch, t, d, |s| (at(s), &s.advantages[..]))?;
+        let returns = lay(batch, t, d, |s| (at(s), &s.returns[..]))?;
+        let old_values = lay(batch, t, d, |s| (at(s), &s.values[..]))?;
+        let tokens = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
+        let mean = |x: &Tensor| -> hone_models::Result<Tensor> {
+            Ok(((x * &mask)?.sum_all()? / f64::from(tokens))?)
+        };
+        let logits = gpt.forward(&x)?;
+        let logp = token_logprobs(&logits, &y)?;
+        let policy_loss = mean(&clipped_surrogate(&logp, &old, &advantages, c.clip)?)?;
+        let values = critic.values(&x)?;
+        let (value_loss, value_clipped) =
+            clipped_value_loss(&values, &old_values, &returns, c.value_clip)?;
+        let value_loss = mean(&value_loss)?;
+        let loss = (&policy_loss + (&value_loss * c.vf_coef)?)?;
+        // Diagnostics, without gradient.
+        let log_ratio = (logp.detach() - &old)?;
+        let ratio = log_ratio.exp()?;
+        let outside = ratio
+            .ge(1.0 + c.clip)?
+            .to_dtype(DType::F32)?
+            .add(&ratio.le(1.0 - c.clip)?.to_dtype(DType::F32)?)?;
+        // (ρ − 1) − log ρ: the k3 estimate of KL(π_old‖π), never negative.
+        let approx = ((&ratio - 1.0)? - &log_ratio)?;
+        let scalar = |x: Tensor| -> hone_models::Result<f64> {
+            Ok(f64::from(mean(&x)?.to_scalar::<f32>()?))
+        };
+        let stats = StepStats {
+            policy_loss: f64::from(policy_loss.to_scalar::<f32>()?),
+            value_loss: f64::from(value_loss.to_scalar::<f32>()?),
+            clipped: scalar(outside)?,
+            value_clipped: scalar(value_clipped)?,
+            approx_kl: scalar(approx)?,
+            entropy: scalar(entropy(&logits.detach())?)?,
+        };
+        Ok((loss, stats))
+    }
+
+    /// Writes the policy (emitted) and the critic (registered) to this
+    /// round's output directory.
+    fn save(
+        &self,
+        ctx: &mut Context,
+        policy: &ArtifactRef,
+        gpt: &Gpt,
+        varmap: &VarMap,
+        tok: &dyn Tokenizer,
+        n: usize,
+    ) -> Result<(), StageError> {
+        let c = &self.config;
+        let out = ctx.output_dir()?.join("final");
+        checkpoint::save(&out, varmap, gpt.config(), tok)
+            .or_stage(&format!("cannot write checkpoint {}", out.display()))?;
+        let lineage = vec![
+            format!("ppo from {}", policy.id),
+            format!(
+                "lm.ppo round {}: {n} completions, {} beta {} (target {}), gamma {} lam {}, clip {}, \
+                 value clip {}, epochs {}",
+                ctx.round(),
+                c.kl_estimator,
+                c.beta,
+                c.target_kl,
+                c.gamma,
+                c.lam,
+                c.clip,
+                c.value_clip,
+                c.epochs
+            ),
+        ];
+        let artifact = ctx.register_artifact(
+            "policy",
+            &out.join(checkpoint::WEIGHTS),
+            vec![policy.id.clone()],
+            lineage,
+        )?;
+        let state = self.critic.as_ref().expect("ensured before");
+        let critic_dir = ctx.output_dir()?.join("critic");
+        checkpoint::save(&critic_dir, &state.varmap, &state.config, tok)
+            .or_stage(&format!("cannot write the critic {}", critic_dir.display()))?;
+        ctx.register_artifact(
+            "critic",
+            &critic_dir.join(checkpoint::WEIGHTS),
+            vec![policy.id.clone()],
+            vec![format!("lm.ppo critic, round {}", ctx.round())],
+        )?;
+        ctx.emit(0, Record::Artifact(artifact));
+        Ok(())
+    }
+}
+
+/// A completion PPO can learn from: sampled token ids with their log-probs,
+/// and the reference's when the KL penalty needs them.
+fn check_completion(comp: &Completion, needs_reference: bool) -> Result<(), StageError> {
+    if comp.token_ids.is_empty() || comp.token_ids.len() != comp.token_logprobs.len() {
+        return Err(StageError::new(format!(
+            "completion {} has {} token ids for {} token log-probs: lm.ppo learns from lm.rollout's \
+             samples, which record both",
+            comp.id,
+            comp.token_ids.len(),
+            comp.token_logprobs.len()
+        )));
+    }
+    if needs_reference && comp.ref_logprobs.len() != comp.token_ids.len() {
+        return Err(StageError::config(
+            "beta",
+            format!(
+                "the KL penalty needs each completion's ref_logprobs, and {} has none: put an \
+                 lm.logprobs stage (reference = the SFT policy) between lm.rollout and this one, or \
+                 set beta = 0",
+                comp.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

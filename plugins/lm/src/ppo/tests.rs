@@ -1,0 +1,366 @@
+//! In-process tests of `lm.ppo`: a known optimum is approached, every
+//! parameter of the policy and the critic gets a gradient, a zero
+//! advantage at ratio 1 moves nothing, the state carries across rounds,
+//! and bad inputs fail clearly.
+
+use super::*;
+use crate::grpo::tests::{completion, logprobs, policy, score};
+use crate::sft::tests::temp_run_dir;
+use hone_sdk::Collected;
+use serde_json::json;
+
+fn init(dir: &std::path::Path, config: serde_json::Value) -> StageInit {
+    let mut c = hone_sdk::testing::full_config::<Ppo>(json!({"score": "reward"}));
+    for (k, v) in config.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    let mut init = StageInit::for_test("lm.ppo", c);
+    init.stage_id = "ppo".into();
+    init.run_dir = dir.to_path_buf();
+    init
+}
+
+/// Runs `rounds` rounds of one stage instance, each fed the same inputs.
+fn run_rounds(
+    init: &StageInit,
+    inputs: &[(usize, Vec<Record>)],
+    rounds: u64,
+) -> Result<Vec<Collected>, StageError> {
+    let mut stage = Ppo::create(init)?;
+    let mut outs = Vec::new();
+    for round in 0..rounds {
+        let mut out = Collected::default();
+        {
+            let mut ctx = Context::new(&mut out, init, round);
+            for (port, batch) in inputs {
+                stage.on_batch(&mut ctx, *port, batch.clone())?;
+            }
+            stage.on_round_end(&mut ctx)?;
+        }
+        outs.push(out);
+    }
+    Ok(outs)
+}
+
+fn run(
+    dir: &std::path::Path,
+    config: serde_json::Value,
+    inputs: Vec<(usize, Vec<Record>)>,
+) -> Result<Collected, StageError> {
+    Ok(run_rounds(&init(dir, config), &inputs, 1)?.remove(0))
+}
+
+const YES: &str = " yes";
+const NO: &str = " no";
+
+fn prompt(i: usize) -> String {
+    format!("Human: question {i}?\n\nAssistant:")
+}
+
+/// Four answers to each of 8 prompts, " yes" rewarded and " no" not, with
+/// the start policy's own log-probs (and the reference's, shifted by
+/// `ref_shift` per token).
+fn toy(dir: &std::path::Path, start: &ArtifactRef, ref_shift: f32) -> Vec<(usize, Vec<Record>)> {
+    let tok = hone_models::tokenizer::ByteTokenizer;
+    let (yes, no) = (tok.encode(YES), tok.encode(NO));
+    let (mut comps, mut scores) = (Vec::new(), Vec::new());
+    for i in 0..8 {
+        for (k, (ids, r)) in [(&yes, 1.0), (&no, 0.0), (&yes, 1.0), (&no, 0.0)]
+            .into_iter()
+            .enumerate()
+        {
+            let id = format!("p{i}#{k}");
+            let lp = logprobs(dir, start, &prompt(i), ids);
+            let mut c = completion(&id, &format!("p{i}"), &prompt(i), ids.clone(), lp);
+            for r in &mut c.ref_logprobs {
+                *r -= ref_shift;
+            }
+            comps.push(Record::Completion(c));
+            scores.push(score(&id, r));
+        }
+    }
+    vec![
+        (0, comps),
+        (1, scores),
+        (2, vec![Record::Artifact(start.clone())]),
+    ]
+}
+
+/// log π(yes) − log π(no) for prompt 0.
+fn gap(dir: &std::path::Path, a: &ArtifactRef) -> f32 {
+    let tok = hone_models::tokenizer::ByteTokenizer;
+    let lp = |ids: &[u32]| logprobs(dir, a, &prompt(0), ids).iter().sum::<f32>();
+    lp(&tok.encode(YES)) - lp(&tok.encode(NO))
+}
+
+/// The known optimum: within one round of 4 epochs (16 steps), PPO moves
+/// probability to the rewarded answer.
+#[test]
+fn ppo_moves_the_policy_towards_the_rewarded_answer() {
+    let dir = temp_run_dir("ppo-toy");
+    let start = policy(&dir);
+    let before = gap(&dir, &start);
+    let out = run(
+        &dir,
+        json!({"epochs": 4, "lr": 3e-3, "critic_lr": 3e-3, "batch_size": 8, "max_new_tokens": 4}),
+        toy(&dir, &start, 0.0),
+    )
+    .unwrap();
+    let updated = out.artifacts(0).pop().expect("a policy");
+    let after = gap(&dir, &updated);
+    assert!(
+        after > before + 1.0,
+        "log-prob gap yes - no {before} -> {after}"
+    );
+    let m = out.metrics();
+    assert_eq!(m["reward"], 0.5);
+    // The samples are the reference's: the KL starts at exactly 0.
+    assert_eq!(m["kl"], 0.0);
+    assert_eq!(m["kl_k3"], 0.0);
+    assert_eq!(m["no_eos"], 1.0);
+    assert_eq!(m["epochs_run"], 4.0);
+    assert_eq!(m["response_length"], 3.5);
+    assert!(m["entropy"] > 0.0 && m["value_loss"] > 0.0, "{m:?}");
+    assert!(
+        m["clip_fraction"] > 0.0,
+        "lr 3e-3 moves the ratio past 1.2: {m:?}"
+    );
+    // The critic is registered beside the policy.
+    let critic = dir.join("outputs/ppo/critic/model.safetensors");
+    assert!(critic.is_file(), "{}", critic.display());
+    // The same seed gives the same weights.
+    let again = run(
+        &dir,
+        json!({"epochs": 4, "lr": 3e-3, "critic_lr": 3e-3, "batch_size": 8, "max_new_tokens": 4}),
+        toy(&dir, &start, 0.0),
+    )
+    .unwrap();
+    assert_eq!(again.artifacts(0)[0].sha256, updated.sha256);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The loss of one mini-batch, built by hand: with advantage 0 at ratio 1
+/// the policy gets no gradient while the critic still learns; with a
+/// non-zero advantage every policy parameter and every critic parameter
+/// but its unused LM head gets one.
+#[test]
+fn gradients_reach_every_parameter_and_a_zero_advantage_moves_no_policy_weight() {
+    let dir = temp_run_dir("ppo-grads");
+    let start = policy(&dir);
+    let init = init(&dir, json!({"max_new_tokens": 4}));
+    let mut stage = Ppo::create(&init).unwrap();
+    let ckpt = crate::checkpoint_dir(&Context::new(&mut Collected::default(), &init, 0), &start);
+    let (gpt, varmap) = checkpoint::load_gpt(&ckpt, &Device::Cpu).unwrap();
+    let tok = load_tokenizer(&ckpt).unwrap();
+    stage
+        .ensure_critic(
+            &Context::new(&mut Collected::default(), &init, 0),
+            &gpt,
+            &varmap,
+        )
+        .unwrap();
+    let ids = tok.encode(YES);
+    let sample = |advantage: f32| {
+        let lp = logprobs(&dir, &start, &prompt(1), &ids);
+        let c = completion("c", "p", &prompt(1), ids.clone(), lp);
+        let sampled = Sampled::new(tok.as_ref(), &c, gpt.config().context, 4);
+        let n = sampled.tokens();
+        Sample {
+            sampled,
+            values: vec![0.5; n],
+            advantages: vec![advantage; n],
+            returns: vec![1.0; n],
+        }
+    };
+    let state = stage.critic.as_ref().unwrap();
+    let zero = sample(0.0);
+    let (loss, stats) = stage
+        .loss(&gpt, &state.critic, &[&zero], tok.pad_id())
+        .unwrap();
+    assert!(stats.policy_loss.abs() < 1e-7, "{}", stats.policy_loss);
+    assert!(stats.approx_kl.abs() < 1e-6 && stats.clipped == 0.0);
+    let grads = loss.backward().unwrap();
+    for var in varmap.all_vars() {
+        if let Some(g) = grads.get(&var) {
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm < 1e-12,
+                "a policy weight moved with advantage 0: {norm}"
+            );
+        }
+    }
+    let critic_vars = Critic::trainable(&state.varmap);
+    assert!(critic_vars.iter().all(|v| grads.get(v).is_some()));
+    let one = sample(1.0);
+    let (loss, _) = stage
+        .loss(&gpt, &state.critic, &[&one], tok.pad_id())
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    assert_eq!(
+        hone_models::train::vars_without_gradient(&varmap, &grads).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        hone_models::train::vars_without_gradient(&state.varmap, &grads).unwrap(),
+        ["lm_head.weight"]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Two rounds of one stage: the critic keeps learning (its value loss on
+/// the same samples falls), and an adaptive β rises when the KL is above
+/// the target, by the controller's rule.
+#[test]
+fn the_critic_and_the_kl_controller_carry_across_rounds() {
+    let dir = temp_run_dir("ppo-rounds");
+    let start = policy(&dir);
+    // ref 0.5 nats below each token: the sequence KL (k1) is 0.5 per token.
+    let inputs = toy(&dir, &start, 0.5);
+    let config = json!({"epochs": 2, "lr": 1e-9, "critic_lr": 3e-3, "batch_size": 8,
+        "max_new_tokens": 4, "target_kl": 1.0, "horizon": 100.0, "beta": 0.05});
+    let outs = run_rounds(&init(&dir, config), &inputs, 2).unwrap();
+    let (a, b) = (outs[0].metrics(), outs[1].metrics());
+    let kl = a["kl"];
+    assert!((kl - 0.5 * 3.5).abs() < 1e-4, "kl {kl}");
+    assert_eq!(a["beta"], 0.05);
+    // kl / target − 1 = 0.625, clipped to 0.2; 32 samples over a horizon of 100.
+    assert!(
+        (b["beta"] - 0.05 * (1.0 + 0.2 * 32.0 / 100.0)).abs() < 1e-12,
+        "{b:?}"
+    );
+    assert!(
+        b["value_loss"] < a["value_loss"],
+        "round 0 {} -> round 1 {}",
+        a["value_loss"],
+        b["value_loss"]
+    );
+    assert!(
+        b["explained_variance"] > a["explained_variance"],
+        "{a:?} {b:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_settings_and_inputs_are_named() {
+    let dir = temp_run_dir("ppo-errors");
+    for (field, value) in [
+        ("clip", json!(1.5)),
+        ("gamma", json!(1.5)),
+        ("lam", json!(-0.1)),
+        ("value_clip", json!(0.0)),
+        ("kl_estimator", json!("k2")),
+        ("beta", json!(-1.0)),
+        ("horizon", json!(0.0)),
+    ] {
+        let err = Ppo::create(&init(&dir, json!({ field: value })))
+            .err()
+            .unwrap_or_else(|| panic!("{field} = {value} accepted"));
+        assert_eq!(err.config_field(), Some(field), "{err}");
+    }
+    let start = policy(&dir);
+    let mut inputs = toy(&dir, &start, 0.0);
+    for r in &mut inputs[0].1 {
+        if let Record::Completion(c) = r {
+            c.ref_logprobs.clear();
+        }
+    }
+    let err = run(&dir, json!({"max_new_tokens": 4}), inputs.clone())
+        .err()
+        .unwrap();
+    assert!(err.message.contains("lm.logprobs"), "{err}");
+    assert_eq!(err.config_field(), Some("beta"));
+    // Without a KL penalty, no reference is needed.
+    let out = run(
+        &dir,
+        json!({"beta": 0.0, "max_new_tokens": 4}),
+        inputs.clone(),
+    )
+    .unwrap();
+    assert_eq!(out.metric("kl", None), Some(0.0));
+    // A score missing is counted, not guessed.
+    inputs[1].1.pop();
+    let out = run(
+        &dir,
+        json!({"beta": 0.0, "max_new_tokens": 4}),
+        inputs.clone(),
+    )
+    .unwrap();
+    assert_eq!(out.metric("unscored", None), Some(1.0));
+    // No policy: the error says what to wire.
+    let err = run(&dir, json!({"beta": 0.0}), inputs[..2].to_vec())
+        .err()
+        .unwrap();
+    assert!(err.message.contains("wire `policy`"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Real samples from lm.rollout, scored by lm.logprobs under the same
+/// policy, the reference wired: the ratio starts at 1 and every KL at 0.
+#[test]
+fn on_policy_samples_start_at_ratio_one_and_every_kl_at_zero() {
+    use crate::{Logprobs, Rollout};
+    let dir = temp_run_dir("ppo-onpolicy");
+    let start = policy(&dir);
+    let prompts: Vec<Record> = (0..3)
+        .map(|i| {
+            Record::Prompt(Prompt {
+                id: format!("p{i}"),
+                text: format!("Human: tell me about the river {i}.\n\nAssistant:"),
+                meta: Default::default(),
+            })
+        })
+        .collect();
+    let stage = |kind: &str, config: serde_json::Value| {
+        let mut init = StageInit::for_test(kind, config);
+        init.run_dir = dir.clone();
+        init
+    };
+    let policy_in = vec![Record::Artifact(start.clone())];
+    let sampled = hone_sdk::testing::run_round::<Rollout>(
+        &stage(
+            "lm.rollout",
+            hone_sdk::testing::full_config::<Rollout>(json!({"n": 4, "max_new_tokens": 12})),
+        ),
+        vec![(0, prompts), (1, policy_in.clone())],
+    )
+    .unwrap();
+    let scored = hone_sdk::testing::run_round::<Logprobs>(
+        &stage(
+            "lm.logprobs",
+            hone_sdk::testing::full_config::<Logprobs>(json!({"max_new_tokens": 12})),
+        ),
+        vec![(0, sampled.emitted(0).to_vec()), (1, policy_in.clone())],
+    )
+    .unwrap();
+    let completions = scored.emitted(0).to_vec();
+    let scores: Vec<Record> = completions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| score(r.id(), (i % 3) as f64))
+        .collect();
+    let out = run(
+        &dir,
+        json!({"epochs": 1, "batch_size": 12, "lr": 1e-9, "max_new_tokens": 12}),
+        vec![
+            (0, completions),
+            (1, scores),
+            (2, policy_in.clone()),
+            (3, policy_in),
+        ],
+    )
+    .unwrap();
+    let m = out.metrics();
+    assert_eq!(m["clip_fraction"], 0.0);
+    assert!(m["approx_kl"].abs() < 1e-6, "{m:?}");
+    for kl in ["kl", "kl_k3", "kl_exact"] {
+        assert!(m[kl].abs() < 1e-4, "{kl} to the policy itself: {m:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
