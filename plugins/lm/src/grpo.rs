@@ -11,13 +11,13 @@
 
 use crate::sampled::{lay, Sampled};
 use crate::sft::data::{to_tensors, Example};
+use crate::trainee::Trainee;
 use crate::{device, NewestPolicy, OrStageError};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::Optimizer;
 use hone_models::batches::Batches;
 use hone_models::checkpoint;
 use hone_models::gpt::Gpt;
 use hone_models::policy_gradient::{clipped_surrogate, group_advantages, k3, Baseline};
-use hone_models::tokenizer::load_tokenizer;
 use hone_models::train::{clip_grad_norm, token_logprobs};
 use hone_models::{Device, Tensor};
 use hone_sdk::prelude::*;
@@ -50,6 +50,8 @@ pub struct Grpo {
     /// The newest policy seen on `policy`, across rounds (round, then
     /// arrival); loaded here with its weights to train, not by NewestPolicy.
     policy: NewestPolicy,
+    /// The policy in training and its optimizer, kept across rounds.
+    trainee: Option<Trainee>,
 }
 
 impl StageFactory for Grpo {
@@ -117,6 +119,7 @@ impl StageFactory for Grpo {
             device,
             input: RoundInput::default(),
             policy: NewestPolicy::new("policy", "policy", "policy"),
+            trainee: None,
         })
     }
 }
@@ -159,18 +162,31 @@ struct Sample {
 
 impl Grpo {
     fn update(
-        &self,
+        &mut self,
         ctx: &mut Context,
         policy: &ArtifactRef,
         completions: Vec<Completion>,
         rewards: &BTreeMap<String, f64>,
     ) -> Result<(), StageError> {
+        let mut trainee =
+            Trainee::resume_or_load(self.trainee.take(), ctx, policy, &self.device, self.config.lr)?;
+        let result = self.learn(ctx, &mut trainee, completions, rewards);
+        self.trainee = Some(trainee);
+        result
+    }
+
+    /// One round's update of `trainee`.
+    fn learn(
+        &self,
+        ctx: &mut Context,
+        trainee: &mut Trainee,
+        completions: Vec<Completion>,
+        rewards: &BTreeMap<String, f64>,
+    ) -> Result<(), StageError> {
         let c = &self.config;
         let needs_reference = c.kl != "none" && c.beta > 0.0;
-        let dir = crate::checkpoint_dir(ctx, policy);
-        let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
-        let (gpt, varmap) = checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?;
-        let tok = load_tokenizer(&dir).or_stage(&doing)?;
+        let policy = trainee.artifact.clone();
+        let (gpt, tok) = (&trainee.gpt, trainee.tok.as_ref());
         // Group by prompt; a completion without its reward is counted, not used.
         let mut groups: BTreeMap<String, Vec<(Completion, f64)>> = BTreeMap::new();
         let mut unscored = 0u64;
@@ -228,7 +244,7 @@ impl Grpo {
             let advantages = group_advantages(&shaped, self.baseline);
             for ((comp, _), a) in group.into_iter().zip(advantages) {
                 samples.push(Sample {
-                    sampled: Sampled::new(tok.as_ref(), &comp, context, c.max_new_tokens),
+                    sampled: Sampled::new(tok, &comp, context, c.max_new_tokens),
                     advantage: a as f32,
                 });
             }
@@ -243,33 +259,26 @@ impl Grpo {
         }
         let lengths: f64 = samples.iter().map(|s| s.sampled.tokens() as f64).sum();
         ctx.metric("response_length", lengths / samples.len() as f64);
-        let vars = varmap.all_vars();
-        // No weight decay: with nothing to learn (equal rewards), the policy
-        // must stay as it is.
-        let params = ParamsAdamW {
-            lr: c.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        };
-        let mut opt = AdamW::new(vars.clone(), params).or_stage("cannot create the optimiser")?;
+        let vars = trainee.varmap.all_vars();
         let seed = c.seed ^ ctx.init().seed ^ ctx.round();
         let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
         let steps = c.epochs * samples.len().div_ceil(c.batch_size);
         let (mut loss_sum, mut kl_sum, mut clipped_sum) = (0.0, 0.0, 0.0);
-        for step in 1..=steps {
+        for _ in 0..steps {
             let batch: Vec<&Sample> = order
                 .next(c.batch_size)
                 .into_iter()
                 .map(|i| &samples[i])
                 .collect();
             let (loss, kl, clipped) = self
-                .loss(&gpt, &batch, tok.pad_id(), needs_reference)
+                .loss(&trainee.gpt, &batch, trainee.tok.pad_id(), needs_reference)
                 .or_stage("policy step failed")?;
             let mut grads = loss.backward().or_stage("policy step failed")?;
             clip_grad_norm(&mut grads, &vars, c.max_grad_norm).or_stage("policy step failed")?;
-            opt.step(&grads).or_stage("policy step failed")?;
+            trainee.opt.step(&grads).or_stage("policy step failed")?;
+            trainee.steps += 1;
             let value = f64::from(loss.to_scalar::<f32>().or_stage("policy step failed")?);
-            ctx.metric_at("step_loss", value, step as u64);
+            ctx.metric_at("step_loss", value, trainee.steps);
             loss_sum += value;
             kl_sum += kl;
             clipped_sum += clipped;
@@ -286,18 +295,20 @@ impl Grpo {
             clipped_sum / steps as f64
         ));
         let out = ctx.output_dir()?.join("final");
-        checkpoint::save(&out, &varmap, gpt.config(), tok.as_ref())
+        checkpoint::save(&out, &trainee.varmap, trainee.gpt.config(), trainee.tok.as_ref())
             .or_stage(&format!("cannot write checkpoint {}", out.display()))?;
         let lineage = vec![
             format!("{} from {}", c.baseline, policy.id),
             format!(
-                "lm.grpo round {}: {} completions, kl {} beta {}, clip {}, epochs {}",
+                "lm.grpo round {}: {} completions, kl {} beta {}, clip {}, epochs {}, {} optimizer \
+                 steps in all",
                 ctx.round(),
                 samples.len(),
                 c.kl,
                 c.beta,
                 c.clip,
-                c.epochs
+                c.epochs,
+                trainee.steps
             ),
         ];
         let artifact = ctx.register_artifact(
@@ -306,6 +317,7 @@ impl Grpo {
             vec![policy.id.clone()],
             lineage,
         )?;
+        trainee.artifact = artifact.clone();
         ctx.emit(0, Record::Artifact(artifact));
         Ok(())
     }

@@ -20,6 +20,7 @@ mod logprobs;
 mod ppo;
 mod rollout;
 mod sampled;
+mod trainee;
 mod sft;
 
 pub use dpo::Dpo;

@@ -19,6 +19,7 @@
 
 use crate::sampled::{lay, Sampled};
 use crate::sft::data::{to_tensors, Example};
+use crate::trainee::Trainee;
 use crate::{device, NewestPolicy, OrStageError};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use hone_models::batches::Batches;
@@ -30,7 +31,6 @@ use hone_models::ppo::{
     clipped_value_loss, entropy, exact_kl, explained_variance, gae, mean_std, token_rewards,
     whiten, KlController, KlEstimator, RunningMoments,
 };
-use hone_models::tokenizer::{load_tokenizer, Tokenizer};
 use hone_models::train::{clip_grad_norm, token_logprobs};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
 use hone_sdk::prelude::*;
@@ -65,11 +65,12 @@ struct PpoConfig {
     device: String,
 }
 
-/// The critic and its variables, kept across rounds.
+/// The critic, its variables and its optimizer, kept across rounds.
 struct CriticState {
     critic: Critic,
     varmap: VarMap,
     config: GptConfig,
+    opt: AdamW,
 }
 
 /// Updates the policy that sampled a round's completions, with a critic.
@@ -81,6 +82,8 @@ pub struct Ppo {
     policy: NewestPolicy,
     /// Optional: the reference model, for the exact KL metric.
     reference: NewestPolicy,
+    /// The policy in training and its optimizer, kept across rounds.
+    trainee: Option<Trainee>,
     critic: Option<CriticState>,
     kl: KlController,
     moments: RunningMoments,
@@ -210,6 +213,7 @@ impl StageFactory for Ppo {
             input: RoundInput::default(),
             policy: NewestPolicy::new("policy", "policy", "policy"),
             reference: NewestPolicy::new("reference", "reference", "reference policy"),
+            trainee: None,
             critic: None,
             kl,
             moments: RunningMoments::default(),
@@ -276,11 +280,24 @@ impl Ppo {
         completions: Vec<Completion>,
         rewards: &BTreeMap<String, f64>,
     ) -> Result<(), StageError> {
-        let dir = crate::checkpoint_dir(ctx, policy);
-        let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
-        let (gpt, varmap) = checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?;
-        let tok = load_tokenizer(&dir).or_stage(&doing)?;
-        self.ensure_critic(ctx, &gpt, &varmap)?;
+        let mut trainee =
+            Trainee::resume_or_load(self.trainee.take(), ctx, policy, &self.device, self.config.lr)?;
+        self.ensure_critic(ctx, &trainee.gpt, &trainee.varmap)?;
+        let result = self.learn(ctx, &mut trainee, completions, rewards);
+        self.trainee = Some(trainee);
+        result
+    }
+
+    /// One round's update of `trainee` (and the critic).
+    fn learn(
+        &mut self,
+        ctx: &mut Context,
+        trainee: &mut Trainee,
+        completions: Vec<Completion>,
+        rewards: &BTreeMap<String, f64>,
+    ) -> Result<(), StageError> {
+        let policy = trainee.artifact.clone();
+        let (gpt, tok) = (&trainee.gpt, trainee.tok.as_ref());
         let needs_reference = self.config.beta > 0.0 || self.kl.target.is_some();
         let (c, estimator) = (&self.config, self.estimator);
         let context = gpt.config().context;
@@ -295,7 +312,7 @@ impl Ppo {
             };
             let ended = comp.token_ids.last() == Some(&tok.eos_id());
             no_eos += u64::from(!ended);
-            let sampled = Sampled::new(tok.as_ref(), &comp, context, c.max_new_tokens);
+            let sampled = Sampled::new(tok, &comp, context, c.max_new_tokens);
             if sampled.tokens() > 0 {
                 scored.push((sampled, raw, ended));
             }
@@ -376,7 +393,7 @@ impl Ppo {
         let (kl_k1, kl_k3) = (kl_k1 / n as f64, kl_k3 / n as f64);
         ctx.metric("kl", kl_k1);
         ctx.metric("kl_k3", kl_k3);
-        if let Some(kl) = self.exact_kl(ctx, &gpt, &samples, pad)? {
+        if let Some(kl) = self.exact_kl(ctx, gpt, &samples, pad)? {
             ctx.metric("kl_exact", kl);
         }
         let all = |f: fn(&Sample) -> &Vec<f32>| -> Vec<f32> {
@@ -399,7 +416,10 @@ impl Ppo {
             }
         }
 
-        let (steps, stats) = self.optimise(ctx, &gpt, &varmap, &samples, pad)?;
+        let mut critic = self.critic.take().expect("ensured before");
+        let optimised = self.optimise(ctx, trainee, &mut critic, &samples, pad);
+        self.critic = Some(critic);
+        let (steps, stats) = optimised?;
         let per = |x: f64| x / steps.max(1) as f64;
         ctx.metric("policy_loss", per(stats.policy_loss));
         ctx.metric("value_loss", per(stats.value_loss));
@@ -420,7 +440,7 @@ impl Ppo {
             per(stats.value_loss),
             per(stats.entropy),
         ));
-        self.save(ctx, policy, &gpt, &varmap, tok.as_ref(), n)
+        self.save(ctx, &policy, trainee, n)
     }
 
     /// Starts the critic from the policy's weights (and a seeded value
@@ -454,10 +474,17 @@ impl Ppo {
                 }
             }
         }
+        let params = ParamsAdamW {
+            lr: self.config.critic_lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let opt = AdamW::new(Critic::trainable(&varmap), params).or_stage(doing)?;
         self.critic = Some(CriticState {
             critic,
             varmap,
             config: gpt.config().clone(),
+            opt,
         });
         Ok(())
     }
@@ -512,26 +539,19 @@ impl Ppo {
     fn optimise(
         &self,
         ctx: &mut Context,
-        gpt: &Gpt,
-        varmap: &VarMap,
+        trainee: &mut Trainee,
+        critic: &mut CriticState,
         samples: &[Sample],
         pad: u32,
     ) -> Result<(usize, StepStats), StageError> {
         let c = &self.config;
-        let state = self.critic.as_ref().expect("ensured before");
-        let policy_vars = varmap.all_vars();
-        let critic_vars = Critic::trainable(&state.varmap);
-        // No weight decay: with nothing to learn, the policy must stay put.
-        let adam = |lr| ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        };
-        let doing = "cannot create the optimiser";
-        let mut policy_opt = AdamW::new(policy_vars.clone(), adam(c.lr)).or_stage(doing)?;
-        let mut critic_opt = AdamW::new(critic_vars.clone(), adam(c.critic_lr)).or_stage(doing)?;
+        let policy_vars = trainee.varmap.all_vars();
+        let critic_vars = Critic::trainable(&critic.varmap);
         let seed = c.seed ^ ctx.init().seed ^ ctx.round();
-        let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
+        let mut order = Batches::new(
+            samples.iter().map(|s| s.sampled.id.clone()).collect(),
+            seed,
+        );
         let steps = c.epochs * samples.len().div_ceil(c.batch_size);
         let mut stats = StepStats::default();
         let failed = "PPO step failed";
@@ -542,15 +562,16 @@ impl Ppo {
                 .map(|i| &samples[i])
                 .collect();
             let (loss, s) = self
-                .loss(gpt, &state.critic, &batch, pad)
+                .loss(&trainee.gpt, &critic.critic, &batch, pad)
                 .or_stage(failed)?;
             let mut grads = loss.backward().or_stage(failed)?;
             clip_grad_norm(&mut grads, &policy_vars, c.max_grad_norm).or_stage(failed)?;
             clip_grad_norm(&mut grads, &critic_vars, c.max_grad_norm).or_stage(failed)?;
-            policy_opt.step(&grads).or_stage(failed)?;
-            critic_opt.step(&grads).or_stage(failed)?;
+            trainee.opt.step(&grads).or_stage(failed)?;
+            critic.opt.step(&grads).or_stage(failed)?;
+            trainee.steps += 1;
             let value = f64::from(loss.to_scalar::<f32>().or_stage(failed)?);
-            ctx.metric_at("step_loss", value, step as u64);
+            ctx.metric_at("step_loss", value, trainee.steps);
             let stop = c.early_stop_kl > 0.0 && s.approx_kl > c.early_stop_kl;
             stats.policy_loss += s.policy_loss;
             stats.value_loss += s.value_loss;
@@ -624,25 +645,24 @@ impl Ppo {
     }
 
     /// Writes the policy (emitted) and the critic (registered) to this
-    /// round's output directory.
+    /// round's output directory; the trainee becomes the emitted artifact.
     fn save(
         &self,
         ctx: &mut Context,
         policy: &ArtifactRef,
-        gpt: &Gpt,
-        varmap: &VarMap,
-        tok: &dyn Tokenizer,
+        trainee: &mut Trainee,
         n: usize,
     ) -> Result<(), StageError> {
         let c = &self.config;
         let out = ctx.output_dir()?.join("final");
-        checkpoint::save(&out, varmap, gpt.config(), tok)
+        let tok = trainee.tok.as_ref();
+        checkpoint::save(&out, &trainee.varmap, trainee.gpt.config(), tok)
             .or_stage(&format!("cannot write checkpoint {}", out.display()))?;
         let lineage = vec![
             format!("ppo from {}", policy.id),
             format!(
                 "lm.ppo round {}: {n} completions, {} beta {} (target {}), gamma {} lam {}, clip {}, \
-                 value clip {}, epochs {}",
+                 value clip {}, epochs {}, {} optimizer steps in all",
                 ctx.round(),
                 c.kl_estimator,
                 c.beta,
@@ -651,7 +671,8 @@ impl Ppo {
                 c.lam,
                 c.clip,
                 c.value_clip,
-                c.epochs
+                c.epochs,
+                trainee.steps
             ),
         ];
         let artifact = ctx.register_artifact(
@@ -670,6 +691,7 @@ impl Ppo {
             vec![policy.id.clone()],
             vec![format!("lm.ppo critic, round {}", ctx.round())],
         )?;
+        trainee.artifact = artifact.clone();
         ctx.emit(0, Record::Artifact(artifact));
         Ok(())
     }

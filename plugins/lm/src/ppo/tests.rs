@@ -4,6 +4,7 @@
 //! and bad inputs fail clearly.
 
 use super::*;
+use hone_models::tokenizer::{load_tokenizer, Tokenizer as _};
 use crate::grpo::tests::{completion, logprobs, policy, score};
 use crate::sft::tests::temp_run_dir;
 use hone_sdk::Collected;
@@ -20,20 +21,27 @@ fn init(dir: &std::path::Path, config: serde_json::Value) -> StageInit {
     init
 }
 
-/// Runs `rounds` rounds of one stage instance, each fed the same inputs.
+/// Runs `rounds` rounds of one stage instance, each fed the same inputs;
+/// with `feedback`, the policy a round emits is the next round's `policy`
+/// (as a feedback edge delivers it).
 fn run_rounds(
     init: &StageInit,
     inputs: &[(usize, Vec<Record>)],
     rounds: u64,
+    feedback: bool,
 ) -> Result<Vec<Collected>, StageError> {
     let mut stage = Ppo::create(init)?;
-    let mut outs = Vec::new();
+    let mut outs: Vec<Collected> = Vec::new();
     for round in 0..rounds {
         let mut out = Collected::default();
         {
             let mut ctx = Context::new(&mut out, init, round);
             for (port, batch) in inputs {
-                stage.on_batch(&mut ctx, *port, batch.clone())?;
+                let batch = match outs.last() {
+                    Some(last) if feedback && *port == 2 => last.emitted(0).to_vec(),
+                    _ => batch.clone(),
+                };
+                stage.on_batch(&mut ctx, *port, batch)?;
             }
             stage.on_round_end(&mut ctx)?;
         }
@@ -47,7 +55,7 @@ fn run(
     config: serde_json::Value,
     inputs: Vec<(usize, Vec<Record>)>,
 ) -> Result<Collected, StageError> {
-    Ok(run_rounds(&init(dir, config), &inputs, 1)?.remove(0))
+    Ok(run_rounds(&init(dir, config), &inputs, 1, false)?.remove(0))
 }
 
 const YES: &str = " yes";
@@ -87,6 +95,19 @@ fn toy(dir: &std::path::Path, start: &ArtifactRef, ref_shift: f32) -> Vec<(usize
 }
 
 /// log π(yes) − log π(no) for prompt 0.
+/// The policy lineage line of the artifact a round registered.
+fn steps(out: &Collected) -> String {
+    out.events
+        .iter()
+        .find_map(|e| match e {
+            hone_sdk::Event::Artifact {
+                artifact, lineage, ..
+            } if artifact.kind == "policy" => lineage.last().cloned(),
+            _ => None,
+        })
+        .expect("a policy registered")
+}
+
 fn gap(dir: &std::path::Path, a: &ArtifactRef) -> f32 {
     let tok = hone_models::tokenizer::ByteTokenizer;
     let lp = |ids: &[u32]| logprobs(dir, a, &prompt(0), ids).iter().sum::<f32>();
@@ -214,8 +235,10 @@ fn gradients_reach_every_parameter_and_a_zero_advantage_moves_no_policy_weight()
 }
 
 /// Two rounds of one stage: the critic keeps learning (its value loss on
-/// the same samples falls), and an adaptive β rises when the KL is above
-/// the target, by the controller's rule.
+/// the same samples falls), an adaptive β rises when the KL is above the
+/// target, by the controller's rule, and the policy's optimizer carries on
+/// when the next round's policy is the one this stage emitted (and starts
+/// afresh on another).
 #[test]
 fn the_critic_and_the_kl_controller_carry_across_rounds() {
     let dir = temp_run_dir("ppo-rounds");
@@ -224,7 +247,7 @@ fn the_critic_and_the_kl_controller_carry_across_rounds() {
     let inputs = toy(&dir, &start, 0.5);
     let config = json!({"epochs": 2, "lr": 1e-9, "critic_lr": 3e-3, "batch_size": 8,
         "max_new_tokens": 4, "target_kl": 1.0, "horizon": 100.0, "beta": 0.05});
-    let outs = run_rounds(&init(&dir, config), &inputs, 2).unwrap();
+    let outs = run_rounds(&init(&dir, config.clone()), &inputs, 2, true).unwrap();
     let (a, b) = (outs[0].metrics(), outs[1].metrics());
     let kl = a["kl"];
     assert!((kl - 0.5 * 3.5).abs() < 1e-4, "kl {kl}");
@@ -244,6 +267,10 @@ fn the_critic_and_the_kl_controller_carry_across_rounds() {
         b["explained_variance"] > a["explained_variance"],
         "{a:?} {b:?}"
     );
+    assert!(steps(&outs[0]).ends_with(", 8 optimizer steps in all"));
+    assert!(steps(&outs[1]).ends_with(", 16 optimizer steps in all"));
+    let reloaded = run_rounds(&init(&dir, config), &inputs, 2, false).unwrap();
+    assert!(steps(&reloaded[1]).ends_with(", 8 optimizer steps in all"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
