@@ -206,3 +206,129 @@ fn grpo_closes_the_loop_over_three_rounds() {
         "{manifest}"
     );
 }
+
+/// A PPO loop and an RLOO loop side by side, from one SFT policy.
+const TWO_LOOPS: &str = r#"[pipeline]
+name = "rl"
+rounds = 3
+seed = 7
+
+[stages.demos]
+kind = "testing.generate-pairs"
+config = { count = 32 }
+
+[stages.sft]
+kind = "lm.sft"
+inputs = "demos"
+config = { d_model = 32, n_layers = 1, n_heads = 2, context = 64, steps = 10, batch_size = 8, eval_every = 0, checkpoint_every = 0 }
+
+[stages.prompts]
+kind = "world.prompts"
+config = { count = 6, split = "train" }
+
+[stages.rollout_ppo]
+kind = "lm.rollout"
+inputs = { prompts = "prompts", policy = "sft.policy" }
+feedback = { policy = "ppo.policy" }
+config = { n = 2, max_new_tokens = 12 }
+
+[stages.ref_ppo]
+kind = "lm.logprobs"
+inputs = { completions = "rollout_ppo", reference = "sft.policy" }
+config = { max_new_tokens = 12 }
+
+[stages.gold_ppo]
+kind = "world.gold"
+inputs = "ref_ppo"
+
+[stages.ppo]
+kind = "lm.ppo"
+inputs = { completions = "ref_ppo", scores = "gold_ppo", policy = "sft.policy", reference = "sft.policy" }
+feedback = { policy = "ppo.policy" }
+config = { score = "gold_reward", max_new_tokens = 12, lr = 1e-3, epochs = 2, batch_size = 4, target_kl = 1.0, horizon = 100.0 }
+
+[stages.rollout_rloo]
+kind = "lm.rollout"
+inputs = { prompts = "prompts", policy = "sft.policy" }
+feedback = { policy = "rloo.policy" }
+config = { n = 4, max_new_tokens = 12 }
+
+[stages.ref_rloo]
+kind = "lm.logprobs"
+inputs = { completions = "rollout_rloo", reference = "sft.policy" }
+config = { max_new_tokens = 12 }
+
+[stages.gold_rloo]
+kind = "world.gold"
+inputs = "ref_rloo"
+
+[stages.rloo]
+kind = "lm.grpo"
+inputs = { completions = "ref_rloo", scores = "gold_rloo", policy = "sft.policy" }
+feedback = { policy = "rloo.policy" }
+config = { baseline = "rloo", score = "gold_reward", max_new_tokens = 12, lr = 1e-3 }
+"#;
+
+/// The sha256 of every policy and critic the run registered, by id.
+fn learned(run: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    read_lines(&run.join("manifest.jsonl"))
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| ["ppo", "rloo"].contains(&v["stage"].as_str().unwrap_or("")))
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["sha256"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// PPO and RLOO over three rounds: each round's policy feeds the next
+/// rollout, and 1 worker and 2 workers learn the same weights.
+#[test]
+fn ppo_and_rloo_loops_learn_the_same_policies_on_one_and_two_workers() {
+    let dir = TempDir::new("two-loops");
+    let path = dir.write("rl.toml", TWO_LOOPS);
+    let mut runs = Vec::new();
+    for workers in ["1", "2"] {
+        let run = dir.join(&format!("runs/w{workers}"));
+        let out = hone_tests::run_file(&dir.0, &path, &run, workers);
+        assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+        runs.push(learned(&run));
+    }
+    let ids: Vec<&String> = runs[0].keys().collect();
+    for id in [
+        "ppo/final/model.safetensors@2",
+        "ppo/critic/model.safetensors@2",
+        "rloo/final/model.safetensors@2",
+    ] {
+        assert!(runs[0].contains_key(id), "{id} not in {ids:?}");
+    }
+    assert_eq!(runs[0], runs[1], "1 worker and 2 workers differ");
+    // The weights moved each round.
+    let ppo: std::collections::BTreeSet<&String> = (0..3)
+        .map(|r| &runs[0][&format!("ppo/final/model.safetensors@{r}")])
+        .collect();
+    assert_eq!(ppo.len(), 3);
+    let run = dir.join("runs/w2");
+    let per_round = |name: &str| -> Vec<f64> {
+        read_lines(&run.join("metrics.jsonl"))
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["stage"] == "ppo" && v["name"] == name && v["step"].is_null())
+            .map(|v| v["value"].as_f64().unwrap())
+            .collect()
+    };
+    // Round 0 samples the reference itself: every KL is 0 there.
+    let exact = per_round("kl_exact");
+    assert_eq!(exact.len(), 3);
+    assert!(
+        exact[0].abs() < 1e-4 && exact.iter().all(|k| *k >= -1e-6),
+        "{exact:?}"
+    );
+    // The adaptive beta moved from its start once the KL was off target.
+    let beta = per_round("beta");
+    assert_eq!(beta[0], 0.05);
+    assert_ne!(beta[2], 0.05, "{beta:?}");
+}

@@ -168,8 +168,13 @@ impl Grpo {
         completions: Vec<Completion>,
         rewards: &BTreeMap<String, f64>,
     ) -> Result<(), StageError> {
-        let mut trainee =
-            Trainee::resume_or_load(self.trainee.take(), ctx, policy, &self.device, self.config.lr)?;
+        let mut trainee = Trainee::resume_or_load(
+            self.trainee.take(),
+            ctx,
+            policy,
+            &self.device,
+            self.config.lr,
+        )?;
         let result = self.learn(ctx, &mut trainee, completions, rewards);
         self.trainee = Some(trainee);
         result
@@ -295,8 +300,13 @@ impl Grpo {
             clipped_sum / steps as f64
         ));
         let out = ctx.output_dir()?.join("final");
-        checkpoint::save(&out, &trainee.varmap, trainee.gpt.config(), trainee.tok.as_ref())
-            .or_stage(&format!("cannot write checkpoint {}", out.display()))?;
+        checkpoint::save(
+            &out,
+            &trainee.varmap,
+            trainee.gpt.config(),
+            trainee.tok.as_ref(),
+        )
+        .or_stage(&format!("cannot write checkpoint {}", out.display()))?;
         let lineage = vec![
             format!("{} from {}", c.baseline, policy.id),
             format!(

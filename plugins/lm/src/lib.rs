@@ -20,8 +20,8 @@ mod logprobs;
 mod ppo;
 mod rollout;
 mod sampled;
-mod trainee;
 mod sft;
+mod trainee;
 
 pub use dpo::Dpo;
 pub use grpo::Grpo;

@@ -280,8 +280,13 @@ impl Ppo {
         completions: Vec<Completion>,
         rewards: &BTreeMap<String, f64>,
     ) -> Result<(), StageError> {
-        let mut trainee =
-            Trainee::resume_or_load(self.trainee.take(), ctx, policy, &self.device, self.config.lr)?;
+        let mut trainee = Trainee::resume_or_load(
+            self.trainee.take(),
+            ctx,
+            policy,
+            &self.device,
+            self.config.lr,
+        )?;
         self.ensure_critic(ctx, &trainee.gpt, &trainee.varmap)?;
         let result = self.learn(ctx, &mut trainee, completions, rewards);
         self.trainee = Some(trainee);
@@ -548,10 +553,7 @@ impl Ppo {
         let policy_vars = trainee.varmap.all_vars();
         let critic_vars = Critic::trainable(&critic.varmap);
         let seed = c.seed ^ ctx.init().seed ^ ctx.round();
-        let mut order = Batches::new(
-            samples.iter().map(|s| s.sampled.id.clone()).collect(),
-            seed,
-        );
+        let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
         let steps = c.epochs * samples.len().div_ceil(c.batch_size);
         let mut stats = StepStats::default();
         let failed = "PPO step failed";

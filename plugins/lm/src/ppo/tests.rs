@@ -4,9 +4,9 @@
 //! and bad inputs fail clearly.
 
 use super::*;
-use hone_models::tokenizer::{load_tokenizer, Tokenizer as _};
 use crate::grpo::tests::{completion, logprobs, policy, score};
 use crate::sft::tests::temp_run_dir;
+use hone_models::tokenizer::{load_tokenizer, Tokenizer as _};
 use hone_sdk::Collected;
 use serde_json::json;
 
