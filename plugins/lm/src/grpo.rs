@@ -11,17 +11,16 @@
 
 use crate::sampled::{lay, Sampled};
 use crate::sft::data::{to_tensors, Example};
-use crate::trainee::Trainee;
+use crate::trainee::{Trainee, TraineeState};
 use crate::{device, NewestPolicy, OrStageError};
-use candle_nn::Optimizer;
 use hone_models::batches::Batches;
 use hone_models::checkpoint;
 use hone_models::gpt::Gpt;
 use hone_models::policy_gradient::{clipped_surrogate, group_advantages, k3, Baseline};
-use hone_models::train::{clip_grad_norm, token_logprobs};
+use hone_models::train::{clip_grad_norm, token_logprobs, vars_by_name};
 use hone_models::{Device, Tensor};
 use hone_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 #[derive(Deserialize)]
@@ -52,6 +51,15 @@ pub struct Grpo {
     policy: NewestPolicy,
     /// The policy in training and its optimizer, kept across rounds.
     trainee: Option<Trainee>,
+    /// Where the run's artifacts are, for restoring a snapshot.
+    run_dir: std::path::PathBuf,
+}
+
+/// What lm.grpo carries from one round to the next, as its snapshot holds it.
+#[derive(Serialize, Deserialize)]
+struct GrpoState {
+    policy: Option<ArtifactRef>,
+    trainee: Option<TraineeState>,
 }
 
 impl StageFactory for Grpo {
@@ -120,6 +128,7 @@ impl StageFactory for Grpo {
             input: RoundInput::default(),
             policy: NewestPolicy::new("policy", "policy", "policy"),
             trainee: None,
+            run_dir: init.run_dir.clone(),
         })
     }
 }
@@ -127,6 +136,24 @@ impl StageFactory for Grpo {
 impl Stage for Grpo {
     fn round_input(&mut self) -> Option<&mut RoundInput> {
         Some(&mut self.input)
+    }
+
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        let state = GrpoState {
+            policy: self.policy.newest.clone(),
+            trainee: self.trainee.as_ref().map(Trainee::state).transpose()?,
+        };
+        crate::encode_snapshot(&state).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        let state: GrpoState = crate::decode_snapshot(round, snapshot)?;
+        self.trainee = state
+            .trainee
+            .map(|t| Trainee::from_state(t, &self.run_dir, &self.device, self.config.lr))
+            .transpose()?;
+        self.policy.newest = state.policy;
+        Ok(())
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
@@ -170,7 +197,7 @@ impl Grpo {
     ) -> Result<(), StageError> {
         let mut trainee = Trainee::resume_or_load(
             self.trainee.take(),
-            ctx,
+            &ctx.init().run_dir,
             policy,
             &self.device,
             self.config.lr,
@@ -264,7 +291,7 @@ impl Grpo {
         }
         let lengths: f64 = samples.iter().map(|s| s.sampled.tokens() as f64).sum();
         ctx.metric("response_length", lengths / samples.len() as f64);
-        let vars = trainee.varmap.all_vars();
+        let vars = vars_by_name(&trainee.varmap);
         let seed = c.seed ^ ctx.init().seed ^ ctx.round();
         let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
         let steps = c.epochs * samples.len().div_ceil(c.batch_size);

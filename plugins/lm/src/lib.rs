@@ -52,7 +52,13 @@ impl<T, E: std::fmt::Display> OrStageError<T> for Result<T, E> {
 /// The checkpoint directory of a policy artifact (the directory of its
 /// weights file; an absolute path for one loaded from another run).
 fn checkpoint_dir(ctx: &Context, a: &ArtifactRef) -> std::path::PathBuf {
-    let file = ctx.init().run_dir.join(&a.path);
+    checkpoint_dir_in(&ctx.init().run_dir, a)
+}
+
+/// [`checkpoint_dir`] of a run directory, for code without a context (a
+/// stage restoring its snapshot).
+fn checkpoint_dir_in(run_dir: &std::path::Path, a: &ArtifactRef) -> std::path::PathBuf {
+    let file = run_dir.join(&a.path);
     file.parent()
         .map(std::path::Path::to_path_buf)
         .unwrap_or(file)
@@ -78,6 +84,31 @@ fn teacher_forcing_start(
     } else {
         start
     }
+}
+
+/// A stage's state as snapshot bytes (bincode, standard configuration).
+fn encode_snapshot<T: serde::Serialize>(state: &T) -> Result<Vec<u8>, StageError> {
+    bincode::serde::encode_to_vec(state, bincode::config::standard())
+        .map_err(|e| StageError::new(format!("cannot encode the snapshot: {e}")))
+}
+
+/// The state a snapshot of `round` holds; bytes of another shape are an
+/// error saying so, never a half-restored stage.
+fn decode_snapshot<T: serde::de::DeserializeOwned>(
+    round: u64,
+    bytes: &[u8],
+) -> Result<T, StageError> {
+    let (state, read) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map_err(|e| {
+            StageError::new(format!("the snapshot of round {round} cannot be read: {e}"))
+        })?;
+    if read != bytes.len() {
+        return Err(StageError::new(format!(
+            "the snapshot of round {round} has {} bytes after its state: it is not this stage's",
+            bytes.len() - read
+        )));
+    }
+    Ok(state)
 }
 
 /// The device named by the `device` field, or a config error naming it.

@@ -19,11 +19,11 @@
 
 use crate::sampled::{lay, Sampled};
 use crate::sft::data::{to_tensors, Example};
-use crate::trainee::Trainee;
+use crate::trainee::{adam, Trainee, TraineeState};
 use crate::{device, NewestPolicy, OrStageError};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use hone_models::adamw::{AdamW, AdamWState};
 use hone_models::batches::Batches;
-use hone_models::checkpoint;
+use hone_models::checkpoint::{self, restore_weights, weights_state, WeightsState};
 use hone_models::gpt::{init_seeded, Gpt, GptConfig};
 use hone_models::heads::Critic;
 use hone_models::policy_gradient::clipped_surrogate;
@@ -31,10 +31,10 @@ use hone_models::ppo::{
     clipped_value_loss, entropy, exact_kl, explained_variance, gae, mean_std, token_rewards,
     whiten, KlController, KlEstimator, RunningMoments,
 };
-use hone_models::train::{clip_grad_norm, token_logprobs};
+use hone_models::train::{clip_grad_norm, token_logprobs, vars_by_name};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
 use hone_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 #[derive(Deserialize)]
@@ -87,6 +87,28 @@ pub struct Ppo {
     critic: Option<CriticState>,
     kl: KlController,
     moments: RunningMoments,
+    /// Where the run's artifacts are, for restoring a snapshot.
+    run_dir: std::path::PathBuf,
+}
+
+/// Everything lm.ppo carries from one round to the next, as its snapshot
+/// holds it.
+#[derive(Serialize, Deserialize)]
+struct PpoState {
+    policy: Option<ArtifactRef>,
+    reference: Option<ArtifactRef>,
+    trainee: Option<TraineeState>,
+    critic: Option<CriticSnapshot>,
+    kl: KlController,
+    moments: RunningMoments,
+}
+
+/// The critic in a snapshot.
+#[derive(Serialize, Deserialize)]
+struct CriticSnapshot {
+    config: GptConfig,
+    weights: WeightsState,
+    opt: AdamWState,
 }
 
 impl StageFactory for Ppo {
@@ -217,6 +239,7 @@ impl StageFactory for Ppo {
             critic: None,
             kl,
             moments: RunningMoments::default(),
+            run_dir: init.run_dir.clone(),
         })
     }
 }
@@ -224,6 +247,60 @@ impl StageFactory for Ppo {
 impl Stage for Ppo {
     fn round_input(&mut self) -> Option<&mut RoundInput> {
         Some(&mut self.input)
+    }
+
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        let doing = "cannot snapshot the critic";
+        let critic = match &self.critic {
+            Some(c) => Some(CriticSnapshot {
+                config: c.config.clone(),
+                weights: weights_state(&c.varmap).or_stage(doing)?,
+                opt: c.opt.state().or_stage(doing)?,
+            }),
+            None => None,
+        };
+        let state = PpoState {
+            policy: self.policy.newest.clone(),
+            reference: self.reference.newest.clone(),
+            trainee: self.trainee.as_ref().map(Trainee::state).transpose()?,
+            critic,
+            kl: self.kl.clone(),
+            moments: self.moments.clone(),
+        };
+        crate::encode_snapshot(&state).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        let state: PpoState = crate::decode_snapshot(round, snapshot)?;
+        let c = &self.config;
+        self.trainee = state
+            .trainee
+            .map(|t| Trainee::from_state(t, &self.run_dir, &self.device, c.lr))
+            .transpose()?;
+        self.critic = match state.critic {
+            Some(s) => {
+                let doing = "cannot restore the critic from the snapshot";
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
+                let critic = Critic::new(&s.config, vb).or_stage(doing)?;
+                restore_weights(&varmap, &s.weights).or_stage(doing)?;
+                let mut opt =
+                    AdamW::new(Critic::trainable(&varmap), adam(c.critic_lr)).or_stage(doing)?;
+                opt.restore(&s.opt).or_stage(doing)?;
+                Some(CriticState {
+                    critic,
+                    varmap,
+                    config: s.config,
+                    opt,
+                })
+            }
+            None => None,
+        };
+        self.policy.newest = state.policy;
+        self.reference.newest = state.reference;
+        self.kl = state.kl;
+        self.moments = state.moments;
+        Ok(())
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
@@ -282,7 +359,7 @@ impl Ppo {
     ) -> Result<(), StageError> {
         let mut trainee = Trainee::resume_or_load(
             self.trainee.take(),
-            ctx,
+            &ctx.init().run_dir,
             policy,
             &self.device,
             self.config.lr,
@@ -479,12 +556,8 @@ impl Ppo {
                 }
             }
         }
-        let params = ParamsAdamW {
-            lr: self.config.critic_lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        };
-        let opt = AdamW::new(Critic::trainable(&varmap), params).or_stage(doing)?;
+        let opt =
+            AdamW::new(Critic::trainable(&varmap), adam(self.config.critic_lr)).or_stage(doing)?;
         self.critic = Some(CriticState {
             critic,
             varmap,
@@ -550,7 +623,7 @@ impl Ppo {
         pad: u32,
     ) -> Result<(usize, StepStats), StageError> {
         let c = &self.config;
-        let policy_vars = trainee.varmap.all_vars();
+        let policy_vars = vars_by_name(&trainee.varmap);
         let critic_vars = Critic::trainable(&critic.varmap);
         let seed = c.seed ^ ctx.init().seed ^ ctx.round();
         let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);

@@ -5,15 +5,19 @@
 //! starting a fresh optimizer: with a handful of steps per round, a fresh
 //! AdamW's first steps are close to sign descent (every weight moves by
 //! about the learning rate whatever its gradient's size), which turns a
-//! noisy policy gradient into a random walk.
+//! noisy policy gradient into a random walk. Its state (weights, moments,
+//! step count) goes into the stage's snapshot.
 
-use crate::{checkpoint_dir, OrStageError};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use hone_models::checkpoint;
-use hone_models::gpt::Gpt;
+use crate::{checkpoint_dir_in, OrStageError};
+use hone_models::adamw::{AdamW, AdamWState, ParamsAdamW};
+use hone_models::checkpoint::{self, restore_weights, weights_state, WeightsState};
+use hone_models::gpt::{Gpt, GptConfig};
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
-use hone_models::{Device, VarMap};
-use hone_sdk::{ArtifactRef, Context, StageError};
+use hone_models::train::vars_by_name;
+use hone_models::{DType, Device, VarBuilder, VarMap};
+use hone_sdk::{ArtifactRef, StageError};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// A policy being trained, with its optimizer.
 pub(crate) struct Trainee {
@@ -28,14 +32,33 @@ pub(crate) struct Trainee {
     pub steps: u64,
 }
 
+/// A [`Trainee`] in a snapshot.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct TraineeState {
+    artifact: ArtifactRef,
+    config: GptConfig,
+    weights: WeightsState,
+    opt: AdamWState,
+    steps: u64,
+}
+
+/// AdamW without weight decay: with nothing to learn, the policy must stay
+/// as it is.
+pub(crate) fn adam(lr: f64) -> ParamsAdamW {
+    ParamsAdamW {
+        lr,
+        weight_decay: 0.0,
+        ..Default::default()
+    }
+}
+
 impl Trainee {
     /// The trainee for `policy`: `kept` when it holds exactly that artifact
     /// (the one this stage emitted last round), else `policy` loaded from
-    /// its checkpoint with a fresh AdamW at `lr` (no weight decay: with
-    /// nothing to learn, the policy must stay as it is).
+    /// its checkpoint with a fresh AdamW at `lr`.
     pub fn resume_or_load(
         kept: Option<Trainee>,
-        ctx: &Context,
+        run_dir: &Path,
         policy: &ArtifactRef,
         device: &Device,
         lr: f64,
@@ -43,16 +66,12 @@ impl Trainee {
         if let Some(t) = kept.filter(|t| t.artifact == *policy) {
             return Ok(t);
         }
-        let dir = checkpoint_dir(ctx, policy);
+        let dir = checkpoint_dir_in(run_dir, policy);
         let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
         let (gpt, varmap) = checkpoint::load_gpt(&dir, device).or_stage(&doing)?;
         let tok = load_tokenizer(&dir).or_stage(&doing)?;
-        let params = ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        };
-        let opt = AdamW::new(varmap.all_vars(), params).or_stage("cannot create the optimiser")?;
+        let opt =
+            AdamW::new(vars_by_name(&varmap), adam(lr)).or_stage("cannot create the optimiser")?;
         Ok(Trainee {
             artifact: policy.clone(),
             gpt,
@@ -60,6 +79,50 @@ impl Trainee {
             tok,
             opt,
             steps: 0,
+        })
+    }
+
+    /// Weights, optimizer state and step count, for a snapshot.
+    pub fn state(&self) -> Result<TraineeState, StageError> {
+        let doing = "cannot snapshot the policy";
+        Ok(TraineeState {
+            artifact: self.artifact.clone(),
+            config: self.gpt.config().clone(),
+            weights: weights_state(&self.varmap).or_stage(doing)?,
+            opt: self.opt.state().or_stage(doing)?,
+            steps: self.steps,
+        })
+    }
+
+    /// The trainee a snapshot held; its tokenizer comes from its artifact's
+    /// checkpoint directory under `run_dir`.
+    pub fn from_state(
+        state: TraineeState,
+        run_dir: &Path,
+        device: &Device,
+        lr: f64,
+    ) -> Result<Trainee, StageError> {
+        let doing = format!(
+            "cannot restore policy {} from the snapshot",
+            state.artifact.id
+        );
+        let varmap = VarMap::new();
+        let gpt = Gpt::new(
+            &state.config,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )
+        .or_stage(&doing)?;
+        restore_weights(&varmap, &state.weights).or_stage(&doing)?;
+        let mut opt = AdamW::new(vars_by_name(&varmap), adam(lr)).or_stage(&doing)?;
+        opt.restore(&state.opt).or_stage(&doing)?;
+        let tok = load_tokenizer(&checkpoint_dir_in(run_dir, &state.artifact)).or_stage(&doing)?;
+        Ok(Trainee {
+            artifact: state.artifact,
+            gpt,
+            varmap,
+            tok,
+            opt,
+            steps: state.steps,
         })
     }
 }

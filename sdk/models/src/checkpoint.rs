@@ -3,7 +3,7 @@
 
 use crate::gpt::{Gpt, GptConfig};
 use crate::tokenizer::Tokenizer;
-use crate::{DType, Device, Error, Result, VarBuilder, VarMap};
+use crate::{DType, Device, Error, Result, Tensor, VarBuilder, VarMap};
 use std::path::Path;
 
 /// Name of the weights file in a checkpoint directory.
@@ -67,6 +67,61 @@ pub fn load_gpt(dir: &Path, device: &Device) -> Result<(Gpt, VarMap)> {
     Ok((gpt, varmap))
 }
 
+/// Every variable of a VarMap by name (sorted), with its shape and its
+/// values as f32: a checkpoint held in memory, for a stage's snapshot.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WeightsState(pub Vec<(String, Vec<usize>, Vec<f32>)>);
+
+/// The weights of `varmap`, for a snapshot.
+pub fn weights_state(varmap: &VarMap) -> Result<WeightsState> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let t = data[name].as_tensor();
+            let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            Ok((name.clone(), t.dims().to_vec(), values))
+        })
+        .collect::<Result<_>>()
+        .map(WeightsState)
+}
+
+/// Sets the variables of `varmap` (built like the one the state came
+/// from) to the weights in `state`; a missing, extra or reshaped variable
+/// is an error naming it, and nothing is set.
+pub fn restore_weights(varmap: &VarMap, state: &WeightsState) -> Result<()> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    if data.len() != state.0.len() {
+        return Err(Error::Invalid(format!(
+            "the snapshot holds {} variables, the model {}",
+            state.0.len(),
+            data.len()
+        )));
+    }
+    let mut values = Vec::with_capacity(state.0.len());
+    for (name, dims, v) in &state.0 {
+        let var = data.get(name).ok_or_else(|| {
+            Error::Invalid(format!(
+                "the snapshot's variable `{name}` is not in the model"
+            ))
+        })?;
+        if var.dims() != dims.as_slice() || v.len() != var.elem_count() {
+            return Err(Error::Invalid(format!(
+                "variable `{name}` is {:?} in the model and {dims:?} in the snapshot",
+                var.dims()
+            )));
+        }
+        let t = Tensor::from_slice(v, dims.as_slice(), var.device())?.to_dtype(var.dtype())?;
+        values.push((var, t));
+    }
+    for (var, t) in values {
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +161,34 @@ mod tests {
         assert_eq!(a, b);
         assert!(crate::tokenizer::load_tokenizer(&dir).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn weights_state_round_trips_and_refuses_another_model() {
+        let (gpt, varmap) = tiny(11);
+        let state = weights_state(&varmap).unwrap();
+        let (other, other_vars) = tiny(12);
+        let x = ids(&[&[3, 1, 4]]);
+        let logits = |g: &Gpt| -> Vec<f32> {
+            g.forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_ne!(logits(&gpt), logits(&other));
+        restore_weights(&other_vars, &state).unwrap();
+        assert_eq!(logits(&gpt), logits(&other));
+        let mut missing = state.clone();
+        missing.0.pop();
+        assert!(restore_weights(&other_vars, &missing).is_err());
+        let mut renamed = state.clone();
+        renamed.0[0].0 = "nope".into();
+        let err = restore_weights(&other_vars, &renamed)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`nope`"), "{err}");
     }
 
     #[test]

@@ -161,13 +161,16 @@ impl Critic {
     /// head (it would get no gradient, and AdamW's weight decay would
     /// shrink it for nothing).
     pub fn trainable(varmap: &crate::VarMap) -> Vec<crate::Var> {
-        let data = varmap.data().lock().expect("VarMap lock poisoned");
-        let mut named: Vec<(&String, &crate::Var)> = data
-            .iter()
-            .filter(|(name, _)| name.as_str() != "lm_head.weight")
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(b.0));
-        named.into_iter().map(|(_, v)| v.clone()).collect()
+        let lm_head = varmap
+            .data()
+            .lock()
+            .expect("VarMap lock poisoned")
+            .get("lm_head.weight")
+            .cloned();
+        crate::train::vars_by_name(varmap)
+            .into_iter()
+            .filter(|v| lm_head.as_ref().is_none_or(|h| h.id() != v.id()))
+            .collect()
     }
 }
 

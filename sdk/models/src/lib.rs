@@ -8,6 +8,7 @@
 //! softmax of attention and GELU, which are this crate's fused CPU ops with
 //! their own backward pass (`ops`, checked against the primitives).
 
+pub mod adamw;
 pub mod batches;
 pub mod checkpoint;
 pub mod device;

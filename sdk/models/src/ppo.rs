@@ -178,7 +178,7 @@ pub fn explained_variance(values: &[f32], returns: &[f32]) -> f64 {
 /// 1 + clip(kl / target − 1, −0.2, 0.2) · n / horizon, so the KL is steered
 /// towards `target` over about `horizon` samples. A fixed β is the same
 /// controller with no target.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KlController {
     /// The coefficient in use.
     pub beta: f64,
@@ -202,7 +202,7 @@ impl KlController {
 
 /// Running mean and variance of a stream (Welford), so that rewards can be
 /// normalised by the statistics of every round so far, not only this one.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunningMoments {
     /// Values seen.
     pub count: u64,

@@ -117,6 +117,17 @@ fn masked_token_logprobs(
     Ok(((picked * &mask)?, mask))
 }
 
+/// The variables of `varmap` in name order. `VarMap::all_vars` follows a
+/// hash map's order, which differs from one map to the next: an optimizer
+/// whose state is saved by position, or a sum over variables that must come
+/// out the same in every run, needs this order instead.
+pub fn vars_by_name(varmap: &crate::VarMap) -> Vec<crate::Var> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let mut named: Vec<(&String, &crate::Var)> = data.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    named.into_iter().map(|(_, v)| v.clone()).collect()
+}
+
 /// The variables of `varmap` that `grads` gives no gradient, or an
 /// all-zero one, by name (sorted). candle's fused layer norm, softmax and
 /// SDPA have no backward pass, so a model built on them trains without an

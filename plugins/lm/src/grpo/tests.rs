@@ -254,3 +254,66 @@ fn on_policy_samples_start_at_ratio_one_and_zero_kl() {
     assert!(kl.abs() < 1e-4, "k3 to the policy itself: {kl}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A stage restored from its snapshot at the end of round 0 takes round 1
+/// exactly as the stage that never stopped (the policy's weights, AdamW
+/// moments and step count came back).
+#[test]
+fn a_restored_stage_continues_exactly_as_one_that_never_stopped() {
+    let dir = temp_run_dir("grpo-snapshot");
+    let start = policy(&dir);
+    let tok = hone_models::tokenizer::ByteTokenizer;
+    let (mut comps, mut scores) = (Vec::new(), Vec::new());
+    for i in 0..4 {
+        let prompt = format!("Human: question {i}?\n\nAssistant:");
+        for (k, (text, r)) in [(" yes", 1.0), (" no", 0.0)].into_iter().enumerate() {
+            let id = format!("p{i}#{k}");
+            let ids = tok.encode(text);
+            let lp = logprobs(&dir, &start, &prompt, &ids);
+            comps.push(Record::Completion(completion(
+                &id,
+                &format!("p{i}"),
+                &prompt,
+                ids,
+                lp,
+            )));
+            scores.push(score(&id, r));
+        }
+    }
+    let mut c = hone_sdk::testing::full_config::<Grpo>(json!({"score": "reward"}));
+    c["lr"] = json!(3e-3);
+    c["max_new_tokens"] = json!(4);
+    c["batch_size"] = json!(4);
+    let mut init = StageInit::for_test("lm.grpo", c);
+    init.stage_id = "grpo".into();
+    init.run_dir = dir.clone();
+    let round = |stage: &mut Grpo, r: u64, policy: &ArtifactRef| -> Collected {
+        let mut out = Collected::default();
+        {
+            let mut ctx = Context::new(&mut out, &init, r);
+            stage.on_batch(&mut ctx, 0, comps.clone()).unwrap();
+            stage.on_batch(&mut ctx, 1, scores.clone()).unwrap();
+            stage
+                .on_batch(&mut ctx, 2, vec![Record::Artifact(policy.clone())])
+                .unwrap();
+            stage.on_round_end(&mut ctx).unwrap();
+        }
+        out
+    };
+    let mut straight = Grpo::create(&init).unwrap();
+    let a0 = round(&mut straight, 0, &start).artifacts(0).remove(0);
+    let a1 = round(&mut straight, 1, &a0).artifacts(0).remove(0);
+    let mut first = Grpo::create(&init).unwrap();
+    let b0 = round(&mut first, 0, &start).artifacts(0).remove(0);
+    assert_eq!(a0, b0);
+    let bytes = first.snapshot(0).unwrap().expect("lm.grpo keeps state");
+    let mut resumed = Grpo::create(&init).unwrap();
+    resumed.restore(0, &bytes).unwrap();
+    let b1 = round(&mut resumed, 1, &b0).artifacts(0).remove(0);
+    assert_eq!(a1.sha256, b1.sha256);
+    // Without the snapshot, round 1 starts a fresh optimizer: not the same.
+    let mut forgetful = Grpo::create(&init).unwrap();
+    let c1 = round(&mut forgetful, 1, &b0).artifacts(0).remove(0);
+    assert_ne!(a1.sha256, c1.sha256);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -33,21 +33,36 @@ fn run_rounds(
     let mut stage = Ppo::create(init)?;
     let mut outs: Vec<Collected> = Vec::new();
     for round in 0..rounds {
-        let mut out = Collected::default();
-        {
-            let mut ctx = Context::new(&mut out, init, round);
-            for (port, batch) in inputs {
-                let batch = match outs.last() {
-                    Some(last) if feedback && *port == 2 => last.emitted(0).to_vec(),
-                    _ => batch.clone(),
-                };
-                stage.on_batch(&mut ctx, *port, batch)?;
-            }
-            stage.on_round_end(&mut ctx)?;
-        }
-        outs.push(out);
+        let policy = outs
+            .last()
+            .filter(|_| feedback)
+            .map(|last| last.emitted(0).to_vec());
+        outs.push(one_round(&mut stage, init, inputs, round, policy)?);
     }
     Ok(outs)
+}
+
+/// One round of `stage`, `policy` (when given) replacing port 2's input.
+fn one_round(
+    stage: &mut Ppo,
+    init: &StageInit,
+    inputs: &[(usize, Vec<Record>)],
+    round: u64,
+    policy: Option<Vec<Record>>,
+) -> Result<Collected, StageError> {
+    let mut out = Collected::default();
+    {
+        let mut ctx = Context::new(&mut out, init, round);
+        for (port, batch) in inputs {
+            let batch = match &policy {
+                Some(p) if *port == 2 => p.clone(),
+                _ => batch.clone(),
+            };
+            stage.on_batch(&mut ctx, *port, batch)?;
+        }
+        stage.on_round_end(&mut ctx)?;
+    }
+    Ok(out)
 }
 
 fn run(
@@ -389,5 +404,43 @@ fn on_policy_samples_start_at_ratio_one_and_every_kl_at_zero() {
     for kl in ["kl", "kl_k3", "kl_exact"] {
         assert!(m[kl].abs() < 1e-4, "{kl} to the policy itself: {m:?}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A stage restored from its snapshot at the end of round 0 takes round 1
+/// exactly as the stage that never stopped: the same policy, the same
+/// critic (weights, AdamW moments, step count, β and reward statistics all
+/// came back). A snapshot that is not lm.ppo's is refused.
+#[test]
+fn a_restored_stage_continues_exactly_as_one_that_never_stopped() {
+    let dir = temp_run_dir("ppo-snapshot");
+    let start = policy(&dir);
+    let inputs = toy(&dir, &start, 0.5);
+    let config = json!({"epochs": 2, "lr": 3e-3, "critic_lr": 3e-3, "batch_size": 8,
+        "max_new_tokens": 4, "target_kl": 1.0, "horizon": 100.0, "normalize_reward": true});
+    let init = init(&dir, config);
+    let straight = run_rounds(&init, &inputs, 2, true).unwrap();
+    let mut first = Ppo::create(&init).unwrap();
+    let round0 = one_round(&mut first, &init, &inputs, 0, None).unwrap();
+    let bytes = first.snapshot(0).unwrap().expect("lm.ppo keeps state");
+    drop(first);
+    let mut resumed = Ppo::create(&init).unwrap();
+    resumed.restore(0, &bytes).unwrap();
+    let policy = Some(round0.emitted(0).to_vec());
+    let round1 = one_round(&mut resumed, &init, &inputs, 1, policy).unwrap();
+    assert_eq!(
+        round1.artifacts(0)[0].sha256,
+        straight[1].artifacts(0)[0].sha256
+    );
+    assert_eq!(round1.metrics(), straight[1].metrics());
+    assert_eq!(steps(&round1), steps(&straight[1]));
+    // Not a snapshot of this stage: refused with the round named.
+    let mut fresh = Ppo::create(&init).unwrap();
+    let err = fresh.restore(3, &bytes[..bytes.len() / 2]).unwrap_err();
+    assert!(err.message.contains("round 3"), "{err}");
+    let err = fresh
+        .restore(3, &[bytes.as_slice(), &[0, 0]].concat())
+        .unwrap_err();
+    assert!(err.message.contains("not this stage's"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
