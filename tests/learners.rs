@@ -323,12 +323,14 @@ fn ppo_and_rloo_loops_learn_the_same_policies_on_one_and_two_workers() {
     // Round 0 samples the reference itself: every KL is 0 there.
     let exact = per_round("kl_exact");
     assert_eq!(exact.len(), 3);
+    assert!(exact[0].abs() < 1e-4, "{exact:?}");
     assert!(
-        exact[0].abs() < 1e-4 && exact.iter().all(|k| *k >= -1e-6),
-        "{exact:?}"
+        exact[1] > 1e-4 && exact[2] > 1e-4,
+        "the policy moved: {exact:?}"
     );
-    // The adaptive beta moved from its start once the KL was off target.
     let beta = per_round("beta");
+    // Round 0's KL is 0, so the error is clipped at -0.2: 12 samples over a
+    // horizon of 100 take 2.4% off beta.
     assert_eq!(beta[0], 0.05);
-    assert_ne!(beta[2], 0.05, "{beta:?}");
+    assert_eq!(beta[1], 0.05 * (1.0 - 0.2 * 12.0 / 100.0), "{beta:?}");
 }

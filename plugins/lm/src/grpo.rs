@@ -143,11 +143,11 @@ impl Stage for Grpo {
             policy: self.policy.newest.clone(),
             trainee: self.trainee.as_ref().map(Trainee::state).transpose()?,
         };
-        crate::encode_snapshot(&state).map(Some)
+        crate::encode_snapshot("lm.grpo", &state).map(Some)
     }
 
     fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
-        let state: GrpoState = crate::decode_snapshot(round, snapshot)?;
+        let state: GrpoState = crate::decode_snapshot("lm.grpo", round, snapshot)?;
         self.trainee = state
             .trainee
             .map(|t| Trainee::from_state(t, &self.run_dir, &self.device, self.config.lr))
@@ -203,7 +203,9 @@ impl Grpo {
             self.config.lr,
         )?;
         let result = self.learn(ctx, &mut trainee, completions, rewards);
-        self.trainee = Some(trainee);
+        // A round that failed half-way leaves weights that are no artifact:
+        // the next round reloads the policy it is given.
+        self.trainee = result.is_ok().then_some(trainee);
         result
     }
 
@@ -296,12 +298,10 @@ impl Grpo {
         let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
         let steps = c.epochs * samples.len().div_ceil(c.batch_size);
         let (mut loss_sum, mut kl_sum, mut clipped_sum) = (0.0, 0.0, 0.0);
-        for _ in 0..steps {
-            let batch: Vec<&Sample> = order
-                .next(c.batch_size)
-                .into_iter()
-                .map(|i| &samples[i])
-                .collect();
+        // Each epoch visits every sample once; the last batch of an epoch is
+        // smaller when batch_size does not divide the samples.
+        for batch in (0..c.epochs).flat_map(|_| order.epoch(c.batch_size)) {
+            let batch: Vec<&Sample> = batch.into_iter().map(|i| &samples[i]).collect();
             let (loss, kl, clipped) = self
                 .loss(&trainee.gpt, &batch, trainee.tok.pad_id(), needs_reference)
                 .or_stage("policy step failed")?;
@@ -403,11 +403,15 @@ impl Grpo {
             // A constant divisor: no preference for short or long answers.
             Baseline::DrGrpo => (masked.sum_all()? / (b * c.max_new_tokens) as f64)?,
         };
+        // Where the clipped term is the one in force (TRL's clipfrac): ratio
+        // past 1 + ε with a positive advantage, or under 1 − ε with a
+        // negative one.
+        let f32 = hone_models::DType::F32;
         let ratio = (logp.detach() - &old)?.exp()?;
-        let outside = ratio
-            .ge(1.0 + c.clip)?
-            .to_dtype(hone_models::DType::F32)?
-            .add(&ratio.le(1.0 - c.clip)?.to_dtype(hone_models::DType::F32)?)?;
+        let a = advantages.unsqueeze(1)?.broadcast_as(ratio.shape())?;
+        let up = (ratio.gt(1.0 + c.clip)?.to_dtype(f32)? * a.gt(0.0)?.to_dtype(f32)?)?;
+        let down = (ratio.lt(1.0 - c.clip)?.to_dtype(f32)? * a.lt(0.0)?.to_dtype(f32)?)?;
+        let outside = (up + down)?;
         let clipped = f64::from((outside * &mask)?.sum_all()?.to_scalar::<f32>()? / tokens);
         Ok((loss, kl, clipped))
     }

@@ -149,7 +149,7 @@ impl StageFactory for Ppo {
         .optional("lam", FieldType::Float, 0.95, "GAE lambda, in [0, 1].")
         .optional("clip", FieldType::Float, 0.2, "epsilon of the clipped surrogate, in (0, 1).")
         .optional("value_clip", FieldType::Float, 0.2, "How far a value may move from the rollout's in one round, above 0.")
-        .optional("vf_coef", FieldType::Float, 0.1, "Weight of the value loss, above 0.")
+        .optional("vf_coef", FieldType::Float, 0.1, "Weight of the value loss, above 0. The critic has its own AdamW, which is blind to a gradient's scale: vf_coef only changes how soon the critic's max_grad_norm clip bites.")
         .optional("whiten_advantages", FieldType::Bool, true, "Whiten the advantages over the round's tokens.")
         .optional("normalize_reward", FieldType::Bool, false, "Normalise scores by the running mean and std of every round so far.")
         .optional("reward_clip", FieldType::Float, 0.0, "Clip (normalised) scores to [-c, c]; 0 = no clip.")
@@ -194,6 +194,13 @@ impl StageFactory for Ppo {
             c.target_kl >= 0.0,
             "0 (fixed beta) or more",
         )?;
+        if c.target_kl > 0.0 && c.beta == 0.0 {
+            return Err(StageError::config(
+                "beta",
+                "must be above 0 when target_kl adapts it: the controller multiplies beta, so it \
+                 never leaves 0",
+            ));
+        }
         within("horizon", c.horizon, c.horizon > 0.0, "above 0")?;
         within(
             "gamma",
@@ -267,11 +274,11 @@ impl Stage for Ppo {
             kl: self.kl.clone(),
             moments: self.moments.clone(),
         };
-        crate::encode_snapshot(&state).map(Some)
+        crate::encode_snapshot("lm.ppo", &state).map(Some)
     }
 
     fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
-        let state: PpoState = crate::decode_snapshot(round, snapshot)?;
+        let state: PpoState = crate::decode_snapshot("lm.ppo", round, snapshot)?;
         let c = &self.config;
         self.trainee = state
             .trainee
@@ -366,7 +373,9 @@ impl Ppo {
         )?;
         self.ensure_critic(ctx, &trainee.gpt, &trainee.varmap)?;
         let result = self.learn(ctx, &mut trainee, completions, rewards);
-        self.trainee = Some(trainee);
+        // A round that failed half-way leaves weights that are no artifact:
+        // the next round reloads the policy it is given.
+        self.trainee = result.is_ok().then_some(trainee);
         result
     }
 
@@ -387,11 +396,11 @@ impl Ppo {
         // Completions with their scores; one without a score is counted.
         let (mut scored, mut unscored, mut no_eos) = (Vec::new(), 0u64, 0u64);
         for comp in completions {
-            check_completion(&comp, needs_reference)?;
             let Some(&raw) = rewards.get(&comp.id) else {
                 unscored += 1;
                 continue;
             };
+            check_completion(&comp, needs_reference)?;
             let ended = comp.token_ids.last() == Some(&tok.eos_id());
             no_eos += u64::from(!ended);
             let sampled = Sampled::new(tok, &comp, context, c.max_new_tokens);
@@ -409,8 +418,20 @@ impl Ppo {
         let (mean, std) = mean_std(&raw);
         ctx.metric("reward", mean);
         ctx.metric("reward_std", std);
+        // The scores PPO optimises: less the missing-EOS penalty, then (with
+        // normalize_reward) in units of every round's penalised scores so far.
+        let penalised: Vec<f64> = scored
+            .iter()
+            .map(|(_, r, ended)| {
+                if *ended {
+                    *r
+                } else {
+                    r - c.missing_eos_penalty
+                }
+            })
+            .collect();
         if c.normalize_reward {
-            self.moments.extend(raw.iter().map(|&r| f64::from(r)));
+            self.moments.extend(penalised.iter().copied());
         }
         let beta = self.kl.beta;
         ctx.metric("beta", beta);
@@ -428,11 +449,8 @@ impl Ppo {
                     .or_stage("cannot compute the critic's values")?,
             );
         }
-        for ((sampled, raw, ended), values) in scored.into_iter().zip(values) {
-            let mut score = raw;
-            if !ended {
-                score -= c.missing_eos_penalty;
-            }
+        for (((sampled, _, _), values), mut score) in scored.into_iter().zip(values).zip(penalised)
+        {
             if c.normalize_reward {
                 score = self.moments.normalise(score);
             }
@@ -630,12 +648,11 @@ impl Ppo {
         let steps = c.epochs * samples.len().div_ceil(c.batch_size);
         let mut stats = StepStats::default();
         let failed = "PPO step failed";
-        for step in 1..=steps {
-            let batch: Vec<&Sample> = order
-                .next(c.batch_size)
-                .into_iter()
-                .map(|i| &samples[i])
-                .collect();
+        // Each epoch visits every sample once; the last batch of an epoch is
+        // smaller when batch_size does not divide the samples.
+        let batches = (0..c.epochs).flat_map(|_| order.epoch(c.batch_size));
+        for (step, batch) in (1..).zip(batches) {
+            let batch: Vec<&Sample> = batch.into_iter().map(|i| &samples[i]).collect();
             let (loss, s) = self
                 .loss(&trainee.gpt, &critic.critic, &batch, pad)
                 .or_stage(failed)?;
@@ -699,10 +716,15 @@ impl Ppo {
         // Diagnostics, without gradient.
         let log_ratio = (logp.detach() - &old)?;
         let ratio = log_ratio.exp()?;
-        let outside = ratio
-            .ge(1.0 + c.clip)?
-            .to_dtype(DType::F32)?
-            .add(&ratio.le(1.0 - c.clip)?.to_dtype(DType::F32)?)?;
+        // Where the clipped term is the one in force (TRL's pg_clipfrac):
+        // ratio past 1 + ε with a positive advantage, or under 1 − ε with a
+        // negative one. Ratios outside the band that the min ignores do not
+        // count.
+        let up = (ratio.gt(1.0 + c.clip)?.to_dtype(DType::F32)?
+            * advantages.gt(0.0)?.to_dtype(DType::F32)?)?;
+        let down = (ratio.lt(1.0 - c.clip)?.to_dtype(DType::F32)?
+            * advantages.lt(0.0)?.to_dtype(DType::F32)?)?;
+        let outside = (up + down)?;
         // (ρ − 1) − log ρ: the k3 estimate of KL(π_old‖π), never negative.
         let approx = ((&ratio - 1.0)? - &log_ratio)?;
         let scalar = |x: Tensor| -> hone_models::Result<f64> {
@@ -790,7 +812,7 @@ fn check_completion(comp: &Completion, needs_reference: bool) -> Result<(), Stag
             format!(
                 "the KL penalty needs each completion's ref_logprobs, and {} has none: put an \
                  lm.logprobs stage (reference = the SFT policy) between lm.rollout and this one, or \
-                 set beta = 0",
+                 set beta = 0 and target_kl = 0 (no KL penalty)",
                 comp.id
             ),
         ));

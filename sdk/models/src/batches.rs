@@ -65,6 +65,19 @@ impl Batches {
         }
         batch
     }
+
+    /// The rest of the current epoch in batches of `size`, the last one
+    /// smaller when `size` does not divide it, then on to the next epoch:
+    /// what a learner that makes several passes over one batch of samples
+    /// (PPO's epochs) needs, where every pass must visit each sample once.
+    /// While `size` divides the examples, the same batches as [`Batches::next`].
+    pub fn epoch(&mut self, size: usize) -> Vec<Vec<usize>> {
+        let rest = self.order[self.cursor..].to_vec();
+        self.cursor = 0;
+        self.epoch += 1;
+        self.shuffle();
+        rest.chunks(size.max(1)).map(<[usize]>::to_vec).collect()
+    }
 }
 
 #[cfg(test)]
@@ -83,5 +96,25 @@ mod tests {
         let mut again = Batches::new(keys, 7);
         assert_eq!(again.next(5).len(), 5);
         assert_eq!(Batches::new(vec!["a".into()], 1).next(4), [0]);
+    }
+
+    #[test]
+    fn an_epoch_visits_every_example_once_even_when_the_size_does_not_divide() {
+        let keys: Vec<String> = (0..12).map(|i| format!("p{i}")).collect();
+        let mut b = Batches::new(keys.clone(), 3);
+        for _ in 0..3 {
+            let batches = b.epoch(8);
+            assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [8, 4]);
+            let mut seen: Vec<usize> = batches.concat();
+            seen.sort();
+            assert_eq!(seen, (0..12).collect::<Vec<_>>());
+        }
+        // Where the size divides, the same batches as next().
+        let (mut a, mut c) = (Batches::new(keys.clone(), 5), Batches::new(keys, 5));
+        for _ in 0..2 {
+            let chunks = a.epoch(4);
+            let nexts: Vec<Vec<usize>> = (0..3).map(|_| c.next(4)).collect();
+            assert_eq!(chunks, nexts);
+        }
     }
 }

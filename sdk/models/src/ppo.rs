@@ -196,7 +196,9 @@ impl KlController {
             return;
         }
         let error = (kl / target - 1.0).clamp(-0.2, 0.2);
-        self.beta *= 1.0 + error * n as f64 / self.horizon;
+        // With n above 5 horizons the rule's factor would reach 0 or below
+        // and flip β's sign (rewarding the KL): never more than halve it.
+        self.beta *= (1.0 + error * n as f64 / self.horizon).max(0.5);
     }
 }
 
@@ -385,5 +387,14 @@ mod tests {
         let mut fixed = fixed_before.clone();
         fixed.update(60.0, 50);
         assert_eq!(fixed, fixed_before);
+        // A batch of more than 5 horizons below the target halves β, never
+        // flips its sign.
+        let mut big = KlController {
+            beta: 0.1,
+            target: Some(6.0),
+            horizon: 100.0,
+        };
+        big.update(0.0, 600);
+        assert_eq!(big.beta, 0.05);
     }
 }

@@ -442,5 +442,87 @@ fn a_restored_stage_continues_exactly_as_one_that_never_stopped() {
         .restore(3, &[bytes.as_slice(), &[0, 0]].concat())
         .unwrap_err();
     assert!(err.message.contains("not this stage's"), "{err}");
+    // lm.grpo's snapshot (after the same toy round) is refused by name.
+    let mut grpo_init = StageInit::for_test(
+        "lm.grpo",
+        hone_sdk::testing::full_config::<crate::Grpo>(
+            json!({"score": "reward", "max_new_tokens": 4}),
+        ),
+    );
+    grpo_init.stage_id = "grpo".into();
+    grpo_init.run_dir = dir.clone();
+    let mut grpo = crate::Grpo::create(&grpo_init).unwrap();
+    let mut out = Collected::default();
+    {
+        let mut ctx = Context::new(&mut out, &grpo_init, 0);
+        for (port, batch) in &inputs {
+            grpo.on_batch(&mut ctx, *port, batch.clone()).unwrap();
+        }
+        grpo.on_round_end(&mut ctx).unwrap();
+    }
+    let foreign = grpo.snapshot(0).unwrap().unwrap();
+    let err = fresh.restore(0, &foreign).unwrap_err();
+    assert!(
+        err.message.contains("lm.grpo stage's, not lm.ppo's"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The options change the update as they say: an early stop on the
+/// approximate KL ends the epochs, epochs visit every sample once when the
+/// batch size does not divide them, and the k3 estimator, unwhitened
+/// advantages, normalised rewards and a missing-EOS penalty each give
+/// another policy than the defaults.
+#[test]
+fn early_stop_and_the_reward_options_take_effect() {
+    let dir = temp_run_dir("ppo-options");
+    let start = policy(&dir);
+    let inputs = toy(&dir, &start, 0.5);
+    let base = json!({"epochs": 4, "lr": 3e-3, "critic_lr": 3e-3, "batch_size": 12,
+        "max_new_tokens": 4});
+    let with = |extra: serde_json::Value| {
+        let mut c = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        run(&dir, c, inputs.clone()).unwrap()
+    };
+    let plain = with(json!({}));
+    // 32 samples in batches of 12: 3 per epoch (12, 12, 8), 12 steps.
+    assert_eq!(plain.metric("epochs_run", None), Some(4.0));
+    assert_eq!(plain.series("step_loss").len(), 12);
+    let stopped = with(json!({"early_stop_kl": 1e-6}));
+    let epochs = stopped.metric("epochs_run", None).unwrap();
+    assert!(epochs < 1.0, "stopped after {epochs} epochs");
+    assert!(
+        stopped
+            .logs()
+            .iter()
+            .any(|l| l.contains("early stop at step")),
+        "{:?}",
+        stopped.logs()
+    );
+    let sha = |out: &Collected| out.artifacts(0)[0].sha256.clone();
+    for option in [
+        json!({"kl_estimator": "k3"}),
+        json!({"whiten_advantages": false}),
+        json!({"normalize_reward": true}),
+        json!({"missing_eos_penalty": 0.5}),
+    ] {
+        assert_ne!(
+            sha(&with(option.clone())),
+            sha(&plain),
+            "{option} changed nothing"
+        );
+    }
+    // The KL metrics do not depend on the estimator in the reward.
+    let k3 = with(json!({"kl_estimator": "k3"}));
+    assert_eq!(k3.metric("kl", None), plain.metric("kl", None));
+    // An adaptive beta must start above 0.
+    let err = Ppo::create(&init(&dir, json!({"beta": 0.0, "target_kl": 1.0})))
+        .err()
+        .unwrap();
+    assert_eq!(err.config_field(), Some("beta"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
