@@ -133,7 +133,9 @@ impl StageFactory for Ppo {
              feedback edge to lm.rollout, and registers the critic (critic/). Metrics: reward, \
              reward_std, kl (k1 sum per sequence), kl_k3, kl_exact (with `reference`), beta, \
              entropy, clip_fraction, approx_kl, value_loss, value_clip_fraction, \
-             explained_variance, policy_loss, response_length, no_eos, epochs_run, unscored.",
+             explained_variance, policy_loss, response_length, no_eos, epochs_run, unscored, and the \
+             wall time of its phases: values_seconds (the critic's forward), exact_kl_seconds, \
+             update_seconds.",
         )
         .input("completions", RecordKind::Completion)
         .input("scores", RecordKind::Score)
@@ -443,12 +445,16 @@ impl Ppo {
         let (mut kl_k1, mut kl_k3) = (0.0, 0.0);
         let chunk: Vec<&Sampled> = scored.iter().map(|(s, _, _)| s).collect();
         let mut values = Vec::with_capacity(n);
+        // Wall time of each phase, so a round's time can be split (the
+        // benchmark in docs/benchmarks.md reads these).
+        let clock = std::time::Instant::now();
         for batch in chunk.chunks(c.batch_size) {
             values.extend(
                 self.values(critic, batch, pad)
                     .or_stage("cannot compute the critic's values")?,
             );
         }
+        ctx.metric("values_seconds", clock.elapsed().as_secs_f64());
         for (((sampled, _, _), values), mut score) in scored.into_iter().zip(values).zip(penalised)
         {
             if c.normalize_reward {
@@ -493,8 +499,10 @@ impl Ppo {
         let (kl_k1, kl_k3) = (kl_k1 / n as f64, kl_k3 / n as f64);
         ctx.metric("kl", kl_k1);
         ctx.metric("kl_k3", kl_k3);
+        let clock = std::time::Instant::now();
         if let Some(kl) = self.exact_kl(ctx, gpt, &samples, pad)? {
             ctx.metric("kl_exact", kl);
+            ctx.metric("exact_kl_seconds", clock.elapsed().as_secs_f64());
         }
         let all = |f: fn(&Sample) -> &Vec<f32>| -> Vec<f32> {
             samples.iter().flat_map(|s| f(s).iter().copied()).collect()
@@ -517,9 +525,11 @@ impl Ppo {
         }
 
         let mut critic = self.critic.take().expect("ensured before");
+        let clock = std::time::Instant::now();
         let optimised = self.optimise(ctx, trainee, &mut critic, &samples, pad);
         self.critic = Some(critic);
         let (steps, stats) = optimised?;
+        ctx.metric("update_seconds", clock.elapsed().as_secs_f64());
         let per = |x: f64| x / steps.max(1) as f64;
         ctx.metric("policy_loss", per(stats.policy_loss));
         ctx.metric("value_loss", per(stats.value_loss));
