@@ -9,7 +9,7 @@
 //! them, and emits the updated policy; a feedback edge hands it to
 //! `lm.rollout` for round t + 1.
 
-use crate::sampled::{lay, Sampled};
+use crate::sampled::{lay, OwnSamples, Sampled};
 use crate::sft::data::{to_tensors, Example};
 use crate::trainee::{Trainee, TraineeState};
 use crate::{device, NewestPolicy, OrStageError};
@@ -159,25 +159,12 @@ impl Stage for Grpo {
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let mut input = self.input.take();
         self.policy.offer_all(&mut input, 2)?;
-        let mut completions = input.completions(0);
-        completions.sort_by(|a, b| a.id.cmp(&b.id));
-        let rewards: BTreeMap<String, f64> = input
-            .scores(1)
-            .into_iter()
-            .filter(|s| s.name == self.config.score)
-            .map(|s| (s.id, s.value))
-            .collect();
-        if completions.is_empty() {
+        let Some(round) =
+            OwnSamples::take(&mut input, &self.policy, &self.config.score, ctx.round())?
+        else {
             return Ok(());
-        }
-        let Some(policy) = self.policy.newest.clone() else {
-            return Err(StageError::new(format!(
-                "no policy artifact arrived by round {}: wire `policy` to the policy that sampled the \
-                 completions (its first from lm.sft, later rounds from this stage's own output, as feedback)",
-                ctx.round()
-            )));
         };
-        self.update(ctx, &policy, completions, &rewards)
+        self.update(ctx, &round.policy, round.completions, &round.rewards)
     }
 }
 

@@ -17,7 +17,7 @@
 //! and the clipped value loss. The updated policy goes out for a feedback
 //! edge to lm.rollout.
 
-use crate::sampled::{lay, Sampled};
+use crate::sampled::{lay, OwnSamples, Sampled};
 use crate::sft::data::{to_tensors, Example};
 use crate::trainee::{adam, Trainee, TraineeState};
 use crate::{device, NewestPolicy, OrStageError};
@@ -316,25 +316,12 @@ impl Stage for Ppo {
         let mut input = self.input.take();
         self.policy.offer_all(&mut input, 2)?;
         self.reference.offer_all(&mut input, 3)?;
-        let mut completions = input.completions(0);
-        completions.sort_by(|a, b| a.id.cmp(&b.id));
-        let rewards: BTreeMap<String, f64> = input
-            .scores(1)
-            .into_iter()
-            .filter(|s| s.name == self.config.score)
-            .map(|s| (s.id, s.value))
-            .collect();
-        if completions.is_empty() {
+        let Some(round) =
+            OwnSamples::take(&mut input, &self.policy, &self.config.score, ctx.round())?
+        else {
             return Ok(());
-        }
-        let Some(policy) = self.policy.newest.clone() else {
-            return Err(StageError::new(format!(
-                "no policy artifact arrived by round {}: wire `policy` to the policy that sampled the \
-                 completions (its first from lm.sft, later rounds from this stage's own output, as feedback)",
-                ctx.round()
-            )));
         };
-        self.update(ctx, &policy, completions, &rewards)
+        self.update(ctx, &round.policy, round.completions, &round.rewards)
     }
 }
 

@@ -4,9 +4,56 @@
 //! reference's log-probs of each response token beside them.
 
 use crate::sft::data::Example;
+use crate::NewestPolicy;
 use hone_models::tokenizer::Tokenizer;
 use hone_models::{Device, Tensor};
-use hone_sdk::Completion;
+use hone_sdk::{ArtifactRef, Completion, RoundInput, StageError};
+use std::collections::BTreeMap;
+
+/// A round's input to a learner from its own samples: the completions on
+/// port 0 (in id order, whatever order they arrived in), the rewards of
+/// them on port 1 (the Scores named `score`, by completion id), and the
+/// policy that sampled them.
+pub(crate) struct OwnSamples {
+    pub completions: Vec<Completion>,
+    pub rewards: BTreeMap<String, f64>,
+    pub policy: ArtifactRef,
+}
+
+impl OwnSamples {
+    /// The round's samples; `None` when no completion came; an error naming
+    /// what to wire when completions came without a policy.
+    pub fn take(
+        input: &mut RoundInput,
+        policy: &NewestPolicy,
+        score: &str,
+        round: u64,
+    ) -> Result<Option<OwnSamples>, StageError> {
+        let mut completions = input.completions(0);
+        completions.sort_by(|a, b| a.id.cmp(&b.id));
+        let rewards = input
+            .scores(1)
+            .into_iter()
+            .filter(|s| s.name == score)
+            .map(|s| (s.id, s.value))
+            .collect();
+        if completions.is_empty() {
+            return Ok(None);
+        }
+        let Some(policy) = policy.newest.clone() else {
+            return Err(StageError::new(format!(
+                "no policy artifact arrived by round {round}: wire `policy` to the policy that \
+                 sampled the completions (its first from lm.sft, later rounds from this stage's own \
+                 output, as feedback)"
+            )));
+        };
+        Ok(Some(OwnSamples {
+            completions,
+            rewards,
+            policy,
+        }))
+    }
+}
 
 /// One sampled completion ready to learn from.
 pub(crate) struct Sampled {
