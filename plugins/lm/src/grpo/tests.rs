@@ -70,6 +70,40 @@ pub(crate) fn score(id: &str, value: f64) -> Record {
     })
 }
 
+/// Four samples of each prompt from lm.rollout (12 new tokens at most)
+/// under policy `a`, scored by lm.logprobs with `a` as the reference too:
+/// completions whose ratio and KL to the sampler start at exactly 1 and 0.
+pub(crate) fn on_policy(
+    dir: &std::path::Path,
+    a: &ArtifactRef,
+    prompts: Vec<Record>,
+) -> Vec<Record> {
+    use crate::{Logprobs, Rollout};
+    let stage = |kind: &str, config: serde_json::Value| {
+        let mut init = StageInit::for_test(kind, config);
+        init.run_dir = dir.to_path_buf();
+        init
+    };
+    let policy_in = vec![Record::Artifact(a.clone())];
+    let sampled = hone_sdk::testing::run_round::<Rollout>(
+        &stage(
+            "lm.rollout",
+            hone_sdk::testing::full_config::<Rollout>(json!({"n": 4, "max_new_tokens": 12})),
+        ),
+        vec![(0, prompts), (1, policy_in.clone())],
+    )
+    .unwrap();
+    let scored = hone_sdk::testing::run_round::<Logprobs>(
+        &stage(
+            "lm.logprobs",
+            hone_sdk::testing::full_config::<Logprobs>(json!({"max_new_tokens": 12})),
+        ),
+        vec![(0, sampled.emitted(0).to_vec()), (1, policy_in)],
+    )
+    .unwrap();
+    scored.emitted(0).to_vec()
+}
+
 fn run(
     dir: &std::path::Path,
     config: serde_json::Value,
@@ -198,7 +232,6 @@ fn equal_rewards_teach_nothing_and_inputs_are_checked() {
 /// is 0, even for prompts longer than the room rollout keeps for them.
 #[test]
 fn on_policy_samples_start_at_ratio_one_and_zero_kl() {
-    use crate::{Logprobs, Rollout};
     let dir = temp_run_dir("grpo-onpolicy");
     let start = policy(&dir);
     let long =
@@ -212,31 +245,8 @@ fn on_policy_samples_start_at_ratio_one_and_zero_kl() {
             })
         })
         .collect();
-    let stage = |kind: &str, config: serde_json::Value| {
-        let mut init = StageInit::for_test(kind, config);
-        init.run_dir = dir.clone();
-        init
-    };
     let policy_in = vec![Record::Artifact(start.clone())];
-    let rollout_init = stage(
-        "lm.rollout",
-        hone_sdk::testing::full_config::<Rollout>(json!({"n": 4, "max_new_tokens": 12})),
-    );
-    let sampled = hone_sdk::testing::run_round::<Rollout>(
-        &rollout_init,
-        vec![(0, prompts), (1, policy_in.clone())],
-    )
-    .unwrap();
-    let logprobs_init = stage(
-        "lm.logprobs",
-        hone_sdk::testing::full_config::<Logprobs>(json!({"max_new_tokens": 12})),
-    );
-    let scored = hone_sdk::testing::run_round::<Logprobs>(
-        &logprobs_init,
-        vec![(0, sampled.emitted(0).to_vec()), (1, policy_in.clone())],
-    )
-    .unwrap();
-    let completions = scored.emitted(0).to_vec();
+    let completions = on_policy(&dir, &start, prompts);
     assert_eq!(completions.len(), 12);
     let scores: Vec<Record> = completions
         .iter()

@@ -4,7 +4,7 @@
 //! and bad inputs fail clearly.
 
 use super::*;
-use crate::grpo::tests::{completion, logprobs, policy, score};
+use crate::grpo::tests::{completion, logprobs, on_policy, policy, score};
 use crate::sft::tests::temp_run_dir;
 use hone_models::tokenizer::{load_tokenizer, Tokenizer as _};
 use hone_sdk::Collected;
@@ -347,7 +347,6 @@ fn bad_settings_and_inputs_are_named() {
 /// policy, the reference wired: the ratio starts at 1 and every KL at 0.
 #[test]
 fn on_policy_samples_start_at_ratio_one_and_every_kl_at_zero() {
-    use crate::{Logprobs, Rollout};
     let dir = temp_run_dir("ppo-onpolicy");
     let start = policy(&dir);
     let prompts: Vec<Record> = (0..3)
@@ -359,29 +358,8 @@ fn on_policy_samples_start_at_ratio_one_and_every_kl_at_zero() {
             })
         })
         .collect();
-    let stage = |kind: &str, config: serde_json::Value| {
-        let mut init = StageInit::for_test(kind, config);
-        init.run_dir = dir.clone();
-        init
-    };
     let policy_in = vec![Record::Artifact(start.clone())];
-    let sampled = hone_sdk::testing::run_round::<Rollout>(
-        &stage(
-            "lm.rollout",
-            hone_sdk::testing::full_config::<Rollout>(json!({"n": 4, "max_new_tokens": 12})),
-        ),
-        vec![(0, prompts), (1, policy_in.clone())],
-    )
-    .unwrap();
-    let scored = hone_sdk::testing::run_round::<Logprobs>(
-        &stage(
-            "lm.logprobs",
-            hone_sdk::testing::full_config::<Logprobs>(json!({"max_new_tokens": 12})),
-        ),
-        vec![(0, sampled.emitted(0).to_vec()), (1, policy_in.clone())],
-    )
-    .unwrap();
-    let completions = scored.emitted(0).to_vec();
+    let completions = on_policy(&dir, &start, prompts);
     let scores: Vec<Record> = completions
         .iter()
         .enumerate()
