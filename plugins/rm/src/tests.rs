@@ -465,6 +465,39 @@ fn score_uses_the_ensemble_mean_of_the_newest_round() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Over rounds, WARM merges again only when there is something new: a
+/// round with neither new members nor pairs to evaluate emits nothing (the
+/// earlier average stands), one with pairs merges and evaluates.
+#[test]
+fn warm_does_not_merge_the_same_members_every_round() {
+    let dir = temp_run_dir("warm-rounds");
+    let cfg = tiny_gpt();
+    let members: Vec<Record> = (1..=2)
+        .map(|s| Record::Artifact(write_rm(&dir, &format!("member-{s}"), &cfg, s, "root")))
+        .collect();
+    let mut init = hone_sdk::testing::init::<Warm>(json!({}));
+    init.stage_id = "warm".into();
+    init.run_dir = dir.clone();
+    let mut stage = Warm::create(&init).unwrap();
+    let mut round = |r: u64, inputs: Vec<(usize, Vec<Record>)>| {
+        let mut out = hone_sdk::Collected::default();
+        {
+            let mut ctx = hone_sdk::Context::new(&mut out, &init, r);
+            for (port, batch) in inputs {
+                stage.on_batch(&mut ctx, port, batch).unwrap();
+            }
+            stage.on_round_end(&mut ctx).unwrap();
+        }
+        out
+    };
+    assert_eq!(round(0, vec![(0, members)]).artifacts(0).len(), 1);
+    assert!(round(1, vec![]).artifacts(0).is_empty());
+    let evaluated = round(2, vec![(1, records(&learnable_pairs(4)))]);
+    assert_eq!(evaluated.artifacts(0).len(), 1);
+    assert!(evaluated.metrics().contains_key("accuracy/warm"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn warm_refuses_members_of_different_initialisations() {
     let dir = temp_run_dir("lineage");

@@ -31,6 +31,10 @@ pub struct Warm {
     /// Scores with the models; holds a pretrained backbone once for all heads.
     scoring: Scoring,
     models: Models,
+    /// The members of the last merge: a later round that brings no new
+    /// members and no pairs to evaluate merges nothing again (their average
+    /// is already out, and rm.score keeps it).
+    merged: Option<Vec<ArtifactRef>>,
 }
 
 impl StageFactory for Warm {
@@ -95,6 +99,7 @@ impl StageFactory for Warm {
             device,
             scoring,
             models: Models::default(),
+            merged: None,
         })
     }
 }
@@ -110,7 +115,7 @@ impl Stage for Warm {
         pairs.sort_by(|a, b| a.id.cmp(&b.id));
         let models = self.models.newest();
         ctx.metric("models", models.len() as f64);
-        if models.is_empty() {
+        if models.is_empty() || (pairs.is_empty() && self.merged.as_ref() == Some(&models)) {
             return Ok(());
         }
         let n = models.len();
@@ -191,6 +196,7 @@ impl Stage for Warm {
         if !pairs.is_empty() {
             self.evaluate(ctx, &models, &dir, &pairs)?;
         }
+        self.merged = Some(models);
         Ok(())
     }
 }
