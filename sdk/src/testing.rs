@@ -4,7 +4,9 @@
 //! the same harness (the runtime's end-to-end tests go through the `hone`
 //! binary instead).
 
-use crate::{ArtifactRef, Collected, Context, Event, Record, StageError, StageFactory, StageInit};
+use crate::{
+    ArtifactRef, Collected, Context, Event, Record, Stage, StageError, StageFactory, StageInit,
+};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,9 +57,21 @@ pub fn run_round<S: StageFactory>(
     inputs: Vec<(usize, Vec<Record>)>,
 ) -> Result<Collected, StageError> {
     let mut stage = S::create(init)?;
+    run_round_of(&mut stage, init, 0, inputs)
+}
+
+/// Runs round `round` of an existing stage (created with `init`): feeds
+/// `inputs`, (port, records) batches in order, then ends the round. For
+/// tests of what a stage carries from one round to the next.
+pub fn run_round_of<S: Stage>(
+    stage: &mut S,
+    init: &StageInit,
+    round: u64,
+    inputs: Vec<(usize, Vec<Record>)>,
+) -> Result<Collected, StageError> {
     let mut out = Collected::default();
     {
-        let mut ctx = Context::new(&mut out, init, 0);
+        let mut ctx = Context::new(&mut out, init, round);
         for (port, batch) in inputs {
             stage.on_batch(&mut ctx, port, batch)?;
         }

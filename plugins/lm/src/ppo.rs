@@ -73,6 +73,39 @@ struct CriticState {
     opt: AdamW,
 }
 
+impl CriticState {
+    /// A critic of the policy's shape `config` (weights as the builder
+    /// makes them: the caller sets them) with a fresh AdamW at `lr`.
+    fn new(config: &GptConfig, device: &Device, lr: f64) -> hone_models::Result<Self> {
+        let varmap = VarMap::new();
+        let critic = Critic::new(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        let opt = AdamW::new(Critic::trainable(&varmap), adam(lr))?;
+        Ok(CriticState {
+            critic,
+            varmap,
+            config: config.clone(),
+            opt,
+        })
+    }
+
+    /// Shape, weights and optimizer state, for a snapshot.
+    fn state(&self) -> hone_models::Result<CriticSnapshot> {
+        Ok(CriticSnapshot {
+            config: self.config.clone(),
+            weights: weights_state(&self.varmap)?,
+            opt: self.opt.state()?,
+        })
+    }
+
+    /// The critic a snapshot held.
+    fn from_state(s: &CriticSnapshot, device: &Device, lr: f64) -> hone_models::Result<Self> {
+        let mut state = CriticState::new(&s.config, device, lr)?;
+        restore_weights(&state.varmap, &s.weights)?;
+        state.opt.restore(&s.opt)?;
+        Ok(state)
+    }
+}
+
 /// Updates the policy that sampled a round's completions, with a critic.
 pub struct Ppo {
     config: PpoConfig,
@@ -259,15 +292,12 @@ impl Stage for Ppo {
     }
 
     fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
-        let doing = "cannot snapshot the critic";
-        let critic = match &self.critic {
-            Some(c) => Some(CriticSnapshot {
-                config: c.config.clone(),
-                weights: weights_state(&c.varmap).or_stage(doing)?,
-                opt: c.opt.state().or_stage(doing)?,
-            }),
-            None => None,
-        };
+        let critic = self
+            .critic
+            .as_ref()
+            .map(CriticState::state)
+            .transpose()
+            .or_stage("cannot snapshot the critic")?;
         let state = PpoState {
             policy: self.policy.newest.clone(),
             reference: self.reference.newest.clone(),
@@ -286,25 +316,11 @@ impl Stage for Ppo {
             .trainee
             .map(|t| Trainee::from_state(t, &self.run_dir, &self.device, c.lr))
             .transpose()?;
-        self.critic = match state.critic {
-            Some(s) => {
-                let doing = "cannot restore the critic from the snapshot";
-                let varmap = VarMap::new();
-                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
-                let critic = Critic::new(&s.config, vb).or_stage(doing)?;
-                restore_weights(&varmap, &s.weights).or_stage(doing)?;
-                let mut opt =
-                    AdamW::new(Critic::trainable(&varmap), adam(c.critic_lr)).or_stage(doing)?;
-                opt.restore(&s.opt).or_stage(doing)?;
-                Some(CriticState {
-                    critic,
-                    varmap,
-                    config: s.config,
-                    opt,
-                })
-            }
-            None => None,
-        };
+        self.critic = state
+            .critic
+            .map(|s| CriticState::from_state(&s, &self.device, c.critic_lr))
+            .transpose()
+            .or_stage("cannot restore the critic from the snapshot")?;
         self.policy.newest = state.policy;
         self.reference.newest = state.reference;
         self.kl = state.kl;
@@ -558,27 +574,23 @@ impl Ppo {
             return Ok(());
         }
         let doing = "cannot build the critic";
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
-        let critic = Critic::new(gpt.config(), vb).or_stage(doing)?;
-        init_seeded(&varmap, self.config.seed ^ ctx.init().seed ^ 0x5eed_c417).or_stage(doing)?;
+        let state =
+            CriticState::new(gpt.config(), &self.device, self.config.critic_lr).or_stage(doing)?;
+        init_seeded(
+            &state.varmap,
+            self.config.seed ^ ctx.init().seed ^ 0x5eed_c417,
+        )
+        .or_stage(doing)?;
         {
             let from = policy_vars.data().lock().expect("VarMap lock poisoned");
-            let to = varmap.data().lock().expect("VarMap lock poisoned");
+            let to = state.varmap.data().lock().expect("VarMap lock poisoned");
             for (name, var) in from.iter() {
                 if let Some(target) = to.get(name) {
                     target.set(var.as_tensor()).or_stage(doing)?;
                 }
             }
         }
-        let opt =
-            AdamW::new(Critic::trainable(&varmap), adam(self.config.critic_lr)).or_stage(doing)?;
-        self.critic = Some(CriticState {
-            critic,
-            varmap,
-            config: gpt.config().clone(),
-            opt,
-        });
+        self.critic = Some(state);
         Ok(())
     }
 

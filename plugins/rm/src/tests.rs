@@ -480,15 +480,7 @@ fn warm_does_not_merge_the_same_members_every_round() {
     init.run_dir = dir.clone();
     let mut stage = Warm::create(&init).unwrap();
     let mut round = |r: u64, inputs: Vec<(usize, Vec<Record>)>| {
-        let mut out = hone_sdk::Collected::default();
-        {
-            let mut ctx = hone_sdk::Context::new(&mut out, &init, r);
-            for (port, batch) in inputs {
-                stage.on_batch(&mut ctx, port, batch).unwrap();
-            }
-            stage.on_round_end(&mut ctx).unwrap();
-        }
-        out
+        hone_sdk::testing::run_round_of(&mut stage, &init, r, inputs).unwrap()
     };
     assert_eq!(round(0, vec![(0, members)]).artifacts(0).len(), 1);
     assert!(round(1, vec![]).artifacts(0).is_empty());

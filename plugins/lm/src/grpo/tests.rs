@@ -298,17 +298,12 @@ fn a_restored_stage_continues_exactly_as_one_that_never_stopped() {
     init.stage_id = "grpo".into();
     init.run_dir = dir.clone();
     let round = |stage: &mut Grpo, r: u64, policy: &ArtifactRef| -> Collected {
-        let mut out = Collected::default();
-        {
-            let mut ctx = Context::new(&mut out, &init, r);
-            stage.on_batch(&mut ctx, 0, comps.clone()).unwrap();
-            stage.on_batch(&mut ctx, 1, scores.clone()).unwrap();
-            stage
-                .on_batch(&mut ctx, 2, vec![Record::Artifact(policy.clone())])
-                .unwrap();
-            stage.on_round_end(&mut ctx).unwrap();
-        }
-        out
+        let inputs = vec![
+            (0, comps.clone()),
+            (1, scores.clone()),
+            (2, vec![Record::Artifact(policy.clone())]),
+        ];
+        hone_sdk::testing::run_round_of(stage, &init, r, inputs).unwrap()
     };
     let mut straight = Grpo::create(&init).unwrap();
     let a0 = round(&mut straight, 0, &start).artifacts(0).remove(0);

@@ -50,19 +50,14 @@ fn one_round(
     round: u64,
     policy: Option<Vec<Record>>,
 ) -> Result<Collected, StageError> {
-    let mut out = Collected::default();
-    {
-        let mut ctx = Context::new(&mut out, init, round);
-        for (port, batch) in inputs {
-            let batch = match &policy {
-                Some(p) if *port == 2 => p.clone(),
-                _ => batch.clone(),
-            };
-            stage.on_batch(&mut ctx, *port, batch)?;
-        }
-        stage.on_round_end(&mut ctx)?;
-    }
-    Ok(out)
+    let inputs = inputs
+        .iter()
+        .map(|(port, batch)| match &policy {
+            Some(p) if *port == 2 => (*port, p.clone()),
+            _ => (*port, batch.clone()),
+        })
+        .collect();
+    hone_sdk::testing::run_round_of(stage, init, round, inputs)
 }
 
 fn run(
@@ -436,14 +431,7 @@ fn a_restored_stage_continues_exactly_as_one_that_never_stopped() {
     grpo_init.stage_id = "grpo".into();
     grpo_init.run_dir = dir.clone();
     let mut grpo = crate::Grpo::create(&grpo_init).unwrap();
-    let mut out = Collected::default();
-    {
-        let mut ctx = Context::new(&mut out, &grpo_init, 0);
-        for (port, batch) in &inputs {
-            grpo.on_batch(&mut ctx, *port, batch.clone()).unwrap();
-        }
-        grpo.on_round_end(&mut ctx).unwrap();
-    }
+    hone_sdk::testing::run_round_of(&mut grpo, &grpo_init, 0, inputs.clone()).unwrap();
     let foreign = grpo.snapshot(0).unwrap().unwrap();
     let err = fresh.restore(0, &foreign).unwrap_err();
     assert!(
