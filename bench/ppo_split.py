@@ -20,12 +20,11 @@ for m in ms:
     end[k]=max(end.get(k,0),m['time'])
     if m['name'].endswith('_seconds'): vals[m['round']][m['name']]=m['value']
 rows=[]
-learner=sys.argv[3] if len(sys.argv)>3 else f'learn_{loop}'
 for r in range(1,len(j)):
     t0=j[r-1]
     def e(s): return end[(s,r)]-t0
     ro=e(f'rollout_{loop}'); rf=e(f'ref_{loop}'); px=e(f'proxy_{loop}') if (f'proxy_{loop}',r) in end else rf
-    le=e(learner); v=vals[r]
+    v=vals[r]
     rows.append((ro, rf-ro, max(px,e(f'gold_{loop}'))-rf, v.get('values_seconds',0), v.get('exact_kl_seconds',0), v.get('update_seconds',0), j[r]-t0))
 names=['rollout','reference log-probs','scoring (RM + gold)','critic values','exact KL','PPO update','round']
 for i,n in enumerate(names):
