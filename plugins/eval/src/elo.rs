@@ -15,6 +15,8 @@ struct EloConfig {
     k: f64,
     initial: f64,
     permutations: i64,
+    bootstrap: u64,
+    across_rounds: bool,
     seed: u64,
 }
 
@@ -25,6 +27,9 @@ pub struct Elo {
     player: GroupBy,
     seed: u64,
     input: RoundInput,
+    /// prompt id -> (player, completion id) -> score: this round's, or with
+    /// `across_rounds` every round's so far.
+    kept: BTreeMap<String, BTreeMap<(String, String), f64>>,
 }
 
 /// One game: players `a` and `b` (indices), and a's result (1, 0.5 or 0).
@@ -56,8 +61,10 @@ impl StageFactory for Elo {
              meta value `score` if it has one (eval.best-of-n writes one on its picks), else the Score of \
              its id; an id that several players share cannot be joined and is left out (`ambiguous`). Ratings start at `initial`, \
              move by `k`, and are averaged over `permutations` seeded shuffles of the game order. Metrics: \
-             `elo/PLAYER`, `games`, `unplayed` (completions without a player or a score). Logs a table of \
-             rating, games and wins.",
+             `elo/PLAYER`, `elo_lo/PLAYER` and `elo_hi/PLAYER` (a 95% interval from `bootstrap` resamples \
+             of the prompts), `games`, `unplayed` (completions without a player or a score). With \
+             across_rounds, every round's players stay in the table. Logs a table of rating, interval, \
+             games and wins.",
         )
         .input("completions", RecordKind::Completion)
         .input("scores", RecordKind::Score)
@@ -77,7 +84,22 @@ impl StageFactory for Elo {
             100,
             "Seeded shuffles of the game order whose final ratings are averaged.",
         )
-        .optional("seed", FieldType::unsigned(), 0, "Seed of the shuffles, combined with the pipeline seed.")
+        .optional(
+            "bootstrap",
+            FieldType::unsigned().at_most(100_000),
+            200,
+            "Bootstrap resamples of the prompts (with replacement) for each rating's 95% interval, metrics \
+             elo_lo/PLAYER and elo_hi/PLAYER (0 = none).",
+        )
+        .optional(
+            "across_rounds",
+            FieldType::Bool,
+            false,
+            "Keep every round's completions: each round rates every player seen so far in one table, and \
+             players of different rounds meet on shared prompts (every round's checkpoint of an online \
+             loop). A player's completion seen again (same id) replaces itself.",
+        )
+        .optional("seed", FieldType::unsigned(), 0, "Seed of the shuffles and resamples, combined with the pipeline seed.")
         .placement(Placement::Single)
     }
 
@@ -108,6 +130,7 @@ impl StageFactory for Elo {
             player,
             seed,
             input: RoundInput::default(),
+            kept: BTreeMap::new(),
         })
     }
 }
@@ -121,10 +144,6 @@ impl Stage for Elo {
         let Some((completions, scores)) = ScoredCompletions::take(&mut self.input) else {
             return Ok(());
         };
-        let mut names: Vec<String> = Vec::new();
-        let mut index: BTreeMap<String, usize> = BTreeMap::new();
-        // prompt -> [(player, score)], in id order.
-        let mut by_prompt: BTreeMap<String, Vec<(usize, f64)>> = BTreeMap::new();
         let mut unplayed = 0u64;
         // Ids joined to a Score record, with the player they were joined for:
         // the same id under two players cannot tell whose score it is.
@@ -146,18 +165,19 @@ impl Stage for Elo {
             .filter(|(_, players)| players.iter().any(|p| p != &players[0]))
             .map(|(id, _)| *id)
             .collect();
+        if !self.config.across_rounds {
+            self.kept.clear();
+        }
         for (c, player, score, source) in entries {
             if source == Source::Score && ambiguous.contains(c.id.as_str()) {
                 continue;
             }
-            let i = *index.entry(player.clone()).or_insert_with(|| {
-                names.push(player);
-                names.len() - 1
-            });
-            by_prompt
+            // A player's completion seen again (the same policy re-sampled
+            // with the same seed in a later round) replaces itself.
+            self.kept
                 .entry(c.prompt_id.clone())
                 .or_default()
-                .push((i, score));
+                .insert((player, c.id.clone()), score);
         }
         if let Some(id) = ambiguous.iter().next() {
             ctx.log(format!(
@@ -169,8 +189,23 @@ impl Stage for Elo {
             ));
         }
         ctx.metric("ambiguous", ambiguous.len() as f64);
-        let mut games = Vec::new();
-        for entries in by_prompt.values() {
+        let mut names: Vec<String> = Vec::new();
+        let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+        // Every prompt's games, kept apart so the bootstrap can resample
+        // prompts: games on one prompt are not independent.
+        let mut by_prompt: Vec<Vec<Game>> = Vec::new();
+        for entries in self.kept.values() {
+            let entries: Vec<(usize, f64)> = entries
+                .iter()
+                .map(|((player, _), &score)| {
+                    let i = *index.entry(player.as_str()).or_insert_with(|| {
+                        names.push(player.clone());
+                        names.len() - 1
+                    });
+                    (i, score)
+                })
+                .collect();
+            let mut games = Vec::new();
             for (x, ex) in entries.iter().enumerate() {
                 for ey in &entries[x + 1..] {
                     if ex.0 != ey.0 {
@@ -182,7 +217,11 @@ impl Stage for Elo {
                     }
                 }
             }
+            if !games.is_empty() {
+                by_prompt.push(games);
+            }
         }
+        let games: Vec<Game> = by_prompt.iter().flatten().copied().collect();
         ctx.metric("games", games.len() as f64);
         ctx.metric("unplayed", unplayed as f64);
         if unplayed > 0 {
@@ -212,6 +251,7 @@ impl Stage for Elo {
             }
         }
         let ratings: Vec<f64> = sums.iter().map(|s| s / permutations as f64).collect();
+        let intervals = self.bootstrap(&by_prompt, names.len(), ctx.round());
         let (mut played, mut wins) = (vec![0u64; names.len()], vec![0.0f64; names.len()]);
         for g in &games {
             played[g.a] += 1;
@@ -221,27 +261,84 @@ impl Stage for Elo {
         }
         let mut rows: Vec<usize> = (0..names.len()).collect();
         rows.sort_by(|&x, &y| ratings[y].total_cmp(&ratings[x]));
+        let width = names.iter().map(|n| n.len()).max().unwrap_or(0).max(24);
         let mut table = vec![format!(
-            "{:<24} {:>9} {:>7} {:>8}",
-            "player", "rating", "games", "wins"
+            "{:<width$} {:>9} {:>17} {:>7} {:>8}",
+            "player", "rating", "95% interval", "games", "wins"
         )];
         for &i in &rows {
             ctx.metric(&format!("elo/{}", names[i]), ratings[i]);
+            let interval = match &intervals {
+                Some(iv) => {
+                    ctx.metric(&format!("elo_lo/{}", names[i]), iv[i].0);
+                    ctx.metric(&format!("elo_hi/{}", names[i]), iv[i].1);
+                    format!("{:.0} .. {:.0}", iv[i].0, iv[i].1)
+                }
+                None => "-".to_string(),
+            };
             table.push(format!(
-                "{:<24} {:>9.1} {:>7} {:>8.1}",
-                names[i], ratings[i], played[i], wins[i]
+                "{:<width$} {:>9.1} {:>17} {:>7} {:>8.1}",
+                names[i], ratings[i], interval, played[i], wins[i]
             ));
         }
         ctx.log(format!(
-            "Elo over {} games, {permutations} orderings (k = {k}):\n{}",
+            "Elo over {} games on {} prompts, {permutations} orderings (k = {k}){}:\n{}",
             games.len(),
+            by_prompt.len(),
+            match intervals {
+                Some(_) => format!(", intervals from {} bootstrap resamples of the prompts", self.config.bootstrap),
+                None => String::new(),
+            },
             table.join("\n")
         ));
         Ok(())
     }
 }
 
-impl Elo {}
+impl Elo {
+    /// 95% percentile intervals of each player's rating over `bootstrap`
+    /// resamples of the prompts with replacement, each played in one seeded
+    /// order (Chatbot Arena's bootstrap of online Elo, clustered by prompt).
+    fn bootstrap(&self, by_prompt: &[Vec<Game>], players: usize, round: u64) -> Option<Vec<(f64, f64)>> {
+        let resamples = self.config.bootstrap as usize;
+        if resamples == 0 {
+            return None;
+        }
+        let (k, initial) = (self.config.k, self.config.initial);
+        let mut draws: Vec<Vec<f64>> = vec![Vec::with_capacity(resamples); players];
+        let mut games = Vec::new();
+        for b in 0..resamples {
+            let mut rng = Rng::new(self.seed, &format!("bootstrap {b} round {round}"));
+            games.clear();
+            for _ in 0..by_prompt.len() {
+                games.extend_from_slice(&by_prompt[rng.below(by_prompt.len())]);
+            }
+            rng.shuffle(&mut games);
+            // A player absent from a resample keeps its initial rating,
+            // which widens its interval, as it should.
+            for (d, r) in draws.iter_mut().zip(play(&games, players, k, initial)) {
+                d.push(r);
+            }
+        }
+        Some(
+            draws
+                .into_iter()
+                .map(|mut d| {
+                    d.sort_by(f64::total_cmp);
+                    (percentile(&d, 0.025), percentile(&d, 0.975))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The `q` quantile of sorted `xs` (linear interpolation between ranks).
+fn percentile(xs: &[f64], q: f64) -> f64 {
+    let pos = q * (xs.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    xs[lo] + (xs[hi] - xs[lo]) * (pos - lo as f64)
+}
+
 
 #[cfg(test)]
 mod tests {
@@ -336,6 +433,83 @@ mod tests {
         .unwrap();
         assert_eq!(out.metric("elo/sft/final", None), Some(1008.0));
         assert_eq!(out.metric("elo/sft/ckpt-100", None), Some(992.0));
+    }
+
+    #[test]
+    fn bootstrap_intervals_bracket_the_ratings_and_separate_clear_players() {
+        let out = run::<Elo>(
+            serde_json::json!({"player": "meta:quality", "permutations": 20, "bootstrap": 100}),
+            inputs(),
+        )
+        .unwrap();
+        let get = |m: &str, q: &str| out.metric(&format!("{m}/{q}"), None).unwrap();
+        for q in ["1", "2", "3"] {
+            let (lo, r, hi) = (get("elo_lo", q), get("elo", q), get("elo_hi", q));
+            assert!(lo < hi, "{q}: {lo} {hi}");
+            // One ordering per resample is noisier than the averaged rating,
+            // but a 95% interval of it must still cover it.
+            assert!(lo <= r && r <= hi, "{q}: {lo} {r} {hi}");
+        }
+        // Player 3 beats 1 in every game: their intervals do not overlap.
+        assert!(get("elo_lo", "3") > get("elo_hi", "1"));
+        assert!(out.logs.iter().any(|l| l.contains("95% interval")));
+        let none = run::<Elo>(
+            serde_json::json!({"player": "meta:quality", "permutations": 2, "bootstrap": 0}),
+            inputs(),
+        )
+        .unwrap();
+        assert_eq!(none.metric("elo_lo/3", None), None);
+        assert!(none.metric("elo/3", None).is_some());
+    }
+
+    /// Round r's records of `inputs()` for the one player `q`.
+    fn player_round(q: &str) -> Vec<(usize, Vec<Record>)> {
+        inputs()
+            .into_iter()
+            .map(|(port, records)| {
+                let keep = records
+                    .into_iter()
+                    .filter(|r| match r {
+                        Record::Completion(c) => c.meta["quality"] == q,
+                        Record::Score(s) => s.id.contains(&format!(":q{q}:")),
+                        _ => false,
+                    })
+                    .collect();
+                (port, keep)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn across_rounds_keeps_every_rounds_players_in_one_table() {
+        let config = |across: bool| {
+            serde_json::json!({"player": "meta:quality", "permutations": 4, "bootstrap": 0, "across_rounds": across})
+        };
+        for across in [true, false] {
+            let init = hone_sdk::testing::init::<Elo>(config(across));
+            let mut stage = Elo::create(&init).unwrap();
+            let mut last = None;
+            // One player a round, as an online loop's checkpoints arrive;
+            // player 1 is seen twice (the same completions again).
+            for (round, q) in ["1", "2", "3", "1"].into_iter().enumerate() {
+                let out = hone_sdk::testing::run_round_of(&mut stage, &init, round as u64, player_round(q))
+                    .unwrap();
+                last = Some(out);
+            }
+            let out = last.unwrap();
+            if across {
+                let r: Vec<f64> = ["1", "2", "3"]
+                    .iter()
+                    .map(|q| out.metric(&format!("elo/{q}"), None).unwrap())
+                    .collect();
+                assert!(r[2] > r[1] && r[1] > r[0], "{r:?}");
+                // Player 1's repeat replaced itself: 240 games, as in one round.
+                assert_eq!(out.metric("games", None), Some(240.0));
+            } else {
+                assert_eq!(out.metric("games", None), Some(0.0));
+                assert_eq!(out.metric("elo/1", None), None);
+            }
+        }
     }
 
     #[test]

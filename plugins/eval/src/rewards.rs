@@ -28,6 +28,8 @@ struct Group {
     scores: BTreeMap<String, Vec<f64>>,
     /// Σ_t token_logprobs − ref_logprobs, for completions that have both.
     kl: Vec<f64>,
+    /// Σ response length in characters.
+    length: f64,
     /// The policy the group's completions came from (`group_by = "policy"`).
     policy: Option<ArtifactRef>,
 }
@@ -41,7 +43,7 @@ impl StageFactory for Rewards {
              `sft/ckpt-250`, `final_step` for a final checkpoint, a numeric meta value, else the group's \
              index), the mean of each score name (`gold_reward`, `proxy_reward`, ...) and `kl`, the mean of \
              the sum over tokens of `token_logprobs` - `ref_logprobs` (lm.logprobs fills the latter): a Monte-Carlo estimate of \
-             KL(policy || reference). Also `completions` at each step and `ungrouped`; writes \
+             KL(policy || reference). Also `completions` and `length` (the mean response length in characters) at each step, and `ungrouped`; writes \
              OUTPUT_DIR/rewards.json and logs a table.",
         )
         .input("completions", RecordKind::Completion)
@@ -103,6 +105,7 @@ impl Stage for Rewards {
             if let Some(kl) = c.logprob_minus_ref() {
                 g.kl.push(kl);
             }
+            g.length += c.text.chars().count() as f64;
         }
         ctx.metric("ungrouped", ungrouped as f64);
         if ungrouped > 0 {
@@ -131,6 +134,8 @@ impl Stage for Rewards {
         for (name, g) in &groups {
             let step = steps[name];
             ctx.metric_at("completions", g.n as f64, step);
+            // Length drift (reward models' length bias) shows here first.
+            ctx.metric_at("length", g.length / g.n as f64, step);
             let mut means = serde_json::Map::new();
             let mut cells = Vec::new();
             for (score, values) in &g.scores {
@@ -253,6 +258,8 @@ mod tests {
         ];
         let out = run::<Rewards>(serde_json::json!({}), vec![(1, ss), (0, cs)]).unwrap();
         assert_eq!(out.metric("kl", Some(50)), Some(0.5));
+        // "text a0", "text a1": 7 characters each.
+        assert_eq!(out.metric("length", Some(50)), Some(7.0));
         assert!((out.metric("gold_reward", Some(50)).unwrap() - 0.3).abs() < 1e-12);
         assert_eq!(out.metric("proxy_reward", Some(50)), Some(1.0));
         assert_eq!(out.metric("completions", Some(50)), Some(2.0));

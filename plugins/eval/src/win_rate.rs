@@ -31,7 +31,7 @@ impl StageFactory for WinRate {
              (`b_scores`) for side a (b), then from `scores`. Two stages answering the same prompts often \
              give the same ids (world.demos, lm.rollout): score each side with its own scorer and wire \
              `a_scores` and `b_scores`; shared ids joined through `scores` are an error. \
-             Metrics: `win_rate/A_vs_B` in [0, 1], `comparisons`, `prompts`, `unscored` (completions \
+             Metrics: `win_rate/A_vs_B` in [0, 1], `win_rate_se/A_vs_B` (its standard error, prompts as clusters; from 2 prompts), `comparisons`, `prompts`, `unscored` (completions \
              without the score, skipped). Logs the win rate with its standard error (prompts as clusters).",
         )
         .input("a", RecordKind::Completion)
@@ -139,6 +139,9 @@ impl Stage for WinRate {
         let rate = per_prompt.iter().map(|p| p.0).sum::<f64>() / comparisons;
         ctx.metric(&format!("win_rate/{an}_vs_{bn}"), rate);
         let se = cluster_stderr(&per_prompt, rate);
+        if se.is_finite() {
+            ctx.metric(&format!("win_rate_se/{an}_vs_{bn}"), se);
+        }
         ctx.log(format!(
             "win_rate/{an}_vs_{bn} = {rate:.4} ± {se:.4} (standard error, prompts as clusters) over {comparisons} \
              comparisons on {} prompts; {unscored} unscored",
@@ -195,6 +198,8 @@ mod tests {
         // p1: 1 win + 1 loss; p2: 1 tie.
         assert_eq!(out.metric("comparisons", None), Some(3.0));
         assert_eq!(out.metric("win_rate/big_vs_small", None), Some(1.5 / 3.0));
+        // Both prompts at the rate exactly: no spread between clusters.
+        assert_eq!(out.metric("win_rate_se/big_vs_small", None), Some(0.0));
         assert_eq!(out.metric("unscored", None), Some(1.0));
         assert_eq!(out.metric("prompts", None), Some(2.0));
         assert!(out.logs[0].contains("±"), "{:?}", out.logs);

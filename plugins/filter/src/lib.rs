@@ -11,8 +11,10 @@
 //! `position_swapped`, against position bias.
 
 mod dedup;
+mod pair;
 mod split;
 
+pub use pair::PairCompletions;
 pub use split::Split;
 
 use hone_sdk::prelude::*;
@@ -189,7 +191,7 @@ impl Stage for FilterPairs {
     }
 }
 
-hone_sdk::export_stages!(FilterPairs, Split);
+hone_sdk::export_stages!(FilterPairs, PairCompletions, Split);
 
 #[cfg(test)]
 mod tests {

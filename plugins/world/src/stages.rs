@@ -21,6 +21,14 @@ struct PromptsConfig {
     seed: u64,
     #[serde(default = "every_round")]
     every_round: bool,
+    #[serde(default = "fresh")]
+    per_round: String,
+    #[serde(default)]
+    pool: u64,
+}
+
+fn fresh() -> String {
+    "fresh".to_string()
 }
 
 fn every_round() -> bool {
@@ -61,8 +69,18 @@ impl StageFactory for Prompts {
             "every_round",
             FieldType::Bool,
             true,
-            "Emit `count` fresh prompts in every round; false: in round 0 only (e.g. SFT data in a loop).",
+            "Emit prompts in every round; false: in round 0 only (e.g. SFT data in a loop).",
         )
+        .optional(
+            "per_round",
+            FieldType::one_of(&["fresh", "same", "resample"]),
+            "fresh",
+            "Which prompts each round gets: `fresh` ones (round r: prompts r*count .. (r+1)*count, a per-round \
+             split, so a one-round stage with count = R*count and the same seed holds every round's), the \
+             `same` count every round (held-out evaluation prompts of a loop), or a seeded `resample` of \
+             count prompts from a fixed pool of `pool` (different in each round).",
+        )
+        .optional("pool", FieldType::unsigned(), 0, "With per_round = \"resample\": the pool size, at least count.")
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
@@ -89,6 +107,16 @@ impl StageFactory for Prompts {
                 format!("unknown family `{bad}`; known: sort, arith, keywords"),
             ));
         }
+        if config.per_round == "resample" && config.pool < config.count {
+            return Err(StageError::config(
+                "pool",
+                format!(
+                    "per_round = \"resample\" draws {} prompts a round from a pool of `pool`, which must be at \
+                     least as large, found {}",
+                    config.count, config.pool
+                ),
+            ));
+        }
         let seed = stage_seed(init, "world.prompts", config.seed);
         Ok(Prompts {
             config,
@@ -104,8 +132,13 @@ impl Stage for Prompts {
             return Ok(());
         }
         let count = self.config.count;
-        let first = ctx.round() * count;
-        for i in first..first + count {
+        let round = ctx.round();
+        let indices: Vec<u64> = match self.config.per_round.as_str() {
+            "same" => (0..count).collect(),
+            "resample" => resample(self.config.pool, count, &mut Draws::new(self.seed, &format!("resample#{round}"))),
+            _ => (round * count..(round + 1) * count).collect(),
+        };
+        for i in indices {
             let family = &self.config.families[(i % self.config.families.len() as u64) as usize];
             let id = format!("world:{}:{i:06}", self.config.split);
             let text = tasks::generate(family, self.split, &mut Draws::new(self.seed, &id))
@@ -119,6 +152,19 @@ impl Stage for Prompts {
         ctx.metric("prompts", count as f64);
         Ok(())
     }
+}
+
+/// `count` distinct indices below `pool`, in increasing order: a partial
+/// Fisher-Yates shuffle.
+fn resample(pool: u64, count: u64, draws: &mut Draws) -> Vec<u64> {
+    let mut all: Vec<u64> = (0..pool).collect();
+    for i in 0..count as usize {
+        let j = draws.range(i as u64, pool - 1) as usize;
+        all.swap(i, j);
+    }
+    let mut picked = all[..count as usize].to_vec();
+    picked.sort_unstable();
+    picked
 }
 
 #[derive(Deserialize)]
@@ -256,11 +302,14 @@ impl StageFactory for Gold {
         StageDescriptor::new(
             "world.gold",
             "Scores completions of world prompts with the gold reward: a Score (name `gold_reward`, id = \
-             the completion's id) each. Metrics: `scored`, `gold_reward_sum` and `mean_gold_reward` (per \
-             worker), `skipped` (not world prompts).",
+             the completion's id) each, and on `completions` the completion itself with meta \
+             `gold_reward` (for eval.elo and eval.win-rate when several policies' completions share ids). \
+             Metrics: `scored`, `gold_reward_sum` and `mean_gold_reward` (per worker), `skipped` (not \
+             world prompts).",
         )
         .input("completions", RecordKind::Completion)
         .output("scores", RecordKind::Score)
+        .output("completions", RecordKind::Completion)
         .placement(Placement::DataParallel)
     }
 
@@ -281,7 +330,7 @@ impl Stage for Gold {
         batch: Vec<Record>,
     ) -> Result<(), StageError> {
         for record in batch {
-            let Record::Completion(c) = record else {
+            let Record::Completion(mut c) = record else {
                 continue;
             };
             match tasks::gold_reward(&c.prompt, &c.text) {
@@ -289,12 +338,15 @@ impl Stage for Gold {
                     self.sum += value;
                     self.scored += 1;
                     let score = Score {
-                        id: c.id,
-                        prompt_id: c.prompt_id,
+                        id: c.id.clone(),
+                        prompt_id: c.prompt_id.clone(),
                         name: "gold_reward".into(),
                         value,
                     };
                     ctx.emit(0, Record::Score(score));
+                    // `{:?}` writes the shortest text that parses back to the same f64.
+                    c.meta.insert("gold_reward".into(), format!("{value:?}"));
+                    ctx.emit(1, Record::Completion(c));
                 }
                 None => self.skipped += 1,
             }
@@ -342,6 +394,45 @@ mod tests {
     }
 
     #[test]
+    fn per_round_gives_fresh_same_or_resampled_prompts() {
+        let ids = |config: serde_json::Value| -> Vec<Vec<String>> {
+            let init = hone_sdk::testing::init::<Prompts>(config);
+            let mut stage = Prompts::create(&init).unwrap();
+            (0..3)
+                .map(|round| {
+                    let out = hone_sdk::testing::run_round_of(&mut stage, &init, round, vec![]).unwrap();
+                    out.emitted(0)
+                        .iter()
+                        .map(|r| match r {
+                            Record::Prompt(p) => p.id.clone(),
+                            _ => panic!(),
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let fresh = ids(serde_json::json!({"count": 4}));
+        assert_eq!(fresh[1][0], "world:train:000004");
+        // The per-round split: a one-round stage of count 12 holds all three.
+        let all = ids(serde_json::json!({"count": 12, "every_round": false}));
+        assert_eq!(all[0], fresh.concat());
+        let same = ids(serde_json::json!({"count": 4, "per_round": "same"}));
+        assert!(same.iter().all(|r| r == &fresh[0]));
+        let resampled = ids(serde_json::json!({"count": 4, "per_round": "resample", "pool": 10}));
+        for round in &resampled {
+            assert_eq!(round.len(), 4);
+            assert!(round.windows(2).all(|w| w[0] < w[1]), "distinct: {round:?}");
+            assert!(round.iter().all(|id| id.as_str() < "world:train:000010"), "{round:?}");
+        }
+        assert_ne!(resampled[0], resampled[1]);
+        assert_eq!(resampled, ids(serde_json::json!({"count": 4, "per_round": "resample", "pool": 10})));
+        let err = hone_sdk::testing::create::<Prompts>(serde_json::json!({"count": 4, "per_round": "resample", "pool": 3}))
+            .err()
+            .unwrap();
+        assert_eq!(err.config_field(), Some("pool"));
+    }
+
+    #[test]
     fn prompts_are_seeded_and_follow_the_split() {
         let cfg = serde_json::json!({"count": 30, "split": "shifted"});
         let (a, m) = run::<Prompts>(cfg.clone(), vec![], 0);
@@ -357,6 +448,24 @@ mod tests {
             0,
         );
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn gold_passes_each_completion_on_with_its_score_in_meta() {
+        let (prompts, _) = run::<Prompts>(serde_json::json!({"count": 6}), vec![], 0);
+        let (demos, _) = run::<Demos>(serde_json::json!({"quality": 0.5}), prompts, 0);
+        let init = hone_sdk::testing::init::<Gold>(serde_json::json!({}));
+        let out = hone_sdk::testing::run_round::<Gold>(&init, vec![(0, demos)]).unwrap();
+        let (scores, passed) = (out.emitted(0), out.emitted(1));
+        assert_eq!(scores.len(), passed.len());
+        for (s, c) in scores.iter().zip(passed) {
+            let (Record::Score(s), Record::Completion(c)) = (s, c) else {
+                panic!("{s:?} {c:?}")
+            };
+            assert_eq!(s.id, c.id);
+            // Exactly the Score's value, read back.
+            assert_eq!(c.meta["gold_reward"].parse::<f64>().unwrap(), s.value);
+        }
     }
 
     #[test]
