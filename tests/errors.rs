@@ -575,3 +575,31 @@ fn a_byte_order_mark_is_accepted_in_data_and_pipeline_files() {
         text(&out)
     );
 }
+
+#[test]
+fn an_unnamed_output_port_is_the_one_the_input_takes_or_an_error_naming_the_ports() {
+    // filter.split's two outputs both carry any record: the writer must say which.
+    let split = "[stages.gen]\nkind = \"testing.generate-pairs\"\n\n[stages.split]\nkind = \"filter.split\"\n\
+                 inputs = \"gen\"\n\n[stages.write]\nkind = \"jsonl.write\"\ninputs = \"split\"\n";
+    assert_invalid(
+        split,
+        "10:10",
+        &[
+            "`split` (filter.split) has several outputs",
+            "more than one",
+            "split.PORT",
+            "train",
+            "heldout",
+        ],
+    );
+    // world.gold emits Scores and Completions: a Score input takes the Scores.
+    let dir = TempDir::new("ports");
+    let ok = "[stages.prompts]\nkind = \"world.prompts\"\nconfig = { count = 4 }\n\n\
+              [stages.demos]\nkind = \"world.demos\"\ninputs = \"prompts\"\n\n\
+              [stages.gold]\nkind = \"world.gold\"\ninputs = \"demos\"\n\n\
+              [stages.pairs]\nkind = \"filter.pair-completions\"\n\
+              inputs = { completions = \"demos\", scores = \"gold\" }\nconfig = { score = \"gold_reward\" }\n";
+    let path = dir.write("ok.toml", ok);
+    let out = hone(&dir.0, &["validate", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+}

@@ -17,6 +17,7 @@ struct EloConfig {
     permutations: i64,
     bootstrap: u64,
     across_rounds: bool,
+    method: String,
     seed: u64,
 }
 
@@ -38,6 +39,63 @@ struct Game {
     a: usize,
     b: usize,
     result: f64,
+}
+
+/// Bradley-Terry ratings on the Elo scale: the maximum-likelihood strengths
+/// of P(a beats b) = 1 / (1 + 10^((r_b - r_a) / 400)) given the games (a
+/// draw is half a win each), by Hunter's MM algorithm, centred on
+/// `initial`. Their order does not matter, unlike online Elo's. One virtual
+/// draw between every two players who met keeps the rating of a player who
+/// won or lost every game finite.
+fn bradley_terry(games: &[Game], players: usize, initial: f64) -> Vec<f64> {
+    let mut wins = vec![vec![0.0f64; players]; players];
+    let mut met = vec![vec![0.0f64; players]; players];
+    for g in games {
+        wins[g.a][g.b] += g.result;
+        wins[g.b][g.a] += 1.0 - g.result;
+        met[g.a][g.b] += 1.0;
+        met[g.b][g.a] += 1.0;
+    }
+    for i in 0..players {
+        for j in 0..players {
+            if i != j && met[i][j] > 0.0 {
+                wins[i][j] += 0.5;
+                met[i][j] += 1.0;
+            }
+        }
+    }
+    let total: Vec<f64> = wins.iter().map(|w| w.iter().sum()).collect();
+    let mut p = vec![1.0f64; players];
+    for _ in 0..10_000 {
+        let mut next: Vec<f64> = (0..players)
+            .map(|i| {
+                let denominator: f64 = (0..players)
+                    .filter(|&j| met[i][j] > 0.0)
+                    .map(|j| met[i][j] / (p[i] + p[j]))
+                    .sum();
+                if denominator > 0.0 {
+                    total[i] / denominator
+                } else {
+                    p[i]
+                }
+            })
+            .collect();
+        // Fix the scale: the geometric mean strength is 1 (mean rating = initial).
+        let log_mean = next.iter().map(|x| x.ln()).sum::<f64>() / players as f64;
+        for x in &mut next {
+            *x /= log_mean.exp();
+        }
+        let change = next
+            .iter()
+            .zip(&p)
+            .map(|(a, b)| (a.ln() - b.ln()).abs())
+            .fold(0.0, f64::max);
+        p = next;
+        if change < 1e-12 {
+            break;
+        }
+    }
+    p.iter().map(|x| initial + 400.0 * x.log10()).collect()
 }
 
 /// Elo ratings after playing `games` in order, every player from `initial`.
@@ -90,6 +148,14 @@ impl StageFactory for Elo {
             200,
             "Bootstrap resamples of the prompts (with replacement) for each rating's 95% interval, metrics \
              elo_lo/PLAYER and elo_hi/PLAYER (0 = none).",
+        )
+        .optional(
+            "method",
+            FieldType::one_of(&["online", "bt"]),
+            "online",
+            "`online`: Elo updates game by game, averaged over `permutations` orders; `bt`: Bradley-Terry \
+             maximum likelihood on the Elo scale (Chatbot Arena's ratings), which does not depend on the \
+             order of the games, so its bootstrap intervals hold no ordering noise.",
         )
         .optional(
             "across_rounds",
@@ -242,7 +308,11 @@ impl Stage for Elo {
         let permutations = self.config.permutations as usize;
         let mut sums = vec![0.0; names.len()];
         let mut order = games.clone();
-        for p in 0..permutations {
+        for p in 0..if self.config.method == "bt" {
+            0
+        } else {
+            permutations
+        } {
             order.copy_from_slice(&games);
             Rng::new(self.seed, &format!("permutation {p} round {}", ctx.round()))
                 .shuffle(&mut order);
@@ -250,7 +320,11 @@ impl Stage for Elo {
                 *s += r;
             }
         }
-        let ratings: Vec<f64> = sums.iter().map(|s| s / permutations as f64).collect();
+        let ratings: Vec<f64> = if self.config.method == "bt" {
+            bradley_terry(&games, names.len(), initial)
+        } else {
+            sums.iter().map(|s| s / permutations as f64).collect()
+        };
         let intervals = self.bootstrap(&by_prompt, names.len(), ctx.round());
         let (mut played, mut wins) = (vec![0u64; names.len()], vec![0.0f64; names.len()]);
         for g in &games {
@@ -282,11 +356,19 @@ impl Stage for Elo {
             ));
         }
         ctx.log(format!(
-            "Elo over {} games on {} prompts, {permutations} orderings (k = {k}){}:\n{}",
+            "Elo over {} games on {} prompts, {}{}:\n{}",
             games.len(),
             by_prompt.len(),
+            if self.config.method == "bt" {
+                "Bradley-Terry maximum likelihood".to_string()
+            } else {
+                format!("{permutations} orderings (k = {k})")
+            },
             match intervals {
-                Some(_) => format!(", intervals from {} bootstrap resamples of the prompts", self.config.bootstrap),
+                Some(_) => format!(
+                    ", intervals from {} bootstrap resamples of the prompts",
+                    self.config.bootstrap
+                ),
                 None => String::new(),
             },
             table.join("\n")
@@ -299,7 +381,12 @@ impl Elo {
     /// 95% percentile intervals of each player's rating over `bootstrap`
     /// resamples of the prompts with replacement, each played in one seeded
     /// order (Chatbot Arena's bootstrap of online Elo, clustered by prompt).
-    fn bootstrap(&self, by_prompt: &[Vec<Game>], players: usize, round: u64) -> Option<Vec<(f64, f64)>> {
+    fn bootstrap(
+        &self,
+        by_prompt: &[Vec<Game>],
+        players: usize,
+        round: u64,
+    ) -> Option<Vec<(f64, f64)>> {
         let resamples = self.config.bootstrap as usize;
         if resamples == 0 {
             return None;
@@ -313,10 +400,15 @@ impl Elo {
             for _ in 0..by_prompt.len() {
                 games.extend_from_slice(&by_prompt[rng.below(by_prompt.len())]);
             }
-            rng.shuffle(&mut games);
+            let ratings = if self.config.method == "bt" {
+                bradley_terry(&games, players, initial)
+            } else {
+                rng.shuffle(&mut games);
+                play(&games, players, k, initial)
+            };
             // A player absent from a resample keeps its initial rating,
             // which widens its interval, as it should.
-            for (d, r) in draws.iter_mut().zip(play(&games, players, k, initial)) {
+            for (d, r) in draws.iter_mut().zip(ratings) {
                 d.push(r);
             }
         }
@@ -338,7 +430,6 @@ fn percentile(xs: &[f64], q: f64) -> f64 {
     let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
     xs[lo] + (xs[hi] - xs[lo]) * (pos - lo as f64)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -482,9 +573,7 @@ mod tests {
 
     #[test]
     fn across_rounds_keeps_every_rounds_players_in_one_table() {
-        let config = |across: bool| {
-            serde_json::json!({"player": "meta:quality", "permutations": 4, "bootstrap": 0, "across_rounds": across})
-        };
+        let config = |across: bool| serde_json::json!({"player": "meta:quality", "permutations": 4, "bootstrap": 0, "across_rounds": across});
         for across in [true, false] {
             let init = hone_sdk::testing::init::<Elo>(config(across));
             let mut stage = Elo::create(&init).unwrap();
@@ -492,8 +581,13 @@ mod tests {
             // One player a round, as an online loop's checkpoints arrive;
             // player 1 is seen twice (the same completions again).
             for (round, q) in ["1", "2", "3", "1"].into_iter().enumerate() {
-                let out = hone_sdk::testing::run_round_of(&mut stage, &init, round as u64, player_round(q))
-                    .unwrap();
+                let out = hone_sdk::testing::run_round_of(
+                    &mut stage,
+                    &init,
+                    round as u64,
+                    player_round(q),
+                )
+                .unwrap();
                 last = Some(out);
             }
             let out = last.unwrap();
@@ -510,6 +604,32 @@ mod tests {
                 assert_eq!(out.metric("elo/1", None), None);
             }
         }
+    }
+
+    #[test]
+    fn bradley_terry_ratings_are_the_likelihood_maximum_and_ignore_game_order() {
+        // A beats B in 3 games of 4; with the virtual draw, 3.5 wins of 5:
+        // p_A / p_B = 3.5 / 1.5, 400 log10(7/3) points apart around 1000.
+        let games: Vec<Game> = [1.0, 1.0, 0.0, 1.0]
+            .iter()
+            .map(|&result| Game { a: 0, b: 1, result })
+            .collect();
+        let r = bradley_terry(&games, 2, 1000.0);
+        let gap = 400.0 * (7.0f64 / 3.0).log10();
+        assert!((r[0] - (1000.0 + gap / 2.0)).abs() < 1e-6, "{r:?}");
+        assert!((r[1] - (1000.0 - gap / 2.0)).abs() < 1e-6, "{r:?}");
+        let mut reversed = games.clone();
+        reversed.reverse();
+        assert_eq!(bradley_terry(&reversed, 2, 1000.0), r);
+        // Through the stage: the order of rising strength, and intervals.
+        let cfg = serde_json::json!({"player": "meta:quality", "method": "bt", "bootstrap": 50});
+        let out = run::<Elo>(cfg, inputs()).unwrap();
+        let get = |m: &str, q: &str| out.metric(&format!("{m}/{q}"), None).unwrap();
+        assert!(get("elo", "3") > get("elo", "2") && get("elo", "2") > get("elo", "1"));
+        for q in ["1", "2", "3"] {
+            assert!(get("elo_lo", q) <= get("elo", q) && get("elo", q) <= get("elo_hi", q));
+        }
+        assert!(out.logs.iter().any(|l| l.contains("Bradley-Terry")));
     }
 
     #[test]

@@ -12,9 +12,11 @@
 
 mod dedup;
 mod pair;
+mod select;
 mod split;
 
 pub use pair::PairCompletions;
+pub use select::SelectPairs;
 pub use split::Split;
 
 use hone_sdk::prelude::*;
@@ -191,7 +193,7 @@ impl Stage for FilterPairs {
     }
 }
 
-hone_sdk::export_stages!(FilterPairs, PairCompletions, Split);
+hone_sdk::export_stages!(FilterPairs, PairCompletions, SelectPairs, Split);
 
 #[cfg(test)]
 mod tests {

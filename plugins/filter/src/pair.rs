@@ -47,7 +47,8 @@ impl StageFactory for PairCompletions {
             "filter.pair-completions",
             "Preference pairs from each prompt's scored completions (online iterative DPO, RLHFlow): \
              `max_min` pairs the best against the worst, `max_random` the best against a seeded random \
-             other, `random` two seeded random ones (the better is chosen). Completions are ranked by \
+             other, `random` two seeded random ones, `all` every two (the candidates of active label \
+             selection); in each pair the better is chosen. Completions are ranked by \
              their `score` Score minus length_penalty x length (characters, or tokens: the completion's \
              token_ids); a pair whose two ranking values are equal is a tie, dropped and counted. Emits \
              PreferencePairs (id `A~B` in id order, label_source = the score's name, chosen_score and \
@@ -77,7 +78,7 @@ impl StageFactory for PairCompletions {
         )
         .optional(
             "strategy",
-            FieldType::one_of(&["max_min", "max_random", "random"]),
+            FieldType::one_of(&["max_min", "max_random", "random", "all"]),
             "max_min",
             "Which two completions of a prompt form its pair (see the description).",
         )
@@ -119,7 +120,10 @@ impl StageFactory for PairCompletions {
                 "must name a Score, e.g. \"proxy_reward\"",
             ));
         }
-        let seed = seeded_hash(init.seed, &format!("filter.pair-completions:{}", config.seed));
+        let seed = seeded_hash(
+            init.seed,
+            &format!("filter.pair-completions:{}", config.seed),
+        );
         Ok(PairCompletions {
             config,
             seed,
@@ -139,13 +143,30 @@ impl Draws {
 }
 
 impl PairCompletions {
-    /// The (better, worse) candidate indices of one prompt's candidates
-    /// (sorted by id), or `None` for a tie.
-    fn choose(&self, group: &[Candidate], draws: &mut Draws) -> Option<(usize, usize)> {
+    /// The (a, b) index pairs of one prompt's candidates (sorted by id)
+    /// that the strategy puts together.
+    fn choose(&self, group: &[Candidate], draws: &mut Draws) -> Vec<(usize, usize)> {
         let n = group.len();
+        if self.config.strategy == "all" {
+            return (0..n)
+                .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+                .collect();
+        }
         // The first best and the first worst in id order: deterministic on ties.
-        let best = (0..n).fold(0, |b, i| if group[i].ranked > group[b].ranked { i } else { b });
-        let worst = (0..n).fold(0, |w, i| if group[i].ranked < group[w].ranked { i } else { w });
+        let best = (0..n).fold(0, |b, i| {
+            if group[i].ranked > group[b].ranked {
+                i
+            } else {
+                b
+            }
+        });
+        let worst = (0..n).fold(0, |w, i| {
+            if group[i].ranked < group[w].ranked {
+                i
+            } else {
+                w
+            }
+        });
         let (a, b) = match self.config.strategy.as_str() {
             "max_random" => {
                 let other = draws.below(n - 1);
@@ -158,6 +179,11 @@ impl PairCompletions {
             }
             _ => (best, worst),
         };
+        vec![(a, b)]
+    }
+
+    /// (better, worse) by the ranking value, or `None` for a tie.
+    fn orient(group: &[Candidate], (a, b): (usize, usize)) -> Option<(usize, usize)> {
         let (ra, rb) = (group[a].ranked, group[b].ranked);
         if ra == rb {
             return None;
@@ -255,24 +281,26 @@ impl Stage for PairCompletions {
                 self.seed,
                 &format!("{prompt_id}#{}", ctx.round()),
             ));
-            let Some((better, worse)) = self.choose(&group, &mut draws) else {
-                ties += 1;
-                continue;
-            };
-            let swapped = self.config.randomize_position && draws.below(2) == 1;
-            let (c, r) = (&group[better], &group[worse]);
-            sums[0] += c.score;
-            sums[1] += r.score;
-            sums[2] += c.completion.text.chars().count() as f64;
-            sums[3] += r.completion.text.chars().count() as f64;
-            if let (Some(gc), Some(gr)) = (c.gold, r.gold) {
-                if gc != gr {
-                    gold_judged += 1;
-                    gold_agree += u64::from(gc > gr);
+            for chosen in self.choose(&group, &mut draws) {
+                let Some((better, worse)) = Self::orient(&group, chosen) else {
+                    ties += 1;
+                    continue;
+                };
+                let swapped = self.config.randomize_position && draws.below(2) == 1;
+                let (c, r) = (&group[better], &group[worse]);
+                sums[0] += c.score;
+                sums[1] += r.score;
+                sums[2] += c.completion.text.chars().count() as f64;
+                sums[3] += r.completion.text.chars().count() as f64;
+                if let (Some(gc), Some(gr)) = (c.gold, r.gold) {
+                    if gc != gr {
+                        gold_judged += 1;
+                        gold_agree += u64::from(gc > gr);
+                    }
                 }
+                pairs += 1;
+                ctx.emit(0, Record::Pair(self.pair(c, r, swapped)));
             }
-            pairs += 1;
-            ctx.emit(0, Record::Pair(self.pair(c, r, swapped)));
         }
         ctx.metric("prompts", prompts as f64);
         ctx.metric("pairs", pairs as f64);
@@ -281,9 +309,14 @@ impl Stage for PairCompletions {
         ctx.metric("unscored", unscored as f64);
         if pairs > 0 {
             let n = pairs as f64;
-            for (name, sum) in ["chosen_score", "rejected_score", "chosen_length", "rejected_length"]
-                .into_iter()
-                .zip(sums)
+            for (name, sum) in [
+                "chosen_score",
+                "rejected_score",
+                "chosen_length",
+                "rejected_length",
+            ]
+            .into_iter()
+            .zip(sums)
             {
                 ctx.metric(name, sum / n);
             }

@@ -28,6 +28,7 @@ struct DpoConfig {
     beta: f64,
     label_smoothing: f64,
     gamma: f64,
+    rpo_alpha: f64,
     use_margin: bool,
     use_weight: bool,
     steps: usize,
@@ -72,7 +73,7 @@ impl StageFactory for Dpo {
              response tokens only; the reference's are computed once per pair and cached. Each pair's \
              `margin` is subtracted from the loss's logit and its `weight` scales its loss (rm.strength sets \
              both). Metrics by step (TRL's names): loss, rewards/chosen, rewards/rejected, rewards/margins, \
-             rewards/accuracies, log_ratio (the mean of log pi - log pi_ref over the pairs' responses: not a KL, which needs the policy's own samples; lm.logprobs and eval.rewards measure that), and \
+             rewards/accuracies, nll (the chosen response's mean token NLL), log_ratio (the mean of log pi - log pi_ref over the pairs' responses: not a KL, which needs the policy's own samples; lm.logprobs and eval.rewards measure that), and \
              eval_loss, eval_rewards/accuracies, eval_rewards/margins on a seeded hold-out; logs a loss \
              table. Writes checkpoints ckpt-STEP (every checkpoint_every steps) and final, emitted as \
              `policy` artifacts with lineage `dpo from POLICY, reference REF`.",
@@ -85,6 +86,7 @@ impl StageFactory for Dpo {
         .optional("beta", float.clone(), 0.1, "beta: the reward scale, the strength of the implicit KL constraint (> 0).")
         .optional("label_smoothing", float.clone(), 0.1, "epsilon of `robust`: the probability a label is wrong, in [0, 0.5); a pair's own `label_smoothing` (set by rm.strength on ambiguous pairs) overrides it.")
         .optional("gamma", float.clone(), 0.5, "gamma of `simpo`: the target reward margin.")
+        .optional("rpo_alpha", float.clone(), 0.0, "alpha of RPO / IRPO (Pang et al. 2024): adds alpha x the chosen response's mean token NLL to the loss, which keeps DPO from lowering the chosen likelihood along with the rejected (0 = plain DPO, >= 0).")
         .optional("use_margin", FieldType::Bool, true, "Subtract each pair's `margin` from the logit.")
         .optional("use_weight", FieldType::Bool, true, "Scale each pair's loss by its `weight`.")
         .optional("steps", size.clone(), 200, "Optimiser steps.")
@@ -109,6 +111,12 @@ impl StageFactory for Dpo {
             return Err(StageError::config(
                 "beta",
                 format!("must be above 0, found {}", config.beta),
+            ));
+        }
+        if !(config.rpo_alpha >= 0.0 && config.rpo_alpha.is_finite()) {
+            return Err(StageError::config(
+                "rpo_alpha",
+                format!("must be 0 or more, found {}", config.rpo_alpha),
             ));
         }
         if !(0.0..0.5).contains(&config.label_smoothing) {
@@ -253,6 +261,7 @@ struct Sums {
     rejected: f64,
     credit: f64,
     log_ratio: f64,
+    nll: f64,
 }
 
 impl Sums {
@@ -263,6 +272,7 @@ impl Sums {
         self.rejected += o.rejected;
         self.credit += o.credit;
         self.log_ratio += o.log_ratio;
+        self.nll += o.nll;
     }
 
     fn mean(&self, x: f64) -> f64 {
@@ -398,6 +408,7 @@ impl Trainer<'_> {
             ctx.metric_at("rewards/rejected", m.mean(m.rejected), s);
             ctx.metric_at("rewards/margins", m.mean(m.chosen - m.rejected), s);
             ctx.metric_at("rewards/accuracies", m.mean(m.credit), s);
+            ctx.metric_at("nll", m.mean(m.nll), s);
             // Without a reference (SimPO) there is no log-ratio to report.
             if self.loss.uses_reference() {
                 ctx.metric_at("log_ratio", m.mean(m.log_ratio), s);
@@ -501,7 +512,14 @@ impl Trainer<'_> {
             gamma: self.config.gamma,
         };
         let (losses, chosen, rejected) = dpo_losses(self.loss, p, &batch)?;
-        let loss = losses.mean_all()?;
+        // The chosen response's mean token NLL: RPO's extra term, and a
+        // metric either way (it rises when DPO lowers both likelihoods).
+        let nll = (policy_chosen.neg()? / batch.chosen_len.maximum(1.0)?)?;
+        let nll_mean = f64::from(nll.mean_all()?.to_scalar::<f32>()?);
+        let mut loss = losses.mean_all()?;
+        if self.config.rpo_alpha > 0.0 {
+            loss = (loss + (nll.mean_all()? * self.config.rpo_alpha)?)?;
+        }
         let values = |t: &Tensor| t.detach().to_vec1::<f32>();
         let (chosen, rejected) = (values(&chosen)?, values(&rejected)?);
         let log_ratio = values(
@@ -518,6 +536,7 @@ impl Trainer<'_> {
                 .map(|(&c, &r)| pair_credit(f64::from(c - r), true))
                 .sum(),
             log_ratio: log_ratio.iter().map(|&x| f64::from(x) / 2.0).sum(),
+            nll: nll_mean * b as f64,
         };
         Ok(Outcome { loss, sums })
     }
@@ -545,7 +564,10 @@ impl Trainer<'_> {
         let lineage = if self.loss.uses_reference() {
             vec![
                 format!("dpo from {}, reference {}", policy.from.id, reference.id),
-                format!("lm.dpo loss {} beta {} step {steps}", c.loss, c.beta),
+                format!(
+                    "lm.dpo loss {} beta {} rpo_alpha {} step {steps}",
+                    c.loss, c.beta, c.rpo_alpha
+                ),
             ]
         } else {
             vec![

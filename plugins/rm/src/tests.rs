@@ -97,6 +97,76 @@ fn the_loss_table_averages_each_window_over_its_own_steps() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Runs rm.train for several rounds in one instance, each round's pairs
+/// given; what each round produced.
+fn train_rounds(
+    dir: &std::path::Path,
+    config: serde_json::Value,
+    rounds: &[Vec<PreferencePair>],
+) -> Vec<hone_sdk::Collected> {
+    let mut init = hone_sdk::testing::init::<Train>(tiny_train(config));
+    let _ = std::fs::remove_dir_all(&init.run_dir);
+    init.stage_id = "rm".into();
+    init.run_dir = dir.to_path_buf();
+    init.members = vec![0];
+    let mut stage = Train::create(&init).unwrap();
+    rounds
+        .iter()
+        .enumerate()
+        .map(|(r, pairs)| {
+            hone_sdk::testing::run_round_of(&mut stage, &init, r as u64, vec![(0, records(pairs))])
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_label_pool_grows_and_members_continue_from_their_last_weights() {
+    let dir = temp_run_dir("pool");
+    let all = learnable_pairs(48);
+    let (a, b) = (all[..24].to_vec(), all[24..].to_vec());
+    let config = json!({"steps": 20, "eval_every": 0, "train_on": "all", "start": "last"});
+    let outs = train_rounds(&dir, config.clone(), &[a.clone(), b.clone(), Vec::new()]);
+    assert_eq!(outs[0].metric("pool", None), Some(24.0));
+    assert_eq!(outs[1].metric("pool", None), Some(48.0));
+    assert_eq!(outs[1].metric("pairs", None), Some(24.0));
+    // No new labels: no new models; the last round's stand.
+    assert!(outs[2].artifacts(0).is_empty());
+    let first = outs[0].artifacts(0)[0].clone();
+    let manifest_inputs = |out: &hone_sdk::Collected| -> Vec<Vec<String>> {
+        out.events
+            .iter()
+            .filter_map(|e| match e {
+                hone_sdk::Event::Artifact { inputs, .. } => Some(inputs.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(manifest_inputs(&outs[0]), [Vec::<String>::new()]);
+    assert_eq!(manifest_inputs(&outs[1]), [vec![first.id.clone()]]);
+    // Continuing means round 1 starts where round 0 ended: on the same
+    // pairs, its eval loss before training is round 0's after.
+    let same = train_rounds(&dir, config, &[a.clone(), a.clone()]);
+    let (end0, start1) = (
+        *same[0].series("m0_eval_loss").last().unwrap(),
+        same[1].series("m0_eval_loss")[0],
+    );
+    assert!((end0 - start1).abs() < 1e-6, "{end0} {start1}");
+    // Retraining from the shared init starts round 1 where round 0 started.
+    let fresh = train_rounds(&dir, json!({"steps": 20, "eval_every": 0}), &[a.clone(), a]);
+    let (start0, start1) = (
+        fresh[0].series("m0_eval_loss")[0],
+        fresh[1].series("m0_eval_loss")[0],
+    );
+    assert!((start0 - start1).abs() < 1e-6, "{start0} {start1}");
+    assert!(
+        start1 > end0 + 0.05,
+        "training moved the loss: {start1} -> {end0}"
+    );
+    assert_eq!(fresh[1].metric("pool", None), None);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn members_differ_but_share_the_lineage_root() {
     let dir = temp_run_dir("members");

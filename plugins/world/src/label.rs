@@ -50,10 +50,13 @@ impl StageFactory for Label {
              Then the label is flipped with probability flip_rate. Emits PreferencePairs (label_source \
              `simulated`, `position_swapped` = the rejected response was shown first, `gold_chosen` and \
              `gold_rejected` set) with meta `clean_label`, `flipped`, `annotator`, `bias`, `prompt_id`, and the completions' `family` and \
-             `split`. Metrics (counts): pairs, flipped, \
-             position_decided, length_decided, clean_agreement, skipped_identical.",
+             `split`. Candidate pairs arriving on `pairs` (e.g. filter.select-pairs' choice) are labelled as \
+             they are, whatever their chosen/rejected order: their two responses are the two completions \
+             (ids from meta chosen_id / rejected_id, else PAIR:a and PAIR:b). Metrics (counts): pairs, flipped, \
+             position_decided, length_decided, clean_agreement, skipped_identical, skipped_no_gold.",
         )
         .input("completions", RecordKind::Completion)
+        .input("pairs", RecordKind::PreferencePair)
         .output("pairs", RecordKind::PreferencePair)
         .placement(Placement::DataParallel)
         .optional(
@@ -236,7 +239,8 @@ impl Stage for Label {
         .map(|k| (k, 0))
         .collect();
         let mut by_prompt: BTreeMap<String, Vec<Completion>> = BTreeMap::new();
-        for c in self.input.take().completions(0) {
+        let mut input = self.input.take();
+        for c in input.completions(0) {
             by_prompt.entry(c.prompt_id.clone()).or_default().push(c);
         }
         for (prompt_id, mut group) in by_prompt {
@@ -255,21 +259,75 @@ impl Stage for Label {
                     continue;
                 }
                 let pair = self.label(&group[i], &group[j], gold[i], gold[j]);
-                let mut bump =
-                    |k: &str, yes: bool| *counts.get_mut(k).expect("listed") += u64::from(yes);
-                bump("pairs", true);
-                bump("flipped", pair.meta["flipped"] == "true");
-                bump("position_decided", pair.meta["bias"] == "position");
-                bump("length_decided", pair.meta["bias"] == "length");
-                bump("clean_agreement", pair.meta["clean_label"] == "true");
+                count(&mut counts, &pair);
                 ctx.emit(0, Record::Pair(pair));
             }
+        }
+        for p in input.pairs_by_id(1) {
+            let [a, b] = candidate_sides(&p);
+            let (Some(gold_a), Some(gold_b)) = (
+                gold_reward(&a.prompt, &a.text),
+                gold_reward(&b.prompt, &b.text),
+            ) else {
+                *counts.get_mut("skipped_no_gold").expect("listed") += 2;
+                continue;
+            };
+            if a.text == b.text {
+                *counts.get_mut("skipped_identical").expect("listed") += 1;
+                continue;
+            }
+            let mut pair = self.label(&a, &b, gold_a, gold_b);
+            if let Some(by) = p.meta.get("selected_by") {
+                pair.meta.insert("selected_by".into(), by.clone());
+            }
+            count(&mut counts, &pair);
+            ctx.emit(0, Record::Pair(pair));
         }
         for (name, n) in counts {
             ctx.metric(name, n as f64);
         }
         Ok(())
     }
+}
+
+/// Adds a labelled pair to the round's counts.
+fn count(counts: &mut BTreeMap<&str, u64>, pair: &PreferencePair) {
+    let mut bump = |k: &str, yes: bool| *counts.get_mut(k).expect("listed") += u64::from(yes);
+    bump("pairs", true);
+    bump("flipped", pair.meta["flipped"] == "true");
+    bump("position_decided", pair.meta["bias"] == "position");
+    bump("length_decided", pair.meta["bias"] == "length");
+    bump("clean_agreement", pair.meta["clean_label"] == "true");
+}
+
+/// A candidate pair's two responses as completions, in id order: what an
+/// annotator is shown, whatever order the candidate put them in.
+fn candidate_sides(p: &PreferencePair) -> [Completion; 2] {
+    let side = |key: &str, suffix: &str, text: &str| Completion {
+        id: p
+            .meta
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| format!("{}:{suffix}", p.id)),
+        prompt_id: p.meta.get("prompt_id").cloned().unwrap_or_default(),
+        prompt: p.prompt.clone(),
+        text: text.to_string(),
+        token_ids: Vec::new(),
+        token_logprobs: Vec::new(),
+        ref_logprobs: Vec::new(),
+        values: Vec::new(),
+        policy: None,
+        meta: ["family", "split"]
+            .iter()
+            .filter_map(|k| p.meta.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect(),
+    };
+    let mut sides = [
+        side("chosen_id", "a", &p.chosen),
+        side("rejected_id", "b", &p.rejected),
+    ];
+    sides.sort_by(|x, y| x.id.cmp(&y.id));
+    sides
 }
 
 #[cfg(test)]

@@ -135,7 +135,11 @@ impl Stage for Prompts {
         let round = ctx.round();
         let indices: Vec<u64> = match self.config.per_round.as_str() {
             "same" => (0..count).collect(),
-            "resample" => resample(self.config.pool, count, &mut Draws::new(self.seed, &format!("resample#{round}"))),
+            "resample" => resample(
+                self.config.pool,
+                count,
+                &mut Draws::new(self.seed, &format!("resample#{round}")),
+            ),
             _ => (round * count..(round + 1) * count).collect(),
         };
         for i in indices {
@@ -400,7 +404,8 @@ mod tests {
             let mut stage = Prompts::create(&init).unwrap();
             (0..3)
                 .map(|round| {
-                    let out = hone_sdk::testing::run_round_of(&mut stage, &init, round, vec![]).unwrap();
+                    let out =
+                        hone_sdk::testing::run_round_of(&mut stage, &init, round, vec![]).unwrap();
                     out.emitted(0)
                         .iter()
                         .map(|r| match r {
@@ -422,13 +427,21 @@ mod tests {
         for round in &resampled {
             assert_eq!(round.len(), 4);
             assert!(round.windows(2).all(|w| w[0] < w[1]), "distinct: {round:?}");
-            assert!(round.iter().all(|id| id.as_str() < "world:train:000010"), "{round:?}");
+            assert!(
+                round.iter().all(|id| id.as_str() < "world:train:000010"),
+                "{round:?}"
+            );
         }
         assert_ne!(resampled[0], resampled[1]);
-        assert_eq!(resampled, ids(serde_json::json!({"count": 4, "per_round": "resample", "pool": 10})));
-        let err = hone_sdk::testing::create::<Prompts>(serde_json::json!({"count": 4, "per_round": "resample", "pool": 3}))
-            .err()
-            .unwrap();
+        assert_eq!(
+            resampled,
+            ids(serde_json::json!({"count": 4, "per_round": "resample", "pool": 10}))
+        );
+        let err = hone_sdk::testing::create::<Prompts>(
+            serde_json::json!({"count": 4, "per_round": "resample", "pool": 3}),
+        )
+        .err()
+        .unwrap();
         assert_eq!(err.config_field(), Some("pool"));
     }
 

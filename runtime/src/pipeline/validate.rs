@@ -201,30 +201,47 @@ fn resolve_binding(
         return None;
     };
     let upstream = descriptors[from]?;
+    let input = &descriptor.inputs[to_port];
     let from_port = match &b.source_port {
         Some(name) => upstream.output_index(name),
         None if upstream.outputs.len() == 1 => Some(0),
-        None => None,
+        // Several outputs: the one whose records the input takes, if only
+        // one does (world.gold's Scores to a `scores` port).
+        None => {
+            let mut fitting =
+                (0..upstream.outputs.len()).filter(|&i| upstream.outputs[i].kind.feeds(input.kind));
+            match (fitting.next(), fitting.next()) {
+                (Some(i), None) => Some(i),
+                _ => None,
+            }
+        }
     };
     let Some(from_port) = from_port else {
-        errors.push(Diagnostic::new(
-            &b.origin,
-            format!(
-                "stage `{}` ({}) has no output port {}; its outputs: {} (write \"{}.PORT\")",
+        let message = match &b.source_port {
+            Some(port) => format!(
+                "stage `{}` ({}) has no output port `{port}`; its outputs: {} (write \"{}.PORT\")",
                 b.source,
                 upstream.kind,
-                b.source_port
-                    .as_deref()
-                    .map(|p| format!("`{p}`"))
-                    .unwrap_or_else(|| "to pick by default".into()),
                 port_list(&upstream.outputs),
                 b.source
             ),
-        ));
+            None => format!(
+                "stage `{}` ({}) has several outputs and input `{}` of stage `{}` takes {} of them ({}): \
+                 name one (write \"{}.PORT\"); its outputs: {}",
+                b.source,
+                upstream.kind,
+                input.name,
+                decl.id,
+                if upstream.outputs.iter().any(|o| o.kind.feeds(input.kind)) { "more than one" } else { "none" },
+                input.kind,
+                b.source,
+                port_list(&upstream.outputs),
+            ),
+        };
+        errors.push(Diagnostic::new(&b.origin, message));
         return None;
     };
     let out = &upstream.outputs[from_port];
-    let input = &descriptor.inputs[to_port];
     if !out.kind.feeds(input.kind) {
         errors.push(Diagnostic::new(
             &b.origin,

@@ -38,7 +38,10 @@ fn group(prompt: &str, items: &[(&str, f64, f64)]) -> (Vec<Record>, Vec<Record>)
     (cs, ss)
 }
 
-fn pairs_of(config: serde_json::Value, groups: &[(Vec<Record>, Vec<Record>)]) -> (Vec<PreferencePair>, hone_sdk::Collected) {
+fn pairs_of(
+    config: serde_json::Value,
+    groups: &[(Vec<Record>, Vec<Record>)],
+) -> (Vec<PreferencePair>, hone_sdk::Collected) {
     let init = init::<PairCompletions>(config);
     let cs: Vec<Record> = groups.iter().flat_map(|g| g.0.clone()).collect();
     let ss: Vec<Record> = groups.iter().flat_map(|g| g.1.clone()).collect();
@@ -56,7 +59,10 @@ fn pairs_of(config: serde_json::Value, groups: &[(Vec<Record>, Vec<Record>)]) ->
 
 #[test]
 fn max_min_pairs_the_best_against_the_worst_and_keeps_the_scores() {
-    let g = group("p", &[("mid", 0.5, 0.2), ("best", 0.9, 0.1), ("worst", -0.3, 0.3)]);
+    let g = group(
+        "p",
+        &[("mid", 0.5, 0.2), ("best", 0.9, 0.1), ("worst", -0.3, 0.3)],
+    );
     let (pairs, out) = pairs_of(json!({}), &[g]);
     assert_eq!(pairs.len(), 1);
     let p = &pairs[0];
@@ -118,8 +124,9 @@ fn random_strategies_are_seeded_and_choose_the_better_of_their_two() {
     let groups: Vec<_> = (0..40)
         .map(|p| {
             let name = format!("p{p}");
-            let items: Vec<(String, f64, f64)> =
-                (0..4).map(|i| (format!("answer {i}"), i as f64, i as f64)).collect();
+            let items: Vec<(String, f64, f64)> = (0..4)
+                .map(|i| (format!("answer {i}"), i as f64, i as f64))
+                .collect();
             let items: Vec<(&str, f64, f64)> =
                 items.iter().map(|(t, s, g)| (t.as_str(), *s, *g)).collect();
             group(&name, &items)
@@ -139,9 +146,15 @@ fn random_strategies_are_seeded_and_choose_the_better_of_their_two() {
         }
         let rejected: std::collections::BTreeSet<&str> =
             a.iter().map(|p| p.rejected.as_str()).collect();
-        assert!(rejected.len() >= 3, "{strategy}: the other is drawn, not fixed: {rejected:?}");
+        assert!(
+            rejected.len() >= 3,
+            "{strategy}: the other is drawn, not fixed: {rejected:?}"
+        );
         let swapped = a.iter().filter(|p| p.position_swapped).count();
-        assert!((8..=32).contains(&swapped), "{strategy}: positions drawn: {swapped} of 40");
+        assert!(
+            (8..=32).contains(&swapped),
+            "{strategy}: positions drawn: {swapped} of 40"
+        );
     }
     let (fixed, _) = pairs_of(json!({ "randomize_position": false }), &groups);
     assert!(fixed.iter().all(|p| !p.position_swapped));
@@ -149,15 +162,46 @@ fn random_strategies_are_seeded_and_choose_the_better_of_their_two() {
 
 #[test]
 fn bad_settings_and_untokenized_completions_are_refused_by_name() {
-    let err = create::<PairCompletions>(json!({ "length_penalty": -0.1 })).err().unwrap();
+    let err = create::<PairCompletions>(json!({ "length_penalty": -0.1 }))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("length_penalty"), "{err}");
-    let err = create::<PairCompletions>(json!({ "score": "" })).err().unwrap();
+    let err = create::<PairCompletions>(json!({ "score": "" }))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("score"), "{err}");
     let (mut cs, ss) = group("p", &[("a", 1.0, 0.0), ("b", 0.0, 0.0)]);
     if let Record::Completion(c) = &mut cs[0] {
         c.token_ids.clear();
     }
     let init = init::<PairCompletions>(json!({ "length_unit": "tokens" }));
-    let err = run_round::<PairCompletions>(&init, vec![(0, cs), (1, ss)]).err().unwrap();
-    assert!(err.to_string().contains("p#0") && err.to_string().contains("chars"), "{err}");
+    let err = run_round::<PairCompletions>(&init, vec![(0, cs), (1, ss)])
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("p#0") && err.to_string().contains("chars"),
+        "{err}"
+    );
+}
+
+#[test]
+fn all_pairs_every_two_oriented_by_score_with_ties_dropped() {
+    let g = group(
+        "p",
+        &[
+            ("a", 0.1, 0.0),
+            ("b", 0.5, 0.0),
+            ("c", 0.5, 0.0),
+            ("d", -1.0, 0.0),
+        ],
+    );
+    let (pairs, out) = pairs_of(json!({ "strategy": "all" }), &[g]);
+    // 6 pairs of 4, less the tie b = c.
+    assert_eq!(pairs.len(), 5);
+    assert_eq!(out.metric("ties", None), Some(1.0));
+    for p in &pairs {
+        assert!(p.chosen_score > p.rejected_score, "{p:?}");
+    }
+    let ids: std::collections::BTreeSet<&str> = pairs.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids.len(), 5, "distinct ids: {ids:?}");
 }

@@ -207,3 +207,39 @@ fn the_reference_port_is_used_and_checked() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn rpo_alpha_adds_the_chosen_nll_and_keeps_the_chosen_likely() {
+    let dir = temp_run_dir("dpo-rpo");
+    let start = policy(&dir);
+    let nll_of = |alpha: f64| {
+        let out = run(
+            &dir,
+            config(json!({ "rpo_alpha": alpha, "eval_every": 0 })),
+            vec![(0, pairs(32)), (1, vec![Record::Artifact(start.clone())])],
+        )
+        .unwrap();
+        let nll = out.series("nll");
+        assert_eq!(nll.len(), 30);
+        let tail = nll[25..].iter().sum::<f64>() / 5.0;
+        (nll[0], tail, out.series("rewards/chosen"))
+    };
+    let (start0, plain, _) = nll_of(0.0);
+    let (start1, rpo, chosen) = nll_of(1.0);
+    // The first step's NLL is the start's, whatever alpha is.
+    assert!((start0 - start1).abs() < 1e-6, "{start0} {start1}");
+    assert!(
+        rpo < plain,
+        "the NLL term lowers the chosen NLL: {rpo} vs plain DPO {plain}"
+    );
+    assert!(rpo < start1, "{start1} -> {rpo}");
+    assert!(
+        chosen[25..].iter().all(|&c| c > 0.0),
+        "the chosen likelihood rises: {chosen:?}"
+    );
+    let err = hone_sdk::testing::create::<Dpo>(json!({ "rpo_alpha": -1.0 }))
+        .err()
+        .unwrap();
+    assert_eq!(err.config_field(), Some("rpo_alpha"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

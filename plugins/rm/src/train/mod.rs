@@ -18,7 +18,7 @@ use hone_pretrained::minilm::MODEL_NAME as MINILM;
 use hone_sdk::prelude::*;
 use hone_sdk::text::{seeded_hash, seeded_unit};
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 #[derive(Deserialize)]
@@ -49,6 +49,8 @@ struct TrainConfig {
     eval_every: usize,
     margin_scale: f64,
     label_smoothing: f64,
+    train_on: String,
+    start: String,
     device: String,
 }
 
@@ -62,6 +64,12 @@ pub struct Train {
     input: RoundInput,
     /// Every policy seen on `init`, across rounds.
     policies: Vec<ArtifactRef>,
+    /// With train_on = "all": every pair received so far, by id (a pair
+    /// sent again replaces itself).
+    pool: BTreeMap<String, PreferencePair>,
+    /// With start = "last": each member's last trained model (its artifact
+    /// id and weights file), which the next round continues.
+    last: HashMap<usize, (String, PathBuf)>,
 }
 
 impl StageFactory for Train {
@@ -140,6 +148,23 @@ impl StageFactory for Train {
         .optional("eval_every", count, 50, "Evaluate every this many steps (0 = only before and after training).")
         .optional("margin_scale", float.clone(), 1.0, "Multiplies each pair's `margin` inside the loss (0 = ignore margins).")
         .optional("label_smoothing", float.clone(), 0.0, "Label smoothing eps in [0, 0.5); a pair's own `label_smoothing` (set by rm.strength) overrides it.")
+        .optional(
+            "train_on",
+            FieldType::one_of(&["round", "all"]),
+            "round",
+            "`round`: each round trains on that round's pairs; `all`: on every pair received so far (the \
+             label pool of an online loop: each round's new labels join it; a pair id sent again replaces \
+             itself).",
+        )
+        .optional(
+            "start",
+            FieldType::one_of(&["init", "last"]),
+            "init",
+            "`init`: every round trains each member afresh from the shared initialisation; `last`: from its \
+             second round on, each member continues from its own weights of the round before (a fresh \
+             AdamW and schedule), so the members keep their shared initialisation and WARM can still \
+             average them.",
+        )
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
     }
 
@@ -212,6 +237,8 @@ impl StageFactory for Train {
             scoring,
             input: RoundInput::default(),
             policies: Vec::new(),
+            pool: BTreeMap::new(),
+            last: HashMap::new(),
         })
     }
 }
@@ -225,8 +252,19 @@ impl Stage for Train {
         let mut input = self.input.take();
         self.policies
             .extend(input.artifacts(1, ArtifactKind::Policy, "init")?);
-        let pairs = input.pairs_by_id(0);
+        let mut pairs = input.pairs_by_id(0);
         ctx.metric("pairs", pairs.len() as f64);
+        if self.config.train_on == "all" {
+            if pairs.is_empty() {
+                // Nothing new: the pool's models of the round before stand.
+                return Ok(());
+            }
+            for p in pairs {
+                self.pool.insert(p.id.clone(), p);
+            }
+            pairs = self.pool.values().cloned().collect();
+            ctx.metric("pool", pairs.len() as f64);
+        }
         if pairs.is_empty() {
             return Ok(());
         }
@@ -459,7 +497,7 @@ impl Train {
     }
 
     fn train_member(
-        &self,
+        &mut self,
         ctx: &mut Context,
         member: usize,
         pairs: &[PreferencePair],
@@ -475,6 +513,10 @@ impl Train {
             root,
             desc: init_desc,
         } = self.build(ctx, &from)?;
+        let continued = self.continue_last(member, &varmap)?;
+        let init_desc = continued
+            .as_ref()
+            .map_or(init_desc, |id| format!("continued from {id}"));
         let encode_text = |p: &str, r: &str| encode(tok.as_ref(), p, r, cfg.context);
         let (eval, train) = self.split(ctx, pairs, &encode_text);
         let net = Net::Gpt {
@@ -505,10 +547,11 @@ impl Train {
         };
         save_reward_model(&dir, &varmap, &cfg, tok.as_ref(), &meta)
             .or_stage(&format!("cannot write reward model {}", dir.display()))?;
-        let inputs = match &from {
+        let mut inputs = match &from {
             InitFrom::Policy(a) => vec![a.id.clone()],
             InitFrom::Scratch(_) => Vec::new(),
         };
+        inputs.extend(continued);
         self.emit(ctx, &dir, inputs, &meta)
     }
 
@@ -576,6 +619,10 @@ impl Train {
             (head, varmap, model.hidden_size())
         };
         let root = format!("{backbone}:init_seed={init_seed}");
+        let continued = self.continue_last(member, &varmap)?;
+        let init_desc = continued
+            .as_ref()
+            .map_or(backbone.clone(), |id| format!("continued from {id}"));
         let encode_text = |p: &str, r: &str| vec![cache.index[&(p.to_string(), r.to_string())]];
         let (eval, train) = self.split(ctx, pairs, &encode_text);
         let net = Net::Head {
@@ -589,13 +636,13 @@ impl Train {
             &net,
             &varmap,
             (&train, &eval),
-            &backbone,
+            &init_desc,
         )?;
         let dir = self.member_dir(ctx, member)?;
         let meta = RewardMeta {
             backbone: backbone.clone(),
             lineage_root: root,
-            init: backbone.clone(),
+            init: init_desc,
             member,
             seed,
             lr,
@@ -610,7 +657,32 @@ impl Train {
         };
         save_head_reward_model(&dir, &varmap, &config, &meta)
             .or_stage(&format!("cannot write reward model {}", dir.display()))?;
-        self.emit(ctx, &dir, Vec::new(), &meta)
+        self.emit(ctx, &dir, continued.into_iter().collect(), &meta)
+    }
+
+    /// With start = "last", overwrites a freshly built member's weights with
+    /// its own of the round before; the id of that model, if it did.
+    fn continue_last(&self, member: usize, varmap: &VarMap) -> Result<Option<String>, StageError> {
+        if self.config.start != "last" {
+            return Ok(None);
+        }
+        let Some((id, file)) = self.last.get(&member) else {
+            return Ok(None);
+        };
+        let doing = format!(
+            "cannot continue member {member} from {id} ({})",
+            file.display()
+        );
+        let tensors = candle_core::safetensors::load(file, &self.device).or_stage(&doing)?;
+        let data = varmap.data().lock().expect("VarMap lock poisoned");
+        for (name, var) in data.iter() {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| StageError::new(format!("{doing}: it has no tensor {name}")))?;
+            var.set(&t.to_dtype(DType::F32).or_stage(&doing)?)
+                .or_stage(&doing)?;
+        }
+        Ok(Some(id.clone()))
     }
 
     /// Where member `member`'s checkpoint goes.
@@ -620,7 +692,7 @@ impl Train {
 
     /// Registers and emits a saved member.
     fn emit(
-        &self,
+        &mut self,
         ctx: &mut Context,
         dir: &std::path::Path,
         inputs: Vec<String>,
@@ -644,6 +716,8 @@ impl Train {
             inputs,
             lineage,
         )?;
+        let file = ctx.init().run_dir.join(&artifact.path);
+        self.last.insert(meta.member, (artifact.id.clone(), file));
         ctx.emit(0, Record::Artifact(artifact));
         Ok(())
     }

@@ -183,3 +183,59 @@ fn pairs_carry_the_family_and_split_of_their_completions() {
         assert!(!p.meta.contains_key("quality"));
     }
 }
+
+#[test]
+fn candidate_pairs_are_labelled_like_the_completions_they_hold() {
+    // Every two completions of a prompt as candidate pairs, in either
+    // orientation: the labels are those of the completions themselves.
+    let cs: Vec<Completion> = completions(20)
+        .into_iter()
+        .map(|r| match r {
+            Record::Completion(c) => c,
+            _ => unreachable!(),
+        })
+        .collect();
+    let config = serde_json::json!({ "temperature": 0.0, "flip_rate": 0.2, "position_bias": 0.1 });
+    let records: Vec<Record> = cs.iter().cloned().map(Record::Completion).collect();
+    let direct = pairs(run::<Label>(config.clone(), records, 0).0);
+    for reversed in [false, true] {
+        let mut candidates = Vec::new();
+        for group in cs.chunks(3) {
+            for i in 0..3 {
+                for j in i + 1..3 {
+                    let (c, r) = if reversed {
+                        (&group[j], &group[i])
+                    } else {
+                        (&group[i], &group[j])
+                    };
+                    let mut cand = PreferencePair::new(
+                        format!("{}~{}", group[i].id, group[j].id),
+                        &c.prompt,
+                        &c.text,
+                        &r.text,
+                        "proxy_reward",
+                    );
+                    cand.meta.insert("chosen_id".into(), c.id.clone());
+                    cand.meta.insert("rejected_id".into(), r.id.clone());
+                    cand.meta.insert("prompt_id".into(), c.prompt_id.clone());
+                    cand.meta
+                        .insert("selected_by".into(), "disagreement".into());
+                    candidates.push(Record::Pair(cand));
+                }
+            }
+        }
+        let init = hone_sdk::testing::init::<Label>(config.clone());
+        let out = hone_sdk::testing::run_round::<Label>(&init, vec![(1, candidates)]).unwrap();
+        let labelled = pairs(out.emitted(0).to_vec());
+        assert_eq!(labelled.len(), direct.len());
+        for (l, d) in labelled.iter().zip(&direct) {
+            assert_eq!(
+                (&l.id, &l.chosen, &l.rejected),
+                (&d.id, &d.chosen, &d.rejected)
+            );
+            assert_eq!(l.meta["flipped"], d.meta["flipped"]);
+            assert_eq!(l.position_swapped, d.position_swapped);
+            assert_eq!(l.meta["selected_by"], "disagreement");
+        }
+    }
+}
