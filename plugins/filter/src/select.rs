@@ -113,7 +113,7 @@ impl Stage for SelectPairs {
         }
         let means = |pick: &dyn Fn(usize) -> bool| -> (f64, f64, usize) {
             let (mut std, mut abs, mut k) = (0.0, 0.0, 0);
-            for (i, p) in pairs.iter().enumerate().filter(|(i, _)| pick(*i)) {
+            for (_, p) in pairs.iter().enumerate().filter(|(i, _)| pick(*i)) {
                 if let Some((m, s)) = strength(p) {
                     std += s;
                     abs += m.abs();
