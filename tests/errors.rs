@@ -592,6 +592,18 @@ fn an_unnamed_output_port_is_the_one_the_input_takes_or_an_error_naming_the_port
             "heldout",
         ],
     );
+    // Records of any kind could go to either input of world.label.
+    let any = "[stages.gen]\nkind = \"testing.generate-pairs\"\n\n[stages.split]\nkind = \"filter.split\"\n\
+               inputs = \"gen\"\n\n[stages.label]\nkind = \"world.label\"\ninputs = \"split.train\"\n";
+    assert_invalid(
+        any,
+        "10:10",
+        &[
+            "`label` (world.label) has 2 input ports",
+            "more than one",
+            "name the port",
+        ],
+    );
     // world.gold emits Scores and Completions: a Score input takes the Scores.
     let dir = TempDir::new("ports");
     let ok = "[stages.prompts]\nkind = \"world.prompts\"\nconfig = { count = 4 }\n\n\

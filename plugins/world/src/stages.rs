@@ -25,6 +25,8 @@ struct PromptsConfig {
     per_round: String,
     #[serde(default)]
     pool: u64,
+    #[serde(default)]
+    first_round: u64,
 }
 
 fn fresh() -> String {
@@ -80,6 +82,13 @@ impl StageFactory for Prompts {
              `same` count every round (held-out evaluation prompts of a loop), or a seeded `resample` of \
              count prompts from a fixed pool of `pool` (different in each round).",
         )
+        .optional(
+            "first_round",
+            FieldType::unsigned(),
+            0,
+            "Emit nothing before this round (a loop whose reward models first train on seed labels in round 0 \
+             starts sampling in round 1); rounds count from it for `fresh` prompts.",
+        )
         .optional("pool", FieldType::unsigned(), 0, "With per_round = \"resample\": the pool size, at least count.")
     }
 
@@ -128,11 +137,13 @@ impl StageFactory for Prompts {
 
 impl Stage for Prompts {
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
-        if ctx.round() > 0 && !self.config.every_round {
+        let Some(round) = ctx.round().checked_sub(self.config.first_round) else {
+            return Ok(());
+        };
+        if round > 0 && !self.config.every_round {
             return Ok(());
         }
         let count = self.config.count;
-        let round = ctx.round();
         let indices: Vec<u64> = match self.config.per_round.as_str() {
             "same" => (0..count).collect(),
             "resample" => resample(
@@ -433,6 +444,9 @@ mod tests {
             );
         }
         assert_ne!(resampled[0], resampled[1]);
+        let late = ids(serde_json::json!({"count": 4, "first_round": 1}));
+        assert!(late[0].is_empty());
+        assert_eq!(late[1], fresh[0], "rounds count from first_round");
         assert_eq!(
             resampled,
             ids(serde_json::json!({"count": 4, "per_round": "resample", "pool": 10}))

@@ -146,9 +146,10 @@ fn resolve_binding(
     errors: &mut Vec<Diagnostic>,
 ) -> Option<Edge> {
     let section = if feedback { "feedback" } else { "inputs" };
-    let to_port = match &b.port {
+    // The input ports this binding may mean: the one named, or all.
+    let ins: Vec<usize> = match &b.port {
         Some(name) => match descriptor.input_index(name) {
-            Some(i) => i,
+            Some(i) => vec![i],
             None => {
                 errors.push(Diagnostic::new(
                     &b.origin,
@@ -162,27 +163,7 @@ fn resolve_binding(
                 return None;
             }
         },
-        None if descriptor.inputs.len() == 1 => 0,
-        None => {
-            errors.push(Diagnostic::new(
-                &b.origin,
-                format!(
-                    "stage `{}` ({}) has {} input ports ({}): name the port, \
-                     e.g. `{section} = {{ {} = \"{}\" }}`",
-                    decl.id,
-                    descriptor.kind,
-                    descriptor.inputs.len(),
-                    port_list(&descriptor.inputs),
-                    descriptor
-                        .inputs
-                        .first()
-                        .map(|p| p.name.as_str())
-                        .unwrap_or("PORT"),
-                    b.source
-                ),
-            ));
-            return None;
-        }
+        None => (0..descriptor.inputs.len()).collect(),
     };
     let Some(&from) = index.get(b.source.as_str()) else {
         let ids: Vec<&str> = index.keys().copied().collect();
@@ -201,47 +182,99 @@ fn resolve_binding(
         return None;
     };
     let upstream = descriptors[from]?;
-    let input = &descriptor.inputs[to_port];
-    let from_port = match &b.source_port {
-        Some(name) => upstream.output_index(name),
-        None if upstream.outputs.len() == 1 => Some(0),
-        // Several outputs: the one whose records the input takes, if only
-        // one does (world.gold's Scores to a `scores` port).
-        None => {
-            let mut fitting =
-                (0..upstream.outputs.len()).filter(|&i| upstream.outputs[i].kind.feeds(input.kind));
-            match (fitting.next(), fitting.next()) {
-                (Some(i), None) => Some(i),
-                _ => None,
+    // The output ports it may mean: the one named, or all.
+    let outs: Vec<usize> = match &b.source_port {
+        Some(name) => match upstream.output_index(name) {
+            Some(o) => vec![o],
+            None => {
+                errors.push(Diagnostic::new(
+                    &b.origin,
+                    format!(
+                        "stage `{}` ({}) has no output port `{name}`; its outputs: {} (write \"{}.PORT\")",
+                        b.source,
+                        upstream.kind,
+                        port_list(&upstream.outputs),
+                        b.source
+                    ),
+                ));
+                return None;
+            }
+        },
+        None => (0..upstream.outputs.len()).collect(),
+    };
+    if outs.is_empty() || ins.is_empty() {
+        let (stage, kind, what) = if outs.is_empty() {
+            (
+                b.source.as_str(),
+                upstream.kind.as_str(),
+                "outputs: nothing can read from it",
+            )
+        } else {
+            (
+                decl.id.as_str(),
+                descriptor.kind.as_str(),
+                "inputs: it cannot be wired",
+            )
+        };
+        errors.push(Diagnostic::new(
+            &b.origin,
+            format!("stage `{stage}` ({kind}) has no {what}"),
+        ));
+        return None;
+    }
+    let (from_port, to_port) = match (outs.as_slice(), ins.as_slice()) {
+        // One each: a wrong type is reported below as a mismatch.
+        ([o], [i]) => (*o, *i),
+        _ => {
+            // Several on a side left unnamed: the one combination whose
+            // records fit (world.gold's Scores to a `scores` port, a
+            // Completion stream to world.label's `completions`), if only one does.
+            let fitting: Vec<(usize, usize)> = outs
+                .iter()
+                .flat_map(|&o| ins.iter().map(move |&i| (o, i)))
+                .filter(|&(o, i)| upstream.outputs[o].kind.feeds(descriptor.inputs[i].kind))
+                .collect();
+            match fitting.as_slice() {
+                [one] => *one,
+                _ => {
+                    let fits = if fitting.is_empty() {
+                        "none"
+                    } else {
+                        "more than one"
+                    };
+                    let message = if ins.len() > 1 {
+                        format!(
+                            "stage `{}` ({}) has {} input ports ({}) and {fits} of them takes what `{}` \
+                             emits: name the port, e.g. `{section} = {{ {} = \"{}\" }}`",
+                            decl.id,
+                            descriptor.kind,
+                            descriptor.inputs.len(),
+                            port_list(&descriptor.inputs),
+                            b.source,
+                            descriptor.inputs.first().map(|p| p.name.as_str()).unwrap_or("PORT"),
+                            b.source
+                        )
+                    } else {
+                        let input = &descriptor.inputs[ins[0]];
+                        format!(
+                            "stage `{}` ({}) has several outputs and input `{}` of stage `{}` takes {fits} of \
+                             them ({}): name one (write \"{}.PORT\"); its outputs: {}",
+                            b.source,
+                            upstream.kind,
+                            input.name,
+                            decl.id,
+                            input.kind,
+                            b.source,
+                            port_list(&upstream.outputs),
+                        )
+                    };
+                    errors.push(Diagnostic::new(&b.origin, message));
+                    return None;
+                }
             }
         }
     };
-    let Some(from_port) = from_port else {
-        let message = match &b.source_port {
-            Some(port) => format!(
-                "stage `{}` ({}) has no output port `{port}`; its outputs: {} (write \"{}.PORT\")",
-                b.source,
-                upstream.kind,
-                port_list(&upstream.outputs),
-                b.source
-            ),
-            None => format!(
-                "stage `{}` ({}) has several outputs and input `{}` of stage `{}` takes {} of them ({}): \
-                 name one (write \"{}.PORT\"); its outputs: {}",
-                b.source,
-                upstream.kind,
-                input.name,
-                decl.id,
-                if upstream.outputs.iter().any(|o| o.kind.feeds(input.kind)) { "more than one" } else { "none" },
-                input.kind,
-                b.source,
-                port_list(&upstream.outputs),
-            ),
-        };
-        errors.push(Diagnostic::new(&b.origin, message));
-        return None;
-    };
-    let out = &upstream.outputs[from_port];
+    let (out, input) = (&upstream.outputs[from_port], &descriptor.inputs[to_port]);
     if !out.kind.feeds(input.kind) {
         errors.push(Diagnostic::new(
             &b.origin,
