@@ -21,6 +21,7 @@ struct RolloutConfig {
     max_new_tokens: usize,
     stop: Vec<String>,
     seed: u64,
+    seed_per_round: bool,
     device: String,
     pretrained: String,
 }
@@ -57,6 +58,7 @@ impl StageFactory for Rollout {
             "Stop strings: generation ends when one appears, and it is cut from the text.",
         )
         .optional("seed", FieldType::unsigned(), 0, "Sampling seed, combined with the pipeline seed; each sample draws from its own stream.")
+        .optional("seed_per_round", FieldType::Bool, true, "Draw afresh each round (the stream is keyed by the round too). false: the same draws every round, so a fixed policy gives the same samples of the same prompts (an evaluation baseline whose samples do not change between rounds).")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
         .optional(
             "pretrained",
@@ -150,7 +152,12 @@ impl Stage for Rollout {
             stop: c.stop.clone(),
         };
         let seed = c.seed ^ ctx.init().seed;
-        let round = ctx.round();
+        // The same draws every round for a fixed policy's evaluation samples.
+        let round = if self.config.seed_per_round {
+            ctx.round()
+        } else {
+            0
+        };
         let (mut count, mut new_tokens) = (0u64, 0usize);
         for (done, prompt) in prompts.iter().enumerate() {
             let mut prompt_ids = vec![tok.bos_id()];
@@ -208,7 +215,12 @@ impl Rollout {
         }
         let model = self.smollm.as_mut().expect("loaded above");
         let seed = c.seed ^ ctx.init().seed;
-        let round = ctx.round();
+        // The same draws every round for a fixed policy's evaluation samples.
+        let round = if self.config.seed_per_round {
+            ctx.round()
+        } else {
+            0
+        };
         let (mut count, mut new_tokens) = (0u64, 0usize);
         for (done, prompt) in prompts.iter().enumerate() {
             let chat = SmolLm::chat_prompt(&prompt.text);
@@ -265,7 +277,7 @@ mod tests {
     fn config(overrides: serde_json::Value) -> serde_json::Value {
         let mut config = serde_json::json!({
             "n": 3, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 12,
-            "stop": [], "seed": 7, "device": "cpu", "pretrained": "",
+            "stop": [], "seed": 7, "seed_per_round": true, "device": "cpu", "pretrained": "",
         });
         for (k, v) in overrides.as_object().unwrap() {
             config[k] = v.clone();
@@ -351,6 +363,48 @@ mod tests {
             completions,
             "same seed, same completions"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn seed_per_round_false_repeats_a_fixed_policys_samples() {
+        let dir = temp_run_dir("rollout-rounds");
+        let sft = run_sft(
+            &dir,
+            tiny_config(serde_json::json!({"steps": 10, "checkpoint_every": 0})),
+            demos(20),
+        );
+        let policy = sft.artifacts(0).pop().unwrap();
+        let texts = |per_round: bool| -> Vec<Vec<String>> {
+            let mut init = StageInit::for_test(
+                "lm.rollout",
+                config(serde_json::json!({"seed_per_round": per_round})),
+            );
+            init.run_dir = dir.clone();
+            let mut stage = Rollout::create(&init).unwrap();
+            (0..2)
+                .map(|round| {
+                    let mut inputs = vec![(0, prompts())];
+                    if round == 0 {
+                        inputs.push((1, vec![Record::Artifact(policy.clone())]));
+                    }
+                    let out =
+                        hone_sdk::testing::run_round_of(&mut stage, &init, round, inputs).unwrap();
+                    out.emitted(0)
+                        .iter()
+                        .map(|r| match r {
+                            Record::Completion(c) => c.text.clone(),
+                            _ => panic!(),
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let fresh = texts(true);
+        assert_ne!(fresh[0], fresh[1], "each round draws afresh");
+        let same = texts(false);
+        assert_eq!(same[0], same[1]);
+        assert_eq!(same[0], fresh[0], "round 0 is the same either way");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

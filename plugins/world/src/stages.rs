@@ -149,7 +149,7 @@ impl Stage for Prompts {
             "resample" => resample(
                 self.config.pool,
                 count,
-                &mut Draws::new(self.seed, &format!("resample#{round}")),
+                &mut Draws::new(self.seed, format!("resample#{round}")),
             ),
             _ => (round * count..(round + 1) * count).collect(),
         };
