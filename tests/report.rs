@@ -285,3 +285,45 @@ fn shrunk_best_of_n_pipeline_runs_and_its_report_renders() {
     let (dom, _) = chromium(&path, &dir);
     assert_eq!(dom.matches("<svg").count(), svgs);
 }
+
+/// A loop's run: its figures by round, Elo with intervals and a win rate
+/// with its standard error in the last round.
+#[test]
+fn a_loop_gets_figures_across_rounds_and_intervals() {
+    let dir = TempDir::new("report-loop");
+    let mut m = String::new();
+    let mut line = |stage: &str, round: u64, name: &str, value: f64| {
+        let _ = writeln!(
+            m,
+            r#"{{"stage":"{stage}","round":{round},"worker":0,"name":"{name}","value":{value},"step":0,"time":0.0}}"#
+        );
+    };
+    for r in 0..4u64 {
+        line("online_rewards", r, "gold_reward", 0.1 + 0.01 * r as f64);
+        line("online_rewards", r, "length", 20.0 + r as f64);
+        line("online_rewards", r, "kl", 0.5 * r as f64);
+    }
+    // A one-round stage draws no line.
+    line("offline_rewards", 0, "gold_reward", 0.12);
+    line("elo", 3, "elo/online/final@3", 1021.1);
+    line("elo", 3, "elo_lo/online/final@3", 1004.3);
+    line("elo", 3, "elo_hi/online/final@3", 1037.7);
+    line("win", 3, "win_rate/online_vs_sft", 0.557);
+    line("win", 3, "win_rate_se/online_vs_sft", 0.0217);
+    std::fs::write(dir.join("metrics.jsonl"), m).unwrap();
+    let out = hone(&workspace(), &["report", dir.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert_self_contained(&html);
+    let across = &html[html
+        .find("<h2>Across rounds</h2>")
+        .expect("an across-rounds section")..];
+    let across = &across[..across.find("</section>").unwrap()];
+    // Gold, length and KL by round (no proxy reward here): three charts,
+    // each with the online line only.
+    assert_eq!(across.matches("<svg").count(), 3, "{across}");
+    assert!(across.contains("online_rewards") && !across.contains("offline_rewards"));
+    assert_eq!(across.matches("<circle").count(), 12, "4 rounds x 3 charts");
+    assert!(html.contains("1004 .. 1038"), "the Elo interval");
+    assert!(html.contains("standard error") && html.contains("0.0217"));
+}

@@ -5,7 +5,9 @@
 mod sections;
 mod svg;
 
-use self::sections::{accuracy, counts, elo, histogram, losses, reward_kl, win_rates};
+use self::sections::{
+    accuracy, across_rounds, counts, elo, histogram, losses, reward_kl, win_rates,
+};
 use self::svg::esc;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -118,6 +120,7 @@ pub fn render(dir: &Path, ms: &[Metric], warnings: &[String]) -> String {
     }
     losses(&mut h, ms, &stages);
     reward_kl(&mut h, ms);
+    across_rounds(&mut h, ms);
     win_rates(&mut h, ms, last);
     elo(&mut h, ms, last);
     histogram(&mut h, ms, last);

@@ -127,6 +127,7 @@ fn last_round(ms: &[Metric], last: u64, prefix: &str) -> BTreeMap<(String, Strin
 
 pub(super) fn win_rates(h: &mut String, ms: &[Metric], last: u64) {
     let w = last_round(ms, last, "win_rate/");
+    let se = last_round(ms, last, "win_rate_se/");
     if w.is_empty() {
         return none(h, "Win rates", "<code>win_rate/A_vs_B</code>");
     }
@@ -135,10 +136,21 @@ pub(super) fn win_rates(h: &mut String, ms: &[Metric], last: u64) {
     let mut bars = Vec::new();
     for ((st, pair), v) in &w {
         let (a, b) = pair.split_once("_vs_").unwrap_or((pair, "?"));
-        rows.push(vec![st.clone(), a.into(), b.into(), fmt_num(*v)]);
+        let e = se.get(&(st.clone(), pair.clone()));
+        rows.push(vec![
+            st.clone(),
+            a.into(),
+            b.into(),
+            fmt_num(*v),
+            e.map(|e| fmt_num(*e)).unwrap_or_default(),
+        ]);
         bars.push((format!("{a} vs {b}"), *v));
     }
-    table(h, &["stage", "A", "B", "win rate of A"], &rows);
+    table(
+        h,
+        &["stage", "A", "B", "win rate of A", "standard error"],
+        &rows,
+    );
     h.push_str(&bar_chart(
         "win rate of A against B",
         "pair",
@@ -150,6 +162,10 @@ pub(super) fn win_rates(h: &mut String, ms: &[Metric], last: u64) {
 
 pub(super) fn elo(h: &mut String, ms: &[Metric], last: u64) {
     let mut e: Vec<_> = last_round(ms, last, "elo/").into_iter().collect();
+    let (lo, hi) = (
+        last_round(ms, last, "elo_lo/"),
+        last_round(ms, last, "elo_hi/"),
+    );
     if e.is_empty() {
         return none(h, "Elo", "<code>elo/POLICY</code>");
     }
@@ -158,16 +174,26 @@ pub(super) fn elo(h: &mut String, ms: &[Metric], last: u64) {
         .iter()
         .enumerate()
         .map(|(i, ((st, p), v))| {
+            let key = (st.clone(), p.clone());
+            let interval = match (lo.get(&key), hi.get(&key)) {
+                (Some(l), Some(u)) => format!("{l:.0} .. {u:.0}"),
+                _ => String::new(),
+            };
             vec![
                 (i + 1).to_string(),
                 p.clone(),
                 format!("{v:.1}"),
+                interval,
                 st.clone(),
             ]
         })
         .collect();
     h.push_str("<section><h2>Elo</h2>");
-    table(h, &["rank", "policy", "elo", "stage"], &rows);
+    table(
+        h,
+        &["rank", "policy", "elo", "95% interval", "stage"],
+        &rows,
+    );
     h.push_str("</section>");
 }
 
@@ -252,5 +278,57 @@ pub(super) fn counts(h: &mut String, ms: &[Metric], last: u64) {
         .collect();
     let _ = write!(h, "<section><h2>Counts (round {last})</h2>");
     table(h, &["stage", "metric", "value (sum over workers)"], &rows);
+    h.push_str("</section>");
+}
+
+/// The loop's figures against the round: for each of gold reward, proxy
+/// reward, response length and KL, one line per stage that reports it in
+/// two rounds or more (mean over workers and steps within a round). Drawn
+/// only for runs of several rounds.
+pub(super) fn across_rounds(h: &mut String, ms: &[Metric]) {
+    const NAMES: [(&str, &str); 4] = [
+        ("gold_reward", "gold reward"),
+        ("proxy_reward", "proxy reward"),
+        ("length", "response length (characters)"),
+        ("kl", "KL(π‖π_ref) (nats)"),
+    ];
+    let by = mean(
+        ms.iter()
+            .filter(|m| NAMES.iter().any(|(n, _)| *n == m.name))
+            .map(|m| ((m.name.clone(), m.stage.clone(), m.round), m.value)),
+    );
+    let mut charts = Vec::new();
+    for (name, label) in NAMES {
+        let mut series: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+        for ((n, st, r), v) in &by {
+            if n == name {
+                series.entry(st.as_str()).or_default().push((*r as f64, *v));
+            }
+        }
+        let series: Vec<Series> = series
+            .into_iter()
+            .filter(|(_, points)| points.len() >= 2)
+            .map(|(st, points)| Series {
+                label: st.to_string(),
+                points,
+            })
+            .collect();
+        if !series.is_empty() {
+            charts.push(line_chart(
+                &format!("{label} by round"),
+                "round",
+                label,
+                &series,
+                true,
+            ));
+        }
+    }
+    if charts.is_empty() {
+        return;
+    }
+    h.push_str("<section><h2>Across rounds</h2>");
+    for c in charts {
+        h.push_str(&c);
+    }
     h.push_str("</section>");
 }
