@@ -336,7 +336,7 @@ mod tests {
         for (stop, temperature) in [(vec![" a"], 0.0), (vec![], 0.0), (vec![], 0.7)] {
             let rollout_config = serde_json::json!({
                 "n": 3, "temperature": temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": 20,
-                "stop": stop, "seed": 7, "device": "cpu", "pretrained": "",
+                "stop": stop, "seed": 7, "seed_per_round": true, "device": "cpu", "pretrained": "",
             });
             let rolled = run::<Rollout>(
                 "lm.rollout",
