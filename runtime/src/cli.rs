@@ -459,11 +459,17 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     // refused or failed start changes nothing on disk.
     let mut plan = None;
     if args.process == 0 {
+        let this_run = rundir::ThisRun {
+            pipeline_toml: &pipeline_toml,
+            workers: args.workers,
+            processes: args.processes,
+        };
         match rundir::plan(
             &run_dir,
             existing,
             resolved.pipeline.rounds,
             &protected(&resolved, &args.pipeline),
+            &this_run,
         )
         .map_err(usage)?
         {
@@ -524,6 +530,24 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         );
     }
 
+    // A continued run starts after its last completed round (checked in the plan).
+    let resume = match &plan {
+        Some(Plan::Run {
+            action: rundir::Action::Continue { from, .. },
+            ..
+        }) => Some(from.clone()),
+        _ => None,
+    };
+    if let Some(from) = &resume {
+        if !args.quiet {
+            eprintln!(
+                "resuming {} at round {}: the stages are restored from round {}'s snapshots",
+                run_dir.display(),
+                from.round + 1,
+                from.round
+            );
+        }
+    }
     let (reporter, printer) = Printer::start(args.quiet);
     let shared = Arc::new(RunShared {
         pipeline: resolved,
@@ -536,6 +560,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         committed: std::sync::atomic::AtomicBool::new(prepared_early),
         setup_error: Mutex::new(None),
         created: std::sync::Barrier::new(args.workers),
+        resume,
     });
     let started = std::time::Instant::now();
     let worker_shared = shared.clone();

@@ -28,6 +28,9 @@ pub enum Msg {
     Data(u32, Record),
     /// A metric or artifact on its way to worker 0, which writes the run directory.
     Event(RoutedEvent),
+    /// A snapshot file written at a round's end: its round, path relative to
+    /// the run directory, and sha256, on its way to the journal.
+    Snapshot(u64, String, String),
 }
 
 /// An event with where it came from.
@@ -85,6 +88,16 @@ pub struct RunShared {
     pub setup_error: Mutex<Option<String>>,
     /// The workers of this process meet here once their stages are created.
     pub created: Barrier,
+    /// A continued run: the last completed round and its verified
+    /// snapshots. The dataflow starts at the round after it.
+    pub resume: Option<crate::snapshots::Resumable>,
+}
+
+impl RunShared {
+    /// The first round this process runs.
+    pub fn start_round(&self) -> u64 {
+        self.resume.as_ref().map_or(0, |r| r.round + 1)
+    }
 }
 
 /// Where a per-member stage's member 0 is placed: members are dealt to
@@ -110,11 +123,15 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
         let n = p.stages.len();
         let mut loops = Vec::new();
         let mut loop_inputs: Vec<Vec<MsgStream>> = vec![Vec::new(); n];
+        let last = if rounds == 0 { None } else { Some(rounds - 1) };
         for (to, stage) in p.stages.iter().enumerate() {
             for edge in stage.edges.iter().filter(|e| e.feedback) {
                 let (handle, stream) = scope.feedback::<Vec<Msg>>(1);
                 loop_inputs[to].push(stream);
                 loops.push((handle, edge.clone()));
+                if let Some(replay) = replay(scope, &shared, edge, index) {
+                    loop_inputs[to].push(route(replay, edge, last));
+                }
             }
         }
         let mut outputs: Vec<Option<MsgStream>> = vec![None; n];
@@ -155,7 +172,6 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
             // `rounds == 0` (until stopped) is refused by validation today;
             // the branches for it here and in `stage_operator` are kept for
             // `hone serve`, whose loop has no last round.
-            let last = if rounds == 0 { None } else { Some(rounds - 1) };
             route(
                 outputs[edge.from].clone().expect("all stages built"),
                 &edge,
@@ -164,7 +180,8 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
             .connect_loop(handle);
         }
         let events: Vec<MsgStream> = outputs.into_iter().flatten().map(events_only).collect();
-        let mut log = (index == 0).then(|| EventLog::new(&shared.run_dir, rounds));
+        let start = shared.start_round();
+        let mut log = (index == 0).then(|| EventLog::new(&shared.run_dir, rounds, peers, start));
         let run = shared.clone();
         scope.concatenate(events).sink(
             Exchange::new(|_: &Msg| 0u64),
@@ -177,8 +194,10 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
                 };
                 input.for_each(|_, data| {
                     for msg in data.drain(..) {
-                        if let Msg::Event(e) = msg {
-                            log.record(e);
+                        match msg {
+                            Msg::Event(e) => log.record(e),
+                            Msg::Snapshot(round, rel, sha) => log.record_snapshot(round, rel, sha),
+                            Msg::Data(..) => {}
                         }
                     }
                 });
@@ -209,7 +228,60 @@ use timely::dataflow::operators::Concatenate;
 
 /// Keeps only the events of a stage's output (records stay on their workers).
 fn events_only(stream: MsgStream<'_>) -> MsgStream<'_> {
-    keep(stream, "Events", |m| matches!(m, Msg::Event(_)))
+    keep(stream, "Events", |m| {
+        matches!(m, Msg::Event(_) | Msg::Snapshot(..))
+    })
+}
+
+/// On a continued run, the records `edge`'s source stage sent on this
+/// worker in the last completed round, emitted at the first round to run:
+/// what the feedback edge would have carried had the run not stopped.
+fn replay<'s>(
+    scope: timely::dataflow::Scope<'s, u64>,
+    shared: &RunShared,
+    edge: &Edge,
+    worker: usize,
+) -> Option<MsgStream<'s>> {
+    let resume = shared.resume.as_ref()?;
+    let stage = &shared.pipeline.stages[edge.from].decl.id;
+    let rel = crate::snapshots::relative(resume.round, stage, worker, "feedback");
+    // Every worker builds the same operators (timely matches channels by
+    // construction order); one without the stage's instance replays nothing.
+    let records = if resume.files.contains_key(&rel) {
+        std::fs::read(shared.run_dir.join(&rel))
+            .map_err(|e| e.to_string())
+            .and_then(|b| crate::snapshots::decode_feedback(&b))
+    } else {
+        Ok(Vec::new())
+    };
+    let records = match records {
+        Ok(r) => r,
+        Err(e) => {
+            shared
+                .reporter
+                .send(Report::Failed(format!("cannot replay {rel}: {e}")));
+            shared.abort.store(true, Ordering::SeqCst);
+            Vec::new()
+        }
+    };
+    let start = shared.start_round();
+    Some(timely::dataflow::operators::generic::operator::source::<
+        u64,
+        timely::container::CapacityContainerBuilder<Vec<Msg>>,
+        _,
+        _,
+    >(scope, "Replay", move |cap, _info| {
+        let mut cap = Some(cap.delayed(&start));
+        let mut records = Some(records);
+        move |output| {
+            if let Some(c) = cap.take() {
+                let mut session = output.session(&c);
+                for (port, r) in records.take().unwrap_or_default() {
+                    session.give(Msg::Data(port, r));
+                }
+            }
+        }
+    }))
 }
 
 fn is_artifact(m: &Msg) -> bool {
@@ -235,7 +307,7 @@ fn keep<'s>(stream: MsgStream<'s>, name: &str, pred: fn(&Msg) -> bool) -> MsgStr
 fn shard(m: &Msg) -> u64 {
     match m {
         Msg::Data(_, r) => r.shard_key(),
-        Msg::Event(_) => 0,
+        Msg::Event(_) | Msg::Snapshot(..) => 0,
     }
 }
 
@@ -270,17 +342,32 @@ struct StageOp {
     instance: Option<StageInstance>,
     next_round: u64,
     stash: BTreeMap<u64, Vec<Msg>>,
+    /// This stage's output ports that feed a feedback edge, and what it
+    /// sent on them this round (saved with its snapshot).
+    feedback_ports: Vec<u32>,
+    feedback_out: Vec<(u32, Record)>,
 }
 
 impl StageOp {
     fn new(shared: Arc<RunShared>, stage: usize, worker: usize, peers: usize) -> Self {
+        let feedback_ports = shared
+            .pipeline
+            .stages
+            .iter()
+            .flat_map(|s| s.edges.iter())
+            .filter(|e| e.feedback && e.from == stage)
+            .map(|e| e.from_port as u32)
+            .collect();
+        let next_round = shared.start_round();
         let mut op = StageOp {
             shared,
             stage,
             worker,
             instance: None,
-            next_round: 0,
+            next_round,
             stash: BTreeMap::new(),
+            feedback_ports,
+            feedback_out: Vec::new(),
         };
         let s = &op.shared.pipeline.stages[stage];
         let members: Vec<usize> = match s.descriptor.placement {
@@ -321,7 +408,63 @@ impl StageOp {
             Ok(instance) => op.instance = Some(instance),
             Err(error) => op.fail(error, true),
         }
+        op.restore();
         op
+    }
+
+    /// On a continued run, restores the instance from its snapshot of the
+    /// last completed round, if it saved one (a stage that keeps nothing
+    /// across rounds saves none and starts fresh).
+    fn restore(&mut self) {
+        let Some(resume) = self.shared.resume.clone() else {
+            return;
+        };
+        let rel = crate::snapshots::relative(resume.round, self.id(), self.worker, "state");
+        if !resume.files.contains_key(&rel) {
+            return;
+        }
+        let run_dir = self.shared.run_dir.clone();
+        let Some(instance) = self.instance.as_mut() else {
+            return;
+        };
+        let result = std::fs::read(run_dir.join(&rel))
+            .map_err(|e| hone_sdk::StageError::new(format!("cannot read snapshot {rel}: {e}")))
+            .and_then(|bytes| instance.restore(resume.round, &bytes))
+            .map_err(|e| hone_sdk::StageError::new(format!("cannot restore from {rel}: {e}")));
+        if let Err(e) = result {
+            self.fail(e, false);
+        }
+    }
+
+    /// After round `round` ended: writes the instance's snapshot and the
+    /// records it sent on feedback edges, unless it was the last round.
+    fn snapshot(&mut self, round: u64, out: &mut impl FnMut(Msg)) {
+        let feedback = std::mem::take(&mut self.feedback_out);
+        let rounds = self.shared.pipeline.pipeline.rounds;
+        if rounds != 0 && round + 1 >= rounds {
+            return;
+        }
+        let Some(instance) = self.instance.as_mut() else {
+            return;
+        };
+        let state = match instance.snapshot(round) {
+            Ok(state) => state,
+            Err(e) => return self.fail(e, false),
+        };
+        let mut files = Vec::new();
+        if let Some(bytes) = state {
+            files.push(("state", Ok(bytes)));
+        }
+        if !self.feedback_ports.is_empty() {
+            files.push(("feedback", crate::snapshots::encode_feedback(&feedback)));
+        }
+        for (kind, bytes) in files {
+            let rel = crate::snapshots::relative(round, self.id(), self.worker, kind);
+            match bytes.and_then(|b| crate::snapshots::write(&self.shared.run_dir, &rel, &b)) {
+                Ok(sha) => out(Msg::Snapshot(round, rel, sha)),
+                Err(e) => return self.fail(hone_sdk::StageError::new(e), false),
+            }
+        }
     }
 
     fn id(&self) -> &str {
@@ -349,9 +492,13 @@ impl StageOp {
     }
 
     /// Hands a call's output to the dataflow and the reporter.
-    fn deliver(&self, emitted: Emitted, round: u64, out: &mut impl FnMut(Msg)) {
+    fn deliver(&mut self, emitted: Emitted, round: u64, out: &mut impl FnMut(Msg)) {
         for (port, batch) in emitted.records {
+            let fed_back = self.feedback_ports.contains(&port);
             for record in batch {
+                if fed_back {
+                    self.feedback_out.push((port, record.clone()));
+                }
                 out(Msg::Data(port, record));
             }
         }
@@ -428,8 +575,9 @@ impl StageOp {
         let result = instance.on_round_end(round, &mut emitted);
         drop(call);
         self.deliver(emitted, round, out);
-        if let Err(e) = result {
-            self.fail(e, false);
+        match result {
+            Err(e) => self.fail(e, false),
+            Ok(()) => self.snapshot(round, out),
         }
     }
 }
@@ -440,7 +588,9 @@ where
 {
     let name = format!("Stage({})", op.id());
     let rounds = op.shared.pipeline.pipeline.rounds;
-    input.unary_frontier(pact, &name, move |cap, _info| {
+    input.unary_frontier(pact, &name, move |mut cap, _info| {
+        // A continued run starts at the round after the last completed one.
+        cap.downgrade(&op.next_round);
         let mut cap: Option<Capability<u64>> = op.instance.is_some().then_some(cap);
         move |(input, frontier), output| {
             input.for_each(|time, data| {

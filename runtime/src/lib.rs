@@ -16,3 +16,4 @@ pub mod plugin;
 pub mod report;
 pub mod rundir;
 pub mod scaffold;
+pub mod snapshots;

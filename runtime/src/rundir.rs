@@ -112,6 +112,25 @@ pub enum Action {
         /// The attempt number.
         attempt: usize,
     },
+    /// Continue in place from the round after the last completed one,
+    /// restoring the stages from its snapshots: the logs are copied to
+    /// `attempts/N/` and cut back to the completed rounds.
+    Continue {
+        /// The attempt number (where the logs as they were are copied).
+        attempt: usize,
+        /// The last completed round and its verified snapshots.
+        from: crate::snapshots::Resumable,
+    },
+}
+
+/// What a resume checks a run against before continuing it in place.
+pub struct ThisRun<'a> {
+    /// The resolved pipeline, as `pipeline.toml` holds it.
+    pub pipeline_toml: &'a str,
+    /// Worker threads per process.
+    pub workers: usize,
+    /// Processes in the cluster.
+    pub processes: usize,
 }
 
 /// A place `--replace` and `--resume` must leave where it is: what it is
@@ -128,6 +147,7 @@ pub fn plan(
     existing: Existing,
     rounds: u64,
     protected: &[Protected],
+    this_run: &ThisRun,
 ) -> Result<Plan, String> {
     let shown = dir.display();
     let meta = std::fs::symlink_metadata(dir);
@@ -201,11 +221,50 @@ pub fn plan(
             if attempts.exists() {
                 check_writable(&attempts)?;
             }
-            Ok(run(Action::Resume {
-                attempt: next_attempt(&attempts),
-            }))
+            let attempt = next_attempt(&attempts);
+            match continuable(dir, this_run)? {
+                Some(from) => Ok(run(Action::Continue { attempt, from })),
+                None => Ok(run(Action::Resume { attempt })),
+            }
         }
     }
+}
+
+/// Whether the run in `dir` can continue in place: a completed round with
+/// snapshots (verified here), the same resolved pipeline, and the same
+/// workers. `None` when it can only be re-run (no round completed, or a
+/// journal from before snapshots, or a cluster run); an error when it has
+/// snapshots but must not continue from them.
+fn continuable(
+    dir: &Path,
+    this_run: &ThisRun,
+) -> Result<Option<crate::snapshots::Resumable>, String> {
+    let Some(from) = crate::snapshots::resumable(dir)? else {
+        return Ok(None);
+    };
+    let shown = dir.display();
+    if this_run.processes > 1 {
+        // Cluster runs re-run: process 0 alone cannot check every process's snapshots.
+        return Ok(None);
+    }
+    let before = std::fs::read_to_string(dir.join("pipeline.toml")).unwrap_or_default();
+    if before != this_run.pipeline_toml {
+        return Err(format!(
+            "cannot resume {shown}: the pipeline is not the one the run started with (its resolved form differs \
+             from {}; a changed stage or --set would mix two pipelines in one run): run it as it was, or \
+             --replace to start over",
+            dir.join("pipeline.toml").display()
+        ));
+    }
+    if from.workers != this_run.workers {
+        return Err(format!(
+            "cannot resume {shown}: it ran on {} workers and its snapshots are per worker: resume with \
+             --workers {}",
+            from.workers, from.workers
+        ));
+    }
+    crate::snapshots::verify(dir, &from)?;
+    Ok(Some(from))
 }
 
 /// The first `attempts/N` not taken.
@@ -310,6 +369,7 @@ impl Plan {
                 }
             }
             Action::Resume { attempt } => move_to_attempt(dir, *attempt)?,
+            Action::Continue { attempt, from } => cut_back(dir, *attempt, from.round)?,
         }
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create run directory {}: {e}", dir.display()))?;
@@ -365,6 +425,40 @@ fn move_to_attempt(dir: &Path, attempt: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Copies the logs to `attempts/N/` (nothing is lost), then keeps in them
+/// only what rounds up to `round` wrote: the incomplete round runs again.
+fn cut_back(dir: &Path, attempt: usize, round: u64) -> Result<(), String> {
+    let target = dir.join("attempts").join(attempt.to_string());
+    std::fs::create_dir_all(&target)
+        .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    for name in ["metrics.jsonl", "manifest.jsonl", "journal.jsonl"] {
+        let path = dir.join(name);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        atomic_write(&target.join(name), text.as_bytes()).map_err(|e| {
+            format!(
+                "cannot copy {} to {}: {e}",
+                path.display(),
+                target.display()
+            )
+        })?;
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["round"].as_u64())
+                    .is_some_and(|r| r <= round)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        atomic_write(&path, kept.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Rounds recorded as complete in the run's journal.
 pub fn completed_rounds(dir: &Path) -> u64 {
     std::fs::read_to_string(dir.join("journal.jsonl"))
@@ -387,31 +481,64 @@ fn now() -> f64 {
 pub struct EventLog {
     dir: PathBuf,
     rounds: u64,
+    workers: usize,
     metrics: String,
     manifest: String,
     journal: String,
     completed: u64,
+    /// A continued run's logs are still to be read back.
+    unread: bool,
+    /// Each round's snapshot files and their sha256, for its journal line.
+    snapshots: std::collections::BTreeMap<u64, serde_json::Map<String, serde_json::Value>>,
     dirty: bool,
     last_write: Instant,
 }
 
 impl EventLog {
-    /// A log writing into `dir`.
-    pub fn new(dir: &Path, rounds: u64) -> Self {
+    /// A log writing into `dir`, for a run of `workers` workers (in all)
+    /// starting at round `start`: a continued run keeps what the completed
+    /// rounds wrote.
+    pub fn new(dir: &Path, rounds: u64, workers: usize, start: u64) -> Self {
         EventLog {
             dir: dir.to_path_buf(),
             rounds,
+            workers,
             metrics: String::new(),
             manifest: String::new(),
             journal: String::new(),
-            completed: 0,
+            completed: start,
+            unread: start > 0,
+            snapshots: Default::default(),
             dirty: true,
             last_write: Instant::now(),
         }
     }
 
+    /// A continued run's logs as the completed rounds left them, read at
+    /// first use: after the plan has cut them back, not when the log is made.
+    fn read_back(&mut self) {
+        if !std::mem::take(&mut self.unread) {
+            return;
+        }
+        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        (self.metrics, self.manifest, self.journal) = (
+            read("metrics.jsonl"),
+            read("manifest.jsonl"),
+            read("journal.jsonl"),
+        );
+    }
+
+    /// Notes a snapshot file of `round` for its journal line.
+    pub fn record_snapshot(&mut self, round: u64, rel: String, sha256: String) {
+        self.snapshots
+            .entry(round)
+            .or_default()
+            .insert(rel, serde_json::Value::String(sha256));
+    }
+
     /// Adds an event.
     pub fn record(&mut self, e: RoutedEvent) {
+        self.read_back();
         let line = match e.event {
             Event::Metric { name, value, step } => {
                 let line = serde_json::json!({
@@ -445,6 +572,7 @@ impl EventLog {
     /// After a failure (`aborted`) the frontier runs out without the rounds
     /// completing, so nothing more is journalled.
     pub fn advance(&mut self, frontier: Option<u64>, aborted: bool) {
+        self.read_back();
         let done_up_to = match frontier {
             _ if aborted => self.completed,
             Some(t) => t,
@@ -452,8 +580,11 @@ impl EventLog {
         };
         let mut round_completed = false;
         while self.completed < done_up_to {
-            let line =
-                serde_json::json!({ "round": self.completed, "completed": true, "time": now() });
+            let snapshots = self.snapshots.remove(&self.completed).unwrap_or_default();
+            let line = serde_json::json!({
+                "round": self.completed, "completed": true, "time": now(),
+                "workers": self.workers, "snapshots": snapshots,
+            });
             self.journal.push_str(&line.to_string());
             self.journal.push('\n');
             self.completed += 1;
@@ -464,6 +595,11 @@ impl EventLog {
             || (self.dirty && self.last_write.elapsed() > Duration::from_secs(2))
         {
             self.flush();
+        }
+        if round_completed {
+            // The journal now names the last completed round's snapshots;
+            // the two newest rounds' are kept, older ones are hone's to delete.
+            crate::snapshots::prune(&self.dir, self.completed.saturating_sub(2));
         }
     }
 

@@ -46,6 +46,7 @@ pub mod fs;
 pub mod pretrained;
 pub mod records;
 pub mod round;
+pub mod snapshot;
 mod stage;
 pub mod testing;
 pub mod text;

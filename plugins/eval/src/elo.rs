@@ -33,6 +33,9 @@ pub struct Elo {
     kept: BTreeMap<String, BTreeMap<(String, String), f64>>,
 }
 
+/// A prompt's kept entries in a snapshot: (player, completion id, score).
+type KeptPrompt = (String, Vec<(String, String, f64)>);
+
 /// One game: players `a` and `b` (indices), and a's result (1, 0.5 or 0).
 #[derive(Debug, Clone, Copy)]
 struct Game {
@@ -204,6 +207,41 @@ impl StageFactory for Elo {
 impl Stage for Elo {
     fn round_input(&mut self) -> Option<&mut RoundInput> {
         Some(&mut self.input)
+    }
+
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        if !self.config.across_rounds {
+            // Each round is rated on its own: nothing carries over.
+            return Ok(None);
+        }
+        let kept: Vec<KeptPrompt> = self
+            .kept
+            .iter()
+            .map(|(prompt, entries)| {
+                let entries = entries
+                    .iter()
+                    .map(|((player, id), &score)| (player.clone(), id.clone(), score));
+                (prompt.clone(), entries.collect())
+            })
+            .collect();
+        hone_sdk::snapshot::encode("eval.elo", &kept).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        let kept: Vec<KeptPrompt> = hone_sdk::snapshot::decode("eval.elo", round, snapshot)?;
+        self.kept = kept
+            .into_iter()
+            .map(|(prompt, entries)| {
+                (
+                    prompt,
+                    entries
+                        .into_iter()
+                        .map(|(player, id, score)| ((player, id), score))
+                        .collect(),
+                )
+            })
+            .collect();
+        Ok(())
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {

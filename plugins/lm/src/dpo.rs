@@ -156,6 +156,18 @@ impl Stage for Dpo {
         Some(&mut self.input)
     }
 
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        crate::encode_snapshot("lm.dpo", &(&self.policy.newest, &self.reference.newest)).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        // Each round trains afresh from the policy it is handed: the two
+        // newest artifacts are all that carries over.
+        let (policy, reference) = crate::decode_snapshot("lm.dpo", round, snapshot)?;
+        (self.policy.newest, self.reference.newest) = (policy, reference);
+        Ok(())
+    }
+
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let mut input = self.input.take();
         self.policy.offer_all(&mut input, 1)?;

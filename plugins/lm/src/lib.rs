@@ -86,41 +86,19 @@ fn teacher_forcing_start(
     }
 }
 
-/// A stage's state as snapshot bytes (bincode, standard configuration),
-/// led by the stage's kind so that another stage's snapshot is refused by
-/// name rather than misread.
+/// A stage's state as snapshot bytes ([`hone_sdk::snapshot::encode`]).
 fn encode_snapshot<T: serde::Serialize>(kind: &str, state: &T) -> Result<Vec<u8>, StageError> {
-    bincode::serde::encode_to_vec((kind, state), bincode::config::standard())
-        .map_err(|e| StageError::new(format!("cannot encode the snapshot: {e}")))
+    hone_sdk::snapshot::encode(kind, state)
 }
 
-/// The state a `kind` stage's snapshot of `round` holds; another stage's
-/// snapshot, or bytes of another shape, are an error saying so, never a
-/// half-restored stage.
+/// The state a `kind` stage's snapshot of `round` holds
+/// ([`hone_sdk::snapshot::decode`]).
 fn decode_snapshot<T: serde::de::DeserializeOwned>(
     kind: &str,
     round: u64,
     bytes: &[u8],
 ) -> Result<T, StageError> {
-    let unreadable =
-        |e: String| StageError::new(format!("the snapshot of round {round} cannot be read: {e}"));
-    let config = bincode::config::standard();
-    let (found, _): (String, usize) =
-        bincode::serde::decode_from_slice(bytes, config).map_err(|e| unreadable(e.to_string()))?;
-    if found != kind {
-        return Err(StageError::new(format!(
-            "the snapshot of round {round} is a {found} stage's, not {kind}'s"
-        )));
-    }
-    let ((_, state), read): ((String, T), usize) =
-        bincode::serde::decode_from_slice(bytes, config).map_err(|e| unreadable(e.to_string()))?;
-    if read != bytes.len() {
-        return Err(StageError::new(format!(
-            "the snapshot of round {round} has {} bytes after its state: it is not this stage's",
-            bytes.len() - read
-        )));
-    }
-    Ok(state)
+    hone_sdk::snapshot::decode(kind, round, bytes)
 }
 
 /// The device named by the `device` field, or a config error naming it.

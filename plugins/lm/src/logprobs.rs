@@ -90,6 +90,15 @@ impl Stage for Logprobs {
         Some(&mut self.input)
     }
 
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        crate::encode_snapshot("lm.logprobs", &self.reference.newest).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        self.reference.newest = crate::decode_snapshot("lm.logprobs", round, snapshot)?;
+        Ok(())
+    }
+
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let mut input = self.input.take();
         self.reference.offer_all(&mut input, 1)?;

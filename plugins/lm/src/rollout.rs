@@ -129,6 +129,16 @@ impl Stage for Rollout {
         Some(&mut self.input)
     }
 
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        crate::encode_snapshot("lm.rollout", &self.policy.newest).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        // The newest policy is all it keeps: the next round samples from it.
+        self.policy.newest = crate::decode_snapshot("lm.rollout", round, snapshot)?;
+        Ok(())
+    }
+
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let mut input = self.input.take();
         self.policy.offer_all(&mut input, 1)?;

@@ -90,6 +90,18 @@ impl Models {
     fn newest(&self) -> Vec<ArtifactRef> {
         newest_models(&self.seen)
     }
+
+    /// What a snapshot keeps: the newest round's models, which decide every
+    /// later round's `newest` as the whole list would (an older model never
+    /// wins again).
+    fn state(&self) -> Vec<ArtifactRef> {
+        self.newest()
+    }
+
+    /// Back from [`Models::state`].
+    fn restore(&mut self, seen: Vec<ArtifactRef>) {
+        self.seen = seen;
+    }
 }
 
 /// The `reward-model` artifacts of the newest round among `seen`, sorted by

@@ -89,6 +89,17 @@ impl Stage for Scorer {
         Some(self.models.buffer())
     }
 
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        hone_sdk::snapshot::encode("rm.score", &self.models.state()).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        // The models scored with; the loaded ones are a cache, reloaded on use.
+        self.models
+            .restore(hone_sdk::snapshot::decode("rm.score", round, snapshot)?);
+        Ok(())
+    }
+
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let mut input = self.models.take_round()?;
         let records: Vec<Record> = input

@@ -138,6 +138,16 @@ impl Stage for Strength {
         Some(self.models.buffer())
     }
 
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        hone_sdk::snapshot::encode("rm.strength", &self.models.state()).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        self.models
+            .restore(hone_sdk::snapshot::decode("rm.strength", round, snapshot)?);
+        Ok(())
+    }
+
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let mut input = self.models.take_round()?;
         let mut pairs = input.pairs(1);

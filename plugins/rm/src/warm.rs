@@ -109,6 +109,18 @@ impl Stage for Warm {
         Some(self.models.buffer())
     }
 
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        hone_sdk::snapshot::encode("rm.warm", &(self.models.state(), &self.merged)).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        // What was merged last decides whether the next round merges again.
+        let (seen, merged) = hone_sdk::snapshot::decode("rm.warm", round, snapshot)?;
+        self.models.restore(seen);
+        self.merged = merged;
+        Ok(())
+    }
+
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let mut input = self.models.take_round()?;
         let mut pairs = input.pairs(1);

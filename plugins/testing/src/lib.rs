@@ -77,6 +77,7 @@ struct FaultConfig {
     after: u64,
     message: String,
     exit_code: u8,
+    only_if_env: String,
 }
 
 /// Passes records through, then fails (panics or errors) after N records.
@@ -119,6 +120,13 @@ impl StageFactory for Fault {
             "injected fault",
             "The panic or error message.",
         )
+        .optional(
+            "only_if_env",
+            FieldType::String,
+            "",
+            "Fail only while this environment variable is set (a crash in one attempt that a resume \
+             without it gets past); empty: always.",
+        )
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
@@ -131,6 +139,10 @@ impl StageFactory for Fault {
 
 impl Fault {
     fn trip(&self) -> Result<(), StageError> {
+        let env = &self.config.only_if_env;
+        if !env.is_empty() && std::env::var_os(env).is_none() {
+            return Ok(());
+        }
         match self.config.mode.as_str() {
             "panic" => panic!("{}", self.config.message),
             "abort" => std::process::abort(),
@@ -144,6 +156,15 @@ impl Fault {
 }
 
 impl Stage for Fault {
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        hone_sdk::snapshot::encode("testing.fault", &self.seen).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        self.seen = hone_sdk::snapshot::decode("testing.fault", round, snapshot)?;
+        Ok(())
+    }
+
     fn on_batch(
         &mut self,
         ctx: &mut Context,
@@ -152,7 +173,8 @@ impl Stage for Fault {
     ) -> Result<(), StageError> {
         for r in batch {
             if self.seen >= self.config.after {
-                return self.trip();
+                // Returns only when disarmed (only_if_env unset): pass on.
+                self.trip()?;
             }
             self.seen += 1;
             ctx.emit(0, r);
@@ -162,7 +184,7 @@ impl Stage for Fault {
 
     fn on_round_end(&mut self, _ctx: &mut Context) -> Result<(), StageError> {
         if self.seen >= self.config.after {
-            return self.trip();
+            self.trip()?;
         }
         Ok(())
     }

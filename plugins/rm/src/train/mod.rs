@@ -54,6 +54,14 @@ struct TrainConfig {
     device: String,
 }
 
+/// What an rm.train snapshot holds: the init policies seen, the label pool,
+/// and each member's last model (artifact id, weights file).
+type TrainState = (
+    Vec<ArtifactRef>,
+    Vec<PreferencePair>,
+    BTreeMap<usize, (String, String)>,
+);
+
 /// Trains the members of a reward-model ensemble that this instance runs.
 pub struct Train {
     config: TrainConfig,
@@ -68,8 +76,9 @@ pub struct Train {
     /// sent again replaces itself).
     pool: BTreeMap<String, PreferencePair>,
     /// With start = "last": each member's last trained model (its artifact
-    /// id and weights file), which the next round continues.
-    last: HashMap<usize, (String, PathBuf)>,
+    /// id and weights file relative to the run directory), which the next
+    /// round continues.
+    last: BTreeMap<usize, (String, String)>,
 }
 
 impl StageFactory for Train {
@@ -238,7 +247,7 @@ impl StageFactory for Train {
             input: RoundInput::default(),
             policies: Vec::new(),
             pool: BTreeMap::new(),
-            last: HashMap::new(),
+            last: BTreeMap::new(),
         })
     }
 }
@@ -246,6 +255,22 @@ impl StageFactory for Train {
 impl Stage for Train {
     fn round_input(&mut self) -> Option<&mut RoundInput> {
         Some(&mut self.input)
+    }
+
+    fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
+        let pool: Vec<&PreferencePair> = self.pool.values().collect();
+        hone_sdk::snapshot::encode("rm.train", &(&self.policies, pool, &self.last)).map(Some)
+    }
+
+    fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
+        // The init policies seen, the label pool, and each member's last
+        // model: the weights themselves are its registered artifacts.
+        let (policies, pool, last): TrainState =
+            hone_sdk::snapshot::decode("rm.train", round, snapshot)?;
+        self.policies = policies;
+        self.pool = pool.into_iter().map(|p| (p.id.clone(), p)).collect();
+        self.last = last;
+        Ok(())
     }
 
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
@@ -513,7 +538,7 @@ impl Train {
             root,
             desc: init_desc,
         } = self.build(ctx, &from)?;
-        let continued = self.continue_last(member, &varmap)?;
+        let continued = self.continue_last(ctx, member, &varmap)?;
         let init_desc = continued
             .as_ref()
             .map_or(init_desc, |id| format!("continued from {id}"));
@@ -619,7 +644,7 @@ impl Train {
             (head, varmap, model.hidden_size())
         };
         let root = format!("{backbone}:init_seed={init_seed}");
-        let continued = self.continue_last(member, &varmap)?;
+        let continued = self.continue_last(ctx, member, &varmap)?;
         let init_desc = continued
             .as_ref()
             .map_or(backbone.clone(), |id| format!("continued from {id}"));
@@ -662,18 +687,24 @@ impl Train {
 
     /// With start = "last", overwrites a freshly built member's weights with
     /// its own of the round before; the id of that model, if it did.
-    fn continue_last(&self, member: usize, varmap: &VarMap) -> Result<Option<String>, StageError> {
+    fn continue_last(
+        &self,
+        ctx: &Context,
+        member: usize,
+        varmap: &VarMap,
+    ) -> Result<Option<String>, StageError> {
         if self.config.start != "last" {
             return Ok(None);
         }
-        let Some((id, file)) = self.last.get(&member) else {
+        let Some((id, path)) = self.last.get(&member) else {
             return Ok(None);
         };
+        let file = ctx.init().run_dir.join(path);
         let doing = format!(
             "cannot continue member {member} from {id} ({})",
             file.display()
         );
-        let tensors = candle_core::safetensors::load(file, &self.device).or_stage(&doing)?;
+        let tensors = candle_core::safetensors::load(&file, &self.device).or_stage(&doing)?;
         let data = varmap.data().lock().expect("VarMap lock poisoned");
         for (name, var) in data.iter() {
             let t = tensors
@@ -716,8 +747,8 @@ impl Train {
             inputs,
             lineage,
         )?;
-        let file = ctx.init().run_dir.join(&artifact.path);
-        self.last.insert(meta.member, (artifact.id.clone(), file));
+        self.last
+            .insert(meta.member, (artifact.id.clone(), artifact.path.clone()));
         ctx.emit(0, Record::Artifact(artifact));
         Ok(())
     }
