@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// An online DPO loop and an RM loop that keeps learning from selected
-/// labels, 5 rounds (the reward models learn seed labels in round 0, the
+/// An online DPO loop, a PPO loop, and an RM loop that keeps learning from
+/// selected labels, 5 rounds (the reward models learn seed labels in round 0, the
 /// policy samples from round 1); `crash` (armed by HONE_TEST_CRASH) calls
 /// exit() when round 3's DPO policy arrives.
 const LOOP: &str = r#"[pipeline]
@@ -102,6 +102,29 @@ inputs = "rollout"
 kind = "eval.elo"
 inputs = { completions = "gold.completions" }
 config = { across_rounds = true, method = "bt", bootstrap = 10 }
+
+# PPO, which keeps its policy, AdamW moments, critic and KL controller in
+# memory from round to round.
+[stages.rollout_ppo]
+kind = "lm.rollout"
+inputs = { prompts = "prompts", policy = "sft.policy" }
+feedback = { policy = "ppo.policy" }
+config = { n = 2, max_new_tokens = 12 }
+
+[stages.ref_ppo]
+kind = "lm.logprobs"
+inputs = { completions = "rollout_ppo", reference = "sft.policy" }
+config = { max_new_tokens = 12 }
+
+[stages.gold_ppo]
+kind = "world.gold"
+inputs = "ref_ppo"
+
+[stages.ppo]
+kind = "lm.ppo"
+inputs = { completions = "ref_ppo", scores = "gold_ppo", policy = "sft.policy", reference = "sft.policy" }
+feedback = { policy = "ppo.policy" }
+config = { score = "gold_reward", max_new_tokens = 12, lr = 1e-3, epochs = 1, batch_size = 8, target_kl = 1.0, horizon = 100.0 }
 
 [stages.crash]
 kind = "testing.fault"
