@@ -179,10 +179,11 @@ impl Stage for Rollout {
                         .or_stage(&format!("sampling a completion of prompt {}", prompt.id))?;
                 new_tokens += ids.len();
                 count += 1;
-                let meta = BTreeMap::from([
+                let mut meta = BTreeMap::from([
                     ("sample".to_string(), i.to_string()),
                     ("new_tokens".to_string(), ids.len().to_string()),
                 ]);
+                record_sampling(&self.config, &mut meta);
                 ctx.emit(
                     0,
                     Record::Completion(Completion {
@@ -250,11 +251,12 @@ impl Rollout {
                 }
                 new_tokens += token_logprobs.len();
                 count += 1;
-                let meta = BTreeMap::from([
+                let mut meta = BTreeMap::from([
                     ("sample".to_string(), i.to_string()),
                     ("new_tokens".to_string(), token_logprobs.len().to_string()),
                     ("pretrained".to_string(), name.clone()),
                 ]);
+                record_sampling(&self.config, &mut meta);
                 ctx.emit(
                     0,
                     Record::Completion(Completion {
@@ -278,6 +280,26 @@ impl Rollout {
         Ok(())
     }
 }
+
+/// Records how the sample was drawn when it was not from the plain
+/// softmax: `token_logprobs` are always the untempered, unfiltered
+/// log-probabilities, so a learner needs to know they are not those of the
+/// distribution that drew the tokens.
+fn record_sampling(c: &RolloutConfig, meta: &mut BTreeMap<String, String>) {
+    if c.temperature != 1.0 || c.top_k != 0 || c.top_p != 1.0 {
+        meta.insert(
+            SAMPLING.to_string(),
+            format!(
+                "temperature {} top_k {} top_p {}",
+                c.temperature, c.top_k, c.top_p
+            ),
+        );
+    }
+}
+
+/// The meta key under which lm.rollout records a sampling that is not the
+/// plain softmax (temperature 1, no top-k or top-p).
+pub(crate) const SAMPLING: &str = "sampling";
 
 #[cfg(test)]
 mod tests {

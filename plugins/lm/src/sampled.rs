@@ -40,6 +40,20 @@ impl OwnSamples {
         if completions.is_empty() {
             return Ok(None);
         }
+        // The ratio pi / pi_old and the KL estimates take token_logprobs as
+        // the log-probabilities of the distribution that drew the tokens.
+        if let Some(c) = completions
+            .iter()
+            .find(|c| c.meta.contains_key(crate::rollout::SAMPLING))
+        {
+            return Err(StageError::new(format!(
+                "completion {} was sampled with {} (lm.rollout), but its token_logprobs are the plain \
+                 softmax's, so they are not the log-probabilities of what drew it and the ratio and the KL \
+                 would be wrong: sample the learner's completions at temperature 1 without top_k or top_p",
+                c.id,
+                c.meta[crate::rollout::SAMPLING]
+            )));
+        }
         let Some(policy) = policy.newest.clone() else {
             return Err(StageError::new(format!(
                 "no policy artifact arrived by round {round}: wire `policy` to the policy that \

@@ -78,7 +78,21 @@ pub(crate) fn on_policy(
     a: &ArtifactRef,
     prompts: Vec<Record>,
 ) -> Vec<Record> {
+    sampled_with(dir, a, prompts, json!({}))
+}
+
+/// [`on_policy`] with lm.rollout's config overridden by `rollout`.
+fn sampled_with(
+    dir: &std::path::Path,
+    a: &ArtifactRef,
+    prompts: Vec<Record>,
+    rollout: serde_json::Value,
+) -> Vec<Record> {
     use crate::{Logprobs, Rollout};
+    let mut rollout_config = json!({"n": 4, "max_new_tokens": 12});
+    for (k, v) in rollout.as_object().unwrap() {
+        rollout_config[k] = v.clone();
+    }
     let stage = |kind: &str, config: serde_json::Value| {
         let mut init = StageInit::for_test(kind, config);
         init.run_dir = dir.to_path_buf();
@@ -88,7 +102,7 @@ pub(crate) fn on_policy(
     let sampled = hone_sdk::testing::run_round::<Rollout>(
         &stage(
             "lm.rollout",
-            hone_sdk::testing::full_config::<Rollout>(json!({"n": 4, "max_new_tokens": 12})),
+            hone_sdk::testing::full_config::<Rollout>(rollout_config),
         ),
         vec![(0, prompts), (1, policy_in.clone())],
     )
@@ -262,6 +276,46 @@ fn on_policy_samples_start_at_ratio_one_and_zero_kl() {
     assert_eq!(out.metric("clip_fraction", None), Some(0.0));
     let kl = out.metric("kl", None).unwrap();
     assert!(kl.abs() < 1e-4, "k3 to the policy itself: {kl}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn samples_drawn_at_another_temperature_are_refused() {
+    let dir = temp_run_dir("grpo-temperature");
+    let start = policy(&dir);
+    let prompts: Vec<Record> = (0..2)
+        .map(|i| {
+            Record::Prompt(Prompt {
+                id: format!("p{i}"),
+                text: format!("Human: question {i}?\n\nAssistant:"),
+                meta: Default::default(),
+            })
+        })
+        .collect();
+    let plain = sampled_with(&dir, &start, prompts.clone(), json!({}));
+    assert!(plain.iter().all(|r| match r {
+        Record::Completion(c) => !c.meta.contains_key("sampling"),
+        _ => true,
+    }));
+    for rollout in [json!({"temperature": 0.7}), json!({"top_k": 5})] {
+        let completions = sampled_with(&dir, &start, prompts.clone(), rollout.clone());
+        let scores: Vec<Record> = completions.iter().map(|r| score(r.id(), 1.0)).collect();
+        let err = run(
+            &dir,
+            json!({"max_new_tokens": 12}),
+            vec![
+                (0, completions),
+                (1, scores),
+                (2, vec![Record::Artifact(start.clone())]),
+            ],
+        )
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string().contains("temperature 1 without top_k"),
+            "{rollout}: {err}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
