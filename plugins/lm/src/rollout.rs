@@ -41,7 +41,9 @@ impl StageFactory for Rollout {
     fn descriptor() -> StageDescriptor {
         StageDescriptor::new(
             "lm.rollout",
-            "Samples n completions per prompt from the latest policy artifact, with per-token log-probabilities.",
+            "Samples n completions per prompt from the latest policy artifact, with per-token log-probabilities \
+             (under the plain softmax, whatever the temperature, top_k and top_p; a sample drawn otherwise \
+             carries meta `sampling`, and lm.grpo and lm.ppo refuse it). Meta: sample, new_tokens.",
         )
         .input("prompts", RecordKind::Prompt)
         .input("policy", RecordKind::Artifact(ArtifactKind::Policy))
