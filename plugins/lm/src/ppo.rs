@@ -59,6 +59,7 @@ struct PpoConfig {
     early_stop_kl: f64,
     lr: f64,
     critic_lr: f64,
+    critic_warmup: usize,
     max_grad_norm: f64,
     max_new_tokens: usize,
     seed: u64,
@@ -194,6 +195,7 @@ impl StageFactory for Ppo {
         .optional("early_stop_kl", FieldType::Float, 0.0, "Stop the round's epochs once a mini-batch's approximate KL (per token, to the sampler) exceeds this; 0 = never.")
         .optional("lr", FieldType::Float, 1e-4, "Policy learning rate (AdamW, constant).")
         .optional("critic_lr", FieldType::Float, 1e-4, "Critic learning rate (AdamW, constant).")
+        .optional("critic_warmup", FieldType::unsigned().at_most(1000), 0, "In the critic's first round, this many epochs of value-only steps (on the samples' Monte-Carlo returns) before the values are taken for GAE, so the first policy update does not learn from an untrained critic (OpenRLHF's freezing_actor_steps); 0 = none.")
         .optional("max_grad_norm", FieldType::Float, 1.0, "Gradient-norm clip, for the policy and the critic each.")
         .optional("max_new_tokens", size, 64, "lm.rollout's max_new_tokens: it fixes how rollout cut each prompt (so the ratio starts at 1).")
         .optional("seed", count, 0, "Seed of the mini-batch order and the value head's start, combined with the pipeline seed.")
@@ -344,6 +346,8 @@ impl Stage for Ppo {
 /// One completion with what PPO computed for it before the update.
 struct Sample {
     sampled: Sampled,
+    /// The reward of each response token: -beta KL, and the score on the last.
+    rewards: Vec<f32>,
     /// The critic's values of the response's states at rollout time.
     values: Vec<f32>,
     advantages: Vec<f32>,
@@ -494,11 +498,13 @@ impl Ppo {
                 .or_stage("GAE failed")?;
             samples.push(Sample {
                 sampled,
+                rewards: token_rewards,
                 values,
                 advantages,
                 returns,
             });
         }
+        self.warm_up_critic(ctx, &mut samples, pad)?;
         let (kl_k1, kl_k3) = (kl_k1 / n as f64, kl_k3 / n as f64);
         ctx.metric("kl", kl_k1);
         ctx.metric("kl_k3", kl_k3);
@@ -554,6 +560,91 @@ impl Ppo {
             per(stats.entropy),
         ));
         self.save(ctx, &policy, trainee, n)
+    }
+
+    /// In the critic's first round (it has taken no step), `critic_warmup`
+    /// epochs of value-only steps towards each sample's Monte-Carlo return
+    /// (the sum of its rewards to go, which needs no values), then fresh
+    /// values, advantages and returns from the warmed critic. The policy does
+    /// not move. Metrics: critic_warmup_loss (first and last step, by step),
+    /// explained_variance_before_warmup.
+    fn warm_up_critic(
+        &mut self,
+        ctx: &mut Context,
+        samples: &mut [Sample],
+        pad: u32,
+    ) -> Result<(), StageError> {
+        let c = &self.config;
+        let mut critic = self.critic.take().expect("ensured before");
+        if c.critic_warmup == 0 || critic.opt.steps() > 0 || samples.is_empty() {
+            self.critic = Some(critic);
+            return Ok(());
+        }
+        let all = |samples: &[Sample], f: fn(&Sample) -> &Vec<f32>| -> Vec<f32> {
+            samples.iter().flat_map(|s| f(s).iter().copied()).collect()
+        };
+        ctx.metric(
+            "explained_variance_before_warmup",
+            explained_variance(&all(samples, |s| &s.values), &all(samples, |s| &s.returns)),
+        );
+        let failed = "critic warm-up failed";
+        let mut targets = Vec::with_capacity(samples.len());
+        for s in samples.iter() {
+            let zeros = vec![0.0; s.rewards.len()];
+            targets.push(
+                gae(&s.rewards, &zeros, c.gamma as f32, 1.0)
+                    .or_stage(failed)?
+                    .1,
+            );
+        }
+        let critic_vars = Critic::trainable(&critic.varmap);
+        let seed = c.seed ^ ctx.init().seed ^ ctx.round() ^ 0xc417_0a11;
+        let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
+        let d = &self.device;
+        let mut step = 0u64;
+        for _ in 0..c.critic_warmup {
+            for batch in order.epoch(c.batch_size) {
+                let examples: Vec<Example> = batch
+                    .iter()
+                    .map(|&i| samples[i].sampled.example.clone())
+                    .collect();
+                let chosen: Vec<(&Sample, &Vec<f32>)> =
+                    batch.iter().map(|&i| (&samples[i], &targets[i])).collect();
+                let run = || -> hone_models::Result<(Tensor, f32)> {
+                    let (x, _, mask) = to_tensors(&examples, pad, d)?;
+                    let (_, t) = mask.dims2()?;
+                    let returns = lay(&chosen, t, d, |(s, r)| (s.sampled.first, &r[..]))?;
+                    let values = critic.critic.values(&x)?;
+                    let tokens = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
+                    let loss = ((((values - returns)?.sqr()? * 0.5)? * &mask)?.sum_all()?
+                        / f64::from(tokens))?;
+                    let value = loss.to_scalar::<f32>()?;
+                    Ok((loss, value))
+                };
+                let (loss, value) = run().or_stage(failed)?;
+                let mut grads = loss.backward().or_stage(failed)?;
+                clip_grad_norm(&mut grads, &critic_vars, c.max_grad_norm).or_stage(failed)?;
+                critic.opt.step(&grads).or_stage(failed)?;
+                step += 1;
+                ctx.metric_at("critic_warmup_loss", f64::from(value), step);
+            }
+        }
+        // The values GAE needs, from the warmed critic.
+        let chunk: Vec<&Sampled> = samples.iter().map(|s| &s.sampled).collect();
+        let mut values = Vec::with_capacity(samples.len());
+        for batch in chunk.chunks(c.batch_size) {
+            values.extend(self.values(&critic.critic, batch, pad).or_stage(failed)?);
+        }
+        self.critic = Some(critic);
+        for (s, v) in samples.iter_mut().zip(values) {
+            let (advantages, returns) =
+                gae(&s.rewards, &v, c.gamma as f32, c.lam as f32).or_stage(failed)?;
+            (s.values, s.advantages, s.returns) = (v, advantages, returns);
+        }
+        ctx.log(format!(
+            "critic warm-up: {step} value-only steps before the first policy update"
+        ));
+        Ok(())
     }
 
     /// Starts the critic from the policy's weights (and a seeded value

@@ -198,6 +198,7 @@ fn gradients_reach_every_parameter_and_a_zero_advantage_moves_no_policy_weight()
         let n = sampled.tokens();
         Sample {
             sampled,
+            rewards: vec![0.0; n],
             values: vec![0.5; n],
             advantages: vec![advantage; n],
             returns: vec![1.0; n],
@@ -281,6 +282,43 @@ fn the_critic_and_the_kl_controller_carry_across_rounds() {
     assert!(steps(&outs[1]).ends_with(", 16 optimizer steps in all"));
     let reloaded = run_rounds(&init(&dir, config), &inputs, 2, false).unwrap();
     assert!(steps(&reloaded[1]).ends_with(", 8 optimizer steps in all"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn critic_warmup_trains_the_critic_first_and_only_in_its_first_round() {
+    let dir = temp_run_dir("ppo-warmup");
+    let start = policy(&dir);
+    let inputs = toy(&dir, &start, 0.5);
+    let config = |warmup: u64| {
+        json!({"epochs": 1, "lr": 1e-9, "critic_lr": 3e-3, "batch_size": 8, "max_new_tokens": 4,
+            "beta": 0.05, "critic_warmup": warmup})
+    };
+    let plain = run_rounds(&init(&dir, config(0)), &inputs, 1, true).unwrap();
+    let outs = run_rounds(&init(&dir, config(4)), &inputs, 2, true).unwrap();
+    let (a, b) = (outs[0].metrics(), outs[1].metrics());
+    // 32 samples in batches of 8, 4 epochs: 16 value-only steps, the loss falling.
+    let loss = outs[0].series("critic_warmup_loss");
+    assert_eq!(loss.len(), 16);
+    assert!(
+        loss[12..].iter().sum::<f64>() < loss[..4].iter().sum::<f64>(),
+        "{loss:?}"
+    );
+    // The advantages come from the warmed critic: it explains the returns better.
+    assert!(
+        a["explained_variance"] > a["explained_variance_before_warmup"],
+        "{a:?}"
+    );
+    assert_eq!(
+        a["explained_variance_before_warmup"],
+        plain[0].metrics()["explained_variance"],
+        "before the warm-up the critic is the one without"
+    );
+    // Later rounds do not warm up again.
+    assert!(outs[1].series("critic_warmup_loss").is_empty());
+    assert!(!b.contains_key("explained_variance_before_warmup"));
+    // The policy's optimizer is untouched by the warm-up.
+    assert!(steps(&outs[0]).ends_with(", 4 optimizer steps in all"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
