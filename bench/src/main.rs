@@ -11,9 +11,12 @@
 //!    (bincode batches both ways) against the same stage called in-process.
 //! 3. `hone-bench lm --threads T`: the GPT of hone-models against PyTorch (run
 //!    through `bench/lm.sh`, which installs PyTorch in a virtualenv).
+//! 4. `hone-bench learners --threads T`: a DPO step and a PPO step against
+//!    the same losses in PyTorch (through `bench/learners.sh`).
 //! 4. `hone-bench warm [--members 2,4,8] [--mb 135] [--reps 5]`: WARM merge
 //!    (`hone_rm::merge`) GB/s against memcpy and file reads, and peak RSS per M.
 
+mod learners;
 mod lm;
 mod warm;
 
@@ -238,6 +241,20 @@ fn main() {
             train_steps: 10,
             repeats: 5,
             gen_tokens: 64,
+        });
+        return;
+    }
+    if args.first().map(String::as_str) == Some("learners") {
+        let threads = args
+            .iter()
+            .position(|a| a == "--threads")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(2);
+        learners::run(learners::LearnerBench {
+            threads,
+            steps: 5,
+            repeats: 5,
         });
         return;
     }
