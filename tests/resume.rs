@@ -193,81 +193,89 @@ fn a_crashed_loop_resumes_from_its_last_round_and_ends_as_if_it_never_stopped() 
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     let expected = artifacts(&whole);
     assert_eq!(journal(&whole).len(), 5);
-
-    let crashed = dir.join("runs/crashed");
-    let out = run(&dir.0, &file, &crashed, &[], true);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "the injected exit: {:?}",
-        text(&out)
-    );
-    let done = journal(&crashed);
-    assert!(!done.is_empty() && done.len() < 5, "{done:?}");
-    let last = done.len() as u64 - 1;
-    // The journal names each snapshot with its sha256.
-    let snapshots = done[last as usize]["snapshots"].as_object().unwrap();
-    assert!(
-        snapshots.keys().any(|k| k.contains("/dpo/worker-0.state")),
-        "{snapshots:?}"
-    );
-    assert!(
-        snapshots
-            .keys()
-            .any(|k| k.contains("/dpo/worker-0.feedback")),
-        "{snapshots:?}"
-    );
-    assert!(
-        snapshots.keys().any(|k| k.contains("/rm/worker-1.state")),
-        "{snapshots:?}"
-    );
-
-    let out = run(&dir.0, &file, &crashed, &["--resume"], false);
-    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
-    let (_, err) = text(&out);
-    assert!(err.is_empty() || !err.contains("error"), "{err}");
-    let rounds = journal(&crashed);
-    assert_eq!(rounds.len(), 5);
-    assert_eq!(
-        rounds
-            .iter()
-            .map(|v| v["round"].as_u64().unwrap())
-            .collect::<Vec<_>>(),
-        [0, 1, 2, 3, 4]
-    );
-    // The completed rounds were not redone: their journal lines are the
-    // crashed attempt's own.
-    for r in 0..=last as usize {
-        assert_eq!(rounds[r]["time"], done[r]["time"], "round {r} ran again");
-    }
-    // Bit for bit the artifacts of the run that never stopped.
-    let got = artifacts(&crashed);
-    assert_eq!(
-        got.len(),
-        expected.len(),
-        "{:?}",
-        got.keys().collect::<Vec<_>>()
-    );
-    for (id, sha) in &expected {
-        assert_eq!(got.get(id), Some(sha), "{id}");
-    }
-    // State beyond the artifacts came back too: the Elo table of every round.
-    assert_eq!(
-        last_metric(&crashed, "elo", "games"),
-        last_metric(&whole, "elo", "games")
-    );
     assert!(last_metric(&whole, "elo", "games").unwrap() > 0.0);
-    // The crashed attempt's logs are kept.
-    assert!(crashed.join("attempts/0/metrics.jsonl").is_file());
-    // Snapshots of all but the newest completed rounds are deleted, and
-    // the last round saves none: round 3's remain.
-    let kept: Vec<String> = std::fs::read_dir(crashed.join("snapshots"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    let mut kept = kept;
-    kept.sort();
-    assert_eq!(kept, ["round-3"]);
+    // Exit in round 2 (the fault trips once it has seen `after` DPO
+    // policies, one a round from round 1), and in round 4, the last: the
+    // feedback records of round 3 must be replayed into it too.
+    for after in [2, 4] {
+        let crashed = dir.join(&format!("runs/crashed-{after}"));
+        let file = dir.write(
+            &format!("loop-{after}.toml"),
+            &LOOP.replace("after = 2", &format!("after = {after}")),
+        );
+        let out = run(&dir.0, &file, &crashed, &[], true);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "the injected exit: {:?}",
+            text(&out)
+        );
+        let done = journal(&crashed);
+        assert!(!done.is_empty() && done.len() < 5, "{done:?}");
+        let last = done.len() as u64 - 1;
+        // The journal names each snapshot with its sha256.
+        let snapshots = done[last as usize]["snapshots"].as_object().unwrap();
+        for key in [
+            "/dpo/worker-0.state",
+            "/dpo/worker-0.feedback",
+            "/rm/worker-1.state",
+            "/ppo/worker-0.state",
+        ] {
+            assert!(
+                snapshots.keys().any(|k| k.contains(key)),
+                "{key}: {snapshots:?}"
+            );
+        }
+        let interrupted = crashed.join(format!("outputs/dpo/round-{}", last + 1));
+        let had_interrupted = interrupted.exists();
+
+        let out = run(&dir.0, &file, &crashed, &["--resume"], false);
+        assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+        let rounds = journal(&crashed);
+        assert_eq!(
+            rounds
+                .iter()
+                .map(|v| v["round"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
+        // The completed rounds were not redone: their journal lines are the
+        // crashed attempt's own.
+        for r in 0..=last as usize {
+            assert_eq!(rounds[r]["time"], done[r]["time"], "round {r} ran again");
+        }
+        // Bit for bit the artifacts of the run that never stopped.
+        let got = artifacts(&crashed);
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "{:?}",
+            got.keys().collect::<Vec<_>>()
+        );
+        for (id, sha) in &expected {
+            assert_eq!(got.get(id), Some(sha), "crash after {after}: {id}");
+        }
+        // State beyond the artifacts came back too: the Elo table of every round.
+        assert_eq!(
+            last_metric(&crashed, "elo", "games"),
+            last_metric(&whole, "elo", "games")
+        );
+        // The crashed attempt's logs, and what its interrupted round wrote, are kept.
+        assert!(crashed.join("attempts/0/metrics.jsonl").is_file());
+        if had_interrupted {
+            assert!(crashed
+                .join(format!("attempts/0/outputs/dpo/round-{}", last + 1))
+                .is_dir());
+        }
+        // Snapshots of all but the newest completed rounds are deleted, and
+        // the last round saves none: round 3's remain.
+        let mut kept: Vec<String> = std::fs::read_dir(crashed.join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["round-3"]);
+    }
 }
 
 #[test]

@@ -129,8 +129,10 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
                 let (handle, stream) = scope.feedback::<Vec<Msg>>(1);
                 loop_inputs[to].push(stream);
                 loops.push((handle, edge.clone()));
+                // Replayed records are already at the round they land in:
+                // the stage drops what is past the last round itself.
                 if let Some(replay) = replay(scope, &shared, edge, index) {
-                    loop_inputs[to].push(route(replay, edge, last));
+                    loop_inputs[to].push(route(replay, edge, None));
                 }
             }
         }
@@ -257,10 +259,22 @@ fn replay<'s>(
     let records = match records {
         Ok(r) => r,
         Err(e) => {
+            let error =
+                hone_sdk::StageError::new(format!("cannot replay the feedback records {rel}: {e}"));
             shared
                 .reporter
-                .send(Report::Failed(format!("cannot replay {rel}: {e}")));
+                .send(Report::Failed(format!("stage `{stage}` failed: {error}")));
             shared.abort.store(true, Ordering::SeqCst);
+            shared
+                .failures
+                .lock()
+                .expect("failures lock")
+                .push(Failure {
+                    stage: stage.clone(),
+                    worker,
+                    error,
+                    at_create: false,
+                });
             Vec::new()
         }
     };
@@ -447,6 +461,12 @@ impl StageOp {
         let Some(instance) = self.instance.as_mut() else {
             return;
         };
+        if !instance.can_snapshot() {
+            // Its plugin predates snapshots: the journal says so, and a
+            // resume re-runs instead of continuing without its state.
+            let rel = format!("{}{}", crate::snapshots::CANNOT, self.id());
+            return out(Msg::Snapshot(round, rel, String::new()));
+        }
         let state = match instance.snapshot(round) {
             Ok(state) => state,
             Err(e) => return self.fail(e, false),

@@ -159,8 +159,8 @@ pub fn install(stages: &[(String, String)], run_dir: &std::path::Path, timeout: 
             .collect(),
         footer: format!(
             "run directory: {} (its files are whole; journal.jsonl lists the rounds that \
-             completed, and `hone run PIPELINE --resume` runs the pipeline again, keeping this \
-             attempt in attempts/)\n",
+             completed, and `hone run PIPELINE --resume` continues after the last of them, or \
+             runs the pipeline again if none completed, keeping this attempt in attempts/)\n",
             run_dir.display()
         ),
         started: Instant::now(),

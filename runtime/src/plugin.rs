@@ -358,6 +358,13 @@ impl StageInstance {
         self.finish(err, out)
     }
 
+    /// Whether the plugin's table has the snapshot entries (a plugin built
+    /// before them cannot say whether it keeps state).
+    pub fn can_snapshot(&self) -> bool {
+        self.table
+            .has(entry_end(std::mem::offset_of!(PluginTable, snapshot)))
+    }
+
     /// The instance's state at the end of `round` (`None`: it keeps none,
     /// or its plugin's table predates snapshots).
     pub fn snapshot(&mut self, round: u64) -> Result<Option<Vec<u8>>, StageError> {

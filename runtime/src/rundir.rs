@@ -425,16 +425,25 @@ fn move_to_attempt(dir: &Path, attempt: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Copies the logs to `attempts/N/` (nothing is lost), then keeps in them
-/// only what rounds up to `round` wrote: the incomplete round runs again.
+/// Copies the logs to `attempts/N/` and moves there what the rounds after
+/// `round` wrote under `outputs/` (nothing is lost), then keeps in the logs
+/// only what rounds up to `round` wrote: the incomplete rounds run again.
 fn cut_back(dir: &Path, attempt: usize, round: u64) -> Result<(), String> {
     let target = dir.join("attempts").join(attempt.to_string());
     std::fs::create_dir_all(&target)
         .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    move_later_rounds(dir, &target, round)?;
     for name in ["metrics.jsonl", "manifest.jsonl", "journal.jsonl"] {
         let path = dir.join(name);
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(format!(
+                    "cannot read {}: {e}; nothing was cut back",
+                    path.display()
+                ))
+            }
         };
         atomic_write(&target.join(name), text.as_bytes()).map_err(|e| {
             format!(
@@ -455,6 +464,44 @@ fn cut_back(dir: &Path, attempt: usize, round: u64) -> Result<(), String> {
             .collect();
         atomic_write(&path, kept.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Moves `outputs/STAGE/round-K/` for every K after `round` (what the
+/// interrupted rounds wrote) to `target/outputs/STAGE/round-K/`.
+fn move_later_rounds(dir: &Path, target: &Path, round: u64) -> Result<(), String> {
+    let Ok(stages) = std::fs::read_dir(dir.join("outputs")) else {
+        return Ok(());
+    };
+    for stage in stages.flatten() {
+        let Ok(rounds) = std::fs::read_dir(stage.path()) else {
+            continue;
+        };
+        for r in rounds.flatten() {
+            let later = r
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("round-"))
+                .and_then(|k| k.parse::<u64>().ok())
+                .is_some_and(|k| k > round);
+            if !later {
+                continue;
+            }
+            let to = target
+                .join("outputs")
+                .join(stage.file_name())
+                .join(r.file_name());
+            std::fs::create_dir_all(to.parent().expect("a path under outputs/"))
+                .and_then(|()| std::fs::rename(r.path(), &to))
+                .map_err(|e| {
+                    format!(
+                        "cannot move {} to {}: {e}",
+                        r.path().display(),
+                        to.display()
+                    )
+                })?;
+        }
     }
     Ok(())
 }
@@ -590,20 +637,24 @@ impl EventLog {
             self.completed += 1;
             round_completed = true;
         }
+        let mut written = false;
         if round_completed
             || frontier.is_none()
             || (self.dirty && self.last_write.elapsed() > Duration::from_secs(2))
         {
-            self.flush();
+            written = self.flush();
         }
-        if round_completed {
+        // Only once the journal on disk names the newer snapshots.
+        if round_completed && written {
             // The journal now names the last completed round's snapshots;
             // the two newest rounds' are kept, older ones are hone's to delete.
             crate::snapshots::prune(&self.dir, self.completed.saturating_sub(2));
         }
     }
 
-    fn flush(&mut self) {
+    /// Writes the three logs; whether all were written.
+    fn flush(&mut self) -> bool {
+        let mut ok = true;
         for (name, text) in [
             ("metrics.jsonl", &self.metrics),
             ("manifest.jsonl", &self.manifest),
@@ -611,9 +662,11 @@ impl EventLog {
         ] {
             if let Err(e) = atomic_write(&self.dir.join(name), text.as_bytes()) {
                 eprintln!("error: cannot write {}: {e}", self.dir.join(name).display());
+                ok = false;
             }
         }
         self.dirty = false;
         self.last_write = Instant::now();
+        ok
     }
 }

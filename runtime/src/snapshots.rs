@@ -15,6 +15,10 @@ use hone_sdk::Record;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The journal's key for a stage whose plugin cannot snapshot
+/// (`cannot-snapshot/STAGE`): a run with one re-runs on `--resume`.
+pub const CANNOT: &str = "cannot-snapshot/";
+
 /// The directory of `round`'s snapshots.
 pub fn round_dir(run_dir: &Path, round: u64) -> PathBuf {
     run_dir.join("snapshots").join(format!("round-{round}"))
@@ -75,8 +79,16 @@ pub fn resumable(dir: &Path) -> Result<Option<Resumable>, String> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| format!("{}:{}: not a journal line ({e})", path.display(), n + 1))?;
+        // A journal hone cannot read is no base to continue from: the run
+        // re-runs, as before snapshots.
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            eprintln!(
+                "note: {}:{} is not a journal line, so the run is re-run rather than continued",
+                path.display(),
+                n + 1
+            );
+            return Ok(None);
+        };
         if v["completed"] != true {
             continue;
         }
@@ -100,6 +112,9 @@ pub fn resumable(dir: &Path) -> Result<Option<Resumable>, String> {
     let (Some(files), Some(workers)) = (v["snapshots"].as_object(), v["workers"].as_u64()) else {
         return Ok(None);
     };
+    if files.keys().any(|k| k.starts_with(CANNOT)) {
+        return Ok(None);
+    }
     let files = files
         .iter()
         .map(|(k, sha)| {
@@ -137,7 +152,7 @@ pub fn verify(dir: &Path, r: &Resumable) -> Result<(), String> {
                 path.display(),
                 r.round,
                 &found[..12],
-                &sha[..sha.len().min(12)]
+                sha.chars().take(12).collect::<String>()
             ));
         }
     }
