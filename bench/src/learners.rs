@@ -63,8 +63,8 @@ fn data(device: &Device) -> hone_models::Result<(Tensor, Tensor, Tensor)> {
         .collect();
     let mask = Tensor::from_vec(mask, (SEQUENCES, CFG.context), device)?;
     Ok((
-        ids.narrow(1, 0, CFG.context)?,
-        ids.narrow(1, 1, CFG.context)?,
+        ids.narrow(1, 0, CFG.context)?.contiguous()?,
+        ids.narrow(1, 1, CFG.context)?.contiguous()?,
         mask,
     ))
 }
