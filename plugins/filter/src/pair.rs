@@ -56,6 +56,7 @@ impl StageFactory for PairCompletions {
              when one arrives, position_swapped from a seeded draw, meta prompt_id, chosen_id, \
              rejected_id, strategy, family and split). Metrics: prompts, pairs, ties, too_few \
              (prompts with fewer than 2 scored completions), unscored (completions without the score), \
+             non_finite (completions whose score is NaN or infinite, left out), \
              chosen_score, rejected_score, chosen_length, rejected_length (means, characters) and, \
              with gold, gold_agreement (the share of pairs whose chosen is truly better, gold ties \
              left out).",
@@ -249,23 +250,31 @@ impl Stage for PairCompletions {
         }
         let get = |id: &str, name: &str| scores.get(&(id.to_string(), name.to_string())).copied();
         let mut by_prompt: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
-        let mut unscored = 0u64;
+        let (mut unscored, mut non_finite) = (0u64, 0u64);
         for c in completions {
             let Some(score) = get(&c.id, &self.config.score) else {
                 unscored += 1;
                 continue;
             };
+            // A NaN or infinite score (a diverged reward model) ranks nothing.
+            if !score.is_finite() {
+                non_finite += 1;
+                continue;
+            }
             let length = self.length(&c)?;
             let gold = get(&c.id, &self.config.gold);
-            by_prompt
-                .entry(c.prompt_id.clone())
-                .or_default()
-                .push(Candidate {
-                    ranked: score - self.config.length_penalty * length,
-                    score,
-                    gold,
-                    completion: c,
-                });
+            // A completion without a prompt id is grouped by its prompt text.
+            let key = if c.prompt_id.is_empty() {
+                format!("text:{}", hone_sdk::text::normalize(&c.prompt))
+            } else {
+                c.prompt_id.clone()
+            };
+            by_prompt.entry(key).or_default().push(Candidate {
+                ranked: score - self.config.length_penalty * length,
+                score,
+                gold,
+                completion: c,
+            });
         }
         let (mut pairs, mut ties, mut too_few) = (0u64, 0u64, 0u64);
         let mut sums = [0.0f64; 4];
@@ -307,6 +316,7 @@ impl Stage for PairCompletions {
         ctx.metric("ties", ties as f64);
         ctx.metric("too_few", too_few as f64);
         ctx.metric("unscored", unscored as f64);
+        ctx.metric("non_finite", non_finite as f64);
         if pairs > 0 {
             let n = pairs as f64;
             for (name, sum) in [

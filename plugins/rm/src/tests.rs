@@ -152,6 +152,23 @@ fn the_label_pool_grows_and_members_continue_from_their_last_weights() {
         same[1].series("m0_eval_loss")[0],
     );
     assert!((end0 - start1).abs() < 1e-6, "{end0} {start1}");
+    // A later label that reuses a pair id for other answers (a prompt
+    // sampled again) joins the pool; the same pair again replaces itself.
+    let reused: Vec<PreferencePair> = a
+        .iter()
+        .map(|p| {
+            let mut q = p.clone();
+            q.chosen = format!("{} again", p.chosen);
+            q
+        })
+        .collect();
+    let grown = train_rounds(
+        &dir,
+        json!({"steps": 2, "eval_every": 0, "train_on": "all"}),
+        &[a.clone(), reused, a.clone()],
+    );
+    assert_eq!(grown[1].metric("pool", None), Some(48.0));
+    assert_eq!(grown[2].metric("pool", None), Some(48.0));
     // Retraining from the shared init starts round 1 where round 0 started.
     let fresh = train_rounds(&dir, json!({"steps": 20, "eval_every": 0}), &[a.clone(), a]);
     let (start0, start1) = (

@@ -205,3 +205,35 @@ fn all_pairs_every_two_oriented_by_score_with_ties_dropped() {
     let ids: std::collections::BTreeSet<&str> = pairs.iter().map(|p| p.id.as_str()).collect();
     assert_eq!(ids.len(), 5, "distinct ids: {ids:?}");
 }
+
+#[test]
+fn non_finite_scores_rank_nothing_and_prompts_without_ids_group_by_text() {
+    let g = group(
+        "p",
+        &[
+            ("nan", f64::NAN, 0.0),
+            ("good", 0.9, 0.0),
+            ("bad", 0.1, 0.0),
+        ],
+    );
+    let (pairs, out) = pairs_of(json!({}), &[g]);
+    assert_eq!(pairs.len(), 1);
+    assert_eq!(
+        (pairs[0].chosen.as_str(), pairs[0].rejected.as_str()),
+        ("good", "bad")
+    );
+    assert_eq!(out.metric("non_finite", None), Some(1.0));
+    // Two prompts without ids: paired within each prompt's text, not across.
+    let (mut a, sa) = group("x", &[("a1", 1.0, 0.0), ("a2", 0.0, 0.0)]);
+    let (mut b, sb) = group("y", &[("b1", 1.0, 0.0), ("b2", 0.0, 0.0)]);
+    for r in a.iter_mut().chain(b.iter_mut()) {
+        if let Record::Completion(c) = r {
+            c.prompt_id.clear();
+        }
+    }
+    let (pairs, _) = pairs_of(json!({}), &[(a, sa), (b, sb)]);
+    assert_eq!(pairs.len(), 2);
+    for p in &pairs {
+        assert_eq!(p.chosen.chars().next(), p.rejected.chars().next(), "{p:?}");
+    }
+}

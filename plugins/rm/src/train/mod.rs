@@ -54,6 +54,18 @@ struct TrainConfig {
     device: String,
 }
 
+/// A pair's place in the label pool: its id and its texts, so that the
+/// same pair sent again replaces itself while a later label that reuses an
+/// id for other answers (a prompt sampled again in a later round) joins.
+fn pool_key(p: &PreferencePair) -> String {
+    let texts = format!("{}\u{0}{}\u{0}{}", p.prompt, p.chosen, p.rejected);
+    format!(
+        "{}#{:016x}",
+        p.id,
+        hone_sdk::text::stable_hash(texts.as_bytes())
+    )
+}
+
 /// What an rm.train snapshot holds: the init policies seen, the label pool,
 /// and each member's last model (artifact id, weights file).
 type TrainState = (
@@ -162,8 +174,8 @@ impl StageFactory for Train {
             FieldType::one_of(&["round", "all"]),
             "round",
             "`round`: each round trains on that round's pairs; `all`: on every pair received so far (the \
-             label pool of an online loop: each round's new labels join it; a pair id sent again replaces \
-             itself).",
+             label pool of an online loop: each round's new labels join it; the same pair, id and texts, \
+             sent again replaces itself).",
         )
         .optional(
             "start",
@@ -268,7 +280,7 @@ impl Stage for Train {
         let (policies, pool, last): TrainState =
             hone_sdk::snapshot::decode("rm.train", round, snapshot)?;
         self.policies = policies;
-        self.pool = pool.into_iter().map(|p| (p.id.clone(), p)).collect();
+        self.pool = pool.into_iter().map(|p| (pool_key(&p), p)).collect();
         self.last = last;
         Ok(())
     }
@@ -285,7 +297,7 @@ impl Stage for Train {
                 return Ok(());
             }
             for p in pairs {
-                self.pool.insert(p.id.clone(), p);
+                self.pool.insert(pool_key(&p), p);
             }
             pairs = self.pool.values().cloned().collect();
             ctx.metric("pool", pairs.len() as f64);
