@@ -21,7 +21,6 @@ use hone_models::ppo::clipped_value_loss;
 use hone_models::preference::{dpo_losses, DpoBatch, DpoLoss, DpoParams};
 use hone_models::train::{sequence_logprobs, token_logprobs};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
-use std::process::Command;
 use std::time::Instant;
 
 const CFG: GptConfig = GptConfig {
@@ -182,28 +181,16 @@ fn ppo(b: &LearnerBench, device: &Device) -> hone_models::Result<f64> {
 }
 
 fn torch(b: &LearnerBench) -> Result<serde_json::Value, String> {
-    let python =
-        std::env::var("HONE_TORCH_PYTHON").unwrap_or_else(|_| "bench/.venv/bin/python".into());
     let config = serde_json::json!({
         "threads": b.threads, "vocab": CFG.vocab_size, "d_model": CFG.d_model, "n_layers": CFG.n_layers,
         "n_heads": CFG.n_heads, "context": CFG.context, "sequences": SEQUENCES, "response": RESPONSE,
         "steps": b.steps, "repeats": b.repeats,
     });
-    let out = Command::new(&python)
-        .arg("bench/torch/learners_bench.py")
-        .arg(config.to_string())
-        .output()
-        .map_err(|e| {
-            format!("cannot run {python} (run bench/learners.sh, which installs PyTorch): {e}")
-        })?;
-    if !out.status.success() {
-        return Err(format!(
-            "PyTorch reference failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("PyTorch reference printed no JSON: {e}"))
+    crate::lm::run_torch(
+        "bench/torch/learners_bench.py",
+        &config,
+        "bench/learners.sh",
+    )
 }
 
 /// Runs the benchmark and prints a Markdown table.

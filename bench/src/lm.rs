@@ -115,20 +115,30 @@ fn generate(b: &LmBench, batch: usize, device: &Device) -> hone_models::Result<f
 }
 
 fn torch(b: &LmBench) -> Result<serde_json::Value, String> {
-    let python =
-        std::env::var("HONE_TORCH_PYTHON").unwrap_or_else(|_| "bench/.venv/bin/python".into());
     let config = serde_json::json!({
         "threads": b.threads, "vocab": CFG.vocab_size, "d_model": CFG.d_model, "n_layers": CFG.n_layers,
         "n_heads": CFG.n_heads, "context": CFG.context, "batch": b.batch, "train_steps": b.train_steps,
         "repeats": b.repeats, "gen_tokens": b.gen_tokens,
     });
+    run_torch("bench/torch/gpt_bench.py", &config, "bench/lm.sh")
+}
+
+/// Runs a PyTorch reference `script` of bench/torch with `config` (JSON)
+/// in the benchmark virtualenv (`$HONE_TORCH_PYTHON` to use another
+/// Python); the JSON object it prints. `setup` names the script that
+/// installs PyTorch, for the error.
+pub fn run_torch(
+    script: &str,
+    config: &serde_json::Value,
+    setup: &str,
+) -> Result<serde_json::Value, String> {
+    let python =
+        std::env::var("HONE_TORCH_PYTHON").unwrap_or_else(|_| "bench/.venv/bin/python".into());
     let out = Command::new(&python)
-        .arg("bench/torch/gpt_bench.py")
+        .arg(script)
         .arg(config.to_string())
         .output()
-        .map_err(|e| {
-            format!("cannot run {python} (run bench/lm.sh, which installs PyTorch): {e}")
-        })?;
+        .map_err(|e| format!("cannot run {python} (run {setup}, which installs PyTorch): {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "PyTorch reference failed: {}",

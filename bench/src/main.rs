@@ -226,15 +226,19 @@ fn boundary_bench(total: usize) {
     }
 }
 
+/// The `--threads T` argument (2 when absent).
+fn threads(args: &[String]) -> usize {
+    args.iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("lm") {
-        let threads = args
-            .iter()
-            .position(|a| a == "--threads")
-            .and_then(|i| args.get(i + 1))
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(2);
+        let threads = threads(&args);
         lm::run(lm::LmBench {
             threads,
             batch: 16,
@@ -245,12 +249,7 @@ fn main() {
         return;
     }
     if args.first().map(String::as_str) == Some("learners") {
-        let threads = args
-            .iter()
-            .position(|a| a == "--threads")
-            .and_then(|i| args.get(i + 1))
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(2);
+        let threads = threads(&args);
         learners::run(learners::LearnerBench {
             threads,
             steps: 5,

@@ -157,13 +157,14 @@ impl Stage for Dpo {
     }
 
     fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
-        crate::encode_snapshot("lm.dpo", &(&self.policy.newest, &self.reference.newest)).map(Some)
+        hone_sdk::snapshot::encode("lm.dpo", &(&self.policy.newest, &self.reference.newest))
+            .map(Some)
     }
 
     fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
         // Each round trains afresh from the policy it is handed: the two
         // newest artifacts are all that carries over.
-        let (policy, reference) = crate::decode_snapshot("lm.dpo", round, snapshot)?;
+        let (policy, reference) = hone_sdk::snapshot::decode("lm.dpo", round, snapshot)?;
         (self.policy.newest, self.reference.newest) = (policy, reference);
         Ok(())
     }

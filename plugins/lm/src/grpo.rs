@@ -143,11 +143,11 @@ impl Stage for Grpo {
             policy: self.policy.newest.clone(),
             trainee: self.trainee.as_ref().map(Trainee::state).transpose()?,
         };
-        crate::encode_snapshot("lm.grpo", &state).map(Some)
+        hone_sdk::snapshot::encode("lm.grpo", &state).map(Some)
     }
 
     fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
-        let state: GrpoState = crate::decode_snapshot("lm.grpo", round, snapshot)?;
+        let state: GrpoState = hone_sdk::snapshot::decode("lm.grpo", round, snapshot)?;
         self.trainee = state
             .trainee
             .map(|t| Trainee::from_state(t, &self.run_dir, &self.device, self.config.lr))

@@ -86,21 +86,6 @@ fn teacher_forcing_start(
     }
 }
 
-/// A stage's state as snapshot bytes ([`hone_sdk::snapshot::encode`]).
-fn encode_snapshot<T: serde::Serialize>(kind: &str, state: &T) -> Result<Vec<u8>, StageError> {
-    hone_sdk::snapshot::encode(kind, state)
-}
-
-/// The state a `kind` stage's snapshot of `round` holds
-/// ([`hone_sdk::snapshot::decode`]).
-fn decode_snapshot<T: serde::de::DeserializeOwned>(
-    kind: &str,
-    round: u64,
-    bytes: &[u8],
-) -> Result<T, StageError> {
-    hone_sdk::snapshot::decode(kind, round, bytes)
-}
-
 /// The device named by the `device` field, or a config error naming it.
 fn device(name: &str) -> Result<hone_models::Device, StageError> {
     hone_models::device::device(name).map_err(|e| StageError::config("device", e.to_string()))

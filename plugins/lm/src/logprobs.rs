@@ -91,11 +91,11 @@ impl Stage for Logprobs {
     }
 
     fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
-        crate::encode_snapshot("lm.logprobs", &self.reference.newest).map(Some)
+        hone_sdk::snapshot::encode("lm.logprobs", &self.reference.newest).map(Some)
     }
 
     fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
-        self.reference.newest = crate::decode_snapshot("lm.logprobs", round, snapshot)?;
+        self.reference.newest = hone_sdk::snapshot::decode("lm.logprobs", round, snapshot)?;
         Ok(())
     }
 

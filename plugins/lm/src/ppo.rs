@@ -308,11 +308,11 @@ impl Stage for Ppo {
             kl: self.kl.clone(),
             moments: self.moments.clone(),
         };
-        crate::encode_snapshot("lm.ppo", &state).map(Some)
+        hone_sdk::snapshot::encode("lm.ppo", &state).map(Some)
     }
 
     fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
-        let state: PpoState = crate::decode_snapshot("lm.ppo", round, snapshot)?;
+        let state: PpoState = hone_sdk::snapshot::decode("lm.ppo", round, snapshot)?;
         let c = &self.config;
         self.trainee = state
             .trainee
@@ -451,16 +451,12 @@ impl Ppo {
         let mut samples = Vec::with_capacity(n);
         let (mut kl_k1, mut kl_k3) = (0.0, 0.0);
         let chunk: Vec<&Sampled> = scored.iter().map(|(s, _, _)| s).collect();
-        let mut values = Vec::with_capacity(n);
         // Wall time of each phase, so a round's time can be split (the
         // benchmark in docs/benchmarks.md reads these).
         let clock = std::time::Instant::now();
-        for batch in chunk.chunks(c.batch_size) {
-            values.extend(
-                self.values(critic, batch, pad)
-                    .or_stage("cannot compute the critic's values")?,
-            );
-        }
+        let values = self
+            .values(critic, &chunk, pad)
+            .or_stage("cannot compute the critic's values")?;
         ctx.metric("values_seconds", clock.elapsed().as_secs_f64());
         for (((sampled, _, _), values), mut score) in scored.into_iter().zip(values).zip(penalised)
         {
@@ -631,10 +627,7 @@ impl Ppo {
         }
         // The values GAE needs, from the warmed critic.
         let chunk: Vec<&Sampled> = samples.iter().map(|s| &s.sampled).collect();
-        let mut values = Vec::with_capacity(samples.len());
-        for batch in chunk.chunks(c.batch_size) {
-            values.extend(self.values(&critic.critic, batch, pad).or_stage(failed)?);
-        }
+        let values = self.values(&critic.critic, &chunk, pad).or_stage(failed)?;
         self.critic = Some(critic);
         for (s, v) in samples.iter_mut().zip(values) {
             let (advantages, returns) =
@@ -685,21 +678,27 @@ impl Ppo {
         Ok(())
     }
 
-    /// The critic's values of each sample's response states (no gradient).
+    /// The critic's values of each sample's response states (no gradient),
+    /// in forward passes of `batch_size` samples.
     fn values(
         &self,
         critic: &Critic,
-        batch: &[&Sampled],
+        samples: &[&Sampled],
         pad: u32,
     ) -> hone_models::Result<Vec<Vec<f32>>> {
-        let examples: Vec<Example> = batch.iter().map(|s| s.example.clone()).collect();
-        let (x, _, _) = to_tensors(&examples, pad, &self.device)?;
-        let v = critic.values(&x)?.detach().to_vec2::<f32>()?;
-        Ok(batch
-            .iter()
-            .zip(v)
-            .map(|(s, row)| row[s.first..s.first + s.tokens()].to_vec())
-            .collect())
+        let mut out = Vec::with_capacity(samples.len());
+        for batch in samples.chunks(self.config.batch_size) {
+            let examples: Vec<Example> = batch.iter().map(|s| s.example.clone()).collect();
+            let (x, _, _) = to_tensors(&examples, pad, &self.device)?;
+            let v = critic.values(&x)?.detach().to_vec2::<f32>()?;
+            out.extend(
+                batch
+                    .iter()
+                    .zip(v)
+                    .map(|(s, row)| row[s.first..s.first + s.tokens()].to_vec()),
+            );
+        }
+        Ok(out)
     }
 
     /// The exact KL(π_old‖π_ref) per sequence, summed over its tokens and

@@ -132,12 +132,12 @@ impl Stage for Rollout {
     }
 
     fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
-        crate::encode_snapshot("lm.rollout", &self.policy.newest).map(Some)
+        hone_sdk::snapshot::encode("lm.rollout", &self.policy.newest).map(Some)
     }
 
     fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
         // The newest policy is all it keeps: the next round samples from it.
-        self.policy.newest = crate::decode_snapshot("lm.rollout", round, snapshot)?;
+        self.policy.newest = hone_sdk::snapshot::decode("lm.rollout", round, snapshot)?;
         Ok(())
     }
 

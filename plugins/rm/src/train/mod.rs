@@ -54,6 +54,28 @@ struct TrainConfig {
     device: String,
 }
 
+/// Overwrites the variables of `varmap` that `wanted` names with the
+/// tensors of the same names in the safetensors `file`; a missing one is an
+/// error that starts with `doing`.
+fn set_weights(
+    varmap: &VarMap,
+    file: &std::path::Path,
+    device: &Device,
+    doing: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<(), StageError> {
+    let tensors = candle_core::safetensors::load(file, device).or_stage(doing)?;
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    for (name, var) in data.iter().filter(|(n, _)| wanted(n)) {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| StageError::new(format!("{doing}: no tensor {name}")))?;
+        var.set(&t.to_dtype(DType::F32).or_stage(doing)?)
+            .or_stage(doing)?;
+    }
+    Ok(())
+}
+
 /// A pair's place in the label pool: its id and its texts, so that the
 /// same pair sent again replaces itself while a later label that reuses an
 /// id for other answers (a prompt sampled again in a later round) joins.
@@ -459,16 +481,11 @@ impl Train {
         let rm = RewardModel::new(&cfg, vb).or_stage("cannot build the reward model")?;
         init_seeded(&varmap, init_seed).or_stage("cannot initialise the reward model")?;
         if let Some(file) = weights {
+            // The policy has no reward head: that stays from the init seed.
             let doing = format!("cannot load init weights {}", file.display());
-            let tensors = candle_core::safetensors::load(&file, &self.device).or_stage(&doing)?;
-            let data = varmap.data().lock().expect("VarMap lock poisoned");
-            for (name, var) in data.iter().filter(|(n, _)| !n.starts_with("reward_head.")) {
-                let t = tensors
-                    .get(name)
-                    .ok_or_else(|| StageError::new(format!("{doing}: no tensor {name}")))?;
-                var.set(&t.to_dtype(DType::F32).or_stage(&doing)?)
-                    .or_stage(&doing)?;
-            }
+            set_weights(&varmap, &file, &self.device, &doing, |n| {
+                !n.starts_with("reward_head.")
+            })?;
         }
         Ok(Built {
             rm,
@@ -716,15 +733,7 @@ impl Train {
             "cannot continue member {member} from {id} ({})",
             file.display()
         );
-        let tensors = candle_core::safetensors::load(&file, &self.device).or_stage(&doing)?;
-        let data = varmap.data().lock().expect("VarMap lock poisoned");
-        for (name, var) in data.iter() {
-            let t = tensors
-                .get(name)
-                .ok_or_else(|| StageError::new(format!("{doing}: it has no tensor {name}")))?;
-            var.set(&t.to_dtype(DType::F32).or_stage(&doing)?)
-                .or_stage(&doing)?;
-        }
+        set_weights(varmap, &file, &self.device, &doing, |_| true)?;
         Ok(Some(id.clone()))
     }
 
