@@ -30,6 +30,12 @@ enum Command {
     },
     /// Run a pipeline.
     Run(RunArgs),
+    /// Run a pipeline's rounds while serving the annotation page, the JSON
+    /// API and /metrics (docs/serve.md). Continues the run directory if it
+    /// exists; SIGTERM stops after the round in flight.
+    Serve(ServeArgs),
+    /// A simulated annotator labelling over `hone serve`'s API by the gold hint.
+    Annotate(AnnotateArgs),
     /// List every stage kind with its ports and documented config.
     Plugins {
         /// Extra directories to load plugins from.
@@ -134,6 +140,65 @@ struct RunArgs {
     /// Print failures only.
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    #[command(flatten)]
+    common: Common,
+    /// The run directory (default: runs/PIPELINE_NAME); continued if it exists.
+    #[arg(long = "run-dir", value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Worker threads (1 to 1024).
+    #[arg(long, short = 'w', default_value_t = 1, allow_negative_numbers = true,
+          value_parser = count_parser("--workers", MAX_WORKERS))]
+    workers: usize,
+    /// Where to listen. Loopback by default: give an outside address only
+    /// behind a TLS proxy (docs/serve.md).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8477")]
+    addr: String,
+    /// Also run a simulated annotator in this process, labelling over HTTP
+    /// by the pairs' gold hints (for demos and tests).
+    #[arg(long = "simulate-annotator")]
+    simulate_annotator: bool,
+    /// As for `hone run`.
+    #[arg(long = "stage-timeout", value_name = "SECS", allow_negative_numbers = true,
+          value_parser = count_parser("--stage-timeout", u32::MAX as usize))]
+    stage_timeout: Option<usize>,
+    /// Print failures only.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct AnnotateArgs {
+    /// The served run directory: its address and token are read from it.
+    #[arg(long = "run-dir", value_name = "DIR", required_unless_present = "addr")]
+    run_dir: Option<PathBuf>,
+    /// The server's address (instead of --run-dir); the token comes from
+    /// HONE_SERVE_TOKEN.
+    #[arg(long, value_name = "HOST:PORT")]
+    addr: Option<String>,
+    /// The annotator's name.
+    #[arg(long, default_value = "simulated")]
+    annotator: String,
+    /// The share of answers flipped (a seeded draw per pair), 0 to 1.
+    #[arg(long = "flip-rate", default_value_t = 0.0)]
+    flip_rate: f64,
+    /// The seed of the flips.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Append each acknowledged label's client id to FILE.
+    #[arg(long = "ack-log", value_name = "FILE")]
+    ack_log: Option<PathBuf>,
+    /// Exit once the server has been unreachable for SECS.
+    #[arg(long = "give-up", value_name = "SECS", default_value_t = 30)]
+    give_up: u64,
+    /// Exit once the served run has finished its last round.
+    #[arg(long = "until-finished")]
+    until_finished: bool,
 }
 
 /// Most processes in a cluster run.
@@ -250,7 +315,9 @@ pub fn main() -> i32 {
                     d.display()
                 );
             }),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args, None),
+        Command::Serve(args) => serve(args),
+        Command::Annotate(args) => annotate(args),
         Command::Models { action } => models(action),
         Command::Report { run_dir, out } => report(&run_dir, out),
     };
@@ -426,8 +493,116 @@ fn models(action: ModelsAction) -> Result<(), Failure> {
     }
 }
 
-fn run(args: RunArgs) -> Result<(), Failure> {
+/// What `hone serve` adds to a run.
+struct ServeOptions {
+    addr: String,
+    simulate_annotator: bool,
+}
+
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let (resolved, _, _) = load(&args.pipeline, &args.common)?;
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&resolved.pipeline.name));
+    drop(resolved);
+    // A served run is continued, never replaced: its label database holds
+    // people's work. Start afresh with another --run-dir.
+    let resume = run_dir.join(crate::rundir::MARKER).is_file();
+    let run_args = RunArgs {
+        pipeline: args.pipeline,
+        common: args.common,
+        run_dir: Some(run_dir),
+        workers: args.workers,
+        processes: 1,
+        process: 0,
+        hostfile: None,
+        connect_timeout: 60,
+        stage_timeout: args.stage_timeout,
+        resume,
+        replace: false,
+        quiet: args.quiet,
+    };
+    run(
+        run_args,
+        Some(ServeOptions {
+            addr: args.addr,
+            simulate_annotator: args.simulate_annotator,
+        }),
+    )
+}
+
+fn annotate(args: AnnotateArgs) -> Result<(), Failure> {
+    if !(0.0..=1.0).contains(&args.flip_rate) {
+        return Err(usage(format!(
+            "--flip-rate takes a share from 0 to 1, not {}",
+            args.flip_rate
+        )));
+    }
+    let (addr, token) = match (&args.run_dir, args.addr) {
+        (_, Some(addr)) => (
+            addr,
+            std::env::var(crate::serve::TOKEN_ENV).map_err(|_| {
+                usage(format!(
+                    "--addr needs the token in {}",
+                    crate::serve::TOKEN_ENV
+                ))
+            })?,
+        ),
+        (Some(dir), None) => {
+            let serving = dir.join(hone_sdk::feedback::SERVING);
+            let s: hone_sdk::feedback::Serving = std::fs::read(&serving)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| {
+                    usage(format!(
+                        "{}: no server noted there: start `hone serve` on that run directory first",
+                        serving.display()
+                    ))
+                })?;
+            let token = match std::env::var(crate::serve::TOKEN_ENV) {
+                Ok(t) => t,
+                Err(_) => {
+                    std::fs::read_to_string(dir.join(crate::serve::TOKEN_FILE)).map_err(|e| {
+                        usage(format!(
+                            "{}: {e}",
+                            dir.join(crate::serve::TOKEN_FILE).display()
+                        ))
+                    })?
+                }
+            };
+            (s.addr, token.trim().to_string())
+        }
+        (None, None) => return Err(usage("give --run-dir DIR or --addr HOST:PORT")),
+    };
+    let options = crate::annotate::Options {
+        addr,
+        token,
+        annotator: args.annotator,
+        flip_rate: args.flip_rate,
+        seed: args.seed,
+        ack_log: args.ack_log,
+        give_up: std::time::Duration::from_secs(args.give_up),
+        until_finished: args.until_finished,
+    };
+    let n = crate::annotate::run(&options).map_err(|e| Failure {
+        code: 1,
+        message: format!("error: {e}"),
+    })?;
+    println!("{n} labels acknowledged");
+    Ok(())
+}
+
+fn run(args: RunArgs, serving: Option<ServeOptions>) -> Result<(), Failure> {
     let (resolved, registry, source) = load(&args.pipeline, &args.common)?;
+    if resolved.pipeline.rounds == 0 && serving.is_none() {
+        return Err(usage(format!(
+            "{}: pipeline.rounds = 0 runs until stopped, which only `hone serve` does: \
+             `hone serve {}`, or give rounds a number",
+            args.pipeline.display(),
+            args.pipeline.display()
+        )));
+    }
     if args.process >= args.processes {
         return Err(usage(format!(
             "--process {} is not below --processes {}: give each process its index, from 0 to {}",
@@ -483,7 +658,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             p => plan = Some(p),
         }
     }
-    let prepared_early = args.processes > 1;
+    // A served run's directory is made first too: the label store and the
+    // server start before the stages do.
+    let prepared_early = args.processes > 1 || serving.is_some();
     if prepared_early {
         // A cluster's processes cannot wait for each other's stages before
         // the dataflow runs, so process 0 prepares the directory first (see
@@ -548,6 +725,43 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             );
         }
     }
+    let telemetry = Arc::new(crate::telemetry::Telemetry::default());
+    telemetry.set_completed(resume.as_ref().map_or(0, |r| r.round + 1));
+    if let Some(options) = &serving {
+        let server =
+            crate::serve::start(&run_dir, &options.addr, telemetry.clone()).map_err(|message| {
+                Failure {
+                    code: 1,
+                    message: format!("error: {message}"),
+                }
+            })?;
+        if !args.quiet {
+            eprintln!(
+                "serving the annotation page at http://{}/#token={} (token in {})",
+                server.addr,
+                server.token,
+                run_dir.join(crate::serve::TOKEN_FILE).display()
+            );
+        }
+        crate::serve::exit_on_signals(&server, args.quiet);
+        if options.simulate_annotator {
+            let sim = crate::annotate::Options {
+                addr: server.addr.to_string(),
+                token: server.token.clone(),
+                annotator: "simulated".into(),
+                flip_rate: 0.0,
+                seed: 0,
+                ack_log: None,
+                give_up: std::time::Duration::from_secs(3600),
+                until_finished: true,
+            };
+            std::thread::spawn(move || {
+                if let Err(e) = crate::annotate::run(&sim) {
+                    eprintln!("error: the simulated annotator stopped: {e}");
+                }
+            });
+        }
+    }
     let (reporter, printer) = Printer::start(args.quiet);
     let shared = Arc::new(RunShared {
         pipeline: resolved,
@@ -561,6 +775,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         setup_error: Mutex::new(None),
         created: std::sync::Barrier::new(args.workers),
         resume,
+        telemetry,
     });
     let started = std::time::Instant::now();
     let worker_shared = shared.clone();

@@ -91,6 +91,8 @@ pub struct RunShared {
     /// A continued run: the last completed round and its verified
     /// snapshots. The dataflow starts at the round after it.
     pub resume: Option<crate::snapshots::Resumable>,
+    /// Live figures for `hone serve` (kept in every run; cheap).
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl RunShared {
@@ -136,6 +138,9 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
                 }
             }
         }
+        // A run without a last round is paced: round `r` may end only once
+        // round `r - 1` is journalled, so sources do not race ahead.
+        let clock = (rounds == 0).then(|| clock(scope, shared.clone()));
         let mut outputs: Vec<Option<MsgStream>> = vec![None; n];
         for &s in &p.order {
             let stage = &p.stages[s];
@@ -146,6 +151,9 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
                 .map(|e| route(outputs[e.from].clone().expect("topological order"), e, None))
                 .collect();
             inputs.append(&mut loop_inputs[s]);
+            if let Some(clock) = &clock {
+                inputs.push(clock.clone());
+            }
             let input = if inputs.is_empty() {
                 empty(scope)
             } else {
@@ -171,9 +179,7 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
             outputs[s] = Some(out);
         }
         for (handle, edge) in loops {
-            // `rounds == 0` (until stopped) is refused by validation today;
-            // the branches for it here and in `stage_operator` are kept for
-            // `hone serve`, whose loop has no last round.
+            // `rounds == 0` (`hone serve` until stopped) has no last round.
             route(
                 outputs[edge.from].clone().expect("all stages built"),
                 &edge,
@@ -197,14 +203,24 @@ pub fn build(worker: &mut Worker, shared: Arc<RunShared>) {
                 input.for_each(|_, data| {
                     for msg in data.drain(..) {
                         match msg {
-                            Msg::Event(e) => log.record(e),
+                            Msg::Event(e) => {
+                                if let Event::Metric { name, value, .. } = &e.event {
+                                    run.telemetry.metric(&e.stage, name, *value);
+                                }
+                                log.record(e)
+                            }
                             Msg::Snapshot(round, rel, sha) => log.record_snapshot(round, rel, sha),
                             Msg::Data(..) => {}
                         }
                     }
                 });
                 let aborted = run.abort.load(Ordering::SeqCst);
-                log.advance(frontier.frontier().first().copied(), aborted);
+                let frontier = frontier.frontier().first().copied();
+                log.advance(frontier, aborted);
+                run.telemetry.set_completed(log.completed());
+                if frontier.is_none() {
+                    run.telemetry.set_finished();
+                }
             },
         );
     });
@@ -296,6 +312,36 @@ fn replay<'s>(
             }
         }
     }))
+}
+
+/// The pace of a run without a last round: holds its capability at the
+/// first round not yet allowed to end (the one after the next to complete),
+/// and moves it on as rounds are journalled. Once `hone serve` is asked to
+/// stop it moves no further: the round in flight ends, and no other begins.
+fn clock<'s>(scope: timely::dataflow::Scope<'s, u64>, shared: Arc<RunShared>) -> MsgStream<'s> {
+    let start = shared.start_round();
+    let activations = scope.clone();
+    timely::dataflow::operators::generic::operator::source::<
+        u64,
+        timely::container::CapacityContainerBuilder<Vec<Msg>>,
+        _,
+        _,
+    >(scope, "Clock", move |cap, info| {
+        let activator = activations.activator_for(info.address.clone());
+        let mut cap = Some(cap.delayed(&(start + 1)));
+        move |_output| {
+            if shared.abort.load(Ordering::SeqCst) {
+                cap = None;
+            }
+            let Some(c) = cap.as_mut() else { return };
+            let allowed = shared.telemetry.completed() + 1;
+            if allowed > *c.time() && !shared.telemetry.stop.load(Ordering::SeqCst) {
+                c.downgrade(&allowed);
+            }
+            // Looked at again shortly: rounds complete on worker 0's sink.
+            activator.activate_after(std::time::Duration::from_millis(20));
+        }
+    })
 }
 
 fn is_artifact(m: &Msg) -> bool {
@@ -571,13 +617,17 @@ impl StageOp {
                 }
             }
         }
+        let (telemetry, id) = (self.shared.telemetry.clone(), self.id().to_string());
         for (port, batch) in batches {
             let mut emitted = self.emitted();
             let Some(instance) = self.instance.as_mut() else {
                 return;
             };
             let call = last_breath::enter(self.worker, self.stage, round, Call::Batch);
+            telemetry.enter(&id, round);
+            let timer = std::time::Instant::now();
             let result = instance.on_batch(port, round, &batch, &mut emitted);
+            telemetry.leave(&id, timer.elapsed());
             drop(call);
             self.deliver(emitted, round, out);
             if let Err(e) = result {
@@ -587,12 +637,16 @@ impl StageOp {
     }
 
     fn round_end(&mut self, round: u64, out: &mut impl FnMut(Msg)) {
+        let (telemetry, id) = (self.shared.telemetry.clone(), self.id().to_string());
         let mut emitted = self.emitted();
         let Some(instance) = self.instance.as_mut() else {
             return;
         };
         let call = last_breath::enter(self.worker, self.stage, round, Call::RoundEnd);
+        telemetry.enter(&id, round);
+        let timer = std::time::Instant::now();
         let result = instance.on_round_end(round, &mut emitted);
+        telemetry.leave(&id, timer.elapsed());
         drop(call);
         self.deliver(emitted, round, out);
         match result {

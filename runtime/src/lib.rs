@@ -4,6 +4,7 @@
 //! The binary (`hone`) is a thin CLI over [`cli`]; the library exists so
 //! that benchmarks and tests can drive the same code.
 
+pub mod annotate;
 pub mod cli;
 pub mod cluster;
 pub mod dataflow;
@@ -16,4 +17,6 @@ pub mod plugin;
 pub mod report;
 pub mod rundir;
 pub mod scaffold;
+pub mod serve;
 pub mod snapshots;
+pub mod telemetry;

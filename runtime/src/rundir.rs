@@ -191,6 +191,14 @@ pub fn plan(
             if !is_run {
                 return Err(not_a_run("--replace"));
             }
+            let labels = dir.join("serve/feedback.db");
+            if labels.exists() {
+                return Err(format!(
+                    "{shown} holds people's labels ({}), so --replace leaves it alone: continue it with \
+                     `hone serve`, or move the run directory away yourself",
+                    labels.display()
+                ));
+            }
             check_not_holding_user_places(dir, protected, "--replace refuses to delete")?;
             check_writable(dir)?;
             if let Some(parent) = std::path::absolute(dir)
@@ -395,7 +403,7 @@ fn aside_name(dir: &Path) -> PathBuf {
     dir.with_file_name(format!(".{name}.replaced-{}", std::process::id()))
 }
 
-/// Moves every entry but `attempts/` into `attempts/N/`; on failure moves
+/// Moves every entry but `attempts/` (and `serve/`) into `attempts/N/`; on failure moves
 /// them back and removes `attempts/N/`, leaving the directory as it was.
 fn move_to_attempt(dir: &Path, attempt: usize) -> Result<(), String> {
     let target = dir.join("attempts").join(attempt.to_string());
@@ -405,7 +413,9 @@ fn move_to_attempt(dir: &Path, attempt: usize) -> Result<(), String> {
         .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
         .flatten()
         .map(|e| e.file_name())
-        .filter(|n| n != "attempts" && n != MARKER)
+        // `serve/` holds people's labels, which a re-run of the rounds
+        // must find again: it stays.
+        .filter(|n| n != "attempts" && n != MARKER && n != "serve")
         .collect();
     let mut moved = Vec::new();
     for name in entries {
@@ -650,6 +660,11 @@ impl EventLog {
             // the two newest rounds' are kept, older ones are hone's to delete.
             crate::snapshots::prune(&self.dir, self.completed.saturating_sub(2));
         }
+    }
+
+    /// Rounds journalled so far.
+    pub fn completed(&self) -> u64 {
+        self.completed
     }
 
     /// Writes the three logs; whether all were written.

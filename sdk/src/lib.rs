@@ -42,6 +42,7 @@ pub mod abi;
 mod context;
 mod describe;
 mod error;
+pub mod feedback;
 pub mod fs;
 pub mod pretrained;
 pub mod records;

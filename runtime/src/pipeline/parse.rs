@@ -316,20 +316,13 @@ fn seed(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<u64> {
     bounded(node, "pipeline.seed", &FieldType::unsigned(), errors)
 }
 
-/// `rounds` must be at least 1 (a run that goes on until stopped, rounds = 0,
-/// is not supported yet) and at most [`MAX_ROUNDS`].
+/// `rounds`: at most [`MAX_ROUNDS`]; 0 means until stopped, which only
+/// `hone serve` runs (`hone run` refuses it with that advice).
 fn rounds(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<u64> {
-    if matches!(node.value, Value::Int(0)) {
-        errors.push(Diagnostic::new(
-            &node.origin,
-            "`pipeline.rounds` must be at least 1 (runs that go on until stopped are not supported yet)",
-        ));
-        return None;
-    }
     bounded(
         node,
         "pipeline.rounds",
-        &FieldType::range(1, MAX_ROUNDS),
+        &FieldType::range(0, MAX_ROUNDS),
         errors,
     )
 }
