@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 pub struct Options {
     /// The server, `HOST:PORT`.
     pub addr: String,
+    /// The served run directory: when the server is unreachable its address
+    /// is read again from there (a restarted server may listen elsewhere).
+    pub run_dir: Option<PathBuf>,
     /// The bearer token.
     pub token: String,
     /// The name it labels under.
@@ -95,13 +98,26 @@ pub fn run(o: &Options) -> Result<u64, String> {
         ),
         None => None,
     };
+    let addr = std::cell::RefCell::new(o.addr.clone());
     let unreachable = |since: &mut Option<Instant>| -> bool {
         let t = *since.get_or_insert_with(Instant::now);
         std::thread::sleep(Duration::from_millis(100));
+        if let Some(dir) = &o.run_dir {
+            if let Some(s) = std::fs::read(dir.join(hone_sdk::feedback::SERVING))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<hone_sdk::feedback::Serving>(&b).ok())
+            {
+                *addr.borrow_mut() = s.addr;
+            }
+        }
         t.elapsed() > o.give_up
     };
+    let request = |method: &str, path: &str, token: &str, body: Option<&str>| {
+        let addr = addr.borrow().clone();
+        request(&addr, method, path, token, body)
+    };
     loop {
-        let listed = match request(&o.addr, "GET", "/api/pairs?limit=100", &o.token, None) {
+        let listed = match request("GET", "/api/pairs?limit=100", &o.token, None) {
             Ok((200, body)) => body,
             Ok((401, _)) => return Err("the server refused the token".into()),
             Ok((status, body)) => return Err(format!("GET /api/pairs: {status} {body}")),
@@ -118,7 +134,7 @@ pub fn run(o: &Options) -> Result<u64, String> {
         let pairs = listed["pairs"].as_array().cloned().unwrap_or_default();
         if pairs.is_empty() {
             if o.until_finished {
-                if let Ok((200, s)) = request(&o.addr, "GET", "/api/status", &o.token, None) {
+                if let Ok((200, s)) = request("GET", "/api/status", &o.token, None) {
                     if s.contains("\"finished\":true") {
                         return Ok(acked);
                     }
@@ -131,11 +147,13 @@ pub fn run(o: &Options) -> Result<u64, String> {
             let item = p["item"].as_i64().ok_or("a listed pair without an item")?;
             let hint = match (p["hint"][0].as_f64(), p["hint"][1].as_f64()) {
                 (Some(a), Some(b)) => [a, b],
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "pair {} carries no gold hint, so a simulated annotator cannot judge it: set \
                          gold_hint = true on its human.label stage",
                     p["pair_id"]
-                )),
+                ))
+                }
             };
             let key = format!(
                 "{}/{}/{}",
@@ -156,7 +174,7 @@ pub fn run(o: &Options) -> Result<u64, String> {
             .to_string();
             // The same label until the server answers: a lost response is retried, counted once.
             loop {
-                match request(&o.addr, "POST", "/api/labels", &o.token, Some(&body)) {
+                match request("POST", "/api/labels", &o.token, Some(&body)) {
                     Ok((200, _)) => {
                         acked += 1;
                         if let Some(f) = log.as_mut() {

@@ -577,6 +577,7 @@ fn annotate(args: AnnotateArgs) -> Result<(), Failure> {
     };
     let options = crate::annotate::Options {
         addr,
+        run_dir: args.run_dir.clone(),
         token,
         annotator: args.annotator,
         flip_rate: args.flip_rate,
@@ -747,6 +748,7 @@ fn run(args: RunArgs, serving: Option<ServeOptions>) -> Result<(), Failure> {
         if options.simulate_annotator {
             let sim = crate::annotate::Options {
                 addr: server.addr.to_string(),
+                run_dir: None,
                 token: server.token.clone(),
                 annotator: "simulated".into(),
                 flip_rate: 0.0,

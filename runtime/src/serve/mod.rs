@@ -182,6 +182,7 @@ pub fn exit_on_signals(server: &Server, quiet: bool) {
             let signals = SIGNALS.load(Ordering::SeqCst);
             if signals >= 2 {
                 eprintln!("hone serve: second signal: exiting now");
+                crate::last_breath::exiting();
                 std::process::exit(143);
             }
             if signals == 0 {
@@ -210,6 +211,7 @@ pub fn exit_on_signals(server: &Server, quiet: bool) {
                         t.completed()
                     );
                 }
+                crate::last_breath::exiting();
                 std::process::exit(0);
             }
         }
