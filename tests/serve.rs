@@ -581,3 +581,223 @@ fn killed_at_random_points_it_loses_no_acknowledged_label_and_ends_as_if_never_k
     assert_eq!(items.len(), stored.len(), "one label per pair");
     assert_eq!(artifacts(&run_dir), expected, "after {kills} kills");
 }
+
+/// Chrome DevTools Protocol over a WebSocket: one call, its result.
+struct Devtools {
+    socket: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    next: u64,
+}
+
+impl Devtools {
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let msg = serde_json::json!({"id": id, "method": method, "params": params});
+        self.socket
+            .send(tungstenite::Message::Text(msg.to_string().into()))
+            .unwrap();
+        loop {
+            let reply = self.socket.read().unwrap();
+            let Ok(text) = reply.to_text() else { continue };
+            let v: Value = serde_json::from_str(text).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates a JavaScript expression in the page; its value.
+    fn eval(&mut self, expression: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            serde_json::json!({"expression": expression, "returnByValue": true}),
+        );
+        r["result"]["value"].clone()
+    }
+
+    /// Waits until `expression` is truthy; its value.
+    fn until(&mut self, expression: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.eval(expression);
+            if !(v.is_null() || v == false || v == "") {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "never true: {expression}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Presses and releases a key that types `key`.
+    fn press(&mut self, key: &str) {
+        let code = key.chars().next().unwrap() as u32;
+        for kind in ["keyDown", "keyUp"] {
+            let mut p =
+                serde_json::json!({"type": kind, "key": key, "windowsVirtualKeyCode": code});
+            if kind == "keyDown" {
+                p["text"] = Value::from(key);
+            }
+            self.call("Input.dispatchKeyEvent", p);
+        }
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            _ => 63,
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|c| *c != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, c)| acc | (value(*c) << (18 - 6 * i)));
+        out.extend(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+#[test]
+fn chromium_labels_pairs_with_the_keyboard_on_a_phone_sized_page() {
+    let found = Command::new("sh")
+        .args(["-c", "command -v chromium"])
+        .output();
+    assert!(
+        found.map(|o| o.status.success()).unwrap_or(false),
+        "chromium is not installed: `.ci/run` installs it (apt-get install chromium)"
+    );
+    let dir = TempDir::new("serve-page");
+    write_pairs(&dir, 2);
+    let file = dir.write("ask.toml", ASK);
+    let run_dir = dir.join("runs/page");
+    let s = Served::start(&dir.0, &file, &run_dir, &[]);
+    s.pending(2);
+    let profile = dir.join("chrome");
+    let mut chromium = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-port=0",
+            "--window-size=390,844",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://{}/#token={}", s.addr, s.token))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromium starts");
+    // Chromium writes the port it chose here.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        if let Ok(t) = std::fs::read_to_string(profile.join("DevToolsActivePort")) {
+            if let Some(p) = t.lines().next().filter(|p| !p.is_empty()) {
+                break p.to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "chromium's DevTools never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let devtools_addr = format!("127.0.0.1:{port}");
+    let page_ws = loop {
+        let (_, list) = request(&devtools_addr, "GET", "/json/list", "", None).unwrap();
+        let list: Value = serde_json::from_str(&list).unwrap_or(Value::Null);
+        let page = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["type"] == "page" && t["url"].as_str().unwrap_or("").contains(&s.addr));
+        if let Some(p) = page {
+            break p["webSocketDebuggerUrl"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no page in {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (socket, _) = tungstenite::connect(page_ws.as_str()).expect("DevTools WebSocket");
+    let mut dt = Devtools { socket, next: 0 };
+    dt.call(
+        "Emulation.setDeviceMetricsOverride",
+        serde_json::json!({"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}),
+    );
+    dt.until(
+        "!document.getElementById('task').hidden && document.getElementById('prompt').textContent",
+    );
+    let shown = dt.eval(
+        "JSON.stringify({prompt: document.getElementById('prompt').textContent, \
+         a: document.getElementById('a').textContent, b: document.getElementById('b').textContent, \
+         pwned: typeof window.pwned, images: document.querySelectorAll('img, main b').length, \
+         overflow: document.documentElement.scrollWidth > window.innerWidth, \
+         progress: document.getElementById('progress').textContent})",
+    );
+    let shown: Value = serde_json::from_str(shown.as_str().unwrap()).unwrap();
+    assert!(
+        shown["prompt"].as_str().unwrap().contains(XSS),
+        "markup shown as text: {shown}"
+    );
+    assert_eq!(shown["pwned"], "undefined", "no script ran: {shown}");
+    assert_eq!(shown["images"], 0, "no markup became elements: {shown}");
+    assert_eq!(shown["overflow"], false, "fits a phone's width: {shown}");
+    assert!(
+        shown["progress"].as_str().unwrap().contains("2 awaiting"),
+        "{shown}"
+    );
+    let shot = dt.call(
+        "Page.captureScreenshot",
+        serde_json::json!({"format": "png"}),
+    );
+    let png = base64_decode(shot["data"].as_str().unwrap());
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let target = hone_tests::workspace().join("target/serve-page.png");
+    std::fs::write(&target, &png).unwrap();
+    if std::env::var_os("HONE_UPDATE_SCREENSHOT").is_some() {
+        std::fs::write(hone_tests::workspace().join("docs/serve-page.png"), &png).unwrap();
+    }
+
+    // 1 picks the response shown first; then the next pair comes, and 2 the second.
+    let first_a = shown["a"].as_str().unwrap().to_string();
+    let first_prompt = shown["prompt"].as_str().unwrap().to_string();
+    dt.press("1");
+    let next = dt.until(&format!(
+        "document.getElementById('prompt').textContent !== {} && document.getElementById('b').textContent",
+        Value::from(first_prompt.clone())
+    ));
+    let second_b = next.as_str().unwrap().to_string();
+    dt.until("document.getElementById('progress').textContent.startsWith('1 labelled')");
+    dt.press("2");
+    let (code, _, err) = s.wait(Duration::from_secs(60));
+    let _ = chromium.kill();
+    let _ = chromium.wait();
+    assert_eq!(code, Some(0), "{err}");
+    let written: Vec<Value> = read_lines(&run_dir.join("outputs/write/records.jsonl"))
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(written.len(), 2, "both key presses arrived as labels");
+    let first = written
+        .iter()
+        .find(|p| p["prompt"] == first_prompt.as_str())
+        .unwrap();
+    assert_eq!(first["chosen"], first_a.as_str());
+    assert_eq!(first["meta"]["shown"], "a");
+    let second = written
+        .iter()
+        .find(|p| p["prompt"] != first_prompt.as_str())
+        .unwrap();
+    assert_eq!(second["chosen"], second_b.as_str());
+    assert_eq!(second["meta"]["shown"], "b");
+}

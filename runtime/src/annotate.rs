@@ -58,18 +58,51 @@ pub fn request(
         body.len()
     );
     s.write_all(req.as_bytes())?;
+    // Read the head, then as many body bytes as it announces (a server may
+    // keep the connection open despite `Connection: close`).
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("a response without headers"))?;
+    let mut buf = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::other(
+                "the connection closed before a response",
+            ));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other("a response without a status"))?;
-    Ok((status, rest.to_string()))
+    let length = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    let mut body = raw.split_off(head_end + 4);
+    match length {
+        Some(n) => {
+            while body.len() < n {
+                let got = s.read(&mut buf)?;
+                if got == 0 {
+                    return Err(std::io::Error::other("the response ended early"));
+                }
+                body.extend_from_slice(&buf[..got]);
+            }
+            body.truncate(n);
+        }
+        None => {
+            s.read_to_end(&mut body)?;
+        }
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// The choice for a pair with gold rewards `hint`.
