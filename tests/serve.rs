@@ -204,14 +204,18 @@ impl Served {
     pub fn pending(&self, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (status, body) = self.call("GET", "/api/pairs?limit=100", None);
+            let (status, body) = self.call("GET", "/api/pairs?limit=1000", None);
             assert_eq!(status, 200, "{body}");
             let v: Value = serde_json::from_str(&body).unwrap();
             let pairs = v["pairs"].as_array().unwrap().clone();
             if pairs.len() >= n {
                 return pairs;
             }
-            assert!(Instant::now() < deadline, "{n} pairs never arrived: {body}");
+            assert!(
+                Instant::now() < deadline,
+                "{n} pairs never arrived ({} did)",
+                pairs.len()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -800,4 +804,38 @@ fn chromium_labels_pairs_with_the_keyboard_on_a_phone_sized_page() {
         .unwrap();
     assert_eq!(second["chosen"], second_b.as_str());
     assert_eq!(second["meta"]["shown"], "b");
+}
+
+#[test]
+fn a_bounded_load_of_concurrent_clients_loses_no_label() {
+    let dir = TempDir::new("serve-load");
+    write_pairs(&dir, 300);
+    let file = dir.write("ask.toml", ASK);
+    let run_dir = dir.join("runs/load");
+    let s = Served::start(&dir.0, &file, &run_dir, &[]);
+    let items: Vec<i64> = s
+        .pending(300)
+        .iter()
+        .map(|p| p["item"].as_i64().unwrap())
+        .collect();
+    let report = hone::serve::load::run(&s.addr, &s.token, &items, 8, Duration::from_secs(2));
+    println!(
+        "load: 8 clients, {} labels in {:.2} s: {:.0} labels/s, p50 {:.1} ms, p99 {:.1} ms",
+        report.acked.len(),
+        report.elapsed.as_secs_f64(),
+        report.rate(),
+        report.quantile_ms(0.5),
+        report.quantile_ms(0.99)
+    );
+    assert_eq!(report.failed, 0);
+    assert!(!report.acked.is_empty());
+    s.signal("TERM");
+    assert_eq!(s.wait(Duration::from_secs(30)).0, Some(0));
+    let stored = stored_labels(&run_dir);
+    let acked: BTreeSet<&String> = report.acked.iter().collect();
+    assert_eq!(
+        stored.keys().collect::<BTreeSet<_>>(),
+        acked,
+        "every acknowledged label stored, nothing else"
+    );
 }

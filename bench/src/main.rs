@@ -18,6 +18,7 @@
 
 mod learners;
 mod lm;
+mod serve;
 mod warm;
 
 use hone::plugin::{Emitted, Registry, StageInstance};
@@ -254,6 +255,14 @@ fn main() {
             threads,
             steps: 5,
             repeats: 5,
+        });
+        return;
+    }
+    if args.first().map(String::as_str) == Some("serve") {
+        serve::run(serve::ServeBench {
+            clients: vec![1, 4, 16],
+            seconds: 5,
+            repeats: 3,
         });
         return;
     }

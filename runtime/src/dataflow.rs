@@ -320,7 +320,7 @@ fn replay<'s>(
 /// stop it moves no further: the round in flight ends, and no other begins.
 fn clock<'s>(scope: timely::dataflow::Scope<'s, u64>, shared: Arc<RunShared>) -> MsgStream<'s> {
     let start = shared.start_round();
-    let activations = scope.clone();
+    let activations = scope;
     timely::dataflow::operators::generic::operator::source::<
         u64,
         timely::container::CapacityContainerBuilder<Vec<Msg>>,

@@ -6,6 +6,7 @@
 //! [`hone_sdk::feedback`]) and in [`crate::telemetry::Telemetry`].
 
 pub mod http;
+pub mod load;
 pub mod store;
 
 use crate::telemetry::Telemetry;

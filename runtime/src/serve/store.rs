@@ -10,7 +10,7 @@
 
 use hone_sdk::feedback::{self, Answer, Choice, Queue};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// The database file inside the run directory.
@@ -72,7 +72,10 @@ pub enum Posted {
 
 /// One stage's queue of one round that still awaits answers.
 struct Open {
+    /// Its items and their pair ids, in queue order.
     items: Vec<(i64, String)>,
+    /// The items answered so far (kept here so that a label costs no scan).
+    answered: HashSet<i64>,
 }
 
 /// The store and the queues it is answering.
@@ -81,6 +84,8 @@ pub struct Store {
     run_dir: PathBuf,
     /// (round, stage) → its items, for queues whose answers file is not written yet.
     open: BTreeMap<(u64, String), Open>,
+    /// Each open item's queue.
+    owner: HashMap<i64, (u64, String)>,
     /// Queue files already read, with their length and modification time.
     seen: BTreeMap<PathBuf, (u64, std::time::SystemTime)>,
 }
@@ -136,6 +141,7 @@ impl Store {
             db,
             run_dir: run_dir.to_path_buf(),
             open: BTreeMap::new(),
+            owner: HashMap::new(),
             seen: BTreeMap::new(),
         })
     }
@@ -226,8 +232,34 @@ impl Store {
             items.push((item, p.pair_id.clone()));
         }
         tx.commit().map_err(sql)?;
-        self.open
-            .insert((queue.round, queue.stage.clone()), Open { items });
+        let mut answered = HashSet::new();
+        {
+            let mut stmt = self
+                .db
+                .prepare(
+                    "SELECT l.item FROM labels l JOIN items i ON i.item = l.item
+                     WHERE i.round = ?1 AND i.stage = ?2",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(params![queue.round as i64, queue.stage], |r| r.get(0))
+                .map_err(sql)?;
+            for item in rows {
+                answered.insert(item.map_err(sql)?);
+            }
+        }
+        let key = (queue.round, queue.stage.clone());
+        if let Some(old) = self.open.remove(&key) {
+            for (item, _) in old.items {
+                self.owner.remove(&item);
+            }
+        }
+        let queued: HashSet<i64> = items.iter().map(|(i, _)| *i).collect();
+        answered.retain(|i| queued.contains(i));
+        for (item, _) in &items {
+            self.owner.insert(*item, key.clone());
+        }
+        self.open.insert(key, Open { items, answered });
         Ok(())
     }
 
@@ -236,6 +268,9 @@ impl Store {
         let Some(open) = self.open.get(key) else {
             return Ok(false);
         };
+        if open.answered.len() < open.items.len() {
+            return Ok(false);
+        }
         let mut answers = Vec::with_capacity(open.items.len());
         for (item, pair_id) in &open.items {
             let row: Option<(String, String)> = self
@@ -263,7 +298,11 @@ impl Store {
         let path = feedback::answers_path(&self.run_dir, key.0, &key.1);
         hone_sdk::fs::atomic_write(&path, lines.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        self.open.remove(key);
+        if let Some(open) = self.open.remove(key) {
+            for (item, _) in open.items {
+                self.owner.remove(&item);
+            }
+        }
         Ok(true)
     }
 
@@ -293,12 +332,7 @@ impl Store {
                 },
             );
         }
-        let key = self
-            .open
-            .iter()
-            .find(|(_, o)| o.items.iter().any(|(i, _)| *i == label.item))
-            .map(|(k, _)| k.clone());
-        let Some(key) = key else {
+        let Some(key) = self.owner.get(&label.item).cloned() else {
             let known: bool = self
                 .db
                 .query_row(
@@ -316,15 +350,7 @@ impl Store {
                 Posted::Unknown
             });
         };
-        let taken: bool = self
-            .db
-            .query_row(
-                "SELECT COUNT(*) > 0 FROM labels WHERE item = ?1",
-                [label.item],
-                |r| r.get(0),
-            )
-            .map_err(sql)?;
-        if taken {
+        if self.open[&key].answered.contains(&label.item) {
             return Ok(Posted::Conflict(format!(
                 "item {} is already labelled",
                 label.item
@@ -344,37 +370,24 @@ impl Store {
                 ],
             )
             .map_err(sql)?;
-        let remaining = self.remaining(&key)?;
+        let open = self.open.get_mut(&key).expect("owned items are open");
+        open.answered.insert(label.item);
+        let remaining = open.items.len() - open.answered.len();
         if remaining == 0 {
             self.close_if_answered(&key)?;
         }
         Ok(Posted::Accepted { remaining })
     }
 
-    fn remaining(&self, key: &(u64, String)) -> Result<usize, String> {
-        let Some(open) = self.open.get(key) else {
-            return Ok(0);
-        };
-        let mut n = 0;
-        for (item, _) in &open.items {
-            let done: bool = self
-                .db
-                .query_row(
-                    "SELECT COUNT(*) > 0 FROM labels WHERE item = ?1",
-                    [item],
-                    |r| r.get(0),
-                )
-                .map_err(sql)?;
-            n += usize::from(!done);
-        }
-        Ok(n)
-    }
-
     /// Up to `limit` pairs awaiting answers, oldest round first.
     pub fn pending(&self, limit: usize) -> Result<Vec<Item>, String> {
         let mut out = Vec::new();
         for open in self.open.values() {
-            for (item, _) in &open.items {
+            for (item, _) in open
+                .items
+                .iter()
+                .filter(|(i, _)| !open.answered.contains(i))
+            {
                 if out.len() >= limit {
                     return Ok(out);
                 }
@@ -410,7 +423,11 @@ impl Store {
 
     /// Pairs awaiting answers, in all.
     pub fn queue_depth(&self) -> Result<usize, String> {
-        self.open.keys().map(|k| self.remaining(k)).sum()
+        Ok(self
+            .open
+            .values()
+            .map(|o| o.items.len() - o.answered.len())
+            .sum())
     }
 
     /// The open queues' rounds (the rounds waiting for people).
