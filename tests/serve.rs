@@ -453,6 +453,35 @@ fn without_a_last_round_it_runs_until_sigterm_and_resumes_where_it_stopped() {
     let run_dir = dir.join("runs/endless");
     let s = Served::start(&dir.0, &file, &run_dir, &["--simulate-annotator"]);
     wait_for_rounds(&run_dir, 3);
+    // While it runs: status, the learners' figures, and the newest models.
+    let (_, status) = s.call("GET", "/api/status", None);
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        status["rounds_completed"].as_u64().unwrap() >= 3,
+        "{status}"
+    );
+    assert!(status["labels_total"].as_u64().unwrap() >= 12, "{status}");
+    let (_, metrics) = request(&s.addr, "GET", "/metrics", "", None).unwrap();
+    for needle in [
+        "hone_rounds_completed ",
+        "hone_stage_seconds_total{stage=\"dpo\"}",
+        "hone_stage_metric{stage=\"dpo\",name=\"rewards/margins\"}",
+        "hone_stage_metric{stage=\"ask\",name=\"first_share\"}",
+    ] {
+        assert!(metrics.contains(needle), "{needle} in {metrics}");
+    }
+    let (status, listed) = s.call("GET", "/api/artifacts", None);
+    assert_eq!(status, 200);
+    assert!(
+        listed.contains("\"policy\"") && listed.contains("\"reward-model\""),
+        "{listed}"
+    );
+    for kind in ["policy", "reward-model"] {
+        let (status, tar) = s.call("GET", &format!("/api/artifacts/{kind}"), None);
+        assert_eq!(status, 200, "{kind}");
+        assert_eq!(tar.get(257..262), Some("ustar"), "{kind}: a tar archive");
+    }
+    assert_eq!(s.call("GET", "/api/artifacts/nosuch", None).0, 404);
     s.signal("TERM");
     let (code, _, err) = s.wait(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{err}");
