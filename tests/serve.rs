@@ -408,6 +408,28 @@ fn hone_run_refuses_people_and_endless_rounds_and_replace_keeps_labels() {
     let run_dir = dir.join("runs/served");
     let s = Served::start(&dir.0, &file, &run_dir, &[]);
     s.pending(1);
+    // While it serves, neither a second server nor `hone run` touches it.
+    for args in [
+        vec![
+            "serve",
+            "ask.toml",
+            "--addr",
+            "127.0.0.1:0",
+            "-q",
+            "--run-dir",
+        ],
+        vec!["run", "ask.toml", "--resume", "-q", "--run-dir"],
+    ] {
+        let out = Command::new(hone_bin())
+            .args(&args)
+            .arg(&run_dir)
+            .current_dir(&dir.0)
+            .output()
+            .unwrap();
+        let (_, err) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("being served"), "{args:?}: {err}");
+    }
     s.signal("TERM");
     assert_eq!(s.wait(Duration::from_secs(20)).0, Some(0));
     let out = Command::new(hone_bin())

@@ -153,6 +153,10 @@ pub fn run(o: &Options) -> Result<u64, String> {
         let listed = match request("GET", "/api/pairs?limit=100", &o.token, None) {
             Ok((200, body)) => body,
             Ok((401, _)) => return Err("the server refused the token".into()),
+            Ok((status, _)) if status >= 500 => {
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
             Ok((status, body)) => return Err(format!("GET /api/pairs: {status} {body}")),
             Err(_) => {
                 if unreachable(&mut unreachable_since) {
@@ -188,8 +192,9 @@ pub fn run(o: &Options) -> Result<u64, String> {
                 ))
                 }
             };
+            // The item too: a pair queued again with other texts is a new item.
             let key = format!(
-                "{}/{}/{}",
+                "{}/{}/{}/{item}",
                 p["round"],
                 p["stage"].as_str().unwrap_or(""),
                 p["pair_id"].as_str().unwrap_or("")
@@ -217,7 +222,14 @@ pub fn run(o: &Options) -> Result<u64, String> {
                         break;
                     }
                     // Labelled already, or its round moved on: nothing to retry.
-                    Ok((404 | 409, _)) => break,
+                    Ok((404 | 409, _)) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        break;
+                    }
+                    // The server could not store it: the same label again, later.
+                    Ok((status, _)) if status >= 500 => {
+                        std::thread::sleep(Duration::from_millis(500))
+                    }
                     Ok((status, body)) => return Err(format!("POST /api/labels: {status} {body}")),
                     Err(_) => {
                         if unreachable(&mut unreachable_since) {

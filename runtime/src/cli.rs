@@ -509,6 +509,10 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     // A served run is continued, never replaced: its label database holds
     // people's work. Start afresh with another --run-dir.
     let resume = run_dir.join(crate::rundir::MARKER).is_file();
+    if resume {
+        // Before the plan cuts anything back.
+        crate::serve::lock(&run_dir).map_err(usage)?;
+    }
     let run_args = RunArgs {
         pipeline: args.pipeline,
         common: args.common,
@@ -623,6 +627,12 @@ fn run(args: RunArgs, serving: Option<ServeOptions>) -> Result<(), Failure> {
         .unwrap_or_else(|| PathBuf::from("runs").join(&resolved.pipeline.name));
     // Absolute from the start: what is checked is what is changed.
     let run_dir = std::path::absolute(&run_dir).unwrap_or(run_dir);
+    if serving.is_none() && crate::serve::is_served(&run_dir) {
+        return Err(usage(format!(
+            "{} is being served by `hone serve` now: stop it first (SIGTERM), or pass another --run-dir",
+            run_dir.display()
+        )));
+    }
     let existing = if args.replace {
         Existing::Replace
     } else if args.resume {

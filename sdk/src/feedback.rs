@@ -107,6 +107,27 @@ pub struct Answer {
     pub choice: Choice,
     /// Who answered (as the client named them).
     pub annotator: String,
+    /// [`digest`] of the pair as it was shown: an answers file left by an
+    /// earlier attempt of the round, whose pairs differ, is never taken
+    /// for this one's.
+    pub digest: String,
+}
+
+/// A pair's fingerprint as shown: its prompt and both responses in their
+/// positions.
+pub fn digest(pair: &QueuedPair) -> String {
+    let text = format!("{}\0{}\0{}\0{}", pair.pair_id, pair.prompt, pair.a, pair.b);
+    format!("{:016x}", crate::text::stable_hash(text.as_bytes()))
+}
+
+/// Whether `answers` answer exactly `queue`'s pairs, as they were shown.
+pub fn answers_match(queue: &Queue, answers: &[Answer]) -> bool {
+    answers.len() == queue.pairs.len()
+        && queue
+            .pairs
+            .iter()
+            .zip(answers)
+            .all(|(p, a)| a.pair_id == p.pair_id && a.digest == digest(p))
 }
 
 /// `serve/queue/round-R/STAGE.json` under `run_dir`.

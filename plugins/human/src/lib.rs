@@ -160,12 +160,24 @@ impl Stage for HumanLabel {
         ));
         let answers_path = feedback::answers_path(&self.init.run_dir, round, &stage);
         let started = Instant::now();
+        let mut reported = Instant::now();
         let answers = loop {
             if answers_path.exists() {
-                break feedback::read_answers(&answers_path).map_err(StageError::new)?;
+                // An answers file of an earlier attempt whose pairs differ
+                // (say, the pipeline changed before any round completed) is
+                // not this queue's: the server moves it aside and asks again.
+                let answers = feedback::read_answers(&answers_path).map_err(StageError::new)?;
+                if feedback::answers_match(&queue, &answers) {
+                    break answers;
+                }
             }
             // The server may have stopped (another process now serves the run).
             self.check_served()?;
+            if reported.elapsed() > Duration::from_secs(10) {
+                // People are slow; say the stage is waiting, not stuck.
+                ctx.progress("waiting for labels", 0, queue.pairs.len() as u64);
+                reported = Instant::now();
+            }
             std::thread::sleep(Duration::from_millis(self.config.poll_ms));
         };
         ctx.metric("wait_seconds", started.elapsed().as_secs_f64());
@@ -289,6 +301,7 @@ mod tests {
                         pair_id: p.pair_id.clone(),
                         choice: answer(i, p),
                         annotator: "ann".into(),
+                        digest: feedback::digest(p),
                     };
                     serde_json::to_string(&a).unwrap() + "\n"
                 })

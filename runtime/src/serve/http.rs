@@ -76,7 +76,7 @@ fn with_headers(mut r: Response, content_type: &'static str) -> Response {
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'",
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; frame-ancestors 'none'",
         ),
     );
     r
@@ -236,10 +236,27 @@ fn parse_label(body: &[u8]) -> Result<Label, String> {
     })
 }
 
-async fn labels(State(shared): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn labels(
+    State(shared): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
     if let Err(r) = authorised(&shared, &headers) {
         return r;
     }
+    // Too large (413) or unreadable: said in JSON like every other refusal.
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let status = e.status();
+            let why = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                format!("the body is larger than {MAX_BODY} bytes")
+            } else {
+                e.body_text()
+            };
+            return error(status, why);
+        }
+    };
     let label = match parse_label(&body) {
         Ok(l) => l,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -323,7 +340,11 @@ async fn artifacts(State(shared): State<AppState>, headers: HeaderMap) -> Respon
     if let Err(r) = authorised(&shared, &headers) {
         return r;
     }
-    let list: Vec<serde_json::Value> = latest_artifacts(&shared.run_dir)
+    let run_dir = shared.run_dir.clone();
+    let latest = tokio::task::spawn_blocking(move || latest_artifacts(&run_dir))
+        .await
+        .unwrap_or_default();
+    let list: Vec<serde_json::Value> = latest
         .into_iter()
         .map(|v| {
             serde_json::json!({
@@ -348,7 +369,11 @@ async fn artifact(
     if let Err(r) = authorised(&shared, &headers) {
         return r;
     }
-    let newest = latest_artifacts(&shared.run_dir)
+    let run_dir = shared.run_dir.clone();
+    let latest = tokio::task::spawn_blocking(move || latest_artifacts(&run_dir))
+        .await
+        .unwrap_or_default();
+    let newest = latest
         .into_iter()
         .filter(|v| v["kind"] == kind.as_str())
         .filter(|v| query.get("stage").is_none_or(|s| v["stage"] == s.as_str()))
@@ -378,6 +403,9 @@ async fn artifact(
         .unwrap_or_else(|| "artifact".into());
     let built = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
         let mut tar = tar::Builder::new(Vec::new());
+        // A link inside an artifact is archived as a link, never followed
+        // out of the run directory.
+        tar.follow_symlinks(false);
         if path.is_dir() {
             tar.append_dir_all(&name, &path)?;
         } else {

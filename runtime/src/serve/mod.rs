@@ -82,8 +82,70 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The lock a serving process holds on its run directory.
+pub const LOCK_FILE: &str = "serve/lock";
+
+static LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Takes (once per process) the exclusive lock on `RUN_DIR/serve/lock`,
+/// held until the process ends: a second `hone serve` of the same run
+/// directory would cut back the live run's logs.
+pub fn lock(run_dir: &Path) -> Result<(), String> {
+    if LOCK.get().is_some() {
+        return Ok(());
+    }
+    let path = run_dir.join(LOCK_FILE);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor this function owns.
+    let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !taken {
+        let pid = std::fs::read(run_dir.join(feedback::SERVING))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Serving>(&b).ok())
+            .map(|s| format!(" (pid {}, {})", s.pid, s.addr))
+            .unwrap_or_default();
+        return Err(format!(
+            "{} is being served by another hone serve{pid}: stop it first (SIGTERM), or use another --run-dir",
+            run_dir.display()
+        ));
+    }
+    let _ = LOCK.set(file);
+    Ok(())
+}
+
+/// Whether a `hone serve` is serving `run_dir` now (its lock is held).
+pub fn is_served(run_dir: &Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(run_dir.join(LOCK_FILE))
+    else {
+        return false;
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor this function owns; released at once.
+    unsafe {
+        if libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 {
+            libc::flock(file.as_raw_fd(), libc::LOCK_UN);
+            false
+        } else {
+            true
+        }
+    }
+}
+
 /// Opens the label store, binds `addr` and serves on threads of its own.
 pub fn start(run_dir: &Path, addr: &str, telemetry: Arc<Telemetry>) -> Result<Server, String> {
+    lock(run_dir)?;
     let token = token(run_dir)?;
     let mut store = store::Store::open(run_dir)?;
     store.scan()?;
@@ -160,7 +222,13 @@ pub fn start(run_dir: &Path, addr: &str, telemetry: Arc<Telemetry>) -> Result<Se
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALS.fetch_add(1, Ordering::SeqCst);
+    // The second signal ends the process here and now: nothing the watcher
+    // might wait on (a lock, a disk) can delay it. Every file is written
+    // atomically, so what is on disk stays consistent.
+    if SIGNALS.fetch_add(1, Ordering::SeqCst) >= 1 {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(143) }
+    }
 }
 
 /// SIGTERM (and Ctrl-C): the first lets the round in flight finish (its
@@ -181,11 +249,6 @@ pub fn exit_on_signals(server: &Server, quiet: bool) {
         loop {
             std::thread::sleep(Duration::from_millis(20));
             let signals = SIGNALS.load(Ordering::SeqCst);
-            if signals >= 2 {
-                eprintln!("hone serve: second signal: exiting now");
-                crate::last_breath::exiting();
-                std::process::exit(143);
-            }
             if signals == 0 {
                 continue;
             }
@@ -200,11 +263,11 @@ pub fn exit_on_signals(server: &Server, quiet: bool) {
                 }
                 completed
             });
-            let waiting = !shared
+            // A busy store (a scan, a commit) is asked again next tick.
+            let waiting = shared
                 .store
-                .lock()
-                .map(|s| s.waiting_rounds().is_empty())
-                .unwrap_or(true);
+                .try_lock()
+                .is_ok_and(|s| !s.waiting_rounds().is_empty());
             if completed > at || waiting || t.figures().finished {
                 if !quiet {
                     eprintln!(

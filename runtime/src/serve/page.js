@@ -10,7 +10,9 @@ const state = { pair: null, clientId: null, done: 0, busy: false };
 function token() {
   const m = location.hash.match(/token=([^&]+)/);
   if (m) {
-    sessionStorage.setItem("hone-token", decodeURIComponent(m[1]));
+    let t = m[1];
+    try { t = decodeURIComponent(t); } catch (e) { /* a stray %: take it as typed */ }
+    sessionStorage.setItem("hone-token", t);
     history.replaceState(null, "", location.pathname);
   }
   return sessionStorage.getItem("hone-token") || "";
@@ -42,13 +44,16 @@ async function next() {
   if (!token()) { show("setup", true); show("task", false); return; }
   show("setup", false);
   let r;
-  try { r = await api("/api/pairs?limit=1"); }
+  // One of the first 20 at random, so that people labelling at once are
+  // seldom shown the same pair (the second answer to one would get 409).
+  try { r = await api("/api/pairs?limit=20"); }
   catch (e) { $("message").textContent = "server unreachable; retrying"; return setTimeout(next, 2000); }
   if (r.status === 401) { sessionStorage.removeItem("hone-token"); $("message").textContent = r.body.error; return next(); }
   if (r.status !== 200) { $("message").textContent = r.body.error || ("error " + r.status); return setTimeout(next, 2000); }
   $("message").textContent = "";
   progress(r.body.queue_depth);
-  const pair = r.body.pairs[0];
+  const pairs = r.body.pairs;
+  const pair = pairs[Math.floor(Math.random() * pairs.length)];
   if (!pair) {
     state.pair = null;
     show("task", false); show("idle", true);
@@ -80,7 +85,7 @@ async function answer(choice) {
       if (r.status === 200) { if (!r.body.duplicate) state.done += 1; break; }
       if (r.status === 409 || r.status === 404) { $("message").textContent = r.body.error; break; }
       $("message").textContent = r.body.error || ("error " + r.status);
-      if (r.status === 401) { sessionStorage.removeItem("hone-token"); }
+      if (r.status === 401) { sessionStorage.removeItem("hone-token"); state.busy = false; return next(); }
       state.busy = false;
       return;
     }

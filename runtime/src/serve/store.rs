@@ -72,8 +72,8 @@ pub enum Posted {
 
 /// One stage's queue of one round that still awaits answers.
 struct Open {
-    /// Its items and their pair ids, in queue order.
-    items: Vec<(i64, String)>,
+    /// Its items, their pair ids and digests, in queue order.
+    items: Vec<(i64, String, String)>,
     /// The items answered so far (kept here so that a label costs no scan).
     answered: HashSet<i64>,
 }
@@ -88,6 +88,9 @@ pub struct Store {
     owner: HashMap<i64, (u64, String)>,
     /// Queue files already read, with their length and modification time.
     seen: BTreeMap<PathBuf, (u64, std::time::SystemTime)>,
+    /// Rounds below this one are closed for good in this process (rounds
+    /// only move on), so their queue files are not looked at again.
+    floor: u64,
 }
 
 fn sql(e: rusqlite::Error) -> String {
@@ -143,16 +146,27 @@ impl Store {
             open: BTreeMap::new(),
             owner: HashMap::new(),
             seen: BTreeMap::new(),
+            floor: 0,
         })
     }
 
     /// Reads queue files written since the last look; closes queues whose
-    /// pairs all have answers. Returns the queues it closed.
+    /// pairs all have answers. Returns the queues it closed. A queue file
+    /// that cannot be read is reported and skipped, not fatal: the others
+    /// are still served.
     pub fn scan(&mut self) -> Result<Vec<(u64, String)>, String> {
         let root = self.run_dir.join("serve/queue");
         let mut files = Vec::new();
         if let Ok(rounds) = std::fs::read_dir(&root) {
             for round in rounds.flatten() {
+                let number = round
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("round-"))
+                    .and_then(|n| n.parse::<u64>().ok());
+                if number.is_none_or(|r| r < self.floor) {
+                    continue;
+                }
                 if let Ok(stages) = std::fs::read_dir(round.path()) {
                     for f in stages.flatten() {
                         let path = f.path();
@@ -172,15 +186,39 @@ impl Store {
             if self.seen.get(&path) == Some(&stamp) {
                 continue;
             }
-            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let queue: Queue = serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: not a queue file: {e}", path.display()))?;
-            self.seen.insert(path, stamp);
+            let queue: Queue = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(q) => q,
+                Err(e) => {
+                    eprintln!("error: {}: not a queue file ({e}); skipped", path.display());
+                    self.seen.insert(path, stamp);
+                    continue;
+                }
+            };
             let answers = feedback::answers_path(&self.run_dir, queue.round, &queue.stage);
             if answers.exists() {
-                continue;
+                let matching = feedback::read_answers(&answers)
+                    .is_ok_and(|a| feedback::answers_match(&queue, &a));
+                if matching {
+                    self.seen.insert(path, stamp);
+                    continue;
+                }
+                // An earlier attempt's answers to other pairs: kept, aside,
+                // and this queue is asked afresh.
+                let aside = answers
+                    .with_extension(format!("jsonl.stale-{}", crate::plugin::unix_now() as u64));
+                std::fs::rename(&answers, &aside)
+                    .map_err(|e| format!("cannot move {} aside: {e}", answers.display()))?;
+                eprintln!(
+                    "warning: {} answered other pairs than its round's queue now holds; moved to {}",
+                    answers.display(),
+                    aside.display()
+                );
             }
             self.enqueue(&queue)?;
+            self.seen.insert(path, stamp);
         }
         let keys: Vec<(u64, String)> = self.open.keys().cloned().collect();
         let mut closed = Vec::new();
@@ -229,7 +267,7 @@ impl Store {
                     |r| r.get(0),
                 )
                 .map_err(sql)?;
-            items.push((item, p.pair_id.clone()));
+            items.push((item, p.pair_id.clone(), feedback::digest(p)));
         }
         tx.commit().map_err(sql)?;
         let mut answered = HashSet::new();
@@ -250,13 +288,13 @@ impl Store {
         }
         let key = (queue.round, queue.stage.clone());
         if let Some(old) = self.open.remove(&key) {
-            for (item, _) in old.items {
+            for (item, ..) in old.items {
                 self.owner.remove(&item);
             }
         }
-        let queued: HashSet<i64> = items.iter().map(|(i, _)| *i).collect();
+        let queued: HashSet<i64> = items.iter().map(|(i, ..)| *i).collect();
         answered.retain(|i| queued.contains(i));
-        for (item, _) in &items {
+        for (item, ..) in &items {
             self.owner.insert(*item, key.clone());
         }
         self.open.insert(key, Open { items, answered });
@@ -272,7 +310,7 @@ impl Store {
             return Ok(false);
         }
         let mut answers = Vec::with_capacity(open.items.len());
-        for (item, pair_id) in &open.items {
+        for (item, pair_id, digest) in &open.items {
             let row: Option<(String, String)> = self
                 .db
                 .query_row(
@@ -289,6 +327,7 @@ impl Store {
                 pair_id: pair_id.clone(),
                 choice: Choice::parse(&choice).ok_or("label store: a stored choice is unknown")?,
                 annotator,
+                digest: digest.clone(),
             });
         }
         let lines: String = answers
@@ -299,10 +338,11 @@ impl Store {
         hone_sdk::fs::atomic_write(&path, lines.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         if let Some(open) = self.open.remove(key) {
-            for (item, _) in open.items {
+            for (item, ..) in open.items {
                 self.owner.remove(&item);
             }
         }
+        self.floor = self.floor.max(key.0);
         Ok(true)
     }
 
@@ -374,7 +414,12 @@ impl Store {
         open.answered.insert(label.item);
         let remaining = open.items.len() - open.answered.len();
         if remaining == 0 {
-            self.close_if_answered(&key)?;
+            // The label is stored: a failure to write the answers file is
+            // the server's to retry (the scan closes answered queues), not
+            // the client's.
+            if let Err(e) = self.close_if_answered(&key) {
+                eprintln!("error: {e} (retried)");
+            }
         }
         Ok(Posted::Accepted { remaining })
     }
@@ -383,10 +428,10 @@ impl Store {
     pub fn pending(&self, limit: usize) -> Result<Vec<Item>, String> {
         let mut out = Vec::new();
         for open in self.open.values() {
-            for (item, _) in open
+            for (item, ..) in open
                 .items
                 .iter()
-                .filter(|(i, _)| !open.answered.contains(i))
+                .filter(|(i, ..)| !open.answered.contains(i))
             {
                 if out.len() >= limit {
                     return Ok(out);
@@ -556,6 +601,45 @@ mod tests {
             Posted::Conflict(_)
         ));
         assert_eq!(s.labels_in_round(1).unwrap(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_earlier_attempts_answers_to_other_pairs_are_moved_aside_not_reused() {
+        let dir = hone_sdk::testing::temp_dir("store-stale");
+        write(&dir, &queue(0, 1));
+        {
+            let mut s = Store::open(&dir).unwrap();
+            s.scan().unwrap();
+            let item = s.pending(1).unwrap()[0].item;
+            s.post(&label("c1", item, Choice::A)).unwrap();
+        }
+        let answers = feedback::answers_path(&dir, 0, "ask");
+        assert!(answers.exists());
+        // The round runs again with other texts under the same pair id.
+        let mut changed = queue(0, 1);
+        changed.pairs[0].a = "other".into();
+        write(&dir, &changed);
+        let mut s = Store::open(&dir).unwrap();
+        s.scan().unwrap();
+        assert!(!answers.exists(), "the stale answers are not this queue's");
+        let stale: Vec<_> = std::fs::read_dir(answers.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("stale"))
+            .collect();
+        assert_eq!(stale.len(), 1, "kept aside");
+        let pending = s.pending(10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].a, "other");
+        s.post(&label("c2", pending[0].item, Choice::B)).unwrap();
+        let read = feedback::read_answers(&answers).unwrap();
+        assert!(feedback::answers_match(&changed, &read));
+        // A queue file that is not one is skipped, and the others still served.
+        hone_sdk::fs::atomic_write(&feedback::queue_path(&dir, 5, "junk"), b"{").unwrap();
+        write(&dir, &queue(6, 1));
+        s.scan().unwrap();
+        assert_eq!(s.pending(10).unwrap().len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
