@@ -141,11 +141,16 @@ impl Rotary {
         })
     }
 
-    /// Rotates `x` of shape [B, H, T, D].
+    /// Rotates `x` of shape [B, H, T, D] at positions `0..T`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply_at(x, 0)
+    }
+
+    /// Rotates `x` of shape [B, H, T, D] at positions `offset..offset + T`.
+    fn apply_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, _, t, d) = x.dims4()?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
@@ -185,15 +190,42 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
+        self.forward_at(x, rotary, mask, 0, None)
+    }
+
+    /// Attention of `x`'s T tokens at positions `offset..offset + T`; with a
+    /// cache slot, over the cached keys and values of the earlier positions
+    /// too (which the slot then holds with these appended).
+    fn forward_at(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        offset: usize,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rotary.apply(&heads(self.q_proj.forward(x)?, self.n_heads)?)?;
-        let k = rotary.apply(&heads(self.k_proj.forward(x)?, self.n_kv_heads)?)?;
+        let q = rotary.apply_at(&heads(self.q_proj.forward(x)?, self.n_heads)?, offset)?;
+        let k = rotary.apply_at(&heads(self.k_proj.forward(x)?, self.n_kv_heads)?, offset)?;
         let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?;
+        // The cache holds keys and values before the GQA repeat: n_rep
+        // times less memory than the repeated ones.
+        let (k, v) = match slot {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
         let k = repeat_kv(k, self.n_heads / self.n_kv_heads)?;
         let v = repeat_kv(v, self.n_heads / self.n_kv_heads)?;
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
@@ -268,9 +300,24 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rotary, mask)?;
+        self.forward_at(x, rotary, mask, 0, None)
+    }
+
+    fn forward_at(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        offset: usize,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = self.self_attn.forward_at(
+            &self.input_layernorm.forward(x)?,
+            rotary,
+            mask,
+            offset,
+            slot,
+        )?;
         let x = (x + h)?;
         let h = self
             .mlp
@@ -418,14 +465,88 @@ impl Llama {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(&self.hidden(ids)?)?)
     }
+
+    /// An empty cache of keys and values for [`Llama::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Next-token logits [B, T, vocab] of token ids [B, T] that follow the
+    /// `cache.len()` tokens already in `cache` (every row at the same
+    /// positions), which then holds these too. A prompt goes in whole (the
+    /// prefill), then one token a step: each step costs attention over the
+    /// cached keys instead of a forward pass over the whole sequence. For
+    /// inference: the cache holds tensors of the graph that made them.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = cache.len;
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::Input(format!(
+                "a cache of {} layers for a model of {}: make it with this model's new_cache()",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        if offset + t > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{} tokens exceed the {}-token context",
+                offset + t,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mask = causal_mask_at(t, offset, &self.device)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_at(&x, &self.rotary, &mask, offset, Some(slot))?;
+        }
+        cache.len += t;
+        Ok(self.lm_head.forward(&self.norm.forward(&x)?)?)
+    }
+}
+
+/// Keys and values of the tokens a [`Llama`] has seen, per layer
+/// ([B, KV heads, len, head dim], after the rotary embedding).
+#[derive(Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// [T, T] additive mask: 0 on and below the diagonal, -inf above.
 fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    causal_mask_at(t, 0, device)
+}
+
+/// [T, offset + T] additive mask for T new tokens after `offset` cached
+/// ones: new token i sees every cached token and new tokens up to i.
+fn causal_mask_at(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..offset + t).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
-    Ok(Tensor::from_slice(&mask, (t, t), device)?)
+    Ok(Tensor::from_slice(&mask, (t, offset + t), device)?)
 }
 
 /// Inverts llama.cpp's converter, which reorders each head's rows from
@@ -468,6 +589,70 @@ mod tests {
             restored.to_vec2::<f32>().unwrap(),
             w.to_vec2::<f32>().unwrap()
         );
+    }
+
+    /// A tiny model with random weights (GQA: 4 query heads, 2 kv heads).
+    fn tiny() -> Llama {
+        let cfg = LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = Llama::new(&cfg, vb).unwrap();
+        // RMSNorm weights are made at zero by the var builder: set them to one.
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.ends_with("layernorm.weight") || name.ends_with("norm.weight") {
+                var.set(&var.ones_like().unwrap()).unwrap();
+            }
+        }
+        model
+    }
+
+    #[test]
+    fn cached_decoding_gives_the_logits_of_the_whole_sequence() {
+        let model = tiny();
+        let ids: Vec<u32> = vec![3, 17, 42, 8, 8, 1, 29, 11, 5, 40, 2, 33];
+        let mut flat = ids.clone();
+        flat.extend(ids.iter().rev());
+        let rows = Tensor::from_vec(flat, (2, ids.len()), &Device::Cpu).unwrap();
+        let whole = model.forward(&rows).unwrap();
+        // A 5-token prefill, then one token a step.
+        let mut cache = model.new_cache();
+        let mut parts = vec![model
+            .forward_cached(&rows.narrow(1, 0, 5).unwrap(), &mut cache)
+            .unwrap()];
+        for t in 5..ids.len() {
+            parts.push(
+                model
+                    .forward_cached(&rows.narrow(1, t, 1).unwrap(), &mut cache)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.len(), ids.len());
+        let cached = Tensor::cat(&parts, 1).unwrap();
+        let diff = (whole - cached)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "cached logits differ by {diff}");
+        // Past the context: an error, not a panic.
+        let long = Tensor::zeros((1, 60), DType::U32, &Device::Cpu).unwrap();
+        assert!(model.forward_cached(&long, &mut cache).is_err());
     }
 
     #[test]
