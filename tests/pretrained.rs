@@ -376,3 +376,103 @@ fn hf_tokenizer_from_gguf_saves_and_reloads_as_tokenizer_json() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A pair as BERT's two segments, through MiniLM's own tokenizer: ids,
+/// segment ids, attention mask, each [B, T].
+fn bert_inputs(model: &MiniLmRewardModel, pairs: &[(&str, &str)]) -> (Tensor, Tensor, Tensor) {
+    let inputs: Vec<hone_pretrained::tokenizers::EncodeInput> =
+        pairs.iter().map(|(p, r)| (*p, *r).into()).collect();
+    let encodings = model
+        .tokenizer()
+        .encode_batch(inputs, true)
+        .expect("encode");
+    let stack = |f: fn(&hone_pretrained::tokenizers::Encoding) -> &[u32]| {
+        let rows: Vec<Tensor> = encodings
+            .iter()
+            .map(|e| Tensor::new(f(e), &Device::Cpu).unwrap())
+            .collect();
+        Tensor::stack(&rows, 0).unwrap()
+    };
+    (
+        stack(|e| e.get_ids()),
+        stack(|e| e.get_type_ids()),
+        stack(|e| e.get_attention_mask()),
+    )
+}
+
+const BERT_PAIRS: [(&str, &str); 2] = [
+    (
+        "Is the sky blue?",
+        "Yes, on a clear day the sky looks blue.",
+    ),
+    (
+        "How do I bake bread?",
+        "Mix flour, water, salt and yeast; let it rise; bake.",
+    ),
+];
+
+#[test]
+fn trainable_bert_matches_candle_transformers_bert() {
+    use hone_pretrained::bert::{mean_pool, Bert};
+    let reference = reward_model(0);
+    let (bert, _) = Bert::load(&fetch(minilm::MODEL_NAME), &Device::Cpu).expect("load BERT");
+    assert_eq!(bert.num_layers(), 6);
+    let (ids, types, mask) = bert_inputs(&reference, &BERT_PAIRS);
+    let ours = mean_pool(&bert.forward(&ids, &types, &mask).unwrap(), &mask).unwrap();
+    let (prompts, responses): (Vec<&str>, Vec<&str>) = BERT_PAIRS.iter().copied().unzip();
+    let theirs = reference.pool_pairs(&prompts, &responses).unwrap();
+    let diff = (ours - theirs)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "pooled states differ by {diff}");
+}
+
+#[test]
+fn every_trainable_bert_top_layer_parameter_gets_a_gradient_and_the_rest_none() {
+    use hone_pretrained::bert::{mean_pool, Bert};
+    let reference = reward_model(0);
+    let (bert, varmap) = Bert::load(&fetch(minilm::MODEL_NAME), &Device::Cpu).expect("load BERT");
+    let (ids, types, mask) = bert_inputs(&reference, &BERT_PAIRS);
+    // Layers 0-3 frozen (run once, detached, as a cache would hold them);
+    // layers 4-5 trained.
+    let frozen = bert
+        .run_layers(&bert.embed(&ids, &types).unwrap(), &mask, 0..4)
+        .unwrap()
+        .detach();
+    let top = bert.run_layers(&frozen, &mask, 4..6).unwrap();
+    let loss = mean_pool(&top, &mask)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let trained = bert.layer_vars(&varmap, 4..6);
+    assert_eq!(trained.len(), 2 * 16, "16 tensors a layer");
+    for (name, var) in &trained {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let size = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(size > 0.0, "zero gradient for {name}");
+    }
+    for (name, var) in bert.layer_vars(&varmap, 0..4) {
+        assert!(
+            grads.get(&var).is_none(),
+            "{name} is frozen but got a gradient"
+        );
+    }
+}

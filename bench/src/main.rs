@@ -17,6 +17,7 @@
 //!    (`hone_rm::merge`) GB/s against memcpy and file reads, and peak RSS per M.
 
 mod learners;
+mod llama_gen;
 mod lm;
 mod serve;
 mod warm;
@@ -255,6 +256,13 @@ fn main() {
             threads,
             steps: 5,
             repeats: 5,
+        });
+        return;
+    }
+    if args.first().map(String::as_str) == Some("llama-gen") {
+        llama_gen::run(llama_gen::LlamaGenBench {
+            tokens: 32,
+            repeats: 3,
         });
         return;
     }

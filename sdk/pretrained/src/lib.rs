@@ -22,6 +22,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bert;
 mod error;
 pub mod hf_tokenizer;
 pub mod llama;
@@ -40,3 +41,5 @@ pub use hone_models;
 pub use llama::{Llama, LlamaConfig};
 pub use minilm::MiniLmRewardModel;
 pub use smollm::SmolLm;
+/// The tokenizer library the models use (for callers that encode inputs themselves).
+pub use tokenizers;

@@ -141,11 +141,6 @@ impl Rotary {
         })
     }
 
-    /// Rotates `x` of shape [B, H, T, D] at positions `0..T`.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply_at(x, 0)
-    }
-
     /// Rotates `x` of shape [B, H, T, D] at positions `offset..offset + T`.
     fn apply_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, _, t, d) = x.dims4()?;
@@ -187,10 +182,6 @@ impl Attention {
             n_kv_heads: cfg.num_key_value_heads,
             head_dim,
         })
-    }
-
-    fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
-        self.forward_at(x, rotary, mask, 0, None)
     }
 
     /// Attention of `x`'s T tokens at positions `offset..offset + T`; with a

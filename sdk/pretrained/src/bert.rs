@@ -1,0 +1,246 @@
+//! all-MiniLM-L6-v2's BERT encoder, trainable layer by layer: written from
+//! differentiable candle primitives (layer norm from mean and variance,
+//! `ops::softmax`, `gelu_erf`), because candle's fused layer norm and
+//! `softmax_last_dim` have no backward pass, and candle-transformers'
+//! `BertModel` runs its layers only all at once.
+//!
+//! Every weight is a `Var` of one [`VarMap`], named as in the checkpoint, so
+//! a trainer can hand the optimiser just the top layers' variables
+//! ([`Bert::layer_vars`]) while the lower layers run once per text
+//! ([`Bert::run_layers`] over a range), their outputs cached.
+
+use std::ops::Range;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{Embedding, Linear, Module, VarBuilder, VarMap};
+use candle_transformers::models::bert::{Config, HiddenAct};
+
+use crate::{Error, Result};
+
+/// Layer norm from primitives: `(x - mean) / sqrt(var + eps) * w + b`.
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        x.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((o, i), "weight")?,
+        Some(vb.get(o, "bias")?),
+    ))
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_out: Linear,
+    attention_norm: Norm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: Norm,
+    heads: usize,
+    head_dim: usize,
+    act: HiddenAct,
+}
+
+impl Layer {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let a = vb.pp("attention");
+        Ok(Self {
+            query: linear(h, h, a.pp("self.query"))?,
+            key: linear(h, h, a.pp("self.key"))?,
+            value: linear(h, h, a.pp("self.value"))?,
+            attention_out: linear(h, h, a.pp("output.dense"))?,
+            attention_norm: Norm::new(h, cfg.layer_norm_eps, a.pp("output.LayerNorm"))?,
+            intermediate: linear(h, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
+            output: linear(cfg.intermediate_size, h, vb.pp("output.dense"))?,
+            output_norm: Norm::new(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// `x` [B, T, H]; `mask` additive [B, 1, 1, T].
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let heads = |y: Tensor| -> Result<Tensor> {
+            Ok(y.reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = heads(self.query.forward(x)?)?;
+        let k = heads(self.key.forward(x)?)?;
+        let v = heads(self.value.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let weights = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+        let context = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, h))?;
+        let attended = self
+            .attention_norm
+            .forward(&(self.attention_out.forward(&context)? + x)?)?;
+        let inner = self.intermediate.forward(&attended)?;
+        let inner = match self.act {
+            HiddenAct::Gelu => inner.gelu_erf()?,
+            HiddenAct::GeluApproximate => inner.gelu()?,
+            HiddenAct::Relu => inner.relu()?,
+        };
+        Ok(self
+            .output_norm
+            .forward(&(self.output.forward(&inner)? + attended)?)?)
+    }
+}
+
+/// A BERT encoder whose weights are `Var`s.
+pub struct Bert {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    embedding_norm: Norm,
+    layers: Vec<Layer>,
+    prefix: String,
+    device: Device,
+}
+
+impl Bert {
+    /// Loads `model.safetensors` and `config.json` from `dir` (as
+    /// `hone_sdk::pretrained::fetch("all-minilm-l6-v2")` returns it): every
+    /// tensor becomes a `Var` of the returned map, under its checkpoint name.
+    pub fn load(dir: &Path, device: &Device) -> Result<(Self, VarMap)> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let cfg: Config = serde_json::from_str(&text).map_err(|source| Error::Config {
+            path: config_path,
+            source,
+        })?;
+        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), device)?;
+        let varmap = VarMap::new();
+        let prefix = if weights.keys().any(|k| k.starts_with("bert.")) {
+            "bert."
+        } else {
+            ""
+        };
+        {
+            let mut vars = varmap.data().lock().expect("VarMap lock");
+            for (name, tensor) in weights {
+                let tensor = tensor.to_dtype(DType::F32)?;
+                vars.insert(name, Var::from_tensor(&tensor)?);
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let vb = if prefix.is_empty() { vb } else { vb.pp("bert") };
+        let bert = Self::new(&cfg, vb, prefix)?;
+        Ok((bert, varmap))
+    }
+
+    fn new(cfg: &Config, vb: VarBuilder, prefix: &str) -> Result<Self> {
+        let e = vb.pp("embeddings");
+        let h = cfg.hidden_size;
+        let embedding = |n: usize, name: &str| -> Result<Embedding> {
+            Ok(Embedding::new(e.get((n, h), &format!("{name}.weight"))?, h))
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, vb.pp(format!("encoder.layer.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            word: embedding(cfg.vocab_size, "word_embeddings")?,
+            position: embedding(cfg.max_position_embeddings, "position_embeddings")?,
+            token_type: embedding(cfg.type_vocab_size, "token_type_embeddings")?,
+            embedding_norm: Norm::new(h, cfg.layer_norm_eps, e.pp("LayerNorm"))?,
+            layers,
+            prefix: prefix.to_string(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Number of transformer layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The variables of layers `range` (for an optimiser that trains only them).
+    pub fn layer_vars(&self, varmap: &VarMap, range: Range<usize>) -> Vec<(String, Var)> {
+        let data = varmap.data().lock().expect("VarMap lock");
+        let mut out: Vec<(String, Var)> = data
+            .iter()
+            .filter(|(name, _)| {
+                range
+                    .clone()
+                    .any(|i| name.starts_with(&format!("{}encoder.layer.{i}.", self.prefix)))
+            })
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The embedding layer's output [B, T, H] for token ids and segment ids [B, T].
+    pub fn embed(&self, ids: &Tensor, type_ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, t as u32, &self.device)?;
+        let x = self
+            .word
+            .forward(ids)?
+            .add(&self.token_type.forward(type_ids)?)?
+            .broadcast_add(&self.position.forward(&positions)?)?;
+        Ok(self.embedding_norm.forward(&x)?)
+    }
+
+    /// Runs layers `range` over hidden states [B, T, H]; `mask` is the
+    /// attention mask [B, T] (1 for real tokens).
+    pub fn run_layers(&self, x: &Tensor, mask: &Tensor, range: Range<usize>) -> Result<Tensor> {
+        let additive = additive_mask(mask)?;
+        let mut x = x.clone();
+        for layer in &self.layers[range] {
+            x = layer.forward(&x, &additive)?;
+        }
+        Ok(x)
+    }
+
+    /// The last hidden states [B, T, H] (every layer).
+    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = self.embed(ids, type_ids)?;
+        self.run_layers(&x, mask, 0..self.layers.len())
+    }
+}
+
+/// [B, T] 0/1 mask as the additive [B, 1, 1, T] one BERT's attention adds:
+/// 0 for real tokens, f32::MIN for padding (as Hugging Face does).
+fn additive_mask(mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
+    Ok(((mask.ones_like()? - &mask)? * f32::MIN as f64)?)
+}
+
+/// Mean of `hidden` [B, T, H] over the real tokens of `mask` [B, T].
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    Ok(summed.broadcast_div(&mask.sum(1)?)?)
+}
