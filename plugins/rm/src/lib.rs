@@ -14,14 +14,15 @@
 //!   time, refusing members that do not share an initialisation.
 //!
 //! Reward models have one of two backbones (`reward.json`'s `backbone`): a
-//! byte-level GPT trained whole, or all-MiniLM-L6-v2 frozen under a trained
-//! linear head (`model.rs`).
+//! byte-level GPT trained whole, or all-MiniLM-L6-v2 under a trained linear
+//! head, frozen (`model.rs`) or with its top layers fine-tuned (`tuned.rs`).
 
 mod merge;
 mod model;
 mod score;
 mod strength;
 mod train;
+mod tuned;
 mod warm;
 
 pub use merge::{merge, MergeError, MergeStats};

@@ -51,6 +51,8 @@ pub(crate) enum Rm {
     Gpt(LoadedRm),
     /// A linear head on a frozen pretrained backbone.
     Head(HeadRm),
+    /// A head and fine-tuned top layers on a pretrained backbone.
+    Tuned(crate::tuned::TunedRm),
 }
 
 /// A linear head on a frozen pretrained backbone's pooled embedding.
@@ -140,6 +142,13 @@ pub(crate) fn load_rm_dir(dir: &Path, device: &Device) -> Result<Rm, String> {
     let file = dir.join(checkpoint::WEIGHTS);
     let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
         .map_err(|e| format!("{}: {e}", file.display()))?;
+    if config.train_layers > 0 {
+        return Ok(Rm::Tuned(crate::tuned::TunedRm {
+            meta,
+            config,
+            tensors,
+        }));
+    }
     HeadRm::from_tensors(meta, config, &tensors)
         .map(Rm::Head)
         .map_err(|e| format!("{}: {e}", file.display()))
@@ -152,7 +161,16 @@ pub(crate) struct Scoring {
     /// Sequences per forward pass (GPT or BERT).
     batch_size: usize,
     minilm: Option<MiniLmRewardModel>,
+    /// The encoder's frozen part for partly fine-tuned models, loaded on first use.
+    frozen: Option<crate::tuned::Frozen>,
+    /// Frozen states by (text, split, max_tokens), shared by the models
+    /// scored in one instance (emptied beyond [`STATES_CAP`]).
+    states: HashMap<u128, Tensor>,
 }
+
+/// Frozen states kept for scoring partly fine-tuned models (a few hundred
+/// KB each).
+const STATES_CAP: usize = 20_000;
 
 impl Scoring {
     pub fn new(device: Device, batch_size: usize) -> Self {
@@ -160,7 +178,65 @@ impl Scoring {
             device,
             batch_size: batch_size.max(1),
             minilm: None,
+            frozen: None,
+            states: HashMap::new(),
         }
+    }
+
+    /// The frozen encoder for texts of `max_tokens`, loaded on first use.
+    pub fn frozen(&mut self, max_tokens: usize) -> Result<&crate::tuned::Frozen, StageError> {
+        if self
+            .frozen
+            .as_ref()
+            .is_none_or(|f| f.max_tokens() != max_tokens)
+        {
+            self.frozen = Some(crate::tuned::Frozen::load(max_tokens, &self.device)?);
+            self.states.clear();
+        }
+        Ok(self.frozen.as_ref().expect("loaded above"))
+    }
+
+    /// Frozen states after layers `0..split` of each item, computed once
+    /// per distinct text in this instance.
+    pub fn frozen_states(
+        &mut self,
+        items: &[(&str, &str)],
+        split: usize,
+        max_tokens: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Tensor>, StageError> {
+        let key = |p: &str, r: &str| text_key(&format!("{split}/{max_tokens}\u{0}{p}"), r);
+        let mut todo: Vec<(&str, &str)> = Vec::new();
+        let mut queued = HashSet::new();
+        for (p, r) in items {
+            let k = key(p, r);
+            if !self.states.contains_key(&k) && queued.insert(k) {
+                todo.push((p, r));
+            }
+        }
+        let batch = self.batch_size;
+        let computed = self
+            .frozen(max_tokens)?
+            .states(&todo, split, batch, progress)?;
+        if self.states.len() + computed.len() > STATES_CAP {
+            self.states.clear();
+        }
+        let mut fresh = HashMap::new();
+        for ((p, r), t) in todo.iter().zip(computed) {
+            fresh.insert(key(p, r), t.clone());
+            self.states.insert(key(p, r), t);
+        }
+        Ok(items
+            .iter()
+            .map(|(p, r)| {
+                let k = key(p, r);
+                fresh
+                    .get(&k)
+                    .or_else(|| self.states.get(&k))
+                    .cloned()
+                    .expect("computed above")
+            })
+            .collect())
     }
 
     /// all-MiniLM-L6-v2, fetched and loaded on first use.
@@ -283,6 +359,23 @@ impl Scoring {
                 }
                 let embeddings = self.embed(items, &mut |_, _| {})?;
                 Ok(embeddings.iter().map(|e| head.reward(e)).collect())
+            }
+            Rm::Tuned(tuned) => {
+                let max_tokens = tuned.config.max_tokens;
+                let layers = self.frozen(max_tokens)?.num_layers();
+                let split = tuned.split(layers);
+                let states = self.frozen_states(items, split, max_tokens, &mut |_, _| {})?;
+                let (bert, _vars) = self.frozen(max_tokens)?.copy(&tuned.layer_tensors())?;
+                let head = tuned.head()?;
+                let mut out = Vec::with_capacity(items.len());
+                for chunk in states.chunks(self.batch_size) {
+                    let refs: Vec<&Tensor> = chunk.iter().collect();
+                    let r = crate::tuned::rewards_from(&bert, &head, &refs, split)
+                        .and_then(|t| Ok(t.to_vec1::<f32>()?))
+                        .or_stage("scoring failed")?;
+                    out.extend(r.into_iter().map(f64::from));
+                }
+                Ok(out)
             }
         }
     }

@@ -209,6 +209,124 @@ fn minilm_members_learn_merge_with_warm_and_score() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn minilm_members_with_fine_tuned_top_layers_learn_and_warm_is_not_their_mean() {
+    let dir = temp_run_dir("minilm-tuned");
+    let pairs = polite_pairs(40);
+    let config = minilm_train(json!({
+        "train_layers": 1, "max_tokens": 48, "steps": 12, "lrs": [1e-3, 5e-4], "eval_every": 0,
+        "embed_batch_size": 16,
+    }));
+    let out = run::<Train>("rm", &dir, config, vec![0, 1], vec![(0, records(&pairs))]).unwrap();
+    for m in 0..2 {
+        let loss = out.series(&format!("m{m}_train_loss"));
+        assert_eq!(loss.len(), 12);
+        let (first, last) = (mean(&loss[..3]), mean(&loss[9..]));
+        assert!(last < first, "member {m}: train loss {first} -> {last}");
+    }
+    assert!(
+        out.logs().iter().any(|l| l.contains("frozen layers 0..5")),
+        "{:?}",
+        out.logs()
+    );
+    let member0 = dir.join("outputs/rm/member-0");
+    let meta = load_meta(&member0).unwrap();
+    assert!(
+        meta.lineage_root.contains("train_layers=1"),
+        "{}",
+        meta.lineage_root
+    );
+    // The head and layer 5's 16 tensors, trained away from the pretrained ones.
+    let saved =
+        candle_core::safetensors::load(member0.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(
+        saved.len(),
+        2 + 16,
+        "{:?}",
+        saved.keys().collect::<Vec<_>>()
+    );
+    assert!(saved
+        .keys()
+        .all(|k| k.starts_with("reward_head.") || k.contains("layer.5.")));
+    let pretrained = candle_core::safetensors::load(
+        hone_sdk::pretrained::fetch(MODEL_NAME)
+            .unwrap()
+            .join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let name = saved
+        .keys()
+        .find(|k| k.ends_with("attention.self.query.weight"))
+        .unwrap();
+    let moved = (&saved[name] - &pretrained[name])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_keepdim(0)
+        .unwrap()
+        .max_keepdim(1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    assert!(moved > 0.0, "{name} did not train");
+    let config_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(member0.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config_json["train_layers"], 1);
+    assert_eq!(config_json["max_tokens"], 48);
+
+    // Scored through rm.score: the model loads, and ranks the pairs.
+    let models = out.artifacts(0);
+    let score = |stage: &str, models: Vec<ArtifactRef>| {
+        let out = run::<Scorer>(
+            stage,
+            &dir,
+            json!({}),
+            vec![0],
+            vec![
+                (0, models.into_iter().map(Record::Artifact).collect()),
+                (1, records(&pairs)),
+            ],
+        )
+        .unwrap();
+        out.records[&0]
+            .iter()
+            .map(|r| match r {
+                Record::Pair(p) => (p.chosen_score.unwrap(), p.rejected_score.unwrap()),
+                _ => panic!(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let by_ensemble = score("score_ens", models.clone());
+    let right = by_ensemble.iter().filter(|(c, r)| c > r).count();
+    assert!(
+        right * 10 >= by_ensemble.len() * 7,
+        "{right} of {}",
+        by_ensemble.len()
+    );
+
+    // WARM averages the layers too: its rewards are not the members' mean.
+    let warm = run::<Warm>(
+        "warm",
+        &dir,
+        json!({}),
+        vec![0],
+        vec![(0, models.iter().cloned().map(Record::Artifact).collect())],
+    )
+    .unwrap();
+    let by_warm = score("score_warm", warm.artifacts(0));
+    let gap = by_warm
+        .iter()
+        .zip(&by_ensemble)
+        .map(|(w, e)| (w.0 - e.0).abs().max((w.1 - e.1).abs()))
+        .fold(0.0, f64::max);
+    assert!(gap > 1e-4, "WARM equals the ensemble mean (gap {gap})");
+
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A MiniLM head checkpoint written directly (no BERT needed).
 fn write_head(run_dir: &std::path::Path, name: &str) -> ArtifactRef {
     let varmap = VarMap::new();
@@ -229,6 +347,8 @@ fn write_head(run_dir: &std::path::Path, name: &str) -> ArtifactRef {
     let config = PretrainedConfig {
         pretrained: MODEL_NAME.into(),
         hidden_size: 384,
+        train_layers: 0,
+        max_tokens: 0,
     };
     let rel = format!("outputs/train/{name}");
     let sha = save_head_reward_model(&run_dir.join(&rel), &varmap, &config, &meta).unwrap();

@@ -76,7 +76,7 @@ impl RewardMeta {
     }
 }
 
-/// `config.json` of a reward model on a frozen pretrained backbone.
+/// `config.json` of a reward model on a pretrained backbone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PretrainedConfig {
@@ -84,6 +84,18 @@ pub struct PretrainedConfig {
     pub pretrained: String,
     /// Width of the pooled embedding the head reads.
     pub hidden_size: usize,
+    /// Top transformer layers fine-tuned with the head (their weights are
+    /// in the checkpoint beside the head's); 0: the backbone is frozen.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub train_layers: usize,
+    /// With `train_layers`: the tokens a (prompt, response) is truncated to,
+    /// in training and scoring alike.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_tokens: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A reward model loaded from its checkpoint directory.
@@ -355,6 +367,8 @@ mod tests {
         let config = PretrainedConfig {
             pretrained: "all-minilm-l6-v2".into(),
             hidden_size: 4,
+            train_layers: 0,
+            max_tokens: 0,
         };
         let mut m = meta();
         assert!(save_head_reward_model(&dir, &varmap, &config, &m).is_err());

@@ -180,6 +180,32 @@ impl Bert {
         })
     }
 
+    /// [`Bert::load`], then the tensors of `overrides` (checkpoint names,
+    /// say a fine-tuned reward model's top layers) in place of the
+    /// pretrained ones; a name the model lacks is an error.
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        overrides: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<(Self, VarMap)> {
+        let (bert, varmap) = Self::load(dir, device)?;
+        {
+            let vars = varmap.data().lock().expect("VarMap lock");
+            for (name, tensor) in overrides {
+                let var = vars.get(name).ok_or_else(|| {
+                    Error::Input(format!("the BERT checkpoint has no tensor {name}"))
+                })?;
+                var.set(&tensor.to_dtype(DType::F32)?.to_device(device)?)?;
+            }
+        }
+        Ok((bert, varmap))
+    }
+
+    /// The checkpoint-name prefix of layer `i`'s tensors.
+    pub fn layer_prefix(&self, i: usize) -> String {
+        format!("{}encoder.layer.{i}.", self.prefix)
+    }
+
     /// Number of transformer layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
@@ -229,6 +255,117 @@ impl Bert {
         let x = self.embed(ids, type_ids)?;
         self.run_layers(&x, mask, 0..self.layers.len())
     }
+
+    /// The hidden states after layers `0..split` of each encoded text (ids
+    /// and segment ids), one [len, H] tensor a text, computed `batch` texts
+    /// a pass (similar lengths together) and detached: the frozen part of a
+    /// partly fine-tuned model, run once per distinct text.
+    pub fn frozen_states(
+        &self,
+        texts: &[(Vec<u32>, Vec<u32>)],
+        split: usize,
+        batch: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Tensor>> {
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| texts[i].0.len());
+        let mut out: Vec<Option<Tensor>> = vec![None; texts.len()];
+        for (done, chunk) in order.chunks(batch.max(1)).enumerate() {
+            let rows: Vec<&(Vec<u32>, Vec<u32>)> = chunk.iter().map(|&i| &texts[i]).collect();
+            let (ids, types, mask) = pad(&rows, &self.device)?;
+            let x = self.embed(&ids, &types)?;
+            let x = self.run_layers(&x, &mask, 0..split)?.detach();
+            for (row, &i) in chunk.iter().enumerate() {
+                let len = texts[i].0.len();
+                out[i] = Some(x.get(row)?.narrow(0, 0, len)?.contiguous()?);
+            }
+            progress(((done + 1) * batch).min(texts.len()), texts.len());
+        }
+        Ok(out
+            .into_iter()
+            .map(|t| t.expect("every text computed"))
+            .collect())
+    }
+
+    /// The mean-pooled last hidden states [B, H] of texts whose states
+    /// after layer `split` are `states` (from [`Bert::frozen_states`]):
+    /// layers `split..` run here, with gradients.
+    pub fn pooled_from(&self, states: &[&Tensor], split: usize) -> Result<Tensor> {
+        let hidden = states
+            .first()
+            .ok_or_else(|| Error::Input("an empty batch".into()))?
+            .dim(1)?;
+        let longest = states
+            .iter()
+            .map(|s| s.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let t = longest.iter().copied().max().unwrap_or(0);
+        let mut rows = Vec::with_capacity(states.len());
+        let mut mask = Vec::with_capacity(states.len() * t);
+        for (s, &len) in states.iter().zip(&longest) {
+            let padded = if len < t {
+                Tensor::cat(
+                    &[
+                        *s,
+                        &Tensor::zeros((t - len, hidden), DType::F32, &self.device)?,
+                    ],
+                    0,
+                )?
+            } else {
+                (*s).clone()
+            };
+            rows.push(padded);
+            mask.extend((0..t).map(|j| u32::from(j < len)));
+        }
+        let x = Tensor::stack(&rows, 0)?;
+        let mask = Tensor::from_vec(mask, (states.len(), t), &self.device)?;
+        let x = self.run_layers(&x, &mask, split..self.layers.len())?;
+        mean_pool(&x, &mask)
+    }
+}
+
+/// Pads encoded texts to the longest: ids, segment ids and mask [B, T].
+fn pad(rows: &[&(Vec<u32>, Vec<u32>)], device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let (mut ids, mut types, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, ty) in rows.iter().map(|r| (&r.0, &r.1)) {
+        for j in 0..t {
+            ids.push(i.get(j).copied().unwrap_or(0));
+            types.push(ty.get(j).copied().unwrap_or(0));
+            mask.push(u32::from(j < i.len()));
+        }
+    }
+    let shape = (rows.len(), t);
+    Ok((
+        Tensor::from_vec(ids, shape, device)?,
+        Tensor::from_vec(types, shape, device)?,
+        Tensor::from_vec(mask, shape, device)?,
+    ))
+}
+
+/// all-MiniLM-L6-v2's tokenizer for (prompt, response) pairs as BERT's two
+/// segments, truncated longest-first to `max_tokens`; no padding (texts are
+/// padded per batch).
+pub fn pair_tokenizer(dir: &Path, max_tokens: usize) -> Result<tokenizers::Tokenizer> {
+    let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))?;
+    tokenizer.with_padding(None);
+    let mut truncation = tokenizer.get_truncation().cloned().unwrap_or_default();
+    truncation.max_length = max_tokens;
+    tokenizer.with_truncation(Some(truncation))?;
+    Ok(tokenizer)
+}
+
+/// Encodes (prompt, response) pairs: ids and segment ids of each.
+pub fn encode_pairs(
+    tokenizer: &tokenizers::Tokenizer,
+    pairs: &[(&str, &str)],
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let inputs: Vec<tokenizers::EncodeInput> = pairs.iter().map(|(p, r)| (*p, *r).into()).collect();
+    Ok(tokenizer
+        .encode_batch(inputs, true)?
+        .into_iter()
+        .map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec()))
+        .collect())
 }
 
 /// [B, T] 0/1 mask as the additive [B, 1, 1, T] one BERT's attention adds:

@@ -185,8 +185,8 @@ fn load_tokenizer(path: &Path, config: &Config) -> Result<Tokenizer> {
 }
 
 /// A `hidden -> 1` linear layer in a fresh [`VarMap`], initialised from
-/// `seed` (candle's CPU RNG cannot be seeded).
-fn seeded_head(hidden: usize, seed: u64, device: &Device) -> Result<(Linear, VarMap)> {
+/// `seed` (candle's CPU RNG cannot be seeded), as PyTorch's `nn.Linear`.
+pub fn seeded_head(hidden: usize, seed: u64, device: &Device) -> Result<(Linear, VarMap)> {
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let head = candle_nn::linear(hidden, 1, vb.pp(HEAD_PREFIX))?;

@@ -115,6 +115,14 @@ pub(super) enum Net<'a> {
         head: &'a Linear,
         embeddings: &'a Tensor,
     },
+    /// Fine-tuned top layers and a head over cached frozen states;
+    /// examples hold one state index.
+    Tuned {
+        bert: &'a hone_pretrained::bert::Bert,
+        head: &'a Linear,
+        states: &'a [Tensor],
+        split: usize,
+    },
 }
 
 /// Dropout for a training step: the probability and the mask's seed; `None`
@@ -150,6 +158,25 @@ fn rewards(
                 .collect();
             let rows = Tensor::from_vec(rows, 2 * b, embeddings.device())?;
             let mut x = embeddings.index_select(&rows, 0)?;
+            if let Some((p, seed)) = dropout {
+                x = seeded_dropout(&x, p, seed)?;
+            }
+            head.forward(&x)?.squeeze(1)?
+        }
+        Net::Tuned {
+            bert,
+            head,
+            states,
+            split,
+        } => {
+            let rows: Vec<&Tensor> = batch
+                .iter()
+                .map(|e| &states[e.chosen[0] as usize])
+                .chain(batch.iter().map(|e| &states[e.rejected[0] as usize]))
+                .collect();
+            let mut x = bert
+                .pooled_from(&rows, *split)
+                .map_err(|e| hone_models::Error::Invalid(e.to_string()))?;
             if let Some((p, seed)) = dropout {
                 x = seeded_dropout(&x, p, seed)?;
             }

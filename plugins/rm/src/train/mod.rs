@@ -26,6 +26,8 @@ use std::path::PathBuf;
 struct TrainConfig {
     members: usize,
     backbone: String,
+    train_layers: usize,
+    max_tokens: usize,
     embed_batch_size: usize,
     init: String,
     init_checkpoints: String,
@@ -147,6 +149,23 @@ impl StageFactory for Train {
              the cached embeddings (init must be scratch; d_model..context are ignored).",
         )
         .optional(
+            "train_layers",
+            FieldType::range(0, 64),
+            0,
+            "With backbone = \"all-minilm-l6-v2\": fine-tune its top k transformer layers with the head \
+             (partial fine-tuning; 0 = the encoder frozen, only the head trains). The frozen lower layers run \
+             once per distinct text and their output is cached; each member trains its own copy of the top \
+             layers from the pretrained weights, so WARM averages non-linear weights. The checkpoint holds \
+             the head and the top layers; it loads like any reward model.",
+        )
+        .optional(
+            "max_tokens",
+            FieldType::range(8, 512),
+            256,
+            "With train_layers > 0: each (prompt, response) is truncated to this many tokens (longest \
+             first), in training and in scoring (it is saved in config.json).",
+        )
+        .optional(
             "embed_batch_size",
             size.clone(),
             32,
@@ -246,6 +265,13 @@ impl StageFactory for Train {
                 format!("must be >= 0, found {}", config.min_lr),
             ));
         }
+        if config.train_layers > 0 && config.backbone == GPT_BACKBONE {
+            return Err(StageError::config(
+                "train_layers",
+                "fine-tunes the top layers of a pretrained backbone: set backbone = \"all-minilm-l6-v2\" \
+                 (a gpt reward model trains whole)",
+            ));
+        }
         if config.backbone != GPT_BACKBONE && config.init != "scratch" {
             return Err(StageError::config(
                 "init",
@@ -329,6 +355,13 @@ impl Stage for Train {
         }
         let members = ctx.init().members.clone();
         if members.is_empty() {
+            return Ok(());
+        }
+        if self.config.backbone != GPT_BACKBONE && self.config.train_layers > 0 {
+            let cache = self.frozen_pairs(ctx, &pairs)?;
+            for member in members {
+                self.train_tuned_member(ctx, member, &pairs, &cache)?;
+            }
             return Ok(());
         }
         if self.config.backbone != GPT_BACKBONE {
@@ -708,9 +741,145 @@ impl Train {
         let config = PretrainedConfig {
             pretrained: backbone,
             hidden_size: hidden,
+            train_layers: 0,
+            max_tokens: 0,
         };
         save_head_reward_model(&dir, &varmap, &config, &meta)
             .or_stage(&format!("cannot write reward model {}", dir.display()))?;
+        self.emit(ctx, &dir, continued.into_iter().collect(), &meta)
+    }
+
+    /// The frozen layers' states of every distinct (prompt, response) of the
+    /// pairs, computed once for all members.
+    fn frozen_pairs(
+        &mut self,
+        ctx: &mut Context,
+        pairs: &[PreferencePair],
+    ) -> Result<FrozenCache, StageError> {
+        let layers = self.scoring.frozen(self.config.max_tokens)?.num_layers();
+        if self.config.train_layers > layers {
+            return Err(StageError::config(
+                "train_layers",
+                format!(
+                    "{MINILM} has {layers} transformer layers, so at most {layers} can be fine-tuned, not {}",
+                    self.config.train_layers
+                ),
+            ));
+        }
+        let split = layers - self.config.train_layers;
+        let mut index: HashMap<(String, String), u32> = HashMap::new();
+        let mut items: Vec<(&str, &str)> = Vec::new();
+        for p in pairs {
+            for r in [&p.chosen, &p.rejected] {
+                let key = (p.prompt.clone(), r.clone());
+                if let std::collections::hash_map::Entry::Vacant(e) = index.entry(key) {
+                    e.insert(items.len() as u32);
+                    items.push((&p.prompt, r));
+                }
+            }
+        }
+        let start = std::time::Instant::now();
+        let max_tokens = self.config.max_tokens;
+        let states = {
+            let mut progress = |done: usize, total: usize| {
+                ctx.progress("frozen layers", done as u64, total as u64);
+            };
+            self.scoring
+                .frozen_states(&items, split, max_tokens, &mut progress)?
+        };
+        let tokens: usize = states.iter().map(|t| t.dim(0).unwrap_or(0)).sum();
+        ctx.log(format!(
+            "ran {MINILM}'s frozen layers 0..{split} once over {} distinct texts of {} pairs ({tokens} tokens, \
+             at most {max_tokens} a text) in {:.1} s",
+            items.len(),
+            pairs.len(),
+            start.elapsed().as_secs_f64()
+        ));
+        Ok(FrozenCache {
+            states,
+            index,
+            split,
+            layers,
+        })
+    }
+
+    /// Trains member `member`'s top layers and head on the frozen states.
+    fn train_tuned_member(
+        &mut self,
+        ctx: &mut Context,
+        member: usize,
+        pairs: &[PreferencePair],
+        cache: &FrozenCache,
+    ) -> Result<(), StageError> {
+        let (seed, lr, dropout) = self.member_setup(ctx, member);
+        let init_seed = self.init_seed(ctx);
+        let backbone = self.config.backbone.clone();
+        let (bert, all) = self
+            .scoring
+            .frozen(self.config.max_tokens)?
+            .copy(&HashMap::new())?;
+        let (head, head_vars) = hone_pretrained::minilm::seeded_head(384, init_seed, &self.device)
+            .or_stage("cannot build the reward head")?;
+        // What the optimiser sees: the head and the top layers (the same
+        // variables the encoder copy computes with).
+        let trainable = VarMap::new();
+        {
+            let mut data = trainable.data().lock().expect("VarMap lock");
+            for (name, var) in head_vars.data().lock().expect("VarMap lock").iter() {
+                data.insert(name.clone(), var.clone());
+            }
+            for (name, var) in bert.layer_vars(&all, cache.split..cache.layers) {
+                data.insert(name, var);
+            }
+        }
+        let root = format!(
+            "{backbone}:init_seed={init_seed}:train_layers={}:max_tokens={}",
+            self.config.train_layers, self.config.max_tokens
+        );
+        let continued = self.continue_last(ctx, member, &trainable)?;
+        let init_desc = continued.as_ref().map_or(
+            format!("{backbone}, top {} layers tuned", self.config.train_layers),
+            |id| format!("continued from {id}"),
+        );
+        let encode_text = |p: &str, r: &str| vec![cache.index[&(p.to_string(), r.to_string())]];
+        let (eval, train) = self.split(ctx, pairs, &encode_text);
+        let net = Net::Tuned {
+            bert: &bert,
+            head: &head,
+            states: &cache.states,
+            split: cache.split,
+        };
+        self.fit(
+            ctx,
+            member,
+            (seed, lr, dropout),
+            &net,
+            &trainable,
+            (&train, &eval),
+            &init_desc,
+        )?;
+        let dir = self.member_dir(ctx, member)?;
+        let meta = RewardMeta {
+            backbone: backbone.clone(),
+            lineage_root: root,
+            init: init_desc,
+            member,
+            seed,
+            lr,
+            dropout,
+            steps: self.config.steps,
+            merged_from: Vec::new(),
+            weights: Vec::new(),
+        };
+        let config = PretrainedConfig {
+            pretrained: backbone,
+            hidden_size: 384,
+            train_layers: self.config.train_layers,
+            max_tokens: self.config.max_tokens,
+        };
+        save_head_reward_model(&dir, &trainable, &config, &meta)
+            .or_stage(&format!("cannot write reward model {}", dir.display()))?;
+        drop(all);
         self.emit(ctx, &dir, continued.into_iter().collect(), &meta)
     }
 
@@ -773,6 +942,18 @@ impl Train {
         ctx.emit(0, Record::Artifact(artifact));
         Ok(())
     }
+}
+
+/// The frozen layers' output for the round's texts (partial fine-tuning).
+struct FrozenCache {
+    /// One [len, 384] tensor a distinct text.
+    states: Vec<Tensor>,
+    /// Each (prompt, response)'s index.
+    index: HashMap<(String, String), u32>,
+    /// The first trained layer.
+    split: usize,
+    /// All layers.
+    layers: usize,
 }
 
 /// The pretrained backbone's embeddings of the round's texts.
