@@ -94,13 +94,13 @@ fn absurd_values_get_a_clear_limit() {
         "2:10",
         &[
             "`pipeline.rounds` = 9223372036854775807",
-            "from 1 to 1000000",
+            "from 0 to 1000000",
         ],
     );
     assert_invalid(
         &base.replace("ROUNDS", "1000001"),
         "2:10",
-        &["from 1 to 1000000"],
+        &["from 0 to 1000000"],
     );
     assert_invalid(
         &base.replace("ROUNDS", "-2"),
@@ -158,7 +158,7 @@ fn set_overrides_are_bounded_like_the_file() {
         ),
         (
             "pipeline.rounds=2000000",
-            &["--set pipeline.rounds=2000000: ", "from 1 to 1000000"][..],
+            &["--set pipeline.rounds=2000000: ", "from 0 to 1000000"][..],
         ),
         (
             "pipeline.seed=-1",
