@@ -476,3 +476,39 @@ fn every_trainable_bert_top_layer_parameter_gets_a_gradient_and_the_rest_none() 
         );
     }
 }
+
+#[test]
+fn bert_split_at_a_layer_with_cached_states_equals_the_whole_forward_pass() {
+    use hone_pretrained::bert::{encode_pairs, mean_pool, pair_tokenizer, Bert};
+    let dir = fetch(minilm::MODEL_NAME);
+    let (bert, _) = Bert::load(&dir, &Device::Cpu).expect("load BERT");
+    let tokenizer = pair_tokenizer(&dir, 64).unwrap();
+    // Lengths differ, so the batches pad: padding must change nothing.
+    let encoded = encode_pairs(&tokenizer, &BERT_PAIRS).unwrap();
+    assert_ne!(encoded[0].0.len(), encoded[1].0.len());
+    let states = bert.frozen_states(&encoded, 4, 2, &mut |_, _| {}).unwrap();
+    let split = bert
+        .pooled_from(&states.iter().collect::<Vec<_>>(), 4)
+        .unwrap();
+    for (i, (ids, types)) in encoded.iter().enumerate() {
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let types = Tensor::new(types.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mask = ids.ones_like().unwrap();
+        let alone = mean_pool(&bert.forward(&ids, &types, &mask).unwrap(), &mask).unwrap();
+        let diff = (alone.squeeze(0).unwrap() - split.get(i).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "text {i}: the split path differs by {diff}");
+    }
+}

@@ -143,11 +143,7 @@ pub(crate) fn load_rm_dir(dir: &Path, device: &Device) -> Result<Rm, String> {
     let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
         .map_err(|e| format!("{}: {e}", file.display()))?;
     if config.train_layers > 0 {
-        return Ok(Rm::Tuned(crate::tuned::TunedRm {
-            meta,
-            config,
-            tensors,
-        }));
+        return Ok(Rm::Tuned(crate::tuned::TunedRm::new(meta, config, tensors)));
     }
     HeadRm::from_tensors(meta, config, &tensors)
         .map(Rm::Head)
@@ -164,13 +160,15 @@ pub(crate) struct Scoring {
     /// The encoder's frozen part for partly fine-tuned models, loaded on first use.
     frozen: Option<crate::tuned::Frozen>,
     /// Frozen states by (text, split, max_tokens), shared by the models
-    /// scored in one instance (emptied beyond [`STATES_CAP`]).
+    /// scored in one instance, and the floats they hold (emptied beyond
+    /// [`STATES_CAP`]).
     states: HashMap<u128, Tensor>,
+    states_floats: usize,
 }
 
-/// Frozen states kept for scoring partly fine-tuned models (a few hundred
-/// KB each).
-const STATES_CAP: usize = 20_000;
+/// Floats of frozen states kept for scoring partly fine-tuned models
+/// (about 2 GB): beyond, the cache is emptied before new states join it.
+const STATES_CAP: usize = 500_000_000;
 
 impl Scoring {
     pub fn new(device: Device, batch_size: usize) -> Self {
@@ -180,6 +178,7 @@ impl Scoring {
             minilm: None,
             frozen: None,
             states: HashMap::new(),
+            states_floats: 0,
         }
     }
 
@@ -192,6 +191,7 @@ impl Scoring {
         {
             self.frozen = Some(crate::tuned::Frozen::load(max_tokens, &self.device)?);
             self.states.clear();
+            self.states_floats = 0;
         }
         Ok(self.frozen.as_ref().expect("loaded above"))
     }
@@ -218,15 +218,13 @@ impl Scoring {
         let computed = self
             .frozen(max_tokens)?
             .states(&todo, split, batch, progress)?;
-        if self.states.len() + computed.len() > STATES_CAP {
-            self.states.clear();
-        }
         let mut fresh = HashMap::new();
         for ((p, r), t) in todo.iter().zip(computed) {
-            fresh.insert(key(p, r), t.clone());
-            self.states.insert(key(p, r), t);
+            fresh.insert(key(p, r), t);
         }
-        Ok(items
+        // The answer first, from the new states and the cached ones; only
+        // then may the cache make room.
+        let out: Vec<Tensor> = items
             .iter()
             .map(|(p, r)| {
                 let k = key(p, r);
@@ -234,9 +232,21 @@ impl Scoring {
                     .get(&k)
                     .or_else(|| self.states.get(&k))
                     .cloned()
-                    .expect("computed above")
+                    .ok_or_else(|| {
+                        StageError::new("a frozen state went missing (a bug: please report it)")
+                    })
             })
-            .collect())
+            .collect::<Result<_, _>>()?;
+        let added: usize = fresh.values().map(|t| t.elem_count()).sum();
+        if self.states_floats + added > STATES_CAP {
+            self.states.clear();
+            self.states_floats = 0;
+        }
+        if added <= STATES_CAP {
+            self.states_floats += added;
+            self.states.extend(fresh);
+        }
+        Ok(out)
     }
 
     /// all-MiniLM-L6-v2, fetched and loaded on first use.
@@ -365,12 +375,14 @@ impl Scoring {
                 let layers = self.frozen(max_tokens)?.num_layers();
                 let split = tuned.split(layers);
                 let states = self.frozen_states(items, split, max_tokens, &mut |_, _| {})?;
-                let (bert, _vars) = self.frozen(max_tokens)?.copy(&tuned.layer_tensors())?;
-                let head = tuned.head()?;
+                let device = self.device.clone();
+                let frozen = self.frozen(max_tokens)?;
+                let bert = tuned.encoder(frozen)?;
+                let head = tuned.head(&device)?;
                 let mut out = Vec::with_capacity(items.len());
                 for chunk in states.chunks(self.batch_size) {
                     let refs: Vec<&Tensor> = chunk.iter().collect();
-                    let r = crate::tuned::rewards_from(&bert, &head, &refs, split)
+                    let r = crate::tuned::rewards_from(bert, &head, &refs, split)
                         .and_then(|t| Ok(t.to_vec1::<f32>()?))
                         .or_stage("scoring failed")?;
                     out.extend(r.into_iter().map(f64::from));

@@ -87,32 +87,74 @@ pub(crate) struct TunedRm {
     pub config: hone_models::reward::PretrainedConfig,
     /// The checkpoint's tensors: the head's and the top layers'.
     pub tensors: HashMap<String, Tensor>,
+    /// The encoder with these layers, built on first use and kept: a model
+    /// scores many batches, in many calls.
+    encoder: std::sync::OnceLock<(Bert, VarMap)>,
 }
 
 impl TunedRm {
+    /// A model from its checkpoint's parts.
+    pub fn new(
+        meta: hone_models::reward::RewardMeta,
+        config: hone_models::reward::PretrainedConfig,
+        tensors: HashMap<String, Tensor>,
+    ) -> Self {
+        TunedRm {
+            meta,
+            config,
+            tensors,
+            encoder: std::sync::OnceLock::new(),
+        }
+    }
+
     /// The first layer that is fine-tuned (the frozen ones are `0..split`).
     pub fn split(&self, layers: usize) -> usize {
         layers.saturating_sub(self.config.train_layers)
     }
 
-    /// The top layers' tensors (everything but the head).
-    pub fn layer_tensors(&self) -> HashMap<String, Tensor> {
-        self.tensors
+    /// The encoder with this model's top layers. The checkpoint must hold
+    /// exactly the tensors of layers `split..`: a lower one would be
+    /// applied while the cached frozen states came from pretrained weights.
+    pub fn encoder(&self, frozen: &Frozen) -> Result<&Bert, StageError> {
+        if let Some((bert, _)) = self.encoder.get() {
+            return Ok(bert);
+        }
+        let layers: HashMap<String, Tensor> = self
+            .tensors
             .iter()
             .filter(|(n, _)| !n.starts_with(&format!("{HEAD_PREFIX}.")))
             .map(|(n, t)| (n.clone(), t.clone()))
-            .collect()
+            .collect();
+        let (bert, vars) = frozen.copy(&layers)?;
+        let split = self.split(bert.num_layers());
+        let expected: std::collections::BTreeSet<String> = bert
+            .layer_vars(&vars, split..bert.num_layers())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let given: std::collections::BTreeSet<String> = layers.keys().cloned().collect();
+        if given != expected {
+            let missing: Vec<_> = expected.difference(&given).collect();
+            let extra: Vec<_> = given.difference(&expected).collect();
+            return Err(StageError::new(format!(
+                "the checkpoint does not hold exactly the top {} layers (missing {missing:?}, unexpected {extra:?})",
+                self.config.train_layers
+            )));
+        }
+        let _ = self.encoder.set((bert, vars));
+        Ok(&self.encoder.get().expect("set above").0)
     }
 
-    /// The head as a linear layer.
-    pub fn head(&self) -> Result<candle_nn::Linear, StageError> {
+    /// The head as a linear layer on `device`.
+    pub fn head(&self, device: &Device) -> Result<candle_nn::Linear, StageError> {
         let get = |name: &str| {
             self.tensors
                 .get(&format!("{HEAD_PREFIX}.{name}"))
-                .cloned()
                 .ok_or_else(|| {
                     StageError::new(format!("the checkpoint has no {HEAD_PREFIX}.{name}"))
-                })
+                })?
+                .to_device(device)
+                .or_stage("cannot move the head")
         };
         Ok(candle_nn::Linear::new(get("weight")?, Some(get("bias")?)))
     }

@@ -383,10 +383,10 @@ fn interpolated(
                 .map(Rm::Head)
                 .map_err(|e| StageError::new(format!("{doing}: {e}")))
         }
-        Rm::Tuned(tuned) => Ok(Rm::Tuned(crate::tuned::TunedRm {
-            meta: tuned.meta.clone(),
-            config: tuned.config.clone(),
-            tensors: mix,
-        })),
+        Rm::Tuned(tuned) => Ok(Rm::Tuned(crate::tuned::TunedRm::new(
+            tuned.meta.clone(),
+            tuned.config.clone(),
+            mix,
+        ))),
     }
 }

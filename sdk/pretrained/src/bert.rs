@@ -206,6 +206,11 @@ impl Bert {
         format!("{}encoder.layer.{i}.", self.prefix)
     }
 
+    /// Width of the hidden states (384 for MiniLM-L6).
+    pub fn hidden_size(&self) -> usize {
+        self.word.hidden_size()
+    }
+
     /// Number of transformer layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()

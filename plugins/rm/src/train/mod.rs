@@ -818,8 +818,10 @@ impl Train {
             .scoring
             .frozen(self.config.max_tokens)?
             .copy(&HashMap::new())?;
-        let (head, head_vars) = hone_pretrained::minilm::seeded_head(384, init_seed, &self.device)
-            .or_stage("cannot build the reward head")?;
+        let hidden = bert.hidden_size();
+        let (head, head_vars) =
+            hone_pretrained::minilm::seeded_head(hidden, init_seed, &self.device)
+                .or_stage("cannot build the reward head")?;
         // What the optimiser sees: the head and the top layers (the same
         // variables the encoder copy computes with).
         let trainable = VarMap::new();
@@ -873,7 +875,7 @@ impl Train {
         };
         let config = PretrainedConfig {
             pretrained: backbone,
-            hidden_size: 384,
+            hidden_size: hidden,
             train_layers: self.config.train_layers,
             max_tokens: self.config.max_tokens,
         };
@@ -946,7 +948,7 @@ impl Train {
 
 /// The frozen layers' output for the round's texts (partial fine-tuning).
 struct FrozenCache {
-    /// One [len, 384] tensor a distinct text.
+    /// One [len, hidden] tensor a distinct text.
     states: Vec<Tensor>,
     /// Each (prompt, response)'s index.
     index: HashMap<(String, String), u32>,
