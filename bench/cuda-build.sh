@@ -18,6 +18,9 @@
 #      sample) with their `cuda` feature, into target/cuda so the CPU build
 #      in target/ is left alone. candle's kernels are compiled to PTX for
 #      CUDA_COMPUTE_CAP (no GPU is needed to compile; one is needed to run).
+#
+# Why CUDA 13: the CUDA 12 wheels (nvidia-cuda-nvcc-cu12, 12.1 to 12.9) ship
+# ptxas but no nvcc; the CUDA 13 nvidia-cuda-nvcc wheel has the compiler.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
