@@ -19,6 +19,12 @@
 #      in target/ is left alone. candle's kernels are compiled to PTX for
 #      CUDA_COMPUTE_CAP (no GPU is needed to compile; one is needed to run).
 #
+# Status (2026-12-01, on a machine without a GPU): everything compiles,
+# candle's kernels to PTX for compute capability 9.0 included, but the plugins
+# fail to link: `unable to find library -lcuda`. libcuda.so is the GPU
+# driver's, in no toolkit wheel. A machine with the NVIDIA driver has it; on
+# one without, point LIBRARY_PATH at a stub libcuda.so.
+#
 # Why CUDA 13: the CUDA 12 wheels (nvidia-cuda-nvcc-cu12, 12.1 to 12.9) ship
 # ptxas but no nvcc; the CUDA 13 nvidia-cuda-nvcc wheel has the compiler.
 set -euo pipefail
@@ -29,8 +35,13 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 if [ ! -x "$VENV/bin/pip" ]; then
   python3 -m venv "$VENV"
 fi
+# 13.4: the newest CUDA that candle 0.11's cudarc (0.19) knows; with 13.5
+# its build script stops at "Unsupported cuda toolkit version".
+# nvcc's own parts (nvvm, crt, nvrtc) are separate wheels: pinned with it,
+# or pip pulls the newest and ptxas refuses their PTX version.
 "$VENV/bin/pip" install -q --disable-pip-version-check \
-  "nvidia-cuda-nvcc==13.*" "nvidia-cuda-runtime==13.*" "nvidia-cublas==13.*" \
+  "nvidia-cuda-nvcc==13.4.*" "nvidia-nvvm==13.4.*" "nvidia-cuda-crt==13.4.*" \
+  "nvidia-cuda-nvrtc==13.4.*" "nvidia-cuda-runtime==13.4.*" "nvidia-cublas==13.*" \
   "nvidia-curand==10.*" "nvidia-cuda-cccl==13.*"
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export CUDA_HOME="$SITE/nvidia/cu13"
