@@ -649,17 +649,7 @@ impl Train {
         ctx: &mut Context,
         pairs: &[PreferencePair],
     ) -> Result<EmbeddingCache, StageError> {
-        let mut index: HashMap<(String, String), u32> = HashMap::new();
-        let mut items: Vec<(&str, &str)> = Vec::new();
-        for p in pairs {
-            for r in [&p.chosen, &p.rejected] {
-                let key = (p.prompt.clone(), r.clone());
-                if let std::collections::hash_map::Entry::Vacant(e) = index.entry(key) {
-                    e.insert(items.len() as u32);
-                    items.push((&p.prompt, r));
-                }
-            }
-        }
+        let (index, items) = distinct_texts(pairs);
         let start = std::time::Instant::now();
         let every = (items.len() / 20).max(1);
         let mut next = every;
@@ -767,17 +757,7 @@ impl Train {
             ));
         }
         let split = layers - self.config.train_layers;
-        let mut index: HashMap<(String, String), u32> = HashMap::new();
-        let mut items: Vec<(&str, &str)> = Vec::new();
-        for p in pairs {
-            for r in [&p.chosen, &p.rejected] {
-                let key = (p.prompt.clone(), r.clone());
-                if let std::collections::hash_map::Entry::Vacant(e) = index.entry(key) {
-                    e.insert(items.len() as u32);
-                    items.push((&p.prompt, r));
-                }
-            }
-        }
+        let (index, items) = distinct_texts(pairs);
         let start = std::time::Instant::now();
         let max_tokens = self.config.max_tokens;
         let states = {
@@ -944,6 +924,26 @@ impl Train {
         ctx.emit(0, Record::Artifact(artifact));
         Ok(())
     }
+}
+
+/// Each distinct (prompt, response)'s row in a round's cache.
+type TextIndex = HashMap<(String, String), u32>;
+
+/// Every distinct (prompt, response) of the pairs, in first-seen order, and
+/// each one's index: what a pretrained backbone runs once per round.
+fn distinct_texts(pairs: &[PreferencePair]) -> (TextIndex, Vec<(&str, &str)>) {
+    let mut index = TextIndex::new();
+    let mut items: Vec<(&str, &str)> = Vec::new();
+    for p in pairs {
+        for r in [&p.chosen, &p.rejected] {
+            let key = (p.prompt.clone(), r.clone());
+            if let std::collections::hash_map::Entry::Vacant(e) = index.entry(key) {
+                e.insert(items.len() as u32);
+                items.push((&p.prompt, r));
+            }
+        }
+    }
+    (index, items)
 }
 
 /// The frozen layers' output for the round's texts (partial fine-tuning).
