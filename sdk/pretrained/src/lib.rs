@@ -27,6 +27,7 @@ mod error;
 pub mod hf_tokenizer;
 pub mod llama;
 pub mod minilm;
+pub mod sample;
 pub mod smollm;
 
 pub use candle_core::{DType, Device, Tensor};
@@ -40,6 +41,6 @@ pub use hf_tokenizer::HfTokenizer;
 pub use hone_models;
 pub use llama::{Llama, LlamaConfig};
 pub use minilm::MiniLmRewardModel;
-pub use smollm::SmolLm;
+pub use smollm::{ChatLlama, SmolLm};
 /// The tokenizer library the models use (for callers that encode inputs themselves).
 pub use tokenizers;

@@ -472,6 +472,21 @@ impl Llama {
     /// cached keys instead of a forward pass over the whole sequence. For
     /// inference: the cache holds tensors of the graph that made them.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.hidden_cached(ids, cache)?)?)
+    }
+
+    /// Like [`Llama::forward_cached`], but the logits [B, vocab] of the last
+    /// position only: a prefill of T tokens then skips T - 1 rows of the LM
+    /// head, its largest matmul (49,152 × 576 for SmolLM2).
+    pub fn next_logits_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.hidden_cached(ids, cache)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&last)?)
+    }
+
+    /// Final-norm hidden states [B, T, hidden] of `ids` after the cached tokens.
+    fn hidden_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let offset = cache.len;
         if cache.layers.len() != self.layers.len() {
@@ -494,7 +509,7 @@ impl Llama {
             x = layer.forward_at(&x, &self.rotary, &mask, offset, Some(slot))?;
         }
         cache.len += t;
-        Ok(self.lm_head.forward(&self.norm.forward(&x)?)?)
+        Ok(self.norm.forward(&x)?)
     }
 }
 
@@ -515,6 +530,28 @@ impl KvCache {
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// A cache of the rows `rows` of this one, in that order (an index may
+    /// repeat): `&[0; n]` copies a one-row prefill to n samples, and a
+    /// subset drops the rows whose sequences have ended.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<KvCache> {
+        let Some(device) = self.layers.iter().flatten().map(|(k, _)| k.device()).next() else {
+            return Err(Error::Input("the cache is empty: run a prefill first".into()));
+        };
+        let index = Tensor::new(rows, device)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|slot| match slot {
+                Some((k, v)) => Ok(Some((k.index_select(&index, 0)?, v.index_select(&index, 0)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: self.len,
+        })
     }
 }
 
@@ -552,7 +589,7 @@ fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// llama.cpp's `permute`: per head, rows `[first half | second half]`
@@ -583,7 +620,7 @@ mod tests {
     }
 
     /// A tiny model with random weights (GQA: 4 query heads, 2 kv heads).
-    fn tiny() -> Llama {
+    pub(crate) fn tiny() -> Llama {
         let cfg = LlamaConfig {
             vocab_size: 50,
             hidden_size: 32,

@@ -25,6 +25,8 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::llama::Llama;
+use crate::sample::{continuations, Continuation};
 use crate::{Error, HfTokenizer, Result};
 
 /// The model's name in [`hone_sdk::pretrained`].
@@ -60,13 +62,7 @@ impl SmolLm {
         let content = Content::read(&mut file)
             .map_err(|e| Error::Input(format!("{} is not a GGUF file: {e}", path.display())))?;
         let tokenizer = tokenizer_from_gguf(&content)?;
-        let mut stop_tokens = vec![metadata_u32(&content, "tokenizer.ggml.eos_token_id")?];
-        for special in ["<|im_end|>", "<|endoftext|>"] {
-            if let Some(id) = tokenizer.token_to_id(special) {
-                stop_tokens.push(id);
-            }
-        }
-        let bos = metadata_u32(&content, "tokenizer.ggml.bos_token_id").unwrap_or(stop_tokens[0]);
+        let (stop_tokens, bos) = special_tokens(&content, &tokenizer)?;
         let (content, mut f32_gguf) = dequantized(&content, &mut file)?;
         let model = ModelWeights::from_gguf(content, &mut f32_gguf, device)?;
         Ok(Self {
@@ -155,6 +151,127 @@ impl SmolLm {
         }
         let text = self.tokenizer.decode(&generated, true)?;
         Ok((text, logprobs))
+    }
+}
+
+/// Generation's stop tokens (the GGUF's EOS, `<|im_end|>`, `<|endoftext|>`)
+/// and its BOS (the EOS when it names none).
+fn special_tokens(content: &Content, tokenizer: &Tokenizer) -> Result<(Vec<u32>, u32)> {
+    let mut stop_tokens = vec![metadata_u32(content, "tokenizer.ggml.eos_token_id")?];
+    for special in ["<|im_end|>", "<|endoftext|>"] {
+        if let Some(id) = tokenizer.token_to_id(special) {
+            stop_tokens.push(id);
+        }
+    }
+    let bos = metadata_u32(content, "tokenizer.ggml.bos_token_id").unwrap_or(stop_tokens[0]);
+    Ok((stop_tokens, bos))
+}
+
+/// SmolLM2-135M-Instruct as hone's trainable f32 [`Llama`] port, with its
+/// tokenizer: the policy `lm.rollout` samples from, several samples of a
+/// prompt in one batch ([`crate::sample`]).
+pub struct ChatLlama {
+    /// The model; its weights are `vars`.
+    pub model: Llama,
+    /// The model's weights, under Hugging Face names.
+    pub vars: candle_nn::VarMap,
+    /// The tokenizer rebuilt from the GGUF metadata.
+    pub tokenizer: Tokenizer,
+    /// Generation ends at any of these.
+    pub stop_tokens: Vec<u32>,
+}
+
+impl ChatLlama {
+    /// Loads `GGUF_FILE` from `dir` onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let path = dir.join(GGUF_FILE);
+        let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let content = Content::read(&mut file)
+            .map_err(|e| Error::Input(format!("{} is not a GGUF file: {e}", path.display())))?;
+        let tokenizer = tokenizer_from_gguf(&content)?;
+        let (stop_tokens, _) = special_tokens(&content, &tokenizer)?;
+        drop(file);
+        let (model, vars) = Llama::from_gguf(&path, device)?;
+        Ok(Self {
+            model,
+            vars,
+            tokenizer,
+            stop_tokens,
+        })
+    }
+
+    /// Samples one continuation of `prompt` (already templated, e.g. by
+    /// [`chat_template`]) per seed, all in one batch; returns each one's text
+    /// (special tokens left out) with its tokens and log-probabilities.
+    pub fn sample(
+        &self,
+        prompt: &str,
+        seeds: &[u64],
+        max_new_tokens: usize,
+        temperature: f64,
+    ) -> Result<Vec<(String, Continuation)>> {
+        let ids = self.tokenizer.encode(prompt, false)?.get_ids().to_vec();
+        let samples = continuations(
+            &self.model,
+            &ids,
+            seeds,
+            max_new_tokens,
+            temperature,
+            &self.stop_tokens,
+        )?;
+        samples
+            .into_iter()
+            .map(|c| Ok((self.tokenizer.decode(&c.tokens, true)?, c)))
+            .collect()
+    }
+}
+
+/// `prompt` in SmolLM2's ChatML template with its default system prompt,
+/// ending where the assistant's answer begins. An HH-RLHF transcript
+/// ("\n\nHuman: … \n\nAssistant: … \n\nHuman: … \n\nAssistant:")
+/// becomes its turns, so that the model answers the last human turn as the
+/// assistant of that conversation; any other text is one user turn.
+pub fn chat_template(prompt: &str) -> String {
+    let Some(turns) = hh_turns(prompt) else {
+        return SmolLm::chat_prompt(prompt);
+    };
+    let mut out = format!("<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n");
+    for (role, text) in turns {
+        out.push_str(&format!("<|im_start|>{role}\n{text}<|im_end|>\n"));
+    }
+    out.push_str("<|im_start|>assistant\n");
+    out
+}
+
+/// The (role, text) turns of an HH-RLHF transcript that ends with an empty
+/// assistant turn, or None if `prompt` is not one.
+fn hh_turns(prompt: &str) -> Option<Vec<(&'static str, &str)>> {
+    let body = prompt.trim_start().strip_prefix("Human:")?;
+    let body = body.trim_end().strip_suffix("Assistant:")?;
+    let mut turns = Vec::new();
+    let mut rest = body;
+    let mut role = "user";
+    loop {
+        let marker = if role == "user" {
+            "\n\nAssistant:"
+        } else {
+            "\n\nHuman:"
+        };
+        match rest.find(marker) {
+            Some(at) => {
+                turns.push((role, rest[..at].trim()));
+                rest = &rest[at + marker.len()..];
+                role = if role == "user" { "assistant" } else { "user" };
+            }
+            None => {
+                // The last turn is the human's, whose answer is asked for.
+                if role != "user" {
+                    return None;
+                }
+                turns.push((role, rest.trim()));
+                return Some(turns);
+            }
+        }
     }
 }
 
@@ -287,5 +404,23 @@ mod tests {
             SmolLm::chat_prompt("Hi"),
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn hh_transcripts_become_chat_turns() {
+        let hh = "\n\nHuman: Why is the sky blue?\n\nAssistant: Scattering.\n\nHuman: Say more\n\nAssistant:";
+        let system = format!("<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n");
+        assert_eq!(
+            chat_template(hh),
+            format!(
+                "{system}<|im_start|>user\nWhy is the sky blue?<|im_end|>\n\
+                 <|im_start|>assistant\nScattering.<|im_end|>\n\
+                 <|im_start|>user\nSay more<|im_end|>\n<|im_start|>assistant\n"
+            )
+        );
+        // Not a transcript, or one ending on the assistant's turn: one user turn.
+        for text in ["Hi", "Human: a\n\nAssistant: b\n\nHuman: c", "Human: a\n\nAssistant: b\n\nAssistant:"] {
+            assert_eq!(chat_template(text), SmolLm::chat_prompt(text), "{text:?}");
+        }
     }
 }
