@@ -224,9 +224,8 @@ impl Rollout {
             let dir = hone_sdk::pretrained::fetch(&name)
                 .map_err(|e| StageError::config("pretrained", e))?;
             ctx.log(format!("loading {name} from {}", dir.display()));
-            self.smollm = Some(
-                ChatLlama::load(&dir, &self.device).or_stage(&format!("cannot load {name}"))?,
-            );
+            self.smollm =
+                Some(ChatLlama::load(&dir, &self.device).or_stage(&format!("cannot load {name}"))?);
         }
         let model = self.smollm.as_mut().expect("loaded above");
         let seed = c.seed ^ ctx.init().seed;

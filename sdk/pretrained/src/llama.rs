@@ -204,40 +204,70 @@ impl Attention {
         let q = rotary.apply_at(&heads(self.q_proj.forward(x)?, self.n_heads)?, offset)?;
         let k = rotary.apply_at(&heads(self.k_proj.forward(x)?, self.n_kv_heads)?, offset)?;
         let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?;
-        // The cache holds keys and values before the GQA repeat: n_rep
-        // times less memory than the repeated ones.
+        // The cache holds keys and values before the GQA grouping: n_rep
+        // times less memory than repeated ones.
         let (k, v) = match slot {
             None => (k, v),
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(slot) => append(slot, k, v, offset)?,
         };
-        let k = repeat_kv(k, self.n_heads / self.n_kv_heads)?;
-        let v = repeat_kv(v, self.n_heads / self.n_kv_heads)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let scores = scores.broadcast_add(mask)?;
-        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out =
-            weights
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.n_heads * self.head_dim))?;
+        // Grouped-query attention without copying k and v n_rep times: the
+        // n_rep query heads that share a kv head are stacked along T
+        // ([B, H, T, D] -> [B, KV, n_rep * T, D]; head h uses kv head
+        // h / n_rep, as in Hugging Face's repeat_kv), so that one matmul per
+        // kv head serves them all.
+        let (kv, n_rep, d) = (
+            self.n_kv_heads,
+            self.n_heads / self.n_kv_heads,
+            self.head_dim,
+        );
+        let l = k.dim(2)?;
+        let q = q.reshape((b, kv, n_rep * t, d))?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let scores = scores.reshape((b, kv, n_rep, t, l))?.broadcast_add(mask)?;
+        let weights =
+            candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv, n_rep * t, l))?;
+        let out = weights
+            .matmul(&v)?
+            .reshape((b, self.n_heads, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * d))?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
 
-/// [B, KV, T, D] -> [B, KV * n_rep, T, D], each kv head repeated in place.
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
+/// Positions a cache buffer grows by: a step writes into room already
+/// there instead of concatenating (and copying) every earlier key.
+/// (4 in unit tests, so that their short sequences grow the buffers too.)
+const CACHE_CHUNK: usize = if cfg!(test) { 4 } else { 256 };
+
+/// Writes `k` and `v` ([B, KV, T, D], positions `offset..offset + T`) into
+/// the slot's buffers, growing them by whole chunks when full, and returns
+/// views of positions `0..offset + T`.
+fn append(
+    slot: &mut Option<(Tensor, Tensor)>,
+    k: Tensor,
+    v: Tensor,
+    offset: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, kv, t, d) = k.dims4()?;
+    let end = offset + t;
+    let room = slot.as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+    if room < end {
+        let cap = end.div_ceil(CACHE_CHUNK) * CACHE_CHUNK;
+        let kb = Tensor::zeros((b, kv, cap, d), k.dtype(), k.device())?;
+        let vb = kb.zeros_like()?;
+        if let Some((old_k, old_v)) = slot.take() {
+            if offset > 0 {
+                kb.slice_set(&old_k.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&old_v.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
+            }
+        }
+        *slot = Some((kb, vb));
     }
-    let (b, kv, t, d) = x.dims4()?;
-    Ok(Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, kv * n_rep, t, d))?)
+    let (kb, vb) = slot.as_ref().expect("made above");
+    kb.slice_set(&k.contiguous()?, 2, offset)?;
+    vb.slice_set(&v.contiguous()?, 2, offset)?;
+    Ok((kb.narrow(2, 0, end)?, vb.narrow(2, 0, end)?))
 }
 
 struct Mlp {
@@ -514,8 +544,9 @@ impl Llama {
 }
 
 /// Keys and values of the tokens a [`Llama`] has seen, per layer
-/// ([B, KV heads, len, head dim], after the rotary embedding).
-#[derive(Clone)]
+/// ([B, KV heads, capacity, head dim] buffers, after the rotary embedding,
+/// written in place: a clone would share them, so there is none; copy rows
+/// with [`KvCache::select_rows`]).
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
@@ -537,14 +568,19 @@ impl KvCache {
     /// subset drops the rows whose sequences have ended.
     pub fn select_rows(&self, rows: &[u32]) -> Result<KvCache> {
         let Some(device) = self.layers.iter().flatten().map(|(k, _)| k.device()).next() else {
-            return Err(Error::Input("the cache is empty: run a prefill first".into()));
+            return Err(Error::Input(
+                "the cache is empty: run a prefill first".into(),
+            ));
         };
         let index = Tensor::new(rows, device)?;
         let layers = self
             .layers
             .iter()
             .map(|slot| match slot {
-                Some((k, v)) => Ok(Some((k.index_select(&index, 0)?, v.index_select(&index, 0)?))),
+                Some((k, v)) => Ok(Some((
+                    k.index_select(&index, 0)?,
+                    v.index_select(&index, 0)?,
+                ))),
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;

@@ -125,7 +125,12 @@ mod tests {
             .enumerate()
             .map(|(i, &tok)| {
                 let at = PROMPT.len() - 1 + i;
-                logp.get(at).unwrap().get(tok as usize).unwrap().to_scalar::<f32>().unwrap()
+                logp.get(at)
+                    .unwrap()
+                    .get(tok as usize)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
             })
             .collect()
     }
@@ -141,7 +146,10 @@ mod tests {
         let mut lengths: Vec<usize> = out.iter().map(|c| c.tokens.len()).collect();
         lengths.sort_unstable();
         lengths.dedup();
-        assert!(lengths.len() >= 3, "rows ended at too few distinct steps: {lengths:?}");
+        assert!(
+            lengths.len() >= 3,
+            "rows ended at too few distinct steps: {lengths:?}"
+        );
         for c in &out {
             assert!(c.tokens.iter().all(|t| t % 5 != 0), "{c:?}");
             match c.stop_token {
@@ -164,10 +172,15 @@ mod tests {
             let alone = continuations(&model, &PROMPT, &[seed], 10, 0.8, &[0]).unwrap();
             assert_eq!(alone[0].tokens, together[i].tokens, "seed {seed}");
         }
-        assert_ne!(together[0].tokens, together[1].tokens, "seeds 11 and 12 drew alike");
+        assert_ne!(
+            together[0].tokens, together[1].tokens,
+            "seeds 11 and 12 drew alike"
+        );
         // Temperature 0: every seed decodes greedily, to the same tokens.
         let greedy = continuations(&model, &PROMPT, &seeds, 10, 0.0, &[]).unwrap();
-        assert!(greedy.iter().all(|c| c.tokens == greedy[0].tokens && c.stop_token.is_none()));
+        assert!(greedy
+            .iter()
+            .all(|c| c.tokens == greedy[0].tokens && c.stop_token.is_none()));
     }
 
     #[test]

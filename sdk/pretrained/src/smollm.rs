@@ -419,7 +419,11 @@ mod tests {
             )
         );
         // Not a transcript, or one ending on the assistant's turn: one user turn.
-        for text in ["Hi", "Human: a\n\nAssistant: b\n\nHuman: c", "Human: a\n\nAssistant: b\n\nAssistant:"] {
+        for text in [
+            "Hi",
+            "Human: a\n\nAssistant: b\n\nHuman: c",
+            "Human: a\n\nAssistant: b\n\nAssistant:",
+        ] {
             assert_eq!(chat_template(text), SmolLm::chat_prompt(text), "{text:?}");
         }
     }
