@@ -12,24 +12,29 @@
 //!   model on a held-out set of scored pairs.
 //! - `eval.best-of-n`: rejection sampling with a proxy reward: proxy and
 //!   gold reward of the best of n samples against the analytic KL.
+//! - `eval.compare`: completions before and after an improvement, side by
+//!   side on the same prompts: paired gains with standard errors, and
+//!   examples a person can read.
 //!
 //! Every stage is `Placement::Single`: all records meet on worker 0, so the
 //! metrics are global, whatever the number of workers.
 
 mod best_of_n;
 mod common;
+mod compare;
 mod elo;
 mod rewards;
 mod rm_accuracy;
 mod win_rate;
 
 pub use best_of_n::BestOfN;
+pub use compare::Compare;
 pub use elo::Elo;
 pub use rewards::Rewards;
 pub use rm_accuracy::RmAccuracy;
 pub use win_rate::WinRate;
 
-hone_sdk::export_stages!(Rewards, WinRate, Elo, RmAccuracy, BestOfN);
+hone_sdk::export_stages!(Rewards, WinRate, Elo, RmAccuracy, BestOfN, Compare);
 
 /// Test helpers: run a stage in-process with its descriptor's defaults,
 /// feeding records on several input ports.

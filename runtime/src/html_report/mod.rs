@@ -2,6 +2,7 @@
 //! SVG, no scripts) summarising a run directory. The metric naming
 //! conventions it reads are documented in `docs/report.md`.
 
+mod comparison;
 mod sections;
 mod svg;
 
@@ -119,6 +120,7 @@ pub fn render(dir: &Path, ms: &[Metric], warnings: &[String]) -> String {
         h.push_str("</ul>");
     }
     losses(&mut h, ms, &stages);
+    comparison::comparisons(&mut h, dir);
     reward_kl(&mut h, ms);
     across_rounds(&mut h, ms);
     win_rates(&mut h, ms, last);
@@ -133,7 +135,8 @@ pub fn render(dir: &Path, ms: &[Metric], warnings: &[String]) -> String {
 const CSS: &str = "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}\
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}\
 td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}code{font-size:90%}\
-.none{color:#888;font-style:italic}section{margin-bottom:2em}svg{display:block;margin:.5em 0}";
+.none{color:#888;font-style:italic}section{margin-bottom:2em}svg{display:block;margin:.5em 0}\
+table.sbs td{vertical-align:top;width:33%}table.sbs pre{white-space:pre-wrap;word-break:break-word;margin:0;font-family:inherit}";
 
 pub(super) fn none(h: &mut String, title: &str, what: &str) {
     let _ = write!(h, "<section><h2>{title}</h2><p class=\"none\">No data: no metrics named {what}.</p></section>");
