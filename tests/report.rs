@@ -78,6 +78,17 @@ fn synthetic(dir: &TempDir) {
         "{\"completed\":true,\"round\":0,\"time\":0.0}\n",
     );
     dir.write("pipeline.toml", "[pipeline]\nname = \"synthetic\"\n");
+    // What eval.compare writes: the Before-and-after section.
+    std::fs::create_dir_all(dir.join("outputs/compare")).unwrap();
+    dir.write(
+        "outputs/compare/comparison.json",
+        r#"{"before_name": "SmolLM2", "after_name": "best of 4", "prompts": 2, "same": 1,
+            "length": {"before": 90.5, "after": 120.0},
+            "scores": {"judge_reward": {"before": -0.5, "after": 0.25, "gain": 0.75, "gain_se": 0.125, "after_wins": 0.75}},
+            "examples": [{"prompt": "\n\nHuman: <img src=x onerror=alert(1)>\n\nAssistant:",
+                          "before": {"text": "plain <i>answer</i>", "scores": {"judge_reward": -0.5}},
+                          "after": {"text": "kinder answer", "scores": {"judge_reward": 0.25}}}]}"#,
+    );
     dir.write(
         "manifest.jsonl",
         "{\"id\":\"rm/final@0\",\"kind\":\"reward_model\",\"stage\":\"rm\",\"round\":0,\"sha256\":\"0123456789abcdef0123\"}\n",
@@ -164,9 +175,14 @@ fn synthetic_run_has_every_section_and_renders() {
         "eval_loss",
         "gold",
         "proxy",
+        "best of 4 against SmolLM2",
+        "0.75 ± 0.125",
+        "kinder answer",
+        "plain &lt;i&gt;answer&lt;/i&gt;",
     ] {
         assert!(html.contains(needle), "report lacks {needle}");
     }
+    assert!(!html.contains("<img"), "prompt markup is escaped");
     assert!(!html.contains("No data"), "every section has data");
     assert!(
         html.contains("<td class=\"n\">160</td>"),
@@ -192,9 +208,13 @@ fn real_run_renders_and_notes_missing_sections() {
             "--run-dir",
             run.to_str().unwrap(),
             "-q",
+            "--report",
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    // --report wrote the run's own report.
+    let own = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(own.contains("hh-filter"));
     let html_path = dir.join("r.html");
     let out = hone(
         &workspace(),

@@ -140,6 +140,10 @@ struct RunArgs {
     /// Print failures only.
     #[arg(long, short)]
     quiet: bool,
+    /// When the run has finished, write its HTML report to
+    /// RUN_DIR/report.html (as `hone report RUN_DIR` does).
+    #[arg(long)]
+    report: bool,
 }
 
 #[derive(Args)]
@@ -526,6 +530,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         resume,
         replace: false,
         quiet: args.quiet,
+        report: false,
     };
     run(
         run_args,
@@ -885,6 +890,9 @@ fn run(args: RunArgs, serving: Option<ServeOptions>) -> Result<(), Failure> {
             started.elapsed().as_secs_f64(),
             run_dir.display()
         );
+    }
+    if args.report {
+        report(&run_dir, None)?;
     }
     Ok(())
 }

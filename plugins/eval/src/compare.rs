@@ -138,8 +138,18 @@ impl Stage for Compare {
         }
         let chars = |s: &Side| s.completion.text.chars().count() as f64;
         let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-        let length_before = mean(&prompts.iter().map(|p| chars(&before[*p])).collect::<Vec<_>>());
-        let length_after = mean(&prompts.iter().map(|p| chars(&after[*p])).collect::<Vec<_>>());
+        let length_before = mean(
+            &prompts
+                .iter()
+                .map(|p| chars(&before[*p]))
+                .collect::<Vec<_>>(),
+        );
+        let length_after = mean(
+            &prompts
+                .iter()
+                .map(|p| chars(&after[*p]))
+                .collect::<Vec<_>>(),
+        );
         ctx.metric("length/before", length_before);
         ctx.metric("length/after", length_after);
         let same = prompts
@@ -158,7 +168,9 @@ impl Stage for Compare {
                 .filter_map(|p| Some((*before[*p].scores.get(name)?, *after[*p].scores.get(name)?)))
                 .collect();
             if paired.is_empty() {
-                ctx.log(format!("no prompt has `{name}` on both sides: it is left out"));
+                ctx.log(format!(
+                    "no prompt has `{name}` on both sides: it is left out"
+                ));
                 continue;
             }
             let n = paired.len() as f64;
@@ -295,7 +307,10 @@ mod tests {
         assert_eq!(out.metric("gain_se/warm", None), Some(0.0));
         assert_eq!(out.metric("gain/absent", None), None);
         assert_eq!(out.metric("same", None), Some(1.0));
-        assert_eq!(out.metric("length/before", None), Some((8.0 + 4.0 + 5.0) / 3.0));
+        assert_eq!(
+            out.metric("length/before", None),
+            Some((8.0 + 4.0 + 5.0) / 3.0)
+        );
         let json: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(out.run_dir.join("outputs/test/comparison.json")).unwrap(),
         )
@@ -308,7 +323,10 @@ mod tests {
         assert_eq!(examples[0]["after"]["id"], "p1#2");
         assert_eq!(examples[1]["prompt_id"], "p2");
         assert_eq!(json["scores"]["judge"]["gain"], 2.0);
-        assert!(out.logs.iter().any(|l| l.contains("no prompt has `absent`")));
+        assert!(out
+            .logs
+            .iter()
+            .any(|l| l.contains("no prompt has `absent`")));
     }
 
     #[test]
@@ -326,7 +344,10 @@ mod tests {
         assert_eq!(out.metric("gain_se/judge", None), None);
         let none = run::<Compare>(
             serde_json::json!({"scores": ["judge"]}),
-            vec![(0, vec![completion("a#0", "a", &[])]), (1, vec![completion("b#0", "b", &[])])],
+            vec![
+                (0, vec![completion("a#0", "a", &[])]),
+                (1, vec![completion("b#0", "b", &[])]),
+            ],
         )
         .unwrap();
         assert_eq!(none.metric("prompts", None), Some(0.0));
@@ -336,9 +357,13 @@ mod tests {
 
     #[test]
     fn scores_must_be_named() {
-        let err = create::<Compare>(serde_json::json!({"scores": []})).err().unwrap();
+        let err = create::<Compare>(serde_json::json!({"scores": []}))
+            .err()
+            .unwrap();
         assert_eq!(err.config_field(), Some("scores"));
-        let err = create::<Compare>(serde_json::json!({"scores": ["a/b"]})).err().unwrap();
+        let err = create::<Compare>(serde_json::json!({"scores": ["a/b"]}))
+            .err()
+            .unwrap();
         assert_eq!(err.config_field(), Some("scores"));
     }
 }

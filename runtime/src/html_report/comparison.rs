@@ -60,7 +60,10 @@ fn comparison_files(dir: &Path) -> Vec<(String, PathBuf)> {
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let r: u64 = name.strip_prefix("round-")?.parse().ok()?;
-                e.path().join(FILE).is_file().then_some((r, e.path().join(FILE)))
+                e.path()
+                    .join(FILE)
+                    .is_file()
+                    .then_some((r, e.path().join(FILE)))
             })
             .max_by_key(|(r, _)| *r);
         match newest_round {
@@ -107,7 +110,11 @@ fn one(h: &mut String, stage: &str, v: &serde_json::Value) {
         String::new(),
         String::new(),
     ]);
-    table(h, &["score", &before, &after, "gain ± se", "after wins"], &rows);
+    table(
+        h,
+        &["score", &before, &after, "gain ± se", "after wins"],
+        &rows,
+    );
     let _ = write!(
         h,
         "<p>Gains are means over prompts of after − before; ± one standard error. \
@@ -199,7 +206,11 @@ mod tests {
             })
             .to_string()
         };
-        for (sub, name) in [("cmp", "round 0"), ("cmp/round-2", "round 2"), ("cmp/round-10", "round 10")] {
+        for (sub, name) in [
+            ("cmp", "round 0"),
+            ("cmp/round-2", "round 2"),
+            ("cmp/round-10", "round 10"),
+        ] {
             std::fs::create_dir_all(dir.join("outputs").join(sub)).unwrap();
             std::fs::write(dir.join("outputs").join(sub).join(FILE), body(name)).unwrap();
         }
@@ -210,7 +221,10 @@ mod tests {
         assert!(h.contains("round 10 against SmolLM2"), "{h}");
         assert!(!h.contains("round 2 against"), "{h}");
         assert!(h.contains("0.3 ± 0.1"), "{h}");
-        assert!(h.contains("&lt;script&gt;") && !h.contains("<script>"), "{h}");
+        assert!(
+            h.contains("&lt;script&gt;") && !h.contains("<script>"),
+            "{h}"
+        );
         assert!(h.contains("a&lt;b") && h.contains("c&amp;d"), "{h}");
         assert!(h.contains("broken") && h.contains("cannot read"), "{h}");
         let mut empty = String::new();

@@ -66,7 +66,8 @@ fn parse_line(line: &str) -> Result<Metric, String> {
 pub fn write(dir: &Path, out: &Path) -> Result<Vec<String>, String> {
     let (metrics, warnings) = read_metrics(&dir.join("metrics.jsonl"))?;
     let html = render(dir, &metrics, &warnings);
-    std::fs::write(out, html).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    hone_sdk::fs::atomic_write(out, html.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
     Ok(warnings)
 }
 
