@@ -7,6 +7,7 @@
 
 use candle_core::{Device, Tensor, D};
 use hone_pretrained::llama::Llama;
+use hone_pretrained::sample::continuations;
 use hone_pretrained::smollm::{SmolLm, GGUF_FILE, MODEL_NAME};
 use std::time::Instant;
 
@@ -82,8 +83,18 @@ pub fn run(b: LlamaGenBench) {
         runner.generate(&prompt, b.tokens, 0.0, 0).unwrap();
         b.tokens as f64 / t.elapsed().as_secs_f64()
     });
-    println!("| candle-transformers quantized_llama (lm.rollout today) | 1 | {runner_rate:.1} |");
+    println!("| candle-transformers quantized_llama (SmolLm, the reference runner) | 1 | {runner_rate:.1} |");
     for batch in [1, 8] {
+        // lm.rollout's path: `batch` samples of one prompt (one prefill,
+        // copied to every row), temperature 0.7, no stop token so that
+        // every row runs the full length.
+        let seeds: Vec<u64> = (0..batch as u64).collect();
+        let sampled = times(&mut || {
+            let t = Instant::now();
+            continuations(&model, &ids, &seeds, b.tokens, 0.7, &[]).unwrap();
+            (batch * b.tokens) as f64 / t.elapsed().as_secs_f64()
+        });
+        println!("| hone sample::continuations (lm.rollout), samples of one prompt | {batch} | {sampled:.1} |");
         let cached = times(&mut || port(&model, &ids, batch, b.tokens, true));
         let uncached = times(&mut || port(&model, &ids, batch, b.tokens, false));
         println!("| hone Llama port, KV cache | {batch} | {cached:.1} |");
