@@ -69,6 +69,7 @@ fn synthetic(dir: &TempDir) {
     line("rm", 0, 0, "accuracy/clean", 0.81, None);
     line("rm", 0, 0, "accuracy/ood", 0.66, None);
     line("warm", 0, 0, "accuracy/clean", 0.84, None);
+    line("warm", 0, 0, "longer_wins/clean", 0.4375, None);
     line("prefs", 0, 0, "pairs", 100.0, None);
     line("prefs", 0, 1, "pairs", 60.0, None);
     m.push_str("{not json\n");
@@ -178,6 +179,8 @@ fn synthetic_run_has_every_section_and_renders() {
         "best of 4 against SmolLM2",
         "0.75 ± 0.125",
         "kinder answer",
+        "warm: longer response wins",
+        "0.4375",
         "plain &lt;i&gt;answer&lt;/i&gt;",
     ] {
         assert!(html.contains(needle), "report lacks {needle}");

@@ -25,6 +25,10 @@ struct Judged {
     y: bool,
     /// 1 when the model agrees with the truth, 0.5 on a reward tie, else 0.
     correct: f64,
+    /// The same for the "longer response wins" heuristic (characters): the
+    /// baseline a reward model must beat, since length is what a weak one
+    /// learns first.
+    longer: f64,
     /// The `split_by` meta value, if any.
     split: Option<String>,
 }
@@ -46,7 +50,9 @@ impl StageFactory for RmAccuracy {
              rejected_score set, e.g. by rm.score). Metrics: `accuracy/SET` (fraction of pairs where the \
              reward difference agrees with the truth; a reward tie counts half), `ece/SET` (expected \
              calibration error of p = sigmoid(chosen_score - rejected_score) as the probability that \
-             `chosen` is better, each pair counted in both orientations so the label order does not matter), `pairs/SET`, and with `split_by` `accuracy/SET_VALUE` and `pairs/SET_VALUE` per meta value (`split_by = \"source\"`: per input file of the jsonl readers). \
+             `chosen` is better, each pair counted in both orientations so the label order does not matter), `pairs/SET`, `longer_wins/SET` (the accuracy of the \"longer response wins\" heuristic on the same pairs, \
+             in characters, equal lengths counting half: the baseline to beat), and with `split_by` `accuracy/SET_VALUE`, \
+             `longer_wins/SET_VALUE` and `pairs/SET_VALUE` per meta value (`split_by = \"source\"`: per input file of the jsonl readers). \
              Logs the reliability table.",
         )
         .input("pairs", RecordKind::PreferencePair)
@@ -156,6 +162,13 @@ impl Stage for RmAccuracy {
             } else {
                 true
             };
+            let (lc, lr) = (pair.chosen.chars().count(), pair.rejected.chars().count());
+            let longer = match lc.cmp(&lr) {
+                std::cmp::Ordering::Equal => 0.5,
+                // Chosen is longer: right when chosen is truly better.
+                std::cmp::Ordering::Greater => f64::from(u8::from(y)),
+                std::cmp::Ordering::Less => f64::from(u8::from(!y)),
+            };
             let delta = chosen - rejected;
             let correct = if delta == 0.0 {
                 0.5
@@ -178,6 +191,7 @@ impl Stage for RmAccuracy {
                 p: sigmoid(delta),
                 y,
                 correct,
+                longer,
                 split,
             });
         }
@@ -205,27 +219,31 @@ impl Stage for RmAccuracy {
         let accuracy = judged.iter().map(|j| j.correct).sum::<f64>() / n;
         ctx.metric(&format!("accuracy/{set}"), accuracy);
         ctx.metric(&format!("pairs/{set}"), n);
+        let longer = judged.iter().map(|j| j.longer).sum::<f64>() / n;
+        ctx.metric(&format!("longer_wins/{set}"), longer);
         let bins = self.config.bins as usize;
         let (ece, table) = calibration(&judged, bins);
         ctx.metric(&format!("ece/{set}"), ece);
-        let mut by_split: BTreeMap<&str, (f64, u64)> = BTreeMap::new();
+        let mut by_split: BTreeMap<&str, (f64, f64, u64)> = BTreeMap::new();
         for j in &judged {
             if let Some(s) = &j.split {
                 let e = by_split.entry(s).or_default();
                 e.0 += j.correct;
-                e.1 += 1;
+                e.1 += j.longer;
+                e.2 += 1;
             }
         }
         let mut lines = vec![format!(
-            "set {set}: accuracy {accuracy:.4}, ECE {ece:.4} over {} pairs",
+            "set {set}: accuracy {accuracy:.4} (longer wins {longer:.4}), ECE {ece:.4} over {} pairs",
             judged.len()
         )];
-        for (value, (correct, count)) in &by_split {
-            let acc = correct / *count as f64;
+        for (value, (correct, longer, count)) in &by_split {
+            let (acc, longer) = (correct / *count as f64, longer / *count as f64);
             ctx.metric(&format!("accuracy/{set}_{value}"), acc);
+            ctx.metric(&format!("longer_wins/{set}_{value}"), longer);
             ctx.metric(&format!("pairs/{set}_{value}"), *count as f64);
             lines.push(format!(
-                "  {}={value}: accuracy {acc:.4} over {count} pairs",
+                "  {}={value}: accuracy {acc:.4} (longer wins {longer:.4}) over {count} pairs",
                 self.split_key()
             ));
         }
@@ -313,6 +331,9 @@ mod tests {
         assert_eq!(out.metric("accuracy/clean_true", None), Some(0.75));
         assert_eq!(out.metric("accuracy/clean_false", None), Some(0.5));
         assert_eq!(out.metric("pairs/clean", None), Some(4.0));
+        // Responses "a" and "b": equal lengths, so the heuristic scores half.
+        assert_eq!(out.metric("longer_wins/clean", None), Some(0.5));
+        assert_eq!(out.metric("longer_wins/clean_true", None), Some(0.5));
         // y = 1 everywhere; mirrored, (1 - p, 0) too. Bin [0, .5) holds
         // σ(-3) (y 1) and the mirrors of σ(2), σ(5) (y 0); bin [.5, 1] the
         // rest, with both orientations of the tie.
@@ -336,6 +357,30 @@ mod tests {
         let ece = 3.0 / 8.0 * gap(&low) + 5.0 / 8.0 * gap(&high);
         assert!((out.metric("ece/clean", None).unwrap() - ece).abs() < 1e-12);
         assert!(out.logs[0].contains("mean p"));
+    }
+
+    #[test]
+    fn longer_wins_is_right_when_the_truly_better_response_is_longer() {
+        let text = |id: &str, chosen: &str, rejected: &str, gold: Option<(f64, f64)>| {
+            let mut p = PreferencePair::new(id, "q", chosen, rejected, "world");
+            (p.chosen_score, p.rejected_score) = (Some(1.0), Some(0.0));
+            (p.gold_chosen, p.gold_rejected) = (gold.map(|g| g.0), gold.map(|g| g.1));
+            Record::Pair(p)
+        };
+        // By label: chosen longer (right), shorter (wrong), equal (half).
+        let out = run::<RmAccuracy>(
+            serde_json::json!({"set": "s"}),
+            vec![(0, vec![text("a", "long one", "short", None), text("b", "x", "longer", None), text("c", "ab", "cd", None)])],
+        )
+        .unwrap();
+        assert_eq!(out.metric("longer_wins/s", None), Some(1.5 / 3.0));
+        // By gold: rejected is truly better and longer, so the heuristic is right.
+        let out = run::<RmAccuracy>(
+            serde_json::json!({"set": "s", "truth": "gold"}),
+            vec![(0, vec![text("a", "x", "longer", Some((0.0, 1.0)))])],
+        )
+        .unwrap();
+        assert_eq!(out.metric("longer_wins/s", None), Some(1.0));
     }
 
     #[test]

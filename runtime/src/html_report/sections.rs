@@ -249,6 +249,22 @@ pub(super) fn accuracy(h: &mut String, ms: &[Metric], last: u64) {
             r
         })
         .collect();
+    // The "longer response wins" baseline on the same pairs, where a stage
+    // reports it (eval.rm-accuracy's longer_wins/SET).
+    let longer = last_round(ms, last, "longer_wins/");
+    let mut rows = rows;
+    let mut baselines: Vec<&str> = longer.keys().map(|k| k.0.as_str()).collect();
+    baselines.dedup();
+    for s in baselines {
+        let mut r = vec![format!("{s}: longer response wins")];
+        r.extend(sets.iter().map(|set| {
+            longer
+                .get(&(s.to_string(), set.to_string()))
+                .map(|v| fmt_num(*v))
+                .unwrap_or_default()
+        }));
+        rows.push(r);
+    }
     let mut head = vec!["stage"];
     head.extend(sets.iter().copied());
     h.push_str("<section><h2>Reward-model accuracy</h2>");
