@@ -892,7 +892,17 @@ fn run(args: RunArgs, serving: Option<ServeOptions>) -> Result<(), Failure> {
         );
     }
     if args.report {
-        report(&run_dir, None)?;
+        // The run succeeded: a report that cannot be written is a failure
+        // of this command (1), not a usage error.
+        let out = run_dir.join("report.html");
+        let warnings = crate::html_report::write(&run_dir, &out)
+            .map_err(|message| Failure { code: 1, message })?;
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+        if !args.quiet {
+            eprintln!("wrote {}", out.display());
+        }
     }
     Ok(())
 }

@@ -39,7 +39,8 @@ impl StageFactory for Compare {
              difference after - before), `gain_se/S` (its standard error, from 2 prompts), and \
              `after_wins/S` (the share of prompts where after scores higher; ties count half); also \
              `prompts`, `length/before` and `length/after` (mean characters), `same` (prompts whose two \
-             completions are the same text) and `unpaired` (prompts on one side only). Writes \
+             completions are the same text), `unpaired` (prompts on one side only) and `non_finite/S` \
+             (prompts left out of S because a score is NaN or infinite). Writes \
              OUTPUT_DIR/comparison.json with the figures and the first `examples` prompts in id order \
              (never chosen by score), which `hone report` shows as a before-and-after table.",
         )
@@ -163,10 +164,22 @@ impl Stage for Compare {
             "score", "before", "after", "gain", "se", "after wins", "prompts"
         )];
         for name in names {
-            let paired: Vec<(f64, f64)> = prompts
+            let both: Vec<(f64, f64)> = prompts
                 .iter()
                 .filter_map(|p| Some((*before[*p].scores.get(name)?, *after[*p].scores.get(name)?)))
                 .collect();
+            // A NaN or infinite score would make every figure NaN: counted, left out.
+            let paired: Vec<(f64, f64)> = both
+                .iter()
+                .copied()
+                .filter(|(b, a)| b.is_finite() && a.is_finite())
+                .collect();
+            if paired.len() < both.len() {
+                ctx.metric(
+                    &format!("non_finite/{name}"),
+                    (both.len() - paired.len()) as f64,
+                );
+            }
             if paired.is_empty() {
                 ctx.log(format!(
                     "no prompt has `{name}` on both sides: it is left out"
@@ -342,6 +355,28 @@ mod tests {
         assert_eq!(out.metric("gain/judge", None), Some(-1.0));
         assert_eq!(out.metric("after_wins/judge", None), Some(0.0));
         assert_eq!(out.metric("gain_se/judge", None), None);
+        let nan = run::<Compare>(
+            serde_json::json!({"scores": ["judge"]}),
+            vec![
+                (
+                    0,
+                    vec![
+                        completion("a#0", "a", &[("judge", "NaN")]),
+                        completion("b#0", "b", &[("judge", "1")]),
+                    ],
+                ),
+                (
+                    1,
+                    vec![
+                        completion("a#1", "a", &[("judge", "0")]),
+                        completion("b#1", "b", &[("judge", "2")]),
+                    ],
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(nan.metric("non_finite/judge", None), Some(1.0));
+        assert_eq!(nan.metric("gain/judge", None), Some(1.0));
         let none = run::<Compare>(
             serde_json::json!({"scores": ["judge"]}),
             vec![

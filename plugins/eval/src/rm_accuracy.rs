@@ -370,7 +370,14 @@ mod tests {
         // By label: chosen longer (right), shorter (wrong), equal (half).
         let out = run::<RmAccuracy>(
             serde_json::json!({"set": "s"}),
-            vec![(0, vec![text("a", "long one", "short", None), text("b", "x", "longer", None), text("c", "ab", "cd", None)])],
+            vec![(
+                0,
+                vec![
+                    text("a", "long one", "short", None),
+                    text("b", "x", "longer", None),
+                    text("c", "ab", "cd", None),
+                ],
+            )],
         )
         .unwrap();
         assert_eq!(out.metric("longer_wins/s", None), Some(1.5 / 3.0));

@@ -40,7 +40,7 @@ pub(super) fn comparisons(h: &mut String, dir: &Path) {
 
 /// `(stage, file)` for every stage directory under `outputs/` holding a
 /// comparison, the newest round's (`round-R/` beats the stage's own
-/// directory, which is round 0), in stage order.
+/// directory, which is round 0), in the order of the stages' names.
 fn comparison_files(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir.join("outputs")) else {
         return Vec::new();
@@ -163,10 +163,12 @@ fn one(h: &mut String, stage: &str, v: &serde_json::Value) {
 /// The last human turn of an HH-RLHF transcript; other text whole.
 fn last_turn(prompt: &str) -> &str {
     let body = prompt.trim();
-    let body = body.strip_suffix("Assistant:").unwrap_or(body).trim_end();
-    match body.rfind("Human:") {
-        Some(at) => body[at + "Human:".len()..].trim(),
-        None => body,
+    let Some(body) = body.strip_suffix("\n\nAssistant:") else {
+        return body;
+    };
+    match body.rfind("\n\nHuman:") {
+        Some(at) => body[at + "\n\nHuman:".len()..].trim(),
+        None => body.strip_prefix("Human:").unwrap_or(body).trim(),
     }
 }
 
@@ -187,6 +189,9 @@ mod tests {
         let hh = "\n\nHuman: first\n\nAssistant: reply\n\nHuman: second question\n\nAssistant:";
         assert_eq!(last_turn(hh), "second question");
         assert_eq!(last_turn("plain prompt"), "plain prompt");
+        // "Human:" inside a turn is text, not a turn.
+        let quoted = "\n\nHuman: say \"Human: hi\"\n\nAssistant:";
+        assert_eq!(last_turn(quoted), "say \"Human: hi\"");
         assert_eq!(excerpt("ééé", 2), "éé…");
         assert_eq!(excerpt("ab", 2), "ab");
     }

@@ -87,9 +87,15 @@ pub(super) fn is_loss(n: &str) -> bool {
 pub(super) fn is_special(n: &str) -> bool {
     is_loss(n)
         || matches!(n, "kl" | "gold_reward" | "proxy_reward")
-        || ["win_rate/", "elo/", "strength_hist/", "accuracy/", "longer_wins/"]
-            .iter()
-            .any(|p| n.starts_with(p))
+        || [
+            "win_rate/",
+            "elo/",
+            "strength_hist/",
+            "accuracy/",
+            "longer_wins/",
+        ]
+        .iter()
+        .any(|p| n.starts_with(p))
 }
 
 /// Renders the whole page.

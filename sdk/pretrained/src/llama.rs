@@ -499,8 +499,12 @@ impl Llama {
     /// `cache.len()` tokens already in `cache` (every row at the same
     /// positions), which then holds these too. A prompt goes in whole (the
     /// prefill), then one token a step: each step costs attention over the
-    /// cached keys instead of a forward pass over the whole sequence. For
-    /// inference: the cache holds tensors of the graph that made them.
+    /// cached keys instead of a forward pass over the whole sequence.
+    ///
+    /// **Inference only.** Keys and values are written in place into the
+    /// cache's buffers, which are not part of the autograd graph, so no
+    /// gradient flows through them (nor through this call's own keys and
+    /// values): train with [`Llama::forward`].
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Ok(self.lm_head.forward(&self.hidden_cached(ids, cache)?)?)
     }
@@ -511,7 +515,8 @@ impl Llama {
     pub fn next_logits_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let hidden = self.hidden_cached(ids, cache)?;
         let t = hidden.dim(1)?;
-        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        // Contiguous: a strided [B, hidden] is refused by CUDA's gemm.
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
         Ok(self.lm_head.forward(&last)?)
     }
 

@@ -247,7 +247,7 @@ pub fn chat_template(prompt: &str) -> String {
 /// assistant turn, or None if `prompt` is not one.
 fn hh_turns(prompt: &str) -> Option<Vec<(&'static str, &str)>> {
     let body = prompt.trim_start().strip_prefix("Human:")?;
-    let body = body.trim_end().strip_suffix("Assistant:")?;
+    let body = body.trim_end().strip_suffix("\n\nAssistant:")?;
     let mut turns = Vec::new();
     let mut rest = body;
     let mut role = "user";
@@ -423,6 +423,7 @@ mod tests {
             "Hi",
             "Human: a\n\nAssistant: b\n\nHuman: c",
             "Human: a\n\nAssistant: b\n\nAssistant:",
+            "Human: act as my Assistant:",
         ] {
             assert_eq!(chat_template(text), SmolLm::chat_prompt(text), "{text:?}");
         }
