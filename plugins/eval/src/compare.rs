@@ -5,7 +5,7 @@
 //! say what it looks like. The examples are the first prompts in id order,
 //! never chosen by score, so that they are not the flattering ones.
 
-use crate::common::{check_name, lookup, natural_cmp, Scores};
+use crate::common::{check_name, lookup, mean, natural_cmp, outcome, Scores};
 use hone_sdk::prelude::*;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -138,7 +138,6 @@ impl Stage for Compare {
             return Ok(());
         }
         let chars = |s: &Side| s.completion.text.chars().count() as f64;
-        let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
         let length_before = mean(
             &prompts
                 .iter()
@@ -197,15 +196,7 @@ impl Stage for Compare {
             } else {
                 None
             };
-            let wins = paired
-                .iter()
-                .map(|(b, a)| match a.partial_cmp(b) {
-                    Some(std::cmp::Ordering::Greater) => 1.0,
-                    Some(std::cmp::Ordering::Equal) => 0.5,
-                    _ => 0.0,
-                })
-                .sum::<f64>()
-                / n;
+            let wins = paired.iter().map(|&(b, a)| outcome(a, b)).sum::<f64>() / n;
             ctx.metric(&format!("before/{name}"), b);
             ctx.metric(&format!("after/{name}"), a);
             ctx.metric(&format!("gain/{name}"), gain);

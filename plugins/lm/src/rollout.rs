@@ -227,7 +227,7 @@ impl Rollout {
             self.smollm =
                 Some(ChatLlama::load(&dir, &self.device).or_stage(&format!("cannot load {name}"))?);
         }
-        let model = self.smollm.as_mut().expect("loaded above");
+        let model = self.smollm.as_ref().expect("loaded above");
         let seed = c.seed ^ ctx.init().seed;
         // The same draws every round for a fixed policy's evaluation samples.
         let round = if self.config.seed_per_round {

@@ -87,6 +87,14 @@ impl LlamaConfig {
     }
 }
 
+/// Opens a GGUF file and reads its header (metadata and tensor index).
+pub(crate) fn open_gguf(path: &Path) -> Result<(std::fs::File, Content)> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| Error::Input(format!("{} is not a GGUF file: {e}", path.display())))?;
+    Ok((file, content))
+}
+
 fn get<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
     content
         .metadata
@@ -400,10 +408,20 @@ impl Llama {
     }
 
     fn load_gguf(path: &Path, device: &Device, n_layers: Option<usize>) -> Result<(Self, VarMap)> {
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut file)
-            .map_err(|e| Error::Input(format!("{} is not a GGUF file: {e}", path.display())))?;
-        let mut cfg = LlamaConfig::from_gguf(&content)?;
+        let (mut file, content) = open_gguf(path)?;
+        Self::from_gguf_content(&content, &mut file, device, n_layers)
+    }
+
+    /// [`Llama::from_gguf`] from a GGUF already opened by [`open_gguf`], so
+    /// that a caller who also reads its metadata (the tokenizer) parses the
+    /// header once.
+    pub(crate) fn from_gguf_content(
+        content: &Content,
+        file: &mut std::fs::File,
+        device: &Device,
+        n_layers: Option<usize>,
+    ) -> Result<(Self, VarMap)> {
+        let mut cfg = LlamaConfig::from_gguf(content)?;
         if let Some(n) = n_layers {
             cfg.num_hidden_layers = cfg.num_hidden_layers.min(n);
         }
@@ -412,7 +430,7 @@ impl Llama {
             let mut vars = varmap.data().lock().expect("VarMap lock");
             let mut load = |gguf: &str, hf: String, unpermute: Option<usize>| -> Result<()> {
                 let tensor = content
-                    .tensor(&mut file, gguf, &Device::Cpu)?
+                    .tensor(&mut *file, gguf, &Device::Cpu)?
                     .dequantize(&Device::Cpu)?;
                 let tensor = match unpermute {
                     Some(n_head) => unpermute_rows(&tensor, n_head)?,

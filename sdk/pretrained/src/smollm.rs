@@ -25,7 +25,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::llama::Llama;
+use crate::llama::{open_gguf, Llama};
 use crate::sample::{continuations, Continuation};
 use crate::{Error, HfTokenizer, Result};
 
@@ -57,10 +57,7 @@ impl SmolLm {
     /// Loads `GGUF_FILE` from `dir` (as returned by
     /// `hone_sdk::pretrained::fetch(MODEL_NAME)`) onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let path = dir.join(GGUF_FILE);
-        let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let content = Content::read(&mut file)
-            .map_err(|e| Error::Input(format!("{} is not a GGUF file: {e}", path.display())))?;
+        let (mut file, content) = open_gguf(&dir.join(GGUF_FILE))?;
         let tokenizer = tokenizer_from_gguf(&content)?;
         let (stop_tokens, bos) = special_tokens(&content, &tokenizer)?;
         let (content, mut f32_gguf) = dequantized(&content, &mut file)?;
@@ -184,14 +181,10 @@ pub struct ChatLlama {
 impl ChatLlama {
     /// Loads `GGUF_FILE` from `dir` onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let path = dir.join(GGUF_FILE);
-        let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let content = Content::read(&mut file)
-            .map_err(|e| Error::Input(format!("{} is not a GGUF file: {e}", path.display())))?;
+        let (mut file, content) = open_gguf(&dir.join(GGUF_FILE))?;
         let tokenizer = tokenizer_from_gguf(&content)?;
         let (stop_tokens, _) = special_tokens(&content, &tokenizer)?;
-        drop(file);
-        let (model, vars) = Llama::from_gguf(&path, device)?;
+        let (model, vars) = Llama::from_gguf_content(&content, &mut file, device, None)?;
         Ok(Self {
             model,
             vars,
