@@ -238,6 +238,8 @@ fn threads(args: &[String]) -> usize {
 }
 
 fn main() {
+    // As `hone` itself does: the models train in its process.
+    hone::allocator::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("lm") {
         let threads = threads(&args);

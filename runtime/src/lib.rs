@@ -4,6 +4,7 @@
 //! The binary (`hone`) is a thin CLI over [`cli`]; the library exists so
 //! that benchmarks and tests can drive the same code.
 
+pub mod allocator;
 pub mod annotate;
 pub mod cli;
 pub mod cluster;

@@ -8,14 +8,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // Keep freed memory in the process: first touches of fresh pages are
-    // expensive on the VMs we run on (see docs/benchmarks.md).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes glibc's allocator; called before any threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
+    hone::allocator::keep_freed_memory();
     let code = hone::cli::main();
     // Our own exit: the handler that names a stage calling exit() stays quiet.
     hone::last_breath::exiting();

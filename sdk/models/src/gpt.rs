@@ -7,10 +7,11 @@
 //! layer norm and softmax have none), falling back to differentiable
 //! primitives off the CPU or for dtypes other than f32/f64.
 
+use crate::linear::Linear;
 use crate::sample::Rng;
 use crate::{Error, Result, Tensor, VarBuilder, VarMap};
 use candle_core::Module;
-use candle_nn::{Embedding, Init, Linear};
+use candle_nn::{Embedding, Init};
 
 /// Standard deviation of the normal initialisation of weight matrices.
 pub const INIT_STD: f64 = 0.02;
@@ -132,10 +133,13 @@ impl Attention {
     /// `cache` holds; the cache is extended with them.
     fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let qkv = self
-            .c_attn
-            .forward(x)?
-            .reshape((b, t, 3, self.n_heads, self.head_dim))?;
+        let qkv = self.c_attn.forward(x)?;
+        let Some(cache) = cache else {
+            // Training and scoring: the fused op (crate::attention).
+            let y = crate::attention::causal_self_attention(&qkv, self.n_heads)?;
+            return Ok(self.c_proj.forward(&y)?);
+        };
+        let qkv = qkv.reshape((b, t, 3, self.n_heads, self.head_dim))?;
         let heads = |i: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(2, i, 1)?
@@ -144,13 +148,11 @@ impl Attention {
                 .contiguous()?)
         };
         let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+        if let Some((pk, pv)) = cache.as_ref() {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
         }
+        *cache = Some((k.clone(), v.clone()));
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // softmax(scale * q k^T + causal mask): query i of the t new
         // positions sees keys 0..=s-t+i of the s in k.

@@ -2,10 +2,10 @@
 //! head, and PPO's critic (a trunk with a value head).
 
 use crate::gpt::{linear, Gpt, GptConfig};
+use crate::linear::Linear;
 use crate::sample::Rng;
 use crate::{Error, Result, Tensor, VarBuilder};
 use candle_core::{Module, D};
-use candle_nn::Linear;
 
 /// Scalar reward from the hidden state at each sequence's last non-padding
 /// token. Variables: the backbone's at the root, the head under

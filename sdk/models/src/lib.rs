@@ -6,15 +6,19 @@
 //! and SDPA ops have no backward pass and would silently stop gradients, so
 //! layers are written from candle primitives, except layer norm, the causal
 //! softmax of attention and GELU, which are this crate's fused CPU ops with
-//! their own backward pass (`ops`, checked against the primitives).
+//! their own backward pass (`ops`, checked against the primitives), and the
+//! linear layer (`linear`, one gemm each way, checked against candle's).
 
 pub mod adamw;
+mod attention;
 pub mod batches;
 pub mod checkpoint;
 pub mod device;
 mod error;
 pub mod gpt;
 pub mod heads;
+pub mod linear;
+mod matmul;
 mod ops;
 pub mod policy_gradient;
 pub mod ppo;

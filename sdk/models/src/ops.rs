@@ -37,25 +37,28 @@ fn row_len(l: &Layout) -> CResult<usize> {
 }
 
 /// The float types of the fast paths.
-trait Real: WithDType {
+pub(crate) trait Real: WithDType {
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
+    /// tanh, written so that a loop over it vectorises (see [`tanh_f32`]).
     fn tanh(self) -> Self;
     fn neg_infinity() -> Self;
     fn fmax(self, other: Self) -> Self;
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $exp:expr, $tanh:expr) => {
         impl Real for $t {
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
+            #[inline(always)]
             fn tanh(self) -> Self {
-                <$t>::tanh(self)
+                $tanh(self)
             }
             fn neg_infinity() -> Self {
                 <$t>::NEG_INFINITY
@@ -66,8 +69,131 @@ macro_rules! real {
         }
     };
 }
-real!(f32);
-real!(f64);
+real!(f32, exp_f32, tanh_f32);
+real!(f64, f64::exp, f64::tanh);
+
+/// e^x for f32, branch-free so that loops over it vectorise (libm's `expf`
+/// is a call per element): Cephes' `expf`, x = n ln 2 + r with |r| <= ln 2 / 2,
+/// a degree-5 polynomial for e^r, and 2^n put straight into the exponent
+/// bits. Relative error below 3e-7 on [-87.3, 88.3] (the test checks); 0
+/// below (where f32 turns subnormal) and +inf above (an early overflow: the
+/// true one is at 88.72; softmax and cross-entropy only take x <= 0).
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts, so n * LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.3, 88.3);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let y = er * two_n;
+    if x < -87.3 {
+        0.0
+    } else if x > 88.3 {
+        f32::INFINITY
+    } else {
+        // NaN falls through the comparisons and the clamp keeps it.
+        y
+    }
+}
+
+/// tanh for f32 as a rational function, the approximation of Eigen and XLA
+/// (an odd polynomial of degree 13 over an even one of degree 6, on the input
+/// clamped to +-7.9988, where tanh is 1 in f32). Its absolute error is below
+/// 1e-6 (the test checks). libm's `tanhf` is a call per element and was
+/// 15 % of a training step in GELU; this one is branch-free, so the loops
+/// over it vectorise. (Plain `*` and `+`, not `mul_add`: without the
+/// `fma` target feature, `mul_add` is a library call per element.)
+#[inline(always)]
+fn tanh_f32(x: f32) -> f32 {
+    let x = x.clamp(-7.998_811_7, 7.998_811_7);
+    let x2 = x * x;
+    let p = x2 * -2.760_768_5e-16 + 2.000_188e-13;
+    let p = x2 * p + -8.604_672e-11;
+    let p = x2 * p + 5.122_297e-8;
+    let p = x2 * p + 1.485_722_4e-5;
+    let p = x2 * p + 6.372_619_3e-4;
+    let p = x2 * p + 4.893_524_6e-3;
+    let q = x2 * 1.198_258_4e-6 + 1.185_347_1e-4;
+    let q = x2 * q + 2.268_434_6e-3;
+    let q = x2 * q + 4.893_525e-3;
+    x * p / q
+}
+
+/// Lanes of the reductions below. A float sum in one accumulator is a
+/// chain the compiler must keep in order (it may not reassociate), so it
+/// runs one element at a time; eight independent accumulators let it use
+/// vector registers.
+const LANES: usize = 8;
+
+/// The sum of `xs`, eight lanes at a time.
+#[inline(always)]
+pub(crate) fn sum<T: Real>(xs: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    rest.iter()
+        .fold(acc.iter().fold(T::zero(), |s, &a| s + a), |s, &v| s + v)
+}
+
+/// The dot product of `a` and `b` (of equal length), eight lanes at a time.
+#[inline(always)]
+pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
+            *s += u * v;
+        }
+    }
+    let head = acc.iter().fold(T::zero(), |s, &v| s + v);
+    ra.iter().zip(rb).fold(head, |s, (&u, &v)| s + u * v)
+}
+
+/// The largest element of `xs` (-inf if empty), eight lanes at a time.
+#[inline(always)]
+pub(crate) fn max<T: Real>(xs: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = a.fmax(v);
+        }
+    }
+    let head = acc.iter().fold(T::neg_infinity(), |m, &a| m.fmax(a));
+    rest.iter().fold(head, |m, &v| m.fmax(v))
+}
+
+/// Turns the scores `row` into softmax(scale * row) in place (scale > 0).
+#[inline(always)]
+pub(crate) fn softmax_in_place<T: Real>(row: &mut [T], scale: T) {
+    let max = max(row) * scale;
+    for v in row.iter_mut() {
+        *v = (*v * scale - max).exp();
+    }
+    let inv = T::one() / sum(row);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
 
 fn c<T: Real>(v: f64) -> T {
     T::from_f64(v)
@@ -76,7 +202,7 @@ fn c<T: Real>(v: f64) -> T {
 /// Runs `f(first_row, rows)` over `out` split into groups of whole rows of
 /// length `n`, one group per thread (candle's thread count, i.e.
 /// RAYON_NUM_THREADS), and returns the results in row order.
-fn par_rows<T: Send, R: Send>(
+pub(crate) fn par_rows<T: Send, R: Send>(
     out: &mut [T],
     n: usize,
     f: impl Fn(usize, &mut [T]) -> R + Sync,
@@ -115,17 +241,19 @@ fn par_rows<T: Send, R: Send>(
 /// Mean and 1/sqrt(var + eps) of one row.
 fn moments<T: Real>(x: &[T], eps: f64) -> (T, T) {
     let n: T = c(x.len() as f64);
-    let mut sum = T::zero();
-    for &v in x {
-        sum += v;
+    let mean = sum(x) / n;
+    let mut acc = [T::zero(); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += (v - mean) * (v - mean);
+        }
     }
-    let mean = sum / n;
-    let mut var = T::zero();
-    for &v in x {
-        let d = v - mean;
-        var += d * d;
-    }
-    let var = var / n;
+    let var = rest
+        .iter()
+        .fold(sum(&acc), |s, &v| s + (v - mean) * (v - mean))
+        / n;
     (mean, T::one() / (var + c(eps)).sqrt())
 }
 
@@ -157,23 +285,20 @@ fn ln_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
         let mut dw = vec![T::zero(); n];
         let mut db = vec![T::zero(); n];
         let mut xhat = vec![T::zero(); n];
+        let mut gh = vec![T::zero(); n];
         let inv_n: T = c(1.0 / n as f64);
         for (i, dr) in dx.chunks_exact_mut(n).enumerate() {
             let xr = &x[(r0 + i) * n..(r0 + i + 1) * n];
             let gr = &g[(r0 + i) * n..(r0 + i + 1) * n];
             let (mean, rstd) = moments(xr, eps);
-            let mut sg = T::zero();
-            let mut sgx = T::zero();
             for j in 0..n {
                 let xh = (xr[j] - mean) * rstd;
                 xhat[j] = xh;
-                let gh = gr[j] * w[j];
-                sg += gh;
-                sgx += gh * xh;
+                gh[j] = gr[j] * w[j];
                 dw[j] += gr[j] * xh;
                 db[j] += gr[j];
             }
-            let (mg, mgx) = (sg * inv_n, sgx * inv_n);
+            let (mg, mgx) = (sum(&gh) * inv_n, dot(&gh, &xhat) * inv_n);
             for j in 0..n {
                 dr[j] = rstd * (gr[j] * w[j] - mg - xhat[j] * mgx);
             }
@@ -340,20 +465,8 @@ fn causal_sm_fwd<T: Real>(x: &[T], t: usize, s: usize, scale: f64) -> Vec<T> {
             let r = r0 + i;
             let xr = &x[r * s..(r + 1) * s];
             let seen = offset + r % t + 1;
-            let mut max = T::neg_infinity();
-            for &v in &xr[..seen] {
-                max = max.fmax(v * scale);
-            }
-            let mut sum = T::zero();
-            for j in 0..seen {
-                let e = (xr[j] * scale - max).exp();
-                yr[j] = e;
-                sum += e;
-            }
-            let inv = T::one() / sum;
-            for y in &mut yr[..seen] {
-                *y *= inv;
-            }
+            yr[..seen].copy_from_slice(&xr[..seen]);
+            softmax_in_place(&mut yr[..seen], scale);
             // Masked keys keep their zero.
         }
     });
@@ -369,10 +482,7 @@ fn causal_sm_bwd<T: Real>(y: &[T], g: &[T], s: usize, scale: f64) -> Vec<T> {
             let r = r0 + i;
             let yr = &y[r * s..(r + 1) * s];
             let gr = &g[r * s..(r + 1) * s];
-            let mut dot = T::zero();
-            for j in 0..s {
-                dot += yr[j] * gr[j];
-            }
+            let dot = dot(yr, gr);
             for j in 0..s {
                 dr[j] = scale * yr[j] * (gr[j] - dot);
             }
@@ -735,6 +845,38 @@ mod tests {
             }
             assert_eq!(block[0][0], 1.0);
         }
+    }
+
+    #[test]
+    fn tanh_f32_is_within_1e_6_of_tanh() {
+        let mut worst = 0f64;
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 1e-4;
+            let err = (tanh_f32(x) as f64 - (x as f64).tanh()).abs();
+            worst = worst.max(err);
+        }
+        assert!(worst < 1e-6, "tanh_f32 is off by {worst}");
+        for x in [f32::MAX, f32::MIN, 1e30, -1e30, f32::INFINITY, 0.0] {
+            let err = (tanh_f32(x) - x.tanh()).abs();
+            assert!(err < 1e-6, "tanh_f32({x}) is off by {err}");
+        }
+        assert!(tanh_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn exp_f32_is_within_3e_7_of_exp() {
+        let mut worst = 0f64;
+        for i in -873_000..=883_000 {
+            let x = i as f32 * 1e-4;
+            let e = (x as f64).exp();
+            worst = worst.max((exp_f32(x) as f64 - e).abs() / e);
+        }
+        assert!(worst < 3e-7, "exp_f32 is off by {worst} (relative)");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
     }
 
     #[test]

@@ -1,0 +1,389 @@
+//! Causal self-attention as one op with its own backward pass.
+//!
+//! Written from candle primitives, attention is a dozen graph nodes: three
+//! narrow/transpose/copy chains that cut q, k and v out of the packed
+//! projections, two batched matmuls, the softmax and a transpose back. Their
+//! backward pads each narrow's gradient with zeros to the full width, adds
+//! the three, and accumulates every node's gradient into a fresh buffer.
+//! Here each batch element's heads read q, k and v straight out of the packed
+//! `[T, 3D]` rows (strided gemm views, no copies) and write their outputs
+//! into their columns of `[T, D]`; the backward recomputes the attention
+//! probabilities from q and k (as FlashAttention does, instead of keeping a
+//! `[B, H, T, T]` tensor alive between the passes) and writes dq, dk and dv
+//! into their columns of the packed gradient. Batch elements run on
+//! candle's threads, each product on one.
+//!
+//! Off the CPU, or for dtypes other than f32/f64, the composition of
+//! primitives runs instead; it is also the tests' reference.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+
+use crate::matmul::{gemm, Mat, MatMut, Threads};
+use crate::ops::{dot, par_rows, softmax_in_place, Real};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// softmax(q k^T / sqrt(hd) + causal mask) v for every head, from the
+/// packed projections `qkv` `[B, T, 3D]` (q, then k, then v, each `n_heads`
+/// heads of `D / n_heads`), as `[B, T, D]` with the heads side by side.
+pub(crate) fn causal_self_attention(qkv: &Tensor, n_heads: usize) -> CResult<Tensor> {
+    let (_, t, d3) = qkv.dims3()?;
+    if n_heads == 0 || d3 % (3 * n_heads) != 0 {
+        candle_core::bail!("attention: width {d3} is not 3 x {n_heads} heads");
+    }
+    let fast = qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64);
+    if fast && t > 0 && qkv.elem_count() > 0 {
+        qkv.contiguous()?.apply_op1(CausalAttention { n_heads })
+    } else {
+        reference(qkv, n_heads)
+    }
+}
+
+/// The same attention from differentiable primitives.
+pub(crate) fn reference(qkv: &Tensor, n_heads: usize) -> CResult<Tensor> {
+    let (b, t, d3) = qkv.dims3()?;
+    let (d, hd) = (d3 / 3, d3 / 3 / n_heads);
+    let qkv = qkv.reshape((b, t, 3, n_heads, hd))?;
+    let heads = |i: usize| -> CResult<Tensor> {
+        qkv.narrow(2, i, 1)?
+            .squeeze(2)?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
+    att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
+}
+
+/// The shape of one call: T positions, width D, H heads of HD.
+#[derive(Clone, Copy)]
+struct Dims {
+    t: usize,
+    d: usize,
+    heads: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn of(l: &Layout, n_heads: usize) -> CResult<(usize, Self)> {
+        let (b, t, d3) = l.shape().dims3()?;
+        let d = d3 / 3;
+        Ok((
+            b,
+            Self {
+                t,
+                d,
+                heads: n_heads,
+                hd: d / n_heads,
+            },
+        ))
+    }
+
+    /// Head `h`'s q (`part` 0), k (1) or v (2) in one element's `[T, 3D]`.
+    fn part<'a, T>(&self, qkv: &'a [T], part: usize, h: usize) -> Mat<'a, T> {
+        Mat::strided(qkv, part * self.d + h * self.hd, 3 * self.d, 1)
+    }
+
+    /// Its transpose, `[HD, T]`.
+    fn part_t<'a, T>(&self, qkv: &'a [T], part: usize, h: usize) -> Mat<'a, T> {
+        Mat::strided(qkv, part * self.d + h * self.hd, 1, 3 * self.d)
+    }
+
+    fn scale<T: Real>(&self) -> T {
+        T::from_f64(1.0 / (self.hd as f64).sqrt())
+    }
+}
+
+/// `p [T, T]` = the causal softmax of `scale * q k^T` for head `h` of one
+/// batch element; row i sees keys 0..=i, the rest are 0.
+fn probabilities<T: Real>(qkv: &[T], dims: Dims, h: usize, p: &mut [T], threads: Threads) {
+    let t = dims.t;
+    let (q, kt) = (dims.part(qkv, 0, h), dims.part_t(qkv, 1, h));
+    gemm((t, t, dims.hd), MatMut::rows(p, t), false, q, kt, threads);
+    let scale: T = dims.scale();
+    for (i, row) in p.chunks_exact_mut(t).enumerate() {
+        let (seen, masked) = row.split_at_mut(i + 1);
+        softmax_in_place(seen, scale);
+        masked.fill(T::zero());
+    }
+}
+
+/// One batch element's `[T, D]` output from its `[T, 3D]` projections.
+fn attend<T: Real>(qkv: &[T], y: &mut [T], dims: Dims, p: &mut [T], threads: Threads) {
+    let (t, hd) = (dims.t, dims.hd);
+    for h in 0..dims.heads {
+        probabilities(qkv, dims, h, p, threads);
+        let v = dims.part(qkv, 2, h);
+        gemm(
+            (t, hd, t),
+            MatMut::strided(y, h * hd, dims.d),
+            false,
+            Mat::rows(p, t),
+            v,
+            threads,
+        );
+    }
+}
+
+/// One batch element's `[T, 3D]` gradient from its projections and the
+/// gradient `dy` `[T, D]` of its output.
+fn attend_bwd<T: Real>(
+    qkv: &[T],
+    dy: &[T],
+    dqkv: &mut [T],
+    dims: Dims,
+    (p, dp): (&mut [T], &mut [T]),
+    threads: Threads,
+) {
+    let (t, d, hd) = (dims.t, dims.d, dims.hd);
+    let scale: T = dims.scale();
+    for h in 0..dims.heads {
+        probabilities(qkv, dims, h, p, threads);
+        let dy_h = || Mat::strided(dy, h * hd, d, 1);
+        // dv = p^T dy
+        let dv = MatMut::strided(dqkv, 2 * d + h * hd, 3 * d);
+        gemm(
+            (t, hd, t),
+            dv,
+            false,
+            Mat::transposed(p, t),
+            dy_h(),
+            threads,
+        );
+        // dp = dy v^T
+        let vt = dims.part_t(qkv, 2, h);
+        gemm((t, t, hd), MatMut::rows(dp, t), false, dy_h(), vt, threads);
+        // ds = scale * p * (dp - rowsum(dp * p)); masked entries have p = 0.
+        for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+            let dot = dot(pr, dr);
+            for (dv, &pv) in dr.iter_mut().zip(pr) {
+                *dv = scale * pv * (*dv - dot);
+            }
+        }
+        // dq = ds k, dk = ds^T q
+        let dq = MatMut::strided(dqkv, h * hd, 3 * d);
+        gemm(
+            (t, hd, t),
+            dq,
+            false,
+            Mat::rows(dp, t),
+            dims.part(qkv, 1, h),
+            threads,
+        );
+        let dk = MatMut::strided(dqkv, d + h * hd, 3 * d);
+        gemm(
+            (t, hd, t),
+            dk,
+            false,
+            Mat::transposed(dp, t),
+            dims.part(qkv, 0, h),
+            threads,
+        );
+    }
+}
+
+/// Batch elements go to candle's threads, one product to one thread; a
+/// batch smaller than the thread count gives the products the threads.
+fn inner_threads(batch: usize) -> Threads {
+    if batch >= candle_core::utils::get_num_threads() {
+        Threads::One
+    } else {
+        Threads::Candle
+    }
+}
+
+fn forward<T: Real>(qkv: &[T], l: &Layout, n_heads: usize) -> CResult<(Vec<T>, Shape)> {
+    let (b, dims) = Dims::of(l, n_heads)?;
+    let (t, d) = (dims.t, dims.d);
+    let threads = inner_threads(b);
+    let mut y = vec![T::zero(); b * t * d];
+    par_rows(&mut y, t * d, |b0, ys| {
+        let mut p = vec![T::zero(); t * t];
+        for (i, y) in ys.chunks_exact_mut(t * d).enumerate() {
+            let x = &qkv[(b0 + i) * t * 3 * d..(b0 + i + 1) * t * 3 * d];
+            attend(x, y, dims, &mut p, threads);
+        }
+    });
+    Ok((y, Shape::from((b, t, d))))
+}
+
+fn backward<T: Real>(qkv: &[T], dy: &[T], l: &Layout, n_heads: usize) -> CResult<Vec<T>> {
+    let (b, dims) = Dims::of(l, n_heads)?;
+    let (t, d) = (dims.t, dims.d);
+    if dy.len() != b * t * d {
+        candle_core::bail!(
+            "hone-attention-bwd: gradient of {} for [{b}, {t}, {d}]",
+            dy.len()
+        );
+    }
+    let threads = inner_threads(b);
+    let mut dqkv = vec![T::zero(); b * t * 3 * d];
+    par_rows(&mut dqkv, t * 3 * d, |b0, dxs| {
+        let (mut p, mut dp) = (vec![T::zero(); t * t], vec![T::zero(); t * t]);
+        for (i, dx) in dxs.chunks_exact_mut(t * 3 * d).enumerate() {
+            let e = b0 + i;
+            let x = &qkv[e * t * 3 * d..(e + 1) * t * 3 * d];
+            let g = &dy[e * t * d..(e + 1) * t * d];
+            attend_bwd(x, g, dx, dims, (&mut p, &mut dp), threads);
+        }
+    });
+    Ok(dqkv)
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> CResult<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("hone-attention needs contiguous inputs"),
+    }
+}
+
+/// [`causal_self_attention`] on the CPU.
+struct CausalAttention {
+    n_heads: usize,
+}
+
+impl CustomOp1 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "hone-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        match s {
+            CpuStorage::F32(v) => {
+                let (y, shape) = forward(contiguous(v, l)?, l, self.n_heads)?;
+                Ok((CpuStorage::F32(y), shape))
+            }
+            CpuStorage::F64(v) => {
+                let (y, shape) = forward(contiguous(v, l)?, l, self.n_heads)?;
+                Ok((CpuStorage::F64(y), shape))
+            }
+            _ => candle_core::bail!("hone-attention: f32 or f64 only"),
+        }
+    }
+
+    fn bwd(&self, qkv: &Tensor, _y: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let grad = grad.detach().contiguous()?;
+        let bwd = CausalAttentionBwd {
+            n_heads: self.n_heads,
+        };
+        Ok(Some(qkv.detach().apply_op2_no_bwd(&grad, &bwd)?))
+    }
+}
+
+/// (qkv, gradient of the output) -> gradient of qkv.
+struct CausalAttentionBwd {
+    n_heads: usize,
+}
+
+impl CustomOp2 for CausalAttentionBwd {
+    fn name(&self) -> &'static str {
+        "hone-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(backward(
+                contiguous(x, l1)?,
+                contiguous(g, l2)?,
+                l1,
+                self.n_heads,
+            )?),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(backward(
+                contiguous(x, l1)?,
+                contiguous(g, l2)?,
+                l1,
+                self.n_heads,
+            )?),
+            _ => candle_core::bail!("hone-attention-bwd: f32 or f64 only, one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_rel(a: &Tensor, reference: &Tensor) -> f64 {
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        max((a - reference).unwrap()) / max(reference.clone()).max(1e-12)
+    }
+
+    /// Output and qkv's gradient under a fixed weighting of the output.
+    fn run(qkv: &Tensor, heads: usize, fused: bool) -> (Tensor, Tensor) {
+        let var = Var::from_tensor(qkv).unwrap();
+        let y = if fused {
+            causal_self_attention(var.as_tensor(), heads).unwrap()
+        } else {
+            reference(var.as_tensor(), heads).unwrap()
+        };
+        let weights = Tensor::arange(0u32, y.elem_count() as u32, &Device::Cpu)
+            .unwrap()
+            .to_dtype(y.dtype())
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape(y.dims())
+            .unwrap();
+        let grads = (&y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = grads.get(var.as_tensor()).expect("a gradient").clone();
+        (y, g)
+    }
+
+    #[test]
+    fn matches_the_primitives_forward_and_backward() {
+        // One position, a batch smaller than the threads, several threads'
+        // worth of batch elements, one head.
+        for (shape, heads) in [
+            ((2usize, 1usize, 12usize), 2usize),
+            ((1, 9, 24), 4),
+            ((5, 16, 48), 4),
+            ((3, 7, 15), 1),
+        ] {
+            for dtype in [DType::F32, DType::F64] {
+                let qkv = Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let (y1, g1) = run(&qkv, heads, true);
+                let (y2, g2) = run(&qkv, heads, false);
+                assert_eq!(y1.dims(), y2.dims());
+                assert_eq!(g1.dims(), g2.dims());
+                let (fwd, bwd) = (max_rel(&y1, &y2), max_rel(&g1, &g2));
+                assert!(fwd < 1e-5, "{shape:?} {dtype:?}: output differs by {fwd}");
+                assert!(bwd < 1e-4, "{shape:?} {dtype:?}: gradient differs by {bwd}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_width_that_does_not_split_into_heads_is_an_error() {
+        let qkv = Tensor::zeros((1, 4, 12), DType::F32, &Device::Cpu).unwrap();
+        let err = causal_self_attention(&qkv, 5).unwrap_err().to_string();
+        assert!(err.contains("not 3 x 5 heads"), "{err}");
+    }
+}
