@@ -13,11 +13,14 @@
 //!    through `bench/lm.sh`, which installs PyTorch in a virtualenv).
 //! 4. `hone-bench learners --threads T`: a DPO step and a PPO step against
 //!    the same losses in PyTorch (through `bench/learners.sh`).
-//! 4. `hone-bench warm [--members 2,4,8] [--mb 135] [--reps 5]`: WARM merge
+//! 5. `hone-bench matmul --threads T`: f32 matmul GFLOP/s, hone's gemm
+//!    against PyTorch's, at the LM benchmark's shapes and a square one.
+//! 6. `hone-bench warm [--members 2,4,8] [--mb 135] [--reps 5]`: WARM merge
 //!    (`hone_rm::merge`) GB/s against memcpy and file reads, and peak RSS per M.
 
 mod learners;
 mod llama_gen;
+mod matmul;
 mod lm;
 mod serve;
 mod warm;
@@ -250,6 +253,10 @@ fn main() {
             repeats: 5,
             gen_tokens: 64,
         });
+        return;
+    }
+    if args.first().map(String::as_str) == Some("matmul") {
+        matmul::run(threads(&args), 5);
         return;
     }
     if args.first().map(String::as_str) == Some("learners") {
