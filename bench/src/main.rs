@@ -20,8 +20,8 @@
 
 mod learners;
 mod llama_gen;
-mod matmul;
 mod lm;
+mod matmul;
 mod serve;
 mod warm;
 

@@ -13,8 +13,9 @@ use std::ops::Range;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{Embedding, Linear, Module, VarBuilder, VarMap};
+use candle_nn::{Embedding, Module, VarBuilder, VarMap};
 use candle_transformers::models::bert::{Config, HiddenAct};
+use hone_models::linear::Linear;
 
 use crate::{Error, Result};
 

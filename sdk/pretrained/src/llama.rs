@@ -12,7 +12,8 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Module, Tensor, Var, D};
-use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
+use candle_nn::{Embedding, VarBuilder, VarMap};
+use hone_models::linear::Linear;
 
 use crate::{Error, Result};
 
