@@ -11,14 +11,21 @@
 //!   clipped surrogate plus 0.1 x the clipped value loss, one backward, two
 //!   AdamW steps.
 //!
-//! Tokens/s counts each sequence's 128 tokens once per step.
+//! - Reward model: 16 pairs a step (32 sequences of 256 tokens), the GPT
+//!   trunk with a reward head on the last token, the Bradley-Terry loss, an
+//!   AdamW step (the shape of the comparison with TRL's
+//!   RewardTrainer).
+//!
+//! The PyTorch side also times DPO recomputing the reference's log-probs
+//! every step, as TRL's DPOTrainer does by default (`precompute_ref_log_probs`
+//! off). Tokens/s counts each sequence's tokens once per step.
 
 use hone_models::adamw::{AdamW, ParamsAdamW};
 use hone_models::gpt::{init_seeded, Gpt, GptConfig};
-use hone_models::heads::Critic;
+use hone_models::heads::{Critic, RewardModel};
 use hone_models::policy_gradient::clipped_surrogate;
 use hone_models::ppo::clipped_value_loss;
-use hone_models::preference::{dpo_losses, DpoBatch, DpoLoss, DpoParams};
+use hone_models::preference::{bradley_terry_losses, dpo_losses, DpoBatch, DpoLoss, DpoParams};
 use hone_models::train::{sequence_logprobs, token_logprobs};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
 use std::time::Instant;
@@ -30,6 +37,13 @@ const CFG: GptConfig = GptConfig {
     n_heads: 4,
     context: 128,
 };
+/// The reward model's shape: the GPT's, with a context of 256.
+const RM_CFG: GptConfig = GptConfig {
+    context: 256,
+    ..CFG
+};
+/// Pairs per reward-model step.
+const RM_PAIRS: usize = 16;
 /// Sequences per step (8 DPO pairs; 16 PPO samples).
 const SEQUENCES: usize = 16;
 /// Response tokens at the end of each sequence.
@@ -86,9 +100,11 @@ fn adam(varmap: &VarMap) -> hone_models::Result<AdamW> {
     )
 }
 
-/// Median tokens/s of `steps` calls of `step`, over `repeats`, after one warm-up call.
+/// Median tokens/s of `steps` calls of `step`, over `repeats`, after one
+/// warm-up call; a step trains on `tokens`.
 fn rate(
     b: &LearnerBench,
+    tokens: usize,
     mut step: impl FnMut() -> hone_models::Result<()>,
 ) -> hone_models::Result<f64> {
     step()?;
@@ -98,9 +114,38 @@ fn rate(
         for _ in 0..b.steps {
             step()?;
         }
-        rates.push((b.steps * SEQUENCES * CFG.context) as f64 / start.elapsed().as_secs_f64());
+        rates.push((b.steps * tokens) as f64 / start.elapsed().as_secs_f64());
     }
     Ok(median(rates))
+}
+
+fn reward_model(b: &LearnerBench, device: &Device) -> hone_models::Result<f64> {
+    let varmap = VarMap::new();
+    let rm = RewardModel::new(
+        &RM_CFG,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
+    init_seeded(&varmap, 0)?;
+    let mut opt = adam(&varmap)?;
+    let rows = 2 * RM_PAIRS;
+    let mut rng = hone_models::sample::Rng::new(1);
+    let ids: Vec<u32> = (0..rows * RM_CFG.context)
+        .map(|_| (rng.next_u64() % RM_CFG.vocab_size as u64) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (rows, RM_CFG.context), device)?;
+    let lengths = vec![RM_CFG.context; rows];
+    let zeros = Tensor::zeros(RM_PAIRS, DType::F32, device)?;
+    let ones = Tensor::ones(RM_PAIRS, DType::F32, device)?;
+    rate(b, rows * RM_CFG.context, || {
+        // Chosen first, rejected second, as rm.train batches them.
+        let r = rm.score_train(&ids, &lengths, 0.0)?;
+        let diff = (r.narrow(0, 0, RM_PAIRS)? - r.narrow(0, RM_PAIRS, RM_PAIRS)?)?;
+        let loss = bradley_terry_losses(&diff, &zeros, &ones, &zeros)?.mean_all()?;
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        loss.to_scalar::<f32>()?;
+        Ok(())
+    })
 }
 
 fn dpo(b: &LearnerBench, device: &Device) -> hone_models::Result<f64> {
@@ -113,7 +158,7 @@ fn dpo(b: &LearnerBench, device: &Device) -> hone_models::Result<f64> {
     let zeros = Tensor::zeros(pairs, DType::F32, device)?;
     let ones = Tensor::ones(pairs, DType::F32, device)?;
     let len = (Tensor::ones(pairs, DType::F32, device)? * RESPONSE as f64)?;
-    rate(b, || {
+    rate(b, SEQUENCES * CFG.context, || {
         let lp = sequence_logprobs(&gpt.forward(&x)?, &y, &mask)?;
         let batch = DpoBatch {
             policy_chosen: &lp.narrow(0, 0, pairs)?,
@@ -164,7 +209,7 @@ fn ppo(b: &LearnerBench, device: &Device) -> hone_models::Result<f64> {
     let advantages = Tensor::randn(0f32, 1.0, (SEQUENCES, CFG.context), device)?;
     let returns = (&old_values + Tensor::randn(0f32, 0.5, (SEQUENCES, CFG.context), device)?)?;
     let tokens = (SEQUENCES * RESPONSE) as f64;
-    rate(b, || {
+    rate(b, SEQUENCES * CFG.context, || {
         let logp = token_logprobs(&gpt.forward(&x)?, &y)?;
         let policy_loss =
             ((clipped_surrogate(&logp, &old, &advantages, 0.2)? * &mask)?.sum_all()? / tokens)?;
@@ -185,6 +230,7 @@ fn torch(b: &LearnerBench) -> Result<serde_json::Value, String> {
         "threads": b.threads, "vocab": CFG.vocab_size, "d_model": CFG.d_model, "n_layers": CFG.n_layers,
         "n_heads": CFG.n_heads, "context": CFG.context, "sequences": SEQUENCES, "response": RESPONSE,
         "steps": b.steps, "repeats": b.repeats,
+        "rm_context": RM_CFG.context, "rm_pairs": RM_PAIRS,
     });
     crate::lm::run_torch(
         "bench/torch/learners_bench.py",
@@ -203,6 +249,7 @@ pub fn run(b: LearnerBench) {
     );
     let ours_dpo = dpo(&b, &device).expect("hone's DPO step runs");
     let ours_ppo = ppo(&b, &device).expect("hone's PPO step runs");
+    let ours_rm = reward_model(&b, &device).expect("hone's reward-model step runs");
     let reference = torch(&b);
     let field = |k: &str| reference.as_ref().ok().and_then(|v| v[k].as_f64());
     println!("| training tokens/s | hone | PyTorch | hone / PyTorch |");
@@ -213,7 +260,17 @@ pub fn run(b: LearnerBench) {
             ours_dpo,
             "dpo_tok_s",
         ),
+        (
+            "DPO step, against PyTorch recomputing the reference (TRL's default)",
+            ours_dpo,
+            "dpo_recompute_tok_s",
+        ),
         ("PPO step (policy + separate critic)", ours_ppo, "ppo_tok_s"),
+        (
+            "reward model step (Bradley-Terry, 16 pairs x 256 tokens)",
+            ours_rm,
+            "rm_tok_s",
+        ),
     ] {
         match field(key) {
             Some(theirs) => println!(

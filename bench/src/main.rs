@@ -243,6 +243,7 @@ fn threads(args: &[String]) -> usize {
 fn main() {
     // As `hone` itself does: the models train in its process.
     hone::allocator::keep_freed_memory();
+    hone::kernel_threads::one_kernel_pool();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("lm") {
         let threads = threads(&args);

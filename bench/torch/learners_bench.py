@@ -1,9 +1,12 @@
-"""PyTorch reference for hone's learner benchmark: a DPO step and a PPO step
-on the LM benchmark's GPT (gpt_bench.Gpt), with the same losses, shapes and
-optimizers as bench/src/learners.rs. Prints one JSON object: tokens/s of
-each step, medians of REPEATS.
+"""PyTorch reference for hone's learner benchmark: a DPO step (the reference's
+log-probs cached, and recomputed every step as TRL's DPOTrainer does by
+default), a PPO step and a reward-model step on the LM benchmark's GPT
+(gpt_bench.Gpt), with the same losses, shapes and optimizers as
+bench/src/learners.rs. Prints one JSON object: tokens/s of each step,
+medians of REPEATS.
 """
 
+import copy
 import json
 import statistics
 import sys
@@ -16,6 +19,27 @@ import torch.nn.functional as F
 from gpt_bench import Gpt
 
 
+def hidden(gpt, ids):
+    """The trunk's final hidden states (after the last layer norm)."""
+    t = ids.shape[1]
+    x = gpt.tok(ids) + gpt.pos(torch.arange(t))
+    for block in gpt.blocks:
+        x = block(x)
+    return gpt.ln(x)
+
+
+class RewardModel(nn.Module):
+    """The GPT trunk and a scalar head on the last token, as hone's RewardModel."""
+
+    def __init__(self, *shape):
+        super().__init__()
+        self.trunk = Gpt(*shape)
+        self.head = nn.Linear(shape[1], 1)
+
+    def forward(self, ids):
+        return self.head(hidden(self.trunk, ids)[:, -1]).squeeze(-1)
+
+
 class Critic(nn.Module):
     """A separate critic of the policy's shape: the GPT trunk and a value head."""
 
@@ -25,11 +49,7 @@ class Critic(nn.Module):
         self.value = nn.Linear(shape[1], 1)
 
     def forward(self, ids):
-        t = ids.shape[1]
-        x = self.trunk.tok(ids) + self.trunk.pos(torch.arange(t))
-        for block in self.trunk.blocks:
-            x = block(x)
-        return self.value(self.trunk.ln(x)).squeeze(-1)
+        return self.value(hidden(self.trunk, ids)).squeeze(-1)
 
 
 def token_logprobs(logits, targets):
@@ -48,14 +68,14 @@ def main():
     mask = torch.zeros(n, ctx)
     mask[:, ctx - resp:] = 1.0
 
-    def rate(step):
+    def rate(step, tokens=n * ctx):
         step()
         out = []
         for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(steps):
                 step()
-            out.append(steps * n * ctx / (time.perf_counter() - start))
+            out.append(steps * tokens / (time.perf_counter() - start))
         return statistics.median(out)
 
     policy = Gpt(*shape)
@@ -75,6 +95,38 @@ def main():
         loss.item()
 
     dpo_rate = rate(dpo)
+
+    reference = copy.deepcopy(policy).requires_grad_(False)
+
+    def dpo_recompute():
+        with torch.no_grad():
+            ref = (token_logprobs(reference(x), y) * mask).sum(1)
+        lp = (token_logprobs(policy(x), y) * mask).sum(1)
+        chosen = 0.1 * (lp[:pairs] - ref[:pairs])
+        rejected = 0.1 * (lp[pairs:] - ref[pairs:])
+        loss = -F.logsigmoid(chosen - rejected).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    dpo_recompute_rate = rate(dpo_recompute)
+
+    rm_shape = shape[:4] + (cfg["rm_context"],)
+    rm = RewardModel(*rm_shape)
+    rm_opt = torch.optim.AdamW(rm.parameters(), lr=1e-5, weight_decay=0.0)
+    rm_pairs = cfg["rm_pairs"]
+    rm_ids = torch.randint(0, cfg["vocab"], (2 * rm_pairs, cfg["rm_context"]))
+
+    def reward_model():
+        r = rm(rm_ids)
+        loss = -F.logsigmoid(r[:rm_pairs] - r[rm_pairs:]).mean()
+        rm_opt.zero_grad()
+        loss.backward()
+        rm_opt.step()
+        loss.item()
+
+    rm_rate = rate(reward_model, 2 * rm_pairs * cfg["rm_context"])
 
     policy = Gpt(*shape)
     critic = Critic(*shape)
@@ -104,7 +156,17 @@ def main():
         loss.item()
 
     ppo_rate = rate(ppo)
-    print(json.dumps({"dpo_tok_s": dpo_rate, "ppo_tok_s": ppo_rate, "torch": torch.__version__}))
+    print(
+        json.dumps(
+            {
+                "dpo_tok_s": dpo_rate,
+                "dpo_recompute_tok_s": dpo_recompute_rate,
+                "ppo_tok_s": ppo_rate,
+                "rm_tok_s": rm_rate,
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ pub mod dataflow;
 pub mod diag;
 pub mod graph;
 pub mod html_report;
+pub mod kernel_threads;
 pub mod last_breath;
 pub mod pipeline;
 pub mod plugin;

@@ -9,6 +9,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     hone::allocator::keep_freed_memory();
+    hone::kernel_threads::one_kernel_pool();
     let code = hone::cli::main();
     // Our own exit: the handler that names a stage calling exit() stays quiet.
     hone::last_breath::exiting();

@@ -201,12 +201,16 @@ fn c<T: Real>(v: f64) -> T {
 
 /// Runs `f(first_row, rows)` over `out` split into groups of whole rows of
 /// length `n`, one group per thread (candle's thread count, i.e.
-/// RAYON_NUM_THREADS), and returns the results in row order.
+/// RAYON_NUM_THREADS), and returns the results in row order. The groups run
+/// on rayon's global pool, the one candle's matmul (gemm) runs on: its
+/// threads are awake after a product, where fresh threads would cost a spawn
+/// each and contend with them for the cores.
 pub(crate) fn par_rows<T: Send, R: Send>(
     out: &mut [T],
     n: usize,
     f: impl Fn(usize, &mut [T]) -> R + Sync,
 ) -> Vec<R> {
+    use rayon::prelude::*;
     let rows = out.len() / n;
     let threads = candle_core::utils::get_num_threads()
         .min(rows)
@@ -216,26 +220,10 @@ pub(crate) fn par_rows<T: Send, R: Send>(
         return vec![f(0, out)];
     }
     let per = rows.div_ceil(threads);
-    std::thread::scope(|s| {
-        let f = &f;
-        let mut handles = Vec::with_capacity(threads);
-        let mut rest = out;
-        let mut row0 = 0;
-        while rest.len() > per * n {
-            let (a, b) = rest.split_at_mut(per * n);
-            let r0 = row0;
-            handles.push(s.spawn(move || f(r0, a)));
-            rest = b;
-            row0 += per;
-        }
-        let last = f(row0, rest);
-        let mut results: Vec<R> = handles
-            .into_iter()
-            .map(|h| h.join().expect("fused op thread panicked"))
-            .collect();
-        results.push(last);
-        results
-    })
+    out.par_chunks_mut(per * n)
+        .enumerate()
+        .map(|(i, rows)| f(i * per, rows))
+        .collect()
 }
 
 /// Mean and 1/sqrt(var + eps) of one row.
