@@ -16,7 +16,7 @@
 //! Off the CPU, or for dtypes other than f32/f64, the composition of
 //! primitives runs instead; it is also the tests' reference.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::matmul::{gemm, Mat, MatMut, Threads};
 use crate::ops::{dot, par_rows, softmax_in_place, Real};
@@ -54,6 +54,158 @@ pub(crate) fn reference(qkv: &Tensor, n_heads: usize) -> CResult<Tensor> {
     let scale = 1.0 / (hd as f64).sqrt();
     let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
+}
+
+/// Attention of `T` new positions over `S` cached ones, for generation:
+/// queries from `qkv` `[B, T, 3D]` (packed as for [`causal_self_attention`]),
+/// keys and values `[B, H, S, HD]` (the cache, the new positions' already
+/// written at the end; any strides with contiguous rows, so views into the
+/// cache's buffers need no copy). Query i is position S - T + i and sees
+/// keys 0..=S - T + i. Returns `[B, T, D]`. Inference only: the fused path
+/// has no backward pass (candle reports one asked for as unsupported).
+pub(crate) fn cached_attention(
+    qkv: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n_heads: usize,
+) -> CResult<Tensor> {
+    let (b, t, d3) = qkv.dims3()?;
+    let (kb, kh, s, hd) = k.dims4()?;
+    if kb != b || kh != n_heads || hd * n_heads * 3 != d3 || v.dims() != k.dims() || s < t {
+        candle_core::bail!(
+            "cached attention: queries {:?} ({n_heads} heads) against keys {:?} and values {:?}",
+            qkv.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let fast = qkv.device().is_cpu()
+        && matches!(qkv.dtype(), DType::F32 | DType::F64)
+        && k.dtype() == qkv.dtype()
+        && v.dtype() == qkv.dtype()
+        && k.stride()[3] == 1
+        && v.stride()[3] == 1;
+    if fast && t > 0 {
+        return qkv
+            .contiguous()?
+            .apply_op3_no_bwd(k, v, &CachedAttention { n_heads });
+    }
+    let q = qkv
+        .reshape((b, t, 3, n_heads, hd))?
+        .narrow(2, 0, 1)?
+        .squeeze(2)?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let att = crate::ops::causal_softmax(&q.matmul(&k.contiguous()?.t()?)?, scale)?;
+    att.matmul(&v.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, t, d3 / 3))
+}
+
+/// [`cached_attention`] on the CPU.
+struct CachedAttention {
+    n_heads: usize,
+}
+
+/// A `[B, H, S, HD]` view: its buffer, start, strides of B, H and S.
+struct Heads<'a, T> {
+    data: &'a [T],
+    start: usize,
+    strides: [usize; 3],
+}
+
+impl<'a, T> Heads<'a, T> {
+    fn new(data: &'a [T], l: &Layout) -> Self {
+        let st = l.stride();
+        Self {
+            data,
+            start: l.start_offset(),
+            strides: [st[0], st[1], st[2]],
+        }
+    }
+
+    /// Head `h` of batch element `b`, `[S, HD]`, or transposed `[HD, S]`.
+    fn head(&self, b: usize, h: usize, transposed: bool) -> Mat<'a, T> {
+        let at = self.start + b * self.strides[0] + h * self.strides[1];
+        if transposed {
+            Mat::strided(self.data, at, 1, self.strides[2])
+        } else {
+            Mat::strided(self.data, at, self.strides[2], 1)
+        }
+    }
+}
+
+fn cached_forward<T: Real>(
+    qkv: &[T],
+    ql: &Layout,
+    k: Heads<T>,
+    v: Heads<T>,
+    s: usize,
+    n_heads: usize,
+) -> CResult<(Vec<T>, Shape)> {
+    let (b, dims) = Dims::of(ql, n_heads)?;
+    let (t, d, hd) = (dims.t, dims.d, dims.hd);
+    let scale: T = dims.scale();
+    let threads = inner_threads(b);
+    let mut y = vec![T::zero(); b * t * d];
+    par_rows(&mut y, t * d, |b0, ys| {
+        let mut p = vec![T::zero(); t * s];
+        for (i, y) in ys.chunks_exact_mut(t * d).enumerate() {
+            let e = b0 + i;
+            let x = &qkv[e * t * 3 * d..(e + 1) * t * 3 * d];
+            for h in 0..n_heads {
+                let (q, kt) = (dims.part(x, 0, h), k.head(e, h, true));
+                gemm((t, s, hd), MatMut::rows(&mut p, s), false, q, kt, threads);
+                for (r, row) in p.chunks_exact_mut(s).enumerate() {
+                    let (seen, masked) = row.split_at_mut(s - t + r + 1);
+                    softmax_in_place(seen, scale);
+                    masked.fill(T::zero());
+                }
+                let out = MatMut::strided(y, h * hd, d);
+                gemm(
+                    (t, hd, s),
+                    out,
+                    false,
+                    Mat::rows(&p, s),
+                    v.head(e, h, false),
+                    threads,
+                );
+            }
+        }
+    });
+    Ok((y, Shape::from((b, t, d))))
+}
+
+impl CustomOp3 for CachedAttention {
+    fn name(&self) -> &'static str {
+        "hone-cached-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let s = kl.dims()[2];
+        match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let (k, v) = (Heads::new(k, kl), Heads::new(v, vl));
+                let (y, shape) = cached_forward(contiguous(q, ql)?, ql, k, v, s, self.n_heads)?;
+                Ok((CpuStorage::F32(y), shape))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                let (k, v) = (Heads::new(k, kl), Heads::new(v, vl));
+                let (y, shape) = cached_forward(contiguous(q, ql)?, ql, k, v, s, self.n_heads)?;
+                Ok((CpuStorage::F64(y), shape))
+            }
+            _ => candle_core::bail!("hone-cached-attention: f32 or f64 only, one dtype"),
+        }
+    }
 }
 
 /// The shape of one call: T positions, width D, H heads of HD.
@@ -378,6 +530,52 @@ mod tests {
                 assert!(bwd < 1e-4, "{shape:?} {dtype:?}: gradient differs by {bwd}");
             }
         }
+    }
+
+    #[test]
+    fn cached_attention_over_a_cache_view_matches_the_primitives() {
+        // Keys and values as narrowed views of wider buffers (as the cache
+        // keeps them), several new positions and one.
+        for (b, heads, hd, t, s) in [
+            (2usize, 2usize, 4usize, 3usize, 7usize),
+            (3, 1, 5, 1, 6),
+            (1, 4, 8, 5, 5),
+        ] {
+            let d = heads * hd;
+            let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+            let qkv = randn(&[b, t, 3 * d]);
+            let kbuf = randn(&[b, heads, s + 4, hd]);
+            let vbuf = randn(&[b, heads, s + 4, hd]);
+            let (k, v) = (kbuf.narrow(2, 0, s).unwrap(), vbuf.narrow(2, 0, s).unwrap());
+            let fused = cached_attention(&qkv, &k, &v, heads).unwrap();
+            let q = qkv
+                .reshape((b, t, 3, heads, hd))
+                .unwrap()
+                .narrow(2, 0, 1)
+                .unwrap()
+                .squeeze(2)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let scores = q.matmul(&k.contiguous().unwrap().t().unwrap()).unwrap();
+            let att =
+                crate::ops::causal_softmax_reference(&scores, 1.0 / (hd as f64).sqrt()).unwrap();
+            let reference = att
+                .matmul(&v.contiguous().unwrap())
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, d))
+                .unwrap();
+            let rel = max_rel(&fused, &reference);
+            assert!(rel < 1e-5, "b {b} t {t} s {s}: differs by {rel}");
+        }
+        let qkv = Tensor::zeros((1, 2, 12), DType::F32, &Device::Cpu).unwrap();
+        let k = Tensor::zeros((1, 2, 1, 2), DType::F32, &Device::Cpu).unwrap();
+        let err = cached_attention(&qkv, &k, &k, 2).unwrap_err().to_string();
+        assert!(err.contains("cached attention"), "{err}");
     }
 
     #[test]

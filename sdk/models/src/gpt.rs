@@ -129,37 +129,68 @@ impl Attention {
         })
     }
 
-    /// `x` [B,T,D] holds the positions after those whose keys and values
-    /// `cache` holds; the cache is extended with them.
-    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
+    /// `x` [B,T,D] holds the positions after the `offset` ones whose keys
+    /// and values `cache` holds; the cache is extended with them.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: Option<(&mut Option<(Tensor, Tensor)>, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?;
-        let Some(cache) = cache else {
+        let Some((slot, offset)) = cache else {
             // Training and scoring: the fused op (crate::attention).
             let y = crate::attention::causal_self_attention(&qkv, self.n_heads)?;
             return Ok(self.c_proj.forward(&y)?);
         };
-        let qkv = qkv.reshape((b, t, 3, self.n_heads, self.head_dim))?;
-        let heads = |i: usize| -> Result<Tensor> {
-            Ok(qkv
+        let heads = qkv.reshape((b, t, 3, self.n_heads, self.head_dim))?;
+        let new = |i: usize| -> Result<Tensor> {
+            Ok(heads
                 .narrow(2, i, 1)?
                 .squeeze(2)?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
-        if let Some((pk, pv)) = cache.as_ref() {
-            k = Tensor::cat(&[pk, &k], 2)?;
-            v = Tensor::cat(&[pv, &v], 2)?;
-        }
-        *cache = Some((k.clone(), v.clone()));
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // softmax(scale * q k^T + causal mask): query i of the t new
-        // positions sees keys 0..=s-t+i of the s in k.
-        let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let (k, v) = append(slot, &new(1)?, &new(2)?, offset)?;
+        let y = crate::attention::cached_attention(&qkv, &k, &v, self.n_heads)?;
         Ok(self.c_proj.forward(&y)?)
     }
+}
+
+/// Positions a cache buffer grows by: a step writes into room already
+/// there instead of concatenating (and copying) every earlier key. (4 in
+/// unit tests, so that their short sequences grow the buffers too.)
+const CACHE_CHUNK: usize = if cfg!(test) { 4 } else { 64 };
+
+/// Writes `k` and `v` ([B, H, T, HD], positions `offset..offset + T`) into
+/// the slot's buffers, growing them by whole chunks when full, and returns
+/// views of positions `0..offset + T`. The buffers are written in place, so
+/// the cache is for inference: no gradient flows through it.
+fn append(
+    slot: &mut Option<(Tensor, Tensor)>,
+    k: &Tensor,
+    v: &Tensor,
+    offset: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, hd) = k.dims4()?;
+    let end = offset + t;
+    let room = slot.as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+    if room < end {
+        let cap = end.div_ceil(CACHE_CHUNK) * CACHE_CHUNK;
+        let kb = Tensor::zeros((b, h, cap, hd), k.dtype(), k.device())?;
+        let vb = kb.zeros_like()?;
+        if let Some((old_k, old_v)) = slot.take() {
+            if offset > 0 {
+                kb.slice_set(&old_k.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&old_v.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
+            }
+        }
+        *slot = Some((kb, vb));
+    }
+    let (kb, vb) = slot.as_ref().expect("made above");
+    kb.slice_set(k, 2, offset)?;
+    vb.slice_set(v, 2, offset)?;
+    Ok((kb.narrow(2, 0, end)?, vb.narrow(2, 0, end)?))
 }
 
 /// Position-wise feed-forward network: D -> 4D -> GELU -> D.
@@ -202,14 +233,20 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: Option<(&mut Option<(Tensor, Tensor)>, usize)>,
+    ) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, cache)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
     }
 }
 
-/// Keys and values of the positions already processed, per layer.
-#[derive(Debug, Clone)]
+/// Keys and values of the positions already processed, per layer, in
+/// buffers that grow by chunks and are written in place (so not `Clone`:
+/// a copy would share them).
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
@@ -321,7 +358,7 @@ impl Gpt {
             .forward(ids)?
             .broadcast_add(&self.wpe.forward(&positions)?)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_mut().map(|c| (&mut c.layers[i], c.len));
             x = block.forward(&x, slot)?;
         }
         if let Some(c) = cache {

@@ -91,6 +91,10 @@ fn with_last(l: &Layout, last: usize) -> Shape {
     Shape::from(dims)
 }
 
+/// Inputs of at most this many rows take the path for decoding in
+/// [`forward`].
+const FEW_ROWS: usize = 64;
+
 /// `x [.., k] w[n, k]^T + b [n]`.
 fn forward<T: WithDType>(
     (x, xl): (&[T], &Layout),
@@ -106,19 +110,41 @@ fn forward<T: WithDType>(
             b.map(<[T]>::len)
         );
     }
-    let mut y = match b {
-        Some(b) => b.repeat(m),
-        None => vec![T::zero(); m * n],
-    };
     let (x, w) = (Mat::rows(x, k), Mat::transposed(w, k));
+    if m > FEW_ROWS {
+        let mut y = match b {
+            Some(b) => b.repeat(m),
+            None => vec![T::zero(); m * n],
+        };
+        gemm(
+            (m, n, k),
+            MatMut::rows(&mut y, n),
+            b.is_some(),
+            x,
+            w,
+            Threads::Candle,
+        );
+        return Ok((y, with_last(xl, n)));
+    }
+    // A few rows (a decoding step): gemm, asked for a row-major result,
+    // computes its transpose and would repack the whole weight on every
+    // call; a column-major result keeps the weight in place and only the
+    // few input rows get packed. Then transpose (m x n, small) into y.
+    let mut yt = vec![T::zero(); m * n];
     gemm(
         (m, n, k),
-        MatMut::rows(&mut y, n),
-        b.is_some(),
+        MatMut::columns(&mut yt, m),
+        false,
         x,
         w,
         Threads::Candle,
     );
+    let mut y = vec![T::zero(); m * n];
+    for (i, row) in y.chunks_exact_mut(n).enumerate() {
+        for (j, out) in row.iter_mut().enumerate() {
+            *out = yt[j * m + i] + b.map_or(T::zero(), |b| b[j]);
+        }
+    }
     Ok((y, with_last(xl, n)))
 }
 
@@ -404,6 +430,9 @@ mod tests {
                 (&[2, 3, 4, 6][..], 9, true),
                 (&[33, 16][..], 1, true),
                 (&[5, 40][..], 24, false),
+                // More than FEW_ROWS rows: the other path.
+                (&[3, 40, 8][..], 12, true),
+                (&[130, 9][..], 5, false),
             ] {
                 let k = x_shape[x_shape.len() - 1];
                 let x = randn(x_shape, dtype);

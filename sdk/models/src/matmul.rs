@@ -50,11 +50,13 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// A matrix written into `data`, rows `row_stride` apart, columns adjacent.
+/// A matrix written into `data`: element `(i, j)` at
+/// `offset + i * row_stride + j * col_stride`.
 pub(crate) struct MatMut<'a, T> {
     data: &'a mut [T],
     offset: usize,
     row_stride: usize,
+    col_stride: usize,
 }
 
 impl<'a, T> MatMut<'a, T> {
@@ -63,12 +65,23 @@ impl<'a, T> MatMut<'a, T> {
         Self::strided(data, 0, cols)
     }
 
-    /// Row `i` starts at `offset + i * row_stride`.
+    /// Row `i` starts at `offset + i * row_stride`; columns are adjacent.
     pub(crate) fn strided(data: &'a mut [T], offset: usize, row_stride: usize) -> Self {
         Self {
             data,
             offset,
             row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// `data` as a column-major matrix of `rows` rows.
+    pub(crate) fn columns(data: &'a mut [T], rows: usize) -> Self {
+        Self {
+            data,
+            offset: 0,
+            row_stride: 1,
+            col_stride: rows,
         }
     }
 }
@@ -80,6 +93,12 @@ pub(crate) enum Threads {
     Candle,
     One,
 }
+
+/// Products of fewer multiply-adds than this run on one thread: handing a
+/// decoding step's products (16 rows, about a million) to the pool cost more
+/// than it saved (batch-16 generation ran 1.6x faster on one thread than on
+/// two). A training step's smallest is 33 million.
+const PARALLEL_MIN: usize = 1 << 22;
 
 /// `dst [m, n] = a [m, inner] b [inner, n]`, or `+=` when `accumulate`.
 ///
@@ -93,7 +112,9 @@ pub(crate) fn gemm<T: WithDType>(
     b: Mat<T>,
     threads: Threads,
 ) {
-    let dst_fits = m == 0 || n == 0 || dst.offset + (m - 1) * dst.row_stride + n <= dst.data.len();
+    let dst_fits = m == 0
+        || n == 0
+        || dst.offset + (m - 1) * dst.row_stride + (n - 1) * dst.col_stride < dst.data.len();
     assert!(
         dst_fits && a.spans(m, inner) && b.spans(inner, n),
         "gemm operands outside their buffers"
@@ -105,15 +126,18 @@ pub(crate) fn gemm<T: WithDType>(
         // gemm does not touch dst for an empty inner dimension.
         if !accumulate {
             for i in 0..m {
-                let row = dst.offset + i * dst.row_stride;
-                dst.data[row..row + n].fill(T::zero());
+                for j in 0..n {
+                    dst.data[dst.offset + i * dst.row_stride + j * dst.col_stride] = T::zero();
+                }
             }
         }
         return;
     }
     let count = candle_core::utils::get_num_threads();
     let parallelism = match threads {
-        Threads::Candle if count > 1 => gemm::Parallelism::Rayon(count),
+        Threads::Candle if count > 1 && m * n * inner >= PARALLEL_MIN => {
+            gemm::Parallelism::Rayon(count)
+        }
         _ => gemm::Parallelism::None,
     };
     // SAFETY: the assert bounds every element the strides reach, in dst, a
@@ -126,7 +150,7 @@ pub(crate) fn gemm<T: WithDType>(
             n,
             inner,
             dst.data.as_mut_ptr().add(dst.offset),
-            1,
+            dst.col_stride as isize,
             dst.row_stride as isize,
             accumulate,
             a.data.as_ptr().add(a.offset),
