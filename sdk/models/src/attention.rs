@@ -19,7 +19,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::matmul::{gemm, Mat, MatMut, Threads};
-use crate::ops::{dot, par_rows, softmax_in_place, Real};
+use crate::ops::{dot, par_rows, simd, softmax_in_place, Real};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -157,11 +157,7 @@ fn cached_forward<T: Real>(
             for h in 0..n_heads {
                 let (q, kt) = (dims.part(x, 0, h), k.head(e, h, true));
                 gemm((t, s, hd), MatMut::rows(&mut p, s), false, q, kt, threads);
-                for (r, row) in p.chunks_exact_mut(s).enumerate() {
-                    let (seen, masked) = row.split_at_mut(s - t + r + 1);
-                    softmax_in_place(seen, scale);
-                    masked.fill(T::zero());
-                }
+                simd(|| causal_rows(&mut p, s, s - t, scale));
                 let out = MatMut::strided(y, h * hd, d);
                 gemm(
                     (t, hd, s),
@@ -254,10 +250,29 @@ fn probabilities<T: Real>(qkv: &[T], dims: Dims, h: usize, p: &mut [T], threads:
     let (q, kt) = (dims.part(qkv, 0, h), dims.part_t(qkv, 1, h));
     gemm((t, t, dims.hd), MatMut::rows(p, t), false, q, kt, threads);
     let scale: T = dims.scale();
-    for (i, row) in p.chunks_exact_mut(t).enumerate() {
-        let (seen, masked) = row.split_at_mut(i + 1);
+    simd(|| causal_rows(p, t, 0, scale));
+}
+
+/// Each row i of `p` (rows `s` wide) becomes the softmax of `scale` times
+/// its first `offset + i + 1` entries (the keys query i sees), the rest 0.
+#[inline(always)]
+fn causal_rows<T: Real>(p: &mut [T], s: usize, offset: usize, scale: T) {
+    for (i, row) in p.chunks_exact_mut(s).enumerate() {
+        let (seen, masked) = row.split_at_mut(offset + i + 1);
         softmax_in_place(seen, scale);
         masked.fill(T::zero());
+    }
+}
+
+/// `dp` becomes the scores' gradient, `scale * p * (dp - rowsum(dp * p))`,
+/// row by row (`s` wide); masked entries have p = 0, so theirs is 0.
+#[inline(always)]
+fn softmax_grad_rows<T: Real>(p: &[T], dp: &mut [T], s: usize, scale: T) {
+    for (pr, dr) in p.chunks_exact(s).zip(dp.chunks_exact_mut(s)) {
+        let dot = dot(pr, dr);
+        for (dv, &pv) in dr.iter_mut().zip(pr) {
+            *dv = scale * pv * (*dv - dot);
+        }
     }
 }
 
@@ -306,13 +321,7 @@ fn attend_bwd<T: Real>(
         // dp = dy v^T
         let vt = dims.part_t(qkv, 2, h);
         gemm((t, t, hd), MatMut::rows(dp, t), false, dy_h(), vt, threads);
-        // ds = scale * p * (dp - rowsum(dp * p)); masked entries have p = 0.
-        for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
-            let dot = dot(pr, dr);
-            for (dv, &pv) in dr.iter_mut().zip(pr) {
-                *dv = scale * pv * (*dv - dot);
-            }
-        }
+        simd(|| softmax_grad_rows(p, dp, t, scale));
         // dq = ds k, dk = ds^T q
         let dq = MatMut::strided(dqkv, h * hd, 3 * d);
         gemm(
