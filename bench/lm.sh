@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# hone's LM benchmark against PyTorch on CPU, in one run.
+# hone's LM benchmark against PyTorch on CPU, in one run, with the machine's
+# f32 matmul peak (hone's gemm and PyTorch's) at the benchmark's shapes.
 # PyTorch goes into a virtualenv used only here (bench/.venv): the PyPI wheel is
 # a CUDA build of about 2.8 GB with its nvidia packages, and runs on CPU.
 set -euo pipefail
@@ -11,5 +12,7 @@ fi
 cargo build --release -p hone-bench
 for threads in 2 1; do
   ./target/release/hone-bench lm --threads "$threads"
+  echo
+  ./target/release/hone-bench matmul --threads "$threads"
   echo
 done

@@ -194,6 +194,29 @@ pub fn run(b: LmBench) {
             v["params"]
         );
     }
+    // Useful FLOPs of a training token: 6 per matmul weight (forward and
+    // backward) plus attention's scores and mixing over the whole context
+    // (3 x 4 T D a layer); hone's recomputed probabilities not counted.
+    let weights = CFG.n_layers * 12 * CFG.d_model * CFG.d_model + CFG.d_model * CFG.vocab_size;
+    let flop_per_token = (6 * weights + CFG.n_layers * 12 * CFG.context * CFG.d_model) as f64;
+    let (peak, by) = crate::matmul::peak(b.threads);
+    println!(
+        "
+Training at {:.1} MFLOP a token; the matmul peak is {peak:.0} GFLOP/s ({by}, [1024, 1024] x [1024, 1024]):",
+        flop_per_token / 1e6
+    );
+    for (who, rate) in [
+        ("hone", Some(train_rate)),
+        ("PyTorch", field("train_tok_s")),
+    ] {
+        if let Some(rate) = rate {
+            let gflops = rate * flop_per_token / 1e9;
+            println!(
+                "- {who}: {gflops:.1} GFLOP/s, {:.0}% of the peak",
+                100.0 * gflops / peak
+            );
+        }
+    }
     let total = phases.forward + phases.backward + phases.optimiser;
     println!(
         "\nhone training step: {:.0} ms (forward {:.0} ms = {:.0}%, backward {:.0} ms = {:.0}%, optimiser {:.0} ms = {:.0}%)",

@@ -41,6 +41,22 @@ fn gflops(m: usize, k: usize, n: usize, repeats: usize) -> hone_models::Result<f
     Ok(median(rates))
 }
 
+/// The machine's f32 matmul peak for the current thread count, in GFLOP/s:
+/// the faster of hone's gemm and PyTorch's (when it runs) on the large
+/// square product, with which one it was.
+pub fn peak(threads: usize) -> (f64, &'static str) {
+    let (m, k, n, _) = SHAPES[SHAPES.len() - 1];
+    let ours = gflops(m, k, n, 5).expect("hone matmul runs");
+    let config = serde_json::json!({"threads": threads, "repeats": 5, "shapes": [[m, k, n]]});
+    let theirs = run_torch("bench/torch/matmul_bench.py", &config, "bench/lm.sh")
+        .ok()
+        .and_then(|v| v["gflops"][0].as_f64());
+    match theirs {
+        Some(t) if t > ours => (t, "PyTorch"),
+        _ => (ours, "hone's gemm"),
+    }
+}
+
 /// Prints the table for `threads` kernel threads.
 pub fn run(threads: usize, repeats: usize) {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
