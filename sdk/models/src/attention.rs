@@ -62,7 +62,9 @@ pub(crate) fn reference(qkv: &Tensor, n_heads: usize) -> CResult<Tensor> {
 /// written at the end; any strides with contiguous rows, so views into the
 /// cache's buffers need no copy). Query i is position S - T + i and sees
 /// keys 0..=S - T + i. Returns `[B, T, D]`. Inference only: the fused path
-/// has no backward pass (candle reports one asked for as unsupported).
+/// has no backward pass (a backward through it fails with candle's
+/// "backward not supported"), and the cache the keys come from is written
+/// in place.
 pub(crate) fn cached_attention(
     qkv: &Tensor,
     k: &Tensor,
@@ -71,7 +73,14 @@ pub(crate) fn cached_attention(
 ) -> CResult<Tensor> {
     let (b, t, d3) = qkv.dims3()?;
     let (kb, kh, s, hd) = k.dims4()?;
-    if kb != b || kh != n_heads || hd * n_heads * 3 != d3 || v.dims() != k.dims() || s < t {
+    if n_heads == 0
+        || hd == 0
+        || kb != b
+        || kh != n_heads
+        || hd * n_heads * 3 != d3
+        || v.dims() != k.dims()
+        || s < t
+    {
         candle_core::bail!(
             "cached attention: queries {:?} ({n_heads} heads) against keys {:?} and values {:?}",
             qkv.dims(),
@@ -85,10 +94,12 @@ pub(crate) fn cached_attention(
         && v.dtype() == qkv.dtype()
         && k.stride()[3] == 1
         && v.stride()[3] == 1;
-    if fast && t > 0 {
+    if fast && t > 0 && b > 0 {
+        // apply_op3 (not _no_bwd): the op is recorded, so a backward
+        // through it fails loudly instead of stopping the gradient.
         return qkv
             .contiguous()?
-            .apply_op3_no_bwd(k, v, &CachedAttention { n_heads });
+            .apply_op3(k, v, CachedAttention { n_heads });
     }
     let q = qkv
         .reshape((b, t, 3, n_heads, hd))?
@@ -585,6 +596,12 @@ mod tests {
         let k = Tensor::zeros((1, 2, 1, 2), DType::F32, &Device::Cpu).unwrap();
         let err = cached_attention(&qkv, &k, &k, 2).unwrap_err().to_string();
         assert!(err.contains("cached attention"), "{err}");
+        // No backward pass: asking for one is an error, not a silent stop.
+        let q =
+            Var::from_tensor(&Tensor::ones((1, 1, 12), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let kv = Tensor::ones((1, 2, 1, 2), DType::F32, &Device::Cpu).unwrap();
+        let y = cached_attention(q.as_tensor(), &kv, &kv, 2).unwrap();
+        assert!(y.sum_all().unwrap().backward().is_err());
     }
 
     #[test]

@@ -119,6 +119,13 @@ pub(crate) fn gemm<T: WithDType>(
         dst_fits && a.spans(m, inner) && b.spans(inner, n),
         "gemm operands outside their buffers"
     );
+    // Distinct elements of dst must not share a place (gemm's threads write
+    // them concurrently): whole rows or whole columns apart.
+    let (rs, cs) = (dst.row_stride, dst.col_stride);
+    assert!(
+        m <= 1 || n <= 1 || rs >= n * cs || cs >= m * rs,
+        "gemm destination overlaps itself"
+    );
     if m == 0 || n == 0 {
         return;
     }
