@@ -19,7 +19,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::matmul::{gemm, Mat, MatMut, Threads};
-use crate::ops::{dot, par_rows, simd, softmax_in_place, Real};
+use crate::ops::{dot, par_rows, simd, slice, softmax_in_place, Real};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -202,12 +202,12 @@ impl CustomOp3 for CachedAttention {
         match (q, k, v) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 let (k, v) = (Heads::new(k, kl), Heads::new(v, vl));
-                let (y, shape) = cached_forward(contiguous(q, ql)?, ql, k, v, s, self.n_heads)?;
+                let (y, shape) = cached_forward(slice(q, ql)?, ql, k, v, s, self.n_heads)?;
                 Ok((CpuStorage::F32(y), shape))
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
                 let (k, v) = (Heads::new(k, kl), Heads::new(v, vl));
-                let (y, shape) = cached_forward(contiguous(q, ql)?, ql, k, v, s, self.n_heads)?;
+                let (y, shape) = cached_forward(slice(q, ql)?, ql, k, v, s, self.n_heads)?;
                 Ok((CpuStorage::F64(y), shape))
             }
             _ => candle_core::bail!("hone-cached-attention: f32 or f64 only, one dtype"),
@@ -403,13 +403,6 @@ fn backward<T: Real>(qkv: &[T], dy: &[T], l: &Layout, n_heads: usize) -> CResult
     Ok(dqkv)
 }
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> CResult<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("hone-attention needs contiguous inputs"),
-    }
-}
-
 /// [`causal_self_attention`] on the CPU.
 struct CausalAttention {
     n_heads: usize,
@@ -423,11 +416,11 @@ impl CustomOp1 for CausalAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         match s {
             CpuStorage::F32(v) => {
-                let (y, shape) = forward(contiguous(v, l)?, l, self.n_heads)?;
+                let (y, shape) = forward(slice(v, l)?, l, self.n_heads)?;
                 Ok((CpuStorage::F32(y), shape))
             }
             CpuStorage::F64(v) => {
-                let (y, shape) = forward(contiguous(v, l)?, l, self.n_heads)?;
+                let (y, shape) = forward(slice(v, l)?, l, self.n_heads)?;
                 Ok((CpuStorage::F64(y), shape))
             }
             _ => candle_core::bail!("hone-attention: f32 or f64 only"),
@@ -461,18 +454,12 @@ impl CustomOp2 for CausalAttentionBwd {
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(backward(
-                contiguous(x, l1)?,
-                contiguous(g, l2)?,
-                l1,
-                self.n_heads,
-            )?),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(backward(
-                contiguous(x, l1)?,
-                contiguous(g, l2)?,
-                l1,
-                self.n_heads,
-            )?),
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(backward(slice(x, l1)?, slice(g, l2)?, l1, self.n_heads)?)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(backward(slice(x, l1)?, slice(g, l2)?, l1, self.n_heads)?)
+            }
             _ => candle_core::bail!("hone-attention-bwd: f32 or f64 only, one dtype"),
         };
         Ok((out, l1.shape().clone()))

@@ -151,47 +151,15 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let (k, v) = append(slot, &new(1)?, &new(2)?, offset)?;
+        let (k, v) = crate::kv_buffers::append(slot, &new(1)?, &new(2)?, offset, CACHE_CHUNK)?;
         let y = crate::attention::cached_attention(&qkv, &k, &v, self.n_heads)?;
         Ok(self.c_proj.forward(&y)?)
     }
 }
 
-/// Positions a cache buffer grows by: a step writes into room already
-/// there instead of concatenating (and copying) every earlier key. (4 in
-/// unit tests, so that their short sequences grow the buffers too.)
+/// Positions a cache buffer grows by (`crate::kv_buffers`); 4 in unit
+/// tests, so that their short sequences grow the buffers too.
 const CACHE_CHUNK: usize = if cfg!(test) { 4 } else { 64 };
-
-/// Writes `k` and `v` ([B, H, T, HD], positions `offset..offset + T`) into
-/// the slot's buffers, growing them by whole chunks when full, and returns
-/// views of positions `0..offset + T`. The buffers are written in place, so
-/// the cache is for inference: no gradient flows through it.
-fn append(
-    slot: &mut Option<(Tensor, Tensor)>,
-    k: &Tensor,
-    v: &Tensor,
-    offset: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (b, h, t, hd) = k.dims4()?;
-    let end = offset + t;
-    let room = slot.as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
-    if room < end {
-        let cap = end.div_ceil(CACHE_CHUNK) * CACHE_CHUNK;
-        let kb = Tensor::zeros((b, h, cap, hd), k.dtype(), k.device())?;
-        let vb = kb.zeros_like()?;
-        if let Some((old_k, old_v)) = slot.take() {
-            if offset > 0 {
-                kb.slice_set(&old_k.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
-                vb.slice_set(&old_v.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
-            }
-        }
-        *slot = Some((kb, vb));
-    }
-    let (kb, vb) = slot.as_ref().expect("made above");
-    kb.slice_set(k, 2, offset)?;
-    vb.slice_set(v, 2, offset)?;
-    Ok((kb.narrow(2, 0, end)?, vb.narrow(2, 0, end)?))
-}
 
 /// Position-wise feed-forward network: D -> 4D -> GELU -> D.
 struct Mlp {

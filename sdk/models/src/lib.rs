@@ -17,6 +17,7 @@ pub mod device;
 mod error;
 pub mod gpt;
 pub mod heads;
+pub mod kv_buffers;
 pub mod linear;
 mod matmul;
 mod ops;

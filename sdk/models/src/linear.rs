@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Mo
 use candle_core::{Tensor, WithDType};
 
 use crate::matmul::{gemm, Mat, MatMut, Threads};
+use crate::ops::slice;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -64,13 +65,6 @@ impl Module for Linear {
             Some(b) => x.apply_op3(&w, &b.contiguous()?, FusedLinear),
             None => x.apply_op2(&w, FusedLinear),
         }
-    }
-}
-
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> CResult<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("hone-linear needs contiguous inputs"),
     }
 }
 
@@ -162,11 +156,11 @@ impl CustomOp2 for FusedLinear {
     ) -> CResult<(CpuStorage, Shape)> {
         match (x, w) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let (y, s) = forward((contiguous(x, xl)?, xl), (contiguous(w, wl)?, wl), None)?;
+                let (y, s) = forward((slice(x, xl)?, xl), (slice(w, wl)?, wl), None)?;
                 Ok((CpuStorage::F32(y), s))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                let (y, s) = forward((contiguous(x, xl)?, xl), (contiguous(w, wl)?, wl), None)?;
+                let (y, s) = forward((slice(x, xl)?, xl), (slice(w, wl)?, wl), None)?;
                 Ok((CpuStorage::F64(y), s))
             }
             _ => candle_core::bail!("hone-linear: f32 or f64 only, one dtype"),
@@ -204,13 +198,13 @@ impl CustomOp3 for FusedLinear {
     ) -> CResult<(CpuStorage, Shape)> {
         match (x, w, b) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let b = Some(contiguous(b, bl)?);
-                let (y, s) = forward((contiguous(x, xl)?, xl), (contiguous(w, wl)?, wl), b)?;
+                let b = Some(slice(b, bl)?);
+                let (y, s) = forward((slice(x, xl)?, xl), (slice(w, wl)?, wl), b)?;
                 Ok((CpuStorage::F32(y), s))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let b = Some(contiguous(b, bl)?);
-                let (y, s) = forward((contiguous(x, xl)?, xl), (contiguous(w, wl)?, wl), b)?;
+                let b = Some(slice(b, bl)?);
+                let (y, s) = forward((slice(x, xl)?, xl), (slice(w, wl)?, wl), b)?;
                 Ok((CpuStorage::F64(y), s))
             }
             _ => candle_core::bail!("hone-linear: f32 or f64 only, one dtype"),
@@ -311,11 +305,11 @@ impl CustomOp2 for Grad {
     ) -> CResult<(CpuStorage, Shape)> {
         match (g, o) {
             (CpuStorage::F32(g), CpuStorage::F32(o)) => {
-                let (v, s) = grad(self, (contiguous(g, gl)?, gl), (contiguous(o, ol)?, ol))?;
+                let (v, s) = grad(self, (slice(g, gl)?, gl), (slice(o, ol)?, ol))?;
                 Ok((CpuStorage::F32(v), s))
             }
             (CpuStorage::F64(g), CpuStorage::F64(o)) => {
-                let (v, s) = grad(self, (contiguous(g, gl)?, gl), (contiguous(o, ol)?, ol))?;
+                let (v, s) = grad(self, (slice(g, gl)?, gl), (slice(o, ol)?, ol))?;
                 Ok((CpuStorage::F64(v), s))
             }
             _ => candle_core::bail!("hone-linear-grad: f32 or f64 only, one dtype"),
@@ -346,11 +340,11 @@ impl CustomOp1 for ColumnSums {
     fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout) -> CResult<(CpuStorage, Shape)> {
         match g {
             CpuStorage::F32(g) => {
-                let (v, s) = column_sums(contiguous(g, gl)?, gl)?;
+                let (v, s) = column_sums(slice(g, gl)?, gl)?;
                 Ok((CpuStorage::F32(v), s))
             }
             CpuStorage::F64(g) => {
-                let (v, s) = column_sums(contiguous(g, gl)?, gl)?;
+                let (v, s) = column_sums(slice(g, gl)?, gl)?;
                 Ok((CpuStorage::F64(v), s))
             }
             _ => candle_core::bail!("hone-column-sums: f32 or f64 only"),

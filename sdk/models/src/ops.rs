@@ -22,7 +22,9 @@ fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() >= 1
 }
 
-fn slice<'a, T>(s: &'a [T], l: &Layout) -> CResult<&'a [T]> {
+/// The elements of a contiguous `l` in `s` (the fused ops make their
+/// inputs contiguous first).
+pub(crate) fn slice<'a, T>(s: &'a [T], l: &Layout) -> CResult<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
         None => candle_core::bail!("fused op needs a contiguous input"),

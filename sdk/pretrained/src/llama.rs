@@ -217,7 +217,7 @@ impl Attention {
         // times less memory than repeated ones.
         let (k, v) = match slot {
             None => (k, v),
-            Some(slot) => append(slot, k, v, offset)?,
+            Some(slot) => hone_models::kv_buffers::append(slot, &k, &v, offset, CACHE_CHUNK)?,
         };
         // Grouped-query attention without copying k and v n_rep times: the
         // n_rep query heads that share a kv head are stacked along T
@@ -248,36 +248,6 @@ impl Attention {
 /// there instead of concatenating (and copying) every earlier key.
 /// (4 in unit tests, so that their short sequences grow the buffers too.)
 const CACHE_CHUNK: usize = if cfg!(test) { 4 } else { 256 };
-
-/// Writes `k` and `v` ([B, KV, T, D], positions `offset..offset + T`) into
-/// the slot's buffers, growing them by whole chunks when full, and returns
-/// views of positions `0..offset + T`.
-fn append(
-    slot: &mut Option<(Tensor, Tensor)>,
-    k: Tensor,
-    v: Tensor,
-    offset: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (b, kv, t, d) = k.dims4()?;
-    let end = offset + t;
-    let room = slot.as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
-    if room < end {
-        let cap = end.div_ceil(CACHE_CHUNK) * CACHE_CHUNK;
-        let kb = Tensor::zeros((b, kv, cap, d), k.dtype(), k.device())?;
-        let vb = kb.zeros_like()?;
-        if let Some((old_k, old_v)) = slot.take() {
-            if offset > 0 {
-                kb.slice_set(&old_k.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
-                vb.slice_set(&old_v.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
-            }
-        }
-        *slot = Some((kb, vb));
-    }
-    let (kb, vb) = slot.as_ref().expect("made above");
-    kb.slice_set(&k.contiguous()?, 2, offset)?;
-    vb.slice_set(&v.contiguous()?, 2, offset)?;
-    Ok((kb.narrow(2, 0, end)?, vb.narrow(2, 0, end)?))
-}
 
 struct Mlp {
     gate_proj: Linear,
