@@ -15,13 +15,17 @@
 //!    the same losses in PyTorch (through `bench/learners.sh`).
 //! 5. `hone-bench matmul --threads T`: f32 matmul GFLOP/s, hone's gemm
 //!    against PyTorch's, at the LM benchmark's shapes and a square one.
-//! 6. `hone-bench warm [--members 2,4,8] [--mb 135] [--reps 5]`: WARM merge
+//! 6. `hone-bench minilm --threads T`: all-MiniLM-L6-v2 embedding texts/s
+//!    against PyTorch/transformers on the same HH-RLHF texts (through
+//!    `bench/minilm.sh`).
+//! 7. `hone-bench warm [--members 2,4,8] [--mb 135] [--reps 5]`: WARM merge
 //!    (`hone_rm::merge`) GB/s against memcpy and file reads, and peak RSS per M.
 
 mod learners;
 mod llama_gen;
 mod lm;
 mod matmul;
+mod minilm;
 mod serve;
 mod warm;
 
@@ -258,6 +262,16 @@ fn main() {
     }
     if args.first().map(String::as_str) == Some("matmul") {
         matmul::run(threads(&args), 5);
+        return;
+    }
+    if args.first().map(String::as_str) == Some("minilm") {
+        minilm::run(minilm::MiniLmBench {
+            threads: threads(&args),
+            texts: 512,
+            batch: 32,
+            max_tokens: 128,
+            repeats: 5,
+        });
         return;
     }
     if args.first().map(String::as_str) == Some("learners") {

@@ -1,4 +1,5 @@
-//! Causal self-attention as one op with its own backward pass.
+//! Self-attention as one op with its own backward pass: causal (the GPT),
+//! or over each sequence's real keys only (BERT, padded batches).
 //!
 //! Written from candle primitives, attention is a dozen graph nodes: three
 //! narrow/transpose/copy chains that cut q, k and v out of the packed
@@ -33,10 +34,93 @@ pub(crate) fn causal_self_attention(qkv: &Tensor, n_heads: usize) -> CResult<Ten
     }
     let fast = qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64);
     if fast && t > 0 && qkv.elem_count() > 0 {
-        qkv.contiguous()?.apply_op1(CausalAttention { n_heads })
+        qkv.contiguous()?.apply_op1(SelfAttention {
+            n_heads,
+            keys: Keys::Causal,
+        })
     } else {
         reference(qkv, n_heads)
     }
+}
+
+/// softmax(q k^T / sqrt(hd)) v for every head, not causal, over a padded
+/// batch: `qkv` `[B, T, 3D]` packed as for [`causal_self_attention`], and
+/// the queries of batch element b see its first `lengths[b]` keys (the
+/// rest is padding; padding queries see the same keys, as in Hugging
+/// Face's BERT, and their outputs are the caller's to ignore). `[B, T, D]`.
+pub(crate) fn padded_self_attention(
+    qkv: &Tensor,
+    n_heads: usize,
+    lengths: &[usize],
+) -> CResult<Tensor> {
+    let (b, t, d3) = qkv.dims3()?;
+    if n_heads == 0 || d3 % (3 * n_heads) != 0 {
+        candle_core::bail!("attention: width {d3} is not 3 x {n_heads} heads");
+    }
+    if lengths.len() != b || lengths.iter().any(|&n| n == 0 || n > t) {
+        candle_core::bail!(
+            "attention: key lengths {lengths:?} for a batch of {b} sequences of {t} positions \
+             (each in 1..={t})"
+        );
+    }
+    let fast = qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64);
+    if fast && qkv.elem_count() > 0 {
+        qkv.contiguous()?.apply_op1(SelfAttention {
+            n_heads,
+            keys: Keys::First(lengths.to_vec()),
+        })
+    } else {
+        padded_reference(qkv, n_heads, lengths)
+    }
+}
+
+/// [`padded_self_attention`] from differentiable primitives: an additive
+/// mask of 0 for real keys and the dtype's lowest value for padding.
+pub(crate) fn padded_reference(qkv: &Tensor, n_heads: usize, lengths: &[usize]) -> CResult<Tensor> {
+    let (b, t, d3) = qkv.dims3()?;
+    let (d, hd) = (d3 / 3, d3 / 3 / n_heads);
+    let qkv = qkv.reshape((b, t, 3, n_heads, hd))?;
+    let heads = |i: usize| -> CResult<Tensor> {
+        qkv.narrow(2, i, 1)?
+            .squeeze(2)?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+    let mask: Vec<f32> = lengths
+        .iter()
+        .flat_map(|&n| (0..t).map(move |j| if j < n { 0.0 } else { f32::MIN }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, 1, 1, t), qkv.device())?.to_dtype(qkv.dtype())?;
+    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
+    let att = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+    att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
+}
+
+/// Which keys each query sees.
+#[derive(Clone)]
+enum Keys {
+    /// Query i sees keys 0..=i.
+    Causal,
+    /// Every query of batch element b sees keys 0..n_b.
+    First(Vec<usize>),
+}
+
+impl Keys {
+    /// The keys of batch element `e`'s queries.
+    fn of(&self, e: usize) -> Seen {
+        match self {
+            Keys::Causal => Seen::Causal,
+            Keys::First(n) => Seen::First(n[e]),
+        }
+    }
+}
+
+/// [`Keys`] of one batch element.
+#[derive(Clone, Copy)]
+enum Seen {
+    Causal,
+    First(usize),
 }
 
 /// The same attention from differentiable primitives.
@@ -168,7 +252,10 @@ fn cached_forward<T: Real>(
             for h in 0..n_heads {
                 let (q, kt) = (dims.part(x, 0, h), k.head(e, h, true));
                 gemm((t, s, hd), MatMut::rows(&mut p, s), false, q, kt, threads);
-                simd(|| causal_rows(&mut p, s, s - t, scale));
+                simd(
+                    #[inline(always)]
+                    || causal_rows(&mut p, s, s - t, scale),
+                );
                 let out = MatMut::strided(y, h * hd, d);
                 gemm(
                     (t, hd, s),
@@ -254,14 +341,41 @@ impl Dims {
     }
 }
 
-/// `p [T, T]` = the causal softmax of `scale * q k^T` for head `h` of one
-/// batch element; row i sees keys 0..=i, the rest are 0.
-fn probabilities<T: Real>(qkv: &[T], dims: Dims, h: usize, p: &mut [T], threads: Threads) {
+/// `p [T, T]` = the softmax of `scale * q k^T` over the keys `seen` for
+/// head `h` of one batch element; unseen keys get 0.
+fn probabilities<T: Real>(
+    qkv: &[T],
+    dims: Dims,
+    h: usize,
+    seen: Seen,
+    p: &mut [T],
+    threads: Threads,
+) {
     let t = dims.t;
     let (q, kt) = (dims.part(qkv, 0, h), dims.part_t(qkv, 1, h));
     gemm((t, t, dims.hd), MatMut::rows(p, t), false, q, kt, threads);
     let scale: T = dims.scale();
-    simd(|| causal_rows(p, t, 0, scale));
+    match seen {
+        Seen::Causal => simd(
+            #[inline(always)]
+            || causal_rows(p, t, 0, scale),
+        ),
+        Seen::First(n) => simd(
+            #[inline(always)]
+            || first_rows(p, t, n, scale),
+        ),
+    }
+}
+
+/// Each row of `p` (rows `s` wide) becomes the softmax of `scale` times its
+/// first `n` entries, the rest 0.
+#[inline(always)]
+fn first_rows<T: Real>(p: &mut [T], s: usize, n: usize, scale: T) {
+    for row in p.chunks_exact_mut(s) {
+        let (seen, masked) = row.split_at_mut(n);
+        softmax_in_place(seen, scale);
+        masked.fill(T::zero());
+    }
 }
 
 /// Each row i of `p` (rows `s` wide) becomes the softmax of `scale` times
@@ -288,10 +402,10 @@ fn softmax_grad_rows<T: Real>(p: &[T], dp: &mut [T], s: usize, scale: T) {
 }
 
 /// One batch element's `[T, D]` output from its `[T, 3D]` projections.
-fn attend<T: Real>(qkv: &[T], y: &mut [T], dims: Dims, p: &mut [T], threads: Threads) {
+fn attend<T: Real>(qkv: &[T], y: &mut [T], dims: Dims, seen: Seen, p: &mut [T], threads: Threads) {
     let (t, hd) = (dims.t, dims.hd);
     for h in 0..dims.heads {
-        probabilities(qkv, dims, h, p, threads);
+        probabilities(qkv, dims, h, seen, p, threads);
         let v = dims.part(qkv, 2, h);
         gemm(
             (t, hd, t),
@@ -311,13 +425,14 @@ fn attend_bwd<T: Real>(
     dy: &[T],
     dqkv: &mut [T],
     dims: Dims,
+    seen: Seen,
     (p, dp): (&mut [T], &mut [T]),
     threads: Threads,
 ) {
     let (t, d, hd) = (dims.t, dims.d, dims.hd);
     let scale: T = dims.scale();
     for h in 0..dims.heads {
-        probabilities(qkv, dims, h, p, threads);
+        probabilities(qkv, dims, h, seen, p, threads);
         let dy_h = || Mat::strided(dy, h * hd, d, 1);
         // dv = p^T dy
         let dv = MatMut::strided(dqkv, 2 * d + h * hd, 3 * d);
@@ -332,7 +447,10 @@ fn attend_bwd<T: Real>(
         // dp = dy v^T
         let vt = dims.part_t(qkv, 2, h);
         gemm((t, t, hd), MatMut::rows(dp, t), false, dy_h(), vt, threads);
-        simd(|| softmax_grad_rows(p, dp, t, scale));
+        simd(
+            #[inline(always)]
+            || softmax_grad_rows(p, dp, t, scale),
+        );
         // dq = ds k, dk = ds^T q
         let dq = MatMut::strided(dqkv, h * hd, 3 * d);
         gemm(
@@ -365,7 +483,12 @@ fn inner_threads(batch: usize) -> Threads {
     }
 }
 
-fn forward<T: Real>(qkv: &[T], l: &Layout, n_heads: usize) -> CResult<(Vec<T>, Shape)> {
+fn forward<T: Real>(
+    qkv: &[T],
+    l: &Layout,
+    n_heads: usize,
+    keys: &Keys,
+) -> CResult<(Vec<T>, Shape)> {
     let (b, dims) = Dims::of(l, n_heads)?;
     let (t, d) = (dims.t, dims.d);
     let threads = inner_threads(b);
@@ -374,13 +497,19 @@ fn forward<T: Real>(qkv: &[T], l: &Layout, n_heads: usize) -> CResult<(Vec<T>, S
         let mut p = vec![T::zero(); t * t];
         for (i, y) in ys.chunks_exact_mut(t * d).enumerate() {
             let x = &qkv[(b0 + i) * t * 3 * d..(b0 + i + 1) * t * 3 * d];
-            attend(x, y, dims, &mut p, threads);
+            attend(x, y, dims, keys.of(b0 + i), &mut p, threads);
         }
     });
     Ok((y, Shape::from((b, t, d))))
 }
 
-fn backward<T: Real>(qkv: &[T], dy: &[T], l: &Layout, n_heads: usize) -> CResult<Vec<T>> {
+fn backward<T: Real>(
+    qkv: &[T],
+    dy: &[T],
+    l: &Layout,
+    n_heads: usize,
+    keys: &Keys,
+) -> CResult<Vec<T>> {
     let (b, dims) = Dims::of(l, n_heads)?;
     let (t, d) = (dims.t, dims.d);
     if dy.len() != b * t * d {
@@ -397,18 +526,19 @@ fn backward<T: Real>(qkv: &[T], dy: &[T], l: &Layout, n_heads: usize) -> CResult
             let e = b0 + i;
             let x = &qkv[e * t * 3 * d..(e + 1) * t * 3 * d];
             let g = &dy[e * t * d..(e + 1) * t * d];
-            attend_bwd(x, g, dx, dims, (&mut p, &mut dp), threads);
+            attend_bwd(x, g, dx, dims, keys.of(e), (&mut p, &mut dp), threads);
         }
     });
     Ok(dqkv)
 }
 
-/// [`causal_self_attention`] on the CPU.
-struct CausalAttention {
+/// [`causal_self_attention`] and [`padded_self_attention`] on the CPU.
+struct SelfAttention {
     n_heads: usize,
+    keys: Keys,
 }
 
-impl CustomOp1 for CausalAttention {
+impl CustomOp1 for SelfAttention {
     fn name(&self) -> &'static str {
         "hone-attention"
     }
@@ -416,11 +546,11 @@ impl CustomOp1 for CausalAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         match s {
             CpuStorage::F32(v) => {
-                let (y, shape) = forward(slice(v, l)?, l, self.n_heads)?;
+                let (y, shape) = forward(slice(v, l)?, l, self.n_heads, &self.keys)?;
                 Ok((CpuStorage::F32(y), shape))
             }
             CpuStorage::F64(v) => {
-                let (y, shape) = forward(slice(v, l)?, l, self.n_heads)?;
+                let (y, shape) = forward(slice(v, l)?, l, self.n_heads, &self.keys)?;
                 Ok((CpuStorage::F64(y), shape))
             }
             _ => candle_core::bail!("hone-attention: f32 or f64 only"),
@@ -429,19 +559,21 @@ impl CustomOp1 for CausalAttention {
 
     fn bwd(&self, qkv: &Tensor, _y: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let grad = grad.detach().contiguous()?;
-        let bwd = CausalAttentionBwd {
+        let bwd = SelfAttentionBwd {
             n_heads: self.n_heads,
+            keys: self.keys.clone(),
         };
         Ok(Some(qkv.detach().apply_op2_no_bwd(&grad, &bwd)?))
     }
 }
 
 /// (qkv, gradient of the output) -> gradient of qkv.
-struct CausalAttentionBwd {
+struct SelfAttentionBwd {
     n_heads: usize,
+    keys: Keys,
 }
 
-impl CustomOp2 for CausalAttentionBwd {
+impl CustomOp2 for SelfAttentionBwd {
     fn name(&self) -> &'static str {
         "hone-attention-bwd"
     }
@@ -454,12 +586,20 @@ impl CustomOp2 for CausalAttentionBwd {
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(slice(x, l1)?, slice(g, l2)?, l1, self.n_heads)?)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(slice(x, l1)?, slice(g, l2)?, l1, self.n_heads)?)
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(backward(
+                slice(x, l1)?,
+                slice(g, l2)?,
+                l1,
+                self.n_heads,
+                &self.keys,
+            )?),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(backward(
+                slice(x, l1)?,
+                slice(g, l2)?,
+                l1,
+                self.n_heads,
+                &self.keys,
+            )?),
             _ => candle_core::bail!("hone-attention-bwd: f32 or f64 only, one dtype"),
         };
         Ok((out, l1.shape().clone()))
@@ -488,13 +628,9 @@ mod tests {
     }
 
     /// Output and qkv's gradient under a fixed weighting of the output.
-    fn run(qkv: &Tensor, heads: usize, fused: bool) -> (Tensor, Tensor) {
+    fn run(qkv: &Tensor, attention: &dyn Fn(&Tensor) -> CResult<Tensor>) -> (Tensor, Tensor) {
         let var = Var::from_tensor(qkv).unwrap();
-        let y = if fused {
-            causal_self_attention(var.as_tensor(), heads).unwrap()
-        } else {
-            reference(var.as_tensor(), heads).unwrap()
-        };
+        let y = attention(var.as_tensor()).unwrap();
         let weights = Tensor::arange(0u32, y.elem_count() as u32, &Device::Cpu)
             .unwrap()
             .to_dtype(y.dtype())
@@ -528,14 +664,55 @@ mod tests {
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let (y1, g1) = run(&qkv, heads, true);
-                let (y2, g2) = run(&qkv, heads, false);
+                let (y1, g1) = run(&qkv, &|x| causal_self_attention(x, heads));
+                let (y2, g2) = run(&qkv, &|x| reference(x, heads));
                 assert_eq!(y1.dims(), y2.dims());
                 assert_eq!(g1.dims(), g2.dims());
                 let (fwd, bwd) = (max_rel(&y1, &y2), max_rel(&g1, &g2));
                 assert!(fwd < 1e-5, "{shape:?} {dtype:?}: output differs by {fwd}");
                 assert!(bwd < 1e-4, "{shape:?} {dtype:?}: gradient differs by {bwd}");
             }
+        }
+    }
+
+    #[test]
+    fn padded_attention_matches_the_primitives_forward_and_backward() {
+        // Full-length rows, padded rows, a row of one real key; one head and
+        // several; a batch smaller and larger than the threads.
+        for (shape, heads, lengths) in [
+            ((2usize, 5usize, 12usize), 2usize, vec![5usize, 3]),
+            ((1, 9, 24), 4, vec![9]),
+            ((5, 16, 48), 4, vec![16, 1, 7, 16, 12]),
+            ((3, 7, 15), 1, vec![2, 7, 4]),
+        ] {
+            for dtype in [DType::F32, DType::F64] {
+                let qkv = Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let (y1, g1) = run(&qkv, &|x| padded_self_attention(x, heads, &lengths));
+                let (y2, g2) = run(&qkv, &|x| padded_reference(x, heads, &lengths));
+                let (fwd, bwd) = (max_rel(&y1, &y2), max_rel(&g1, &g2));
+                assert!(fwd < 1e-5, "{shape:?} {dtype:?}: output differs by {fwd}");
+                assert!(bwd < 1e-4, "{shape:?} {dtype:?}: gradient differs by {bwd}");
+                // Padding keys and values get no gradient: nothing sees them.
+                let (b, t, d3) = shape;
+                let g = g1.to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap();
+                for (e, &n) in lengths.iter().enumerate().take(b) {
+                    for row in &g[e][n..t] {
+                        assert!(row[d3 / 3..].iter().all(|&v| v == 0.0), "padding key {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn padded_attention_rejects_lengths_outside_the_batch() {
+        let qkv = Tensor::zeros((2, 4, 6), DType::F32, &Device::Cpu).unwrap();
+        for lengths in [vec![4usize], vec![4, 0], vec![4, 5]] {
+            let err = padded_self_attention(&qkv, 1, &lengths).unwrap_err();
+            assert!(err.to_string().contains("key lengths"), "{err}");
         }
     }
 

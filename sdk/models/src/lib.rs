@@ -15,6 +15,7 @@ pub mod batches;
 pub mod checkpoint;
 pub mod device;
 mod error;
+pub mod fused;
 pub mod gpt;
 pub mod heads;
 pub mod kv_buffers;
