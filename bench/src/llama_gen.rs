@@ -3,7 +3,9 @@
 //! with its KV cache and without (a forward pass over the whole sequence
 //! per token), beside candle-transformers' quantized-Llama runner that
 //! `lm.rollout` uses for the pretrained model. Batch 1 and 8, the same
-//! prompt; medians of the repeats.
+//! prompt; medians of the repeats. Then PyTorch/transformers on the same
+//! GGUF file and prompt ids (bench/torch/llama_gen_bench.py, in
+//! bench/.venv: `bench/llama-gen.sh` installs it), in the same run.
 
 use candle_core::{Device, Tensor, D};
 use hone_pretrained::llama::Llama;
@@ -56,6 +58,20 @@ fn port(model: &Llama, prompt: &[u32], batch: usize, tokens: usize, cached: bool
     (batch * tokens) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The greedy continuation of `prompt` (batch 1, KV cache).
+fn greedy(model: &Llama, prompt: &[u32], tokens: usize) -> Vec<u32> {
+    let ids = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &Device::Cpu).unwrap();
+    let mut cache = model.new_cache();
+    let mut next = argmax_last(&model.forward_cached(&ids, &mut cache).unwrap());
+    let mut out = next.clone();
+    for _ in 1..tokens {
+        let step = Tensor::from_vec(next.clone(), (1, 1), &Device::Cpu).unwrap();
+        next = argmax_last(&model.forward_cached(&step, &mut cache).unwrap());
+        out.extend(&next);
+    }
+    out
+}
+
 /// Runs the benchmark and prints its table.
 pub fn run(b: LlamaGenBench) {
     let dir = hone_sdk::pretrained::fetch(MODEL_NAME).expect("SmolLM2 fetched");
@@ -84,6 +100,7 @@ pub fn run(b: LlamaGenBench) {
         b.tokens as f64 / t.elapsed().as_secs_f64()
     });
     println!("| candle-transformers quantized_llama (SmolLm, the reference runner) | 1 | {runner_rate:.1} |");
+    let mut port_rates = Vec::new();
     for batch in [1, 8] {
         // lm.rollout's path: `batch` samples of one prompt (one prefill,
         // copied to every row), temperature 0.7, no stop token so that
@@ -98,9 +115,56 @@ pub fn run(b: LlamaGenBench) {
         let cached = times(&mut || port(&model, &ids, batch, b.tokens, true));
         let uncached = times(&mut || port(&model, &ids, batch, b.tokens, false));
         println!("| hone Llama port, KV cache | {batch} | {cached:.1} |");
+        port_rates.push((batch, cached));
         println!(
             "| hone Llama port, no cache | {batch} | {uncached:.1} (cache: {:.1}x) |",
             cached / uncached
         );
     }
+    let config = serde_json::json!({
+        "threads": candle_core::utils::get_num_threads(), "model_dir": dir, "gguf_file": GGUF_FILE,
+        "prompt": ids, "tokens": b.tokens, "batches": [1, 8], "repeats": b.repeats,
+    });
+    let reference = crate::lm::run_torch(
+        "bench/torch/llama_gen_bench.py",
+        &config,
+        "bench/llama-gen.sh",
+    );
+    let v = match reference {
+        Ok(v) => v,
+        Err(e) => {
+            println!("\n(PyTorch comparison missing: {e})");
+            return;
+        }
+    };
+    println!("\n| batch | hone port, KV cache | transformers, forward loop with cache | hone / that | transformers `generate` | hone / that |");
+    println!("|---|---|---|---|---|---|");
+    for (batch, ours) in port_rates {
+        let (lp, gen) = (
+            v[format!("loop_{batch}")].as_f64().unwrap_or(f64::NAN),
+            v[format!("generate_{batch}")].as_f64().unwrap_or(f64::NAN),
+        );
+        println!(
+            "| {batch} | {ours:.1} | {lp:.1} | {:.2} | {gen:.1} | {:.2} |",
+            ours / lp,
+            ours / gen
+        );
+    }
+    let ours = greedy(&model, &ids, b.tokens);
+    let theirs: Vec<u32> = v["greedy_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect()
+        })
+        .unwrap_or_default();
+    let agree = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
+    println!(
+        "\nPyTorch {}, transformers {}. The two greedy continuations agree on their first {agree} of {} tokens.",
+        v["torch"].as_str().unwrap_or("?"),
+        v["transformers"].as_str().unwrap_or("?"),
+        b.tokens
+    );
 }

@@ -8,6 +8,14 @@
 //! length and padded per batch of 32, as `Bert::frozen_states` batches
 //! them. A text's embedding is the attention-masked mean of its last hidden
 //! states; no gradients. Reported: texts/s, median of the repeats.
+//!
+//! Then a reward-model training step as `rm.train` runs it with
+//! `train_layers = 2`: the pairs' hidden states after the frozen layers
+//! 0-3 computed once (not timed), and each step 16 pairs through layers
+//! 4-5, the mean pool and a linear head, the Bradley-Terry loss, its
+//! backward pass and an AdamW step on those layers and the head; PyTorch
+//! runs the same step on the same states' token ids. Reported: training
+//! tokens/s (real tokens of the step's texts), median of the repeats.
 
 use candle_core::Device;
 use hone_pretrained::bert::{self, Bert};
@@ -28,7 +36,8 @@ const HH: &str = "data/hh-rlhf-harmless-base-test/test.jsonl.gz";
 const ASSISTANT: &str = "\n\nAssistant:";
 
 /// (prompt, response) of the chosen and the rejected transcript of the
-/// first records of HH-RLHF's harmless-base test split.
+/// first records of HH-RLHF's harmless-base test split: text 2i is the
+/// chosen and 2i + 1 the rejected response of pair i.
 fn hh_texts(n: usize) -> Vec<(String, String)> {
     let file = std::fs::File::open(HH).unwrap_or_else(|e| panic!("cannot open {HH}: {e}"));
     let reader = BufReader::new(flate2::read::MultiGzDecoder::new(file));
@@ -36,12 +45,14 @@ fn hh_texts(n: usize) -> Vec<(String, String)> {
     for line in reader.lines() {
         let record: serde_json::Value =
             serde_json::from_str(&line.expect("HH-RLHF reads")).expect("HH-RLHF is JSON Lines");
-        for key in ["chosen", "rejected"] {
+        let split = |key: &str| {
             let transcript = record[key].as_str().expect("a transcript");
-            if let Some(at) = transcript.rfind(ASSISTANT) {
-                let (prompt, response) = transcript.split_at(at + ASSISTANT.len());
-                out.push((prompt.to_string(), response.to_string()));
-            }
+            let at = transcript.rfind(ASSISTANT)?;
+            let (prompt, response) = transcript.split_at(at + ASSISTANT.len());
+            Some((prompt.to_string(), response.to_string()))
+        };
+        if let (Some(c), Some(r)) = (split("chosen"), split("rejected")) {
+            out.extend([c, r]);
         }
         if out.len() >= n {
             break;
@@ -74,6 +85,72 @@ fn ours(model: &Bert, batches: &[Vec<&(Vec<u32>, Vec<u32>)>], repeats: usize) ->
                 .unwrap();
         }
         rates.push(texts as f64 / started.elapsed().as_secs_f64());
+    }
+    median(rates)
+}
+
+/// Pairs a training step takes, layers frozen below, steps per repeat.
+const STEP_PAIRS: usize = 16;
+const SPLIT: usize = 4;
+const STEPS: usize = 5;
+
+/// Training tokens/s of `rm.train`'s step with the top layers tuned, over
+/// the pairs of `encoded` (text 2i chosen, 2i + 1 rejected).
+fn ours_train(dir: &std::path::Path, encoded: &[(Vec<u32>, Vec<u32>)], repeats: usize) -> f64 {
+    use candle_nn::{AdamW, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+    let device = Device::Cpu;
+    let (model, varmap) = Bert::load(dir, &device).expect("MiniLM loads");
+    let layers = model.num_layers();
+    let states = model
+        .frozen_states(encoded, SPLIT, 32, &mut |_, _| {})
+        .expect("frozen layers run");
+    let head_vars = VarMap::new();
+    let head = candle_nn::linear(
+        model.hidden_size(),
+        1,
+        VarBuilder::from_varmap(&head_vars, candle_core::DType::F32, &device),
+    )
+    .unwrap();
+    let mut vars: Vec<candle_core::Var> = model
+        .layer_vars(&varmap, SPLIT..layers)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    vars.extend(head_vars.all_vars());
+    let params = ParamsAdamW {
+        lr: 1e-4,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(vars, params).unwrap();
+    let pairs = encoded.len() / 2;
+    let mut step = 0usize;
+    let mut rates = Vec::new();
+    for _ in 0..repeats {
+        let started = Instant::now();
+        let mut tokens = 0;
+        for _ in 0..STEPS {
+            let first = (step * STEP_PAIRS) % (pairs - STEP_PAIRS);
+            step += 1;
+            let chosen = (first..first + STEP_PAIRS).map(|i| &states[2 * i]);
+            let rejected = (first..first + STEP_PAIRS).map(|i| &states[2 * i + 1]);
+            let rows: Vec<&candle_core::Tensor> = chosen.chain(rejected).collect();
+            tokens += rows.iter().map(|t| t.dim(0).unwrap()).sum::<usize>();
+            let pooled = model.pooled_from(&rows, SPLIT).unwrap();
+            let r = head.forward(&pooled).unwrap().squeeze(1).unwrap();
+            let diff = (r.narrow(0, 0, STEP_PAIRS).unwrap()
+                - r.narrow(0, STEP_PAIRS, STEP_PAIRS).unwrap())
+            .unwrap();
+            let zeros = diff.zeros_like().unwrap();
+            let ones = diff.ones_like().unwrap();
+            let loss = hone_models::preference::bradley_terry_losses(&diff, &zeros, &ones, &zeros)
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            opt.backward_step(&loss).unwrap();
+            loss.to_scalar::<f32>().unwrap();
+        }
+        rates.push(tokens as f64 / started.elapsed().as_secs_f64());
     }
     median(rates)
 }
@@ -120,12 +197,22 @@ pub fn run(b: MiniLmBench) {
         .collect();
     std::fs::write(&ids_file, serde_json::to_vec(&as_json).unwrap()).expect("ids file writes");
 
+    // The pairs in text order, for the training step.
+    let pairs_file = std::env::temp_dir().join(format!(
+        "hone-bench-minilm-pairs-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(&pairs_file, serde_json::to_vec(&encoded).unwrap()).expect("pairs file writes");
+
     let hone_rate = ours(&model, &batches, b.repeats);
+    let hone_train = ours_train(&dir, &encoded, b.repeats);
     let config = serde_json::json!({
         "threads": b.threads, "model_dir": dir, "ids_file": ids_file, "repeats": b.repeats,
+        "pairs_file": pairs_file, "split": SPLIT, "step_pairs": STEP_PAIRS, "steps": STEPS,
     });
     let reference = crate::lm::run_torch("bench/torch/minilm_bench.py", &config, "bench/minilm.sh");
     let _ = std::fs::remove_file(&ids_file);
+    let _ = std::fs::remove_file(&pairs_file);
     println!("| | hone | PyTorch | hone / PyTorch |");
     println!("|---|---|---|---|");
     match &reference {
@@ -134,6 +221,11 @@ pub fn run(b: MiniLmBench) {
             println!(
                 "| embedding texts/s | {hone_rate:.1} | {theirs:.1} | {:.2} |",
                 hone_rate / theirs
+            );
+            let theirs = v["train_tok_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| reward-model step, layers {SPLIT}-5 and head, {STEP_PAIRS} pairs: training tokens/s | {hone_train:.0} | {theirs:.0} | {:.2} |",
+                hone_train / theirs
             );
             println!(
                 "\nPyTorch {}, transformers {}; largest difference of the embeddings {}.",
@@ -144,6 +236,7 @@ pub fn run(b: MiniLmBench) {
         }
         Err(e) => {
             println!("| embedding texts/s | {hone_rate:.1} | - | - |");
+            println!("| reward-model step: training tokens/s | {hone_train:.0} | - | - |");
             println!("\n(PyTorch column missing: {e})");
         }
     }

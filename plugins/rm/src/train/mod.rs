@@ -1,6 +1,7 @@
 //! `rm.train`: a Bradley–Terry reward-model ensemble, one member per worker.
 
 mod fit;
+mod length_balance;
 
 use crate::model::Scoring;
 use crate::{artifact_dir, device, OrStageError, REWARD_MODEL};
@@ -51,6 +52,7 @@ struct TrainConfig {
     eval_every: usize,
     margin_scale: f64,
     label_smoothing: f64,
+    length_balance: bool,
     train_on: String,
     start: String,
     device: String,
@@ -210,6 +212,17 @@ impl StageFactory for Train {
         .optional("eval_every", count, 50, "Evaluate every this many steps (0 = only before and after training).")
         .optional("margin_scale", float.clone(), 1.0, "Multiplies each pair's `margin` inside the loss (0 = ignore margins).")
         .optional("label_smoothing", float.clone(), 0.0, "Label smoothing eps in [0, 0.5); a pair's own `label_smoothing` (set by rm.strength) overrides it.")
+        .optional(
+            "length_balance",
+            FieldType::Bool,
+            false,
+            "Reweight the training pairs so that, within each source (meta `source`: each input file of \
+             the jsonl readers), pairs whose chosen response is the longer and pairs whose chosen response \
+             is the shorter carry equal total weight; equal lengths and a source with only one side keep \
+             their weights; each source's total weight is unchanged. Takes away a set's length bias \
+             (HH-RLHF harmless prefers the shorter response, PandaLM the longer), so the models cannot \
+             lower their loss by learning length. Logs the factors per source.",
+        )
         .optional(
             "train_on",
             FieldType::one_of(&["round", "all"]),
@@ -541,24 +554,31 @@ impl Train {
         )
     }
 
-    /// One pair as an example, its texts encoded by `encode_text`.
-    fn example(&self, p: &PreferencePair, encode_text: &dyn Fn(&str, &str) -> Vec<u32>) -> Example {
+    /// One pair as an example, its texts encoded by `encode_text`, its
+    /// weight multiplied by `factor`.
+    fn example(
+        &self,
+        p: &PreferencePair,
+        factor: f64,
+        encode_text: &dyn Fn(&str, &str) -> Vec<u32>,
+    ) -> Example {
         let c = &self.config;
         Example {
             id: p.id.clone(),
             chosen: encode_text(&p.prompt, &p.chosen),
             rejected: encode_text(&p.prompt, &p.rejected),
             margin: (c.margin_scale * p.margin) as f32,
-            weight: p.weight as f32,
+            weight: (p.weight * factor) as f32,
             smoothing: p.label_smoothing.unwrap_or(c.label_smoothing) as f32,
         }
     }
 
     /// The seeded hold-out (the same for all members) and the training
-    /// examples; all pairs train when too few remain.
+    /// examples, length-balanced if configured; all pairs train when too
+    /// few remain.
     fn split(
         &self,
-        ctx: &Context,
+        ctx: &mut Context,
         pairs: &[PreferencePair],
         encode_text: &dyn Fn(&str, &str) -> Vec<u32>,
     ) -> (Vec<Example>, Vec<Example>) {
@@ -570,16 +590,28 @@ impl Train {
             pairs.iter().partition(|p| holdout(p));
         let eval: Vec<Example> = e
             .into_iter()
-            .map(|p| self.example(p, encode_text))
+            .map(|p| self.example(p, 1.0, encode_text))
             .collect();
-        let mut train: Vec<Example> = t
+        // Too few pairs to hold any out: train on the held-out ones.
+        let t = if t.is_empty() {
+            pairs.iter().collect()
+        } else {
+            t
+        };
+        let factors = if self.config.length_balance {
+            let (factors, lines) = length_balance::length_balance(&t);
+            for line in lines {
+                ctx.log(line);
+            }
+            factors
+        } else {
+            vec![1.0; t.len()]
+        };
+        let train = t
             .into_iter()
-            .map(|p| self.example(p, encode_text))
+            .zip(factors)
+            .map(|(p, f)| self.example(p, f, encode_text))
             .collect();
-        if train.is_empty() {
-            // Too few pairs to hold any out: train on the held-out ones.
-            train = pairs.iter().map(|p| self.example(p, encode_text)).collect();
-        }
         (eval, train)
     }
 
