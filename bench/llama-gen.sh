@@ -7,9 +7,9 @@
 # compare the frameworks, not the debug build the main job runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x bench/.venv/bin/python ] || ! bench/.venv/bin/python -c "import torch, transformers, gguf" 2>/dev/null; then
+if [ ! -x bench/.venv/bin/python ] || ! bench/.venv/bin/python -c "import torch, transformers, gguf, accelerate" 2>/dev/null; then
   python3 -m venv bench/.venv
-  bench/.venv/bin/pip install --quiet torch transformers gguf
+  bench/.venv/bin/pip install --quiet torch transformers gguf accelerate
 fi
 cargo build --release -p hone-bench
 for threads in 2 1; do

@@ -20,6 +20,7 @@
 //! every step, as TRL's DPOTrainer does by default (`precompute_ref_log_probs`
 //! off). Tokens/s counts each sequence's tokens once per step.
 
+use crate::median;
 use hone_models::adamw::{AdamW, ParamsAdamW};
 use hone_models::gpt::{init_seeded, Gpt, GptConfig};
 use hone_models::heads::{Critic, RewardModel};
@@ -55,11 +56,6 @@ pub struct LearnerBench {
     pub threads: usize,
     pub steps: usize,
     pub repeats: usize,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
 }
 
 /// Seeded random token ids [rows, context + 1] and the response mask

@@ -7,6 +7,7 @@
 //! GGUF file and prompt ids (bench/torch/llama_gen_bench.py, in
 //! bench/.venv: `bench/llama-gen.sh` installs it), in the same run.
 
+use crate::median;
 use candle_core::{Device, Tensor, D};
 use hone_pretrained::llama::Llama;
 use hone_pretrained::sample::continuations;
@@ -21,11 +22,6 @@ pub struct LlamaGenBench {
     pub repeats: usize,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn argmax_last(logits: &Tensor) -> Vec<u32> {
     let (_, t, _) = logits.dims3().unwrap();
     logits
@@ -36,18 +32,30 @@ fn argmax_last(logits: &Tensor) -> Vec<u32> {
         .unwrap()
 }
 
+/// The greedy continuation of `batch` copies of `prompt` with the KV
+/// cache (the LM head on the last position only); the first row's tokens.
+fn cached_greedy(model: &Llama, prompt: &[u32], batch: usize, tokens: usize) -> Vec<u32> {
+    let rows: Vec<u32> = (0..batch).flat_map(|_| prompt.iter().copied()).collect();
+    let ids = Tensor::from_vec(rows, (batch, prompt.len()), &Device::Cpu).unwrap();
+    let argmax = |logits: Tensor| logits.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+    let mut cache = model.new_cache();
+    let mut next = argmax(model.next_logits_cached(&ids, &mut cache).unwrap());
+    let mut first_row = vec![next[0]];
+    for _ in 1..tokens {
+        let step = Tensor::from_vec(next.clone(), (batch, 1), &Device::Cpu).unwrap();
+        next = argmax(model.next_logits_cached(&step, &mut cache).unwrap());
+        first_row.push(next[0]);
+    }
+    first_row
+}
+
 /// Generated tokens per second for `batch` copies of `prompt`.
 fn port(model: &Llama, prompt: &[u32], batch: usize, tokens: usize, cached: bool) -> f64 {
     let rows: Vec<u32> = (0..batch).flat_map(|_| prompt.iter().copied()).collect();
     let mut ids = Tensor::from_vec(rows, (batch, prompt.len()), &Device::Cpu).unwrap();
     let started = Instant::now();
     if cached {
-        let mut cache = model.new_cache();
-        let mut next = argmax_last(&model.forward_cached(&ids, &mut cache).unwrap());
-        for _ in 1..tokens {
-            let step = Tensor::from_vec(next.clone(), (batch, 1), &Device::Cpu).unwrap();
-            next = argmax_last(&model.forward_cached(&step, &mut cache).unwrap());
-        }
+        cached_greedy(model, prompt, batch, tokens);
     } else {
         for _ in 0..tokens {
             let next = argmax_last(&model.forward(&ids).unwrap());
@@ -56,20 +64,6 @@ fn port(model: &Llama, prompt: &[u32], batch: usize, tokens: usize, cached: bool
         }
     }
     (batch * tokens) as f64 / started.elapsed().as_secs_f64()
-}
-
-/// The greedy continuation of `prompt` (batch 1, KV cache).
-fn greedy(model: &Llama, prompt: &[u32], tokens: usize) -> Vec<u32> {
-    let ids = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &Device::Cpu).unwrap();
-    let mut cache = model.new_cache();
-    let mut next = argmax_last(&model.forward_cached(&ids, &mut cache).unwrap());
-    let mut out = next.clone();
-    for _ in 1..tokens {
-        let step = Tensor::from_vec(next.clone(), (1, 1), &Device::Cpu).unwrap();
-        next = argmax_last(&model.forward_cached(&step, &mut cache).unwrap());
-        out.extend(&next);
-    }
-    out
 }
 
 /// Runs the benchmark and prints its table.
@@ -150,7 +144,7 @@ pub fn run(b: LlamaGenBench) {
             ours / gen
         );
     }
-    let ours = greedy(&model, &ids, b.tokens);
+    let ours = cached_greedy(&model, &ids, 1, b.tokens);
     let theirs: Vec<u32> = v["greedy_ids"]
         .as_array()
         .map(|a| {

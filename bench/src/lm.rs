@@ -2,6 +2,7 @@
 //! candle against the same architecture in PyTorch on CPU, side by side in
 //! one run. `bench/lm.sh` sets up PyTorch in a virtualenv and runs this.
 
+use crate::median;
 use hone_models::gpt::{Gpt, GptConfig, KvCache};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
 use std::process::Command;
@@ -24,11 +25,6 @@ const CFG: GptConfig = GptConfig {
     n_heads: 4,
     context: 128,
 };
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    xs[xs.len() / 2]
-}
 
 /// Where a training step's time goes, in seconds per step.
 #[derive(Default, Clone, Copy)]

@@ -39,6 +39,8 @@ use std::time::Instant;
 
 const REPEATS: usize = 5;
 
+/// The median of the repeats' figures (every benchmark reports medians:
+/// the machine is noisy).
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     xs[xs.len() / 2]

@@ -4,6 +4,7 @@
 //! of this peak is what says how far a training step has left to go.
 
 use crate::lm::run_torch;
+use crate::median;
 use hone_models::{Device, Tensor};
 use std::time::Instant;
 
@@ -18,11 +19,6 @@ pub const SHAPES: [(usize, usize, usize, &str); 7] = [
     (128, 32, 128, "attention scores, one head"),
     (1024, 1024, 1024, "square"),
 ];
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    xs[xs.len() / 2]
-}
 
 fn gflops(m: usize, k: usize, n: usize, repeats: usize) -> hone_models::Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;

@@ -17,7 +17,8 @@
 //! runs the same step on the same states' token ids. Reported: training
 //! tokens/s (real tokens of the step's texts), median of the repeats.
 
-use candle_core::Device;
+use crate::median;
+use candle_core::{Device, Tensor};
 use hone_pretrained::bert::{self, Bert};
 use std::io::{BufRead, BufReader};
 use std::time::Instant;
@@ -62,27 +63,32 @@ fn hh_texts(n: usize) -> Vec<(String, String)> {
     out
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+type Padded = (Tensor, Tensor, Tensor);
+
+/// Each batch padded: ids, segment ids, mask.
+fn padded(batches: &[Vec<&(Vec<u32>, Vec<u32>)>]) -> Vec<Padded> {
+    batches
+        .iter()
+        .map(|rows| bert::pad(rows, &Device::Cpu).unwrap())
+        .collect()
 }
 
-/// Texts/s of hone's BERT over `batches` (ids and segment ids of each text).
-fn ours(model: &Bert, batches: &[Vec<&(Vec<u32>, Vec<u32>)>], repeats: usize) -> f64 {
-    let device = Device::Cpu;
-    let texts: usize = batches.iter().map(Vec::len).sum();
-    let layers = model.num_layers();
+/// The embeddings of one padded batch.
+fn embed(model: &Bert, (ids, types, mask): &Padded) -> Vec<Vec<f32>> {
+    let x = model.embed(ids, types).unwrap();
+    let x = model.run_layers(&x, mask, 0..model.num_layers()).unwrap();
+    bert::mean_pool(&x, mask).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// Texts/s of hone's BERT over the padded `batches` (padded before the
+/// clock starts, as the PyTorch side's are).
+fn ours(model: &Bert, batches: &[Padded], repeats: usize) -> f64 {
+    let texts: usize = batches.iter().map(|b| b.0.dim(0).unwrap()).sum();
     let mut rates = Vec::new();
     for _ in 0..repeats {
         let started = Instant::now();
-        for rows in batches {
-            let (ids, types, mask) = bert::pad(rows, &device).unwrap();
-            let x = model.embed(&ids, &types).unwrap();
-            let x = model.run_layers(&x, &mask, 0..layers).unwrap();
-            bert::mean_pool(&x, &mask)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
+        for batch in batches {
+            embed(model, batch);
         }
         rates.push(texts as f64 / started.elapsed().as_secs_f64());
     }
@@ -124,17 +130,21 @@ fn ours_train(dir: &std::path::Path, encoded: &[(Vec<u32>, Vec<u32>)], repeats: 
     };
     let mut opt = AdamW::new(vars, params).unwrap();
     let pairs = encoded.len() / 2;
+    assert!(
+        pairs > STEP_PAIRS,
+        "{pairs} pairs for steps of {STEP_PAIRS}"
+    );
     let mut step = 0usize;
     let mut rates = Vec::new();
     for _ in 0..repeats {
         let started = Instant::now();
         let mut tokens = 0;
         for _ in 0..STEPS {
-            let first = (step * STEP_PAIRS) % (pairs - STEP_PAIRS);
+            let first = (step * STEP_PAIRS) % (pairs - STEP_PAIRS + 1);
             step += 1;
             let chosen = (first..first + STEP_PAIRS).map(|i| &states[2 * i]);
             let rejected = (first..first + STEP_PAIRS).map(|i| &states[2 * i + 1]);
-            let rows: Vec<&candle_core::Tensor> = chosen.chain(rejected).collect();
+            let rows: Vec<&Tensor> = chosen.chain(rejected).collect();
             tokens += rows.iter().map(|t| t.dim(0).unwrap()).sum::<usize>();
             let pooled = model.pooled_from(&rows, SPLIT).unwrap();
             let r = head.forward(&pooled).unwrap().squeeze(1).unwrap();
@@ -204,7 +214,8 @@ pub fn run(b: MiniLmBench) {
     ));
     std::fs::write(&pairs_file, serde_json::to_vec(&encoded).unwrap()).expect("pairs file writes");
 
-    let hone_rate = ours(&model, &batches, b.repeats);
+    let padded = padded(&batches);
+    let hone_rate = ours(&model, &padded, b.repeats);
     let hone_train = ours_train(&dir, &encoded, b.repeats);
     let config = serde_json::json!({
         "threads": b.threads, "model_dir": dir, "ids_file": ids_file, "repeats": b.repeats,
@@ -231,7 +242,7 @@ pub fn run(b: MiniLmBench) {
                 "\nPyTorch {}, transformers {}; largest difference of the embeddings {}.",
                 v["torch"].as_str().unwrap_or("?"),
                 v["transformers"].as_str().unwrap_or("?"),
-                check(&model, &batches, v)
+                check(&model, &padded[0], v)
             );
         }
         Err(e) => {
@@ -249,18 +260,11 @@ fn bert_name() -> &'static str {
 /// The largest absolute difference between hone's embedding of the first
 /// batch and the one PyTorch returned for it: the two must compute the same
 /// function for the rates to compare.
-fn check(model: &Bert, batches: &[Vec<&(Vec<u32>, Vec<u32>)>], v: &serde_json::Value) -> String {
+fn check(model: &Bert, first: &Padded, v: &serde_json::Value) -> String {
     let Some(theirs) = v["first_batch"].as_array() else {
         return "not returned".into();
     };
-    let device = Device::Cpu;
-    let (ids, types, mask) = bert::pad(&batches[0], &device).unwrap();
-    let x = model.embed(&ids, &types).unwrap();
-    let x = model.run_layers(&x, &mask, 0..model.num_layers()).unwrap();
-    let ours = bert::mean_pool(&x, &mask)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
+    let ours = embed(model, first);
     let mut worst = 0f64;
     for (a, b) in ours.iter().zip(theirs) {
         for (x, y) in a.iter().zip(b.as_array().into_iter().flatten()) {

@@ -4,6 +4,7 @@
 //! against what was acknowledged. Prints labels/s and latency quantiles
 //! for each client count (medians over the repeats).
 
+use crate::median;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,11 +31,6 @@ config = { path = "pairs.jsonl", format = "trl" }
 kind = "human.label"
 inputs = "read"
 "#;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// One server, one load: (labels/s, p50 ms, p99 ms).
 fn once(hone: &Path, dir: &Path, clients: usize, seconds: u64) -> (f64, f64, f64) {

@@ -6,6 +6,7 @@
 //! The files are read from the page cache (dropping it needs root): a warm-up
 //! merge runs before the measurements.
 
+use crate::median;
 use hone_models::{Device, Tensor};
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -28,11 +29,6 @@ const CONTEXT: usize = 1024;
 const LAYERS: usize = 12;
 /// The tensor whose merge is checked against the mean of the inputs.
 const CHECKED: &str = "h.0.attn.c_proj.weight";
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    xs[xs.len() / 2]
-}
 
 /// The tensor names and shapes of hone's GPT (`sdk/models/src/gpt.rs`) with
 /// 12 layers, vocabulary 259 and context 1024.

@@ -18,12 +18,14 @@ from transformers import AutoModelForCausalLM
 
 
 def greedy_loop(model, ids, tokens):
-    out = model(input_ids=ids, use_cache=True)
+    # logits_to_keep=1: the LM head on the last position only, as hone's
+    # port computes it.
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     past = out.past_key_values
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     produced = [nxt]
     for _ in range(tokens - 1):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         produced.append(nxt)
@@ -34,7 +36,7 @@ def main():
     cfg = json.loads(sys.argv[1])
     torch.set_num_threads(cfg["threads"])
     model = AutoModelForCausalLM.from_pretrained(
-        cfg["model_dir"], gguf_file=cfg["gguf_file"], torch_dtype=torch.float32
+        cfg["model_dir"], gguf_file=cfg["gguf_file"], dtype=torch.float32
     ).eval()
     prompt = torch.tensor([cfg["prompt"]])
     tokens = cfg["tokens"]

@@ -66,13 +66,14 @@ def train_rate(model, cfg):
     params = [p for layer in layers[split:] for p in layer.parameters()] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     pairs = len(texts) // 2
+    assert pairs > per, f"{pairs} pairs for steps of {per}"
     step = 0
     rates = []
     for _ in range(cfg["repeats"]):
         started = time.perf_counter()
         tokens = 0
         for _ in range(cfg["steps"]):
-            first = (step * per) % (pairs - per)
+            first = (step * per) % (pairs - per + 1)
             step += 1
             rows = [states[2 * i] for i in range(first, first + per)]
             rows += [states[2 * i + 1] for i in range(first, first + per)]
@@ -103,7 +104,8 @@ def main():
         batches = [padded(b) for b in json.load(f)]
     texts = sum(b[0].shape[0] for b in batches)
     # The default ("sdpa") attention, as a transformers user gets it.
-    model = BertModel.from_pretrained(cfg["model_dir"]).eval()
+    # No pooler: hone computes none (the embedding is the mean pool).
+    model = BertModel.from_pretrained(cfg["model_dir"], add_pooling_layer=False).eval()
     rates = []
     with torch.inference_mode():
         first = embed(model, *batches[0])
