@@ -77,24 +77,38 @@ pub(crate) fn padded_self_attention(
 /// [`padded_self_attention`] from differentiable primitives: an additive
 /// mask of 0 for real keys and the dtype's lowest value for padding.
 pub(crate) fn padded_reference(qkv: &Tensor, n_heads: usize, lengths: &[usize]) -> CResult<Tensor> {
+    let (b, t, _) = qkv.dims3()?;
+    let mask: Vec<f32> = lengths
+        .iter()
+        .flat_map(|&n| (0..t).map(move |j| if j < n { 0.0 } else { f32::MIN }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, 1, 1, t), qkv.device())?.to_dtype(qkv.dtype())?;
+    masked_reference(qkv, n_heads, &mask)
+}
+
+/// softmax(q k^T / sqrt(hd) + mask) v from differentiable primitives, for
+/// packed `qkv` `[B, T, 3D]` and an additive `mask` that broadcasts to
+/// `[B, H, T, T]`: any mask, not only padding at the end.
+pub(crate) fn masked_reference(qkv: &Tensor, n_heads: usize, mask: &Tensor) -> CResult<Tensor> {
     let (b, t, d3) = qkv.dims3()?;
-    let (d, hd) = (d3 / 3, d3 / 3 / n_heads);
-    let qkv = qkv.reshape((b, t, 3, n_heads, hd))?;
+    let (q, k, v) = split_heads(qkv, n_heads)?;
+    let hd = d3 / 3 / n_heads;
+    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
+    let att = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+    att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d3 / 3))
+}
+
+/// q, k and v, each `[B, H, T, HD]`, out of the packed `[B, T, 3D]`.
+fn split_heads(qkv: &Tensor, n_heads: usize) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (b, t, d3) = qkv.dims3()?;
+    let qkv = qkv.reshape((b, t, 3, n_heads, d3 / 3 / n_heads))?;
     let heads = |i: usize| -> CResult<Tensor> {
         qkv.narrow(2, i, 1)?
             .squeeze(2)?
             .transpose(1, 2)?
             .contiguous()
     };
-    let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-    let mask: Vec<f32> = lengths
-        .iter()
-        .flat_map(|&n| (0..t).map(move |j| if j < n { 0.0 } else { f32::MIN }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (b, 1, 1, t), qkv.device())?.to_dtype(qkv.dtype())?;
-    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
-    let att = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
-    att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
+    Ok((heads(0)?, heads(1)?, heads(2)?))
 }
 
 /// Which keys each query sees.
@@ -127,14 +141,7 @@ enum Seen {
 pub(crate) fn reference(qkv: &Tensor, n_heads: usize) -> CResult<Tensor> {
     let (b, t, d3) = qkv.dims3()?;
     let (d, hd) = (d3 / 3, d3 / 3 / n_heads);
-    let qkv = qkv.reshape((b, t, 3, n_heads, hd))?;
-    let heads = |i: usize| -> CResult<Tensor> {
-        qkv.narrow(2, i, 1)?
-            .squeeze(2)?
-            .transpose(1, 2)?
-            .contiguous()
-    };
-    let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+    let (q, k, v) = split_heads(qkv, n_heads)?;
     let scale = 1.0 / (hd as f64).sqrt();
     let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))

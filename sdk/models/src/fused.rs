@@ -33,3 +33,11 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 pub fn padded_self_attention(qkv: &Tensor, n_heads: usize, lengths: &[usize]) -> Result<Tensor> {
     crate::attention::padded_self_attention(qkv, n_heads, lengths)
 }
+
+/// The same attention from differentiable primitives under any additive
+/// `mask` broadcasting to `[B, n_heads, T, T]` (0 where a query sees a key,
+/// a very negative value where it does not): for masks that are not
+/// padding at the end, which [`padded_self_attention`] covers fast.
+pub fn masked_self_attention(qkv: &Tensor, n_heads: usize, mask: &Tensor) -> Result<Tensor> {
+    crate::attention::masked_reference(qkv, n_heads, mask)
+}

@@ -727,35 +727,67 @@ fn gelu_bwd<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     out
 }
 
-/// GELU, tanh approximation (candle's `gelu`).
-struct Gelu;
+/// GELU: the tanh approximation (candle's `gelu`), or with `exact` the erf
+/// form (candle's `gelu_erf`).
+struct Gelu {
+    exact: bool,
+}
+
+impl Gelu {
+    fn fwd<T: Real>(&self, x: &[T]) -> Vec<T> {
+        if self.exact {
+            gelu_erf_fwd(x)
+        } else {
+            gelu_fwd(x)
+        }
+    }
+
+    fn bwd<T: Real>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        if self.exact {
+            gelu_erf_bwd(x, g)
+        } else {
+            gelu_bwd(x, g)
+        }
+    }
+}
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
-        "hone-gelu"
+        if self.exact {
+            "hone-gelu-erf"
+        } else {
+            "hone-gelu"
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(gelu_fwd(slice(v, l)?)),
-            CpuStorage::F64(v) => CpuStorage::F64(gelu_fwd(slice(v, l)?)),
-            _ => candle_core::bail!("hone-gelu: f32 or f64 only"),
+            CpuStorage::F32(v) => CpuStorage::F32(self.fwd(slice(v, l)?)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.fwd(slice(v, l)?)),
+            _ => candle_core::bail!("{}: f32 or f64 only", self.name()),
         };
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&grad, &GeluBwd)?))
+        let bwd = GeluBwd { exact: self.exact };
+        Ok(Some(arg.apply_op2_no_bwd(&grad, &bwd)?))
     }
 }
 
 /// (x, grad of gelu(x)) -> grad of x.
-struct GeluBwd;
+struct GeluBwd {
+    exact: bool,
+}
 
 impl CustomOp2 for GeluBwd {
     fn name(&self) -> &'static str {
-        "hone-gelu-bwd"
+        if self.exact {
+            "hone-gelu-erf-bwd"
+        } else {
+            "hone-gelu-bwd"
+        }
     }
 
     fn cpu_fwd(
@@ -766,16 +798,17 @@ impl CustomOp2 for GeluBwd {
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            candle_core::bail!("hone-gelu-bwd: shape mismatch");
+            candle_core::bail!("{}: shape mismatch", self.name());
         }
+        let op = Gelu { exact: self.exact };
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(gelu_bwd(slice(x, l1)?, slice(g, l2)?))
+                CpuStorage::F32(op.bwd(slice(x, l1)?, slice(g, l2)?))
             }
             (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(gelu_bwd(slice(x, l1)?, slice(g, l2)?))
+                CpuStorage::F64(op.bwd(slice(x, l1)?, slice(g, l2)?))
             }
-            _ => candle_core::bail!("hone-gelu-bwd: f32 or f64 only"),
+            _ => candle_core::bail!("{}: f32 or f64 only", self.name()),
         };
         Ok((out, l1.shape().clone()))
     }
@@ -784,7 +817,7 @@ impl CustomOp2 for GeluBwd {
 /// GELU (tanh approximation, as candle's `gelu`), differentiable.
 pub(crate) fn gelu(x: &Tensor) -> CResult<Tensor> {
     if fast_path(x) && x.elem_count() > 0 {
-        x.contiguous()?.apply_op1(Gelu)
+        x.contiguous()?.apply_op1(Gelu { exact: false })
     } else {
         x.gelu()
     }
@@ -829,65 +862,11 @@ fn gelu_erf_bwd<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     out
 }
 
-/// GELU, exact (erf) form.
-struct GeluErf;
-
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "hone-gelu-erf"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(gelu_erf_fwd(slice(v, l)?)),
-            CpuStorage::F64(v) => CpuStorage::F64(gelu_erf_fwd(slice(v, l)?)),
-            _ => candle_core::bail!("hone-gelu-erf: f32 or f64 only"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&grad, &GeluErfBwd)?))
-    }
-}
-
-/// (x, grad of gelu_erf(x)) -> grad of x.
-struct GeluErfBwd;
-
-impl CustomOp2 for GeluErfBwd {
-    fn name(&self) -> &'static str {
-        "hone-gelu-erf-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("hone-gelu-erf-bwd: shape mismatch");
-        }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(gelu_erf_bwd(slice(x, l1)?, slice(g, l2)?))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(gelu_erf_bwd(slice(x, l1)?, slice(g, l2)?))
-            }
-            _ => candle_core::bail!("hone-gelu-erf-bwd: f32 or f64 only"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-}
-
 /// GELU in its exact form, x Phi(x) (as candle's `gelu_erf`, BERT's
 /// activation), differentiable.
 pub(crate) fn gelu_erf(x: &Tensor) -> CResult<Tensor> {
     if fast_path(x) && x.elem_count() > 0 {
-        x.contiguous()?.apply_op1(GeluErf)
+        x.contiguous()?.apply_op1(Gelu { exact: true })
     } else {
         x.gelu_erf()
     }

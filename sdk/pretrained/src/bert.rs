@@ -60,7 +60,6 @@ struct Layer {
     output: Linear,
     output_norm: Norm,
     heads: usize,
-    head_dim: usize,
     act: HiddenAct,
 }
 
@@ -84,7 +83,6 @@ impl Layer {
             output: linear(cfg.intermediate_size, h, vb.pp("output.dense"))?,
             output_norm: Norm::new(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
             heads: cfg.num_attention_heads,
-            head_dim: h / cfg.num_attention_heads,
             act: cfg.hidden_act,
         })
     }
@@ -103,7 +101,9 @@ impl Layer {
             KeyMask::Lengths(lengths) => {
                 hone_models::fused::padded_self_attention(&qkv, self.heads, lengths)?
             }
-            KeyMask::Additive(mask) => self.attention_from_primitives(&qkv, mask)?,
+            KeyMask::Additive(mask) => {
+                hone_models::fused::masked_self_attention(&qkv, self.heads, mask)?
+            }
         };
         let attended = self
             .attention_norm
@@ -117,30 +117,6 @@ impl Layer {
         Ok(self
             .output_norm
             .forward(&(self.output.forward(&inner)? + attended)?)?)
-    }
-}
-
-impl Layer {
-    /// Attention under an arbitrary additive mask [B, 1, 1, T], from
-    /// primitives: for masks that are not padding at the end.
-    fn attention_from_primitives(&self, qkv: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, t, h3) = qkv.dims3()?;
-        let h = h3 / 3;
-        let part = |i: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(2, i * h, h)?
-                .reshape((b, t, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let weights = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
-        Ok(weights
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, h))?)
     }
 }
 
