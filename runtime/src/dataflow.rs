@@ -317,7 +317,8 @@ fn replay<'s>(
 /// The pace of a run without a last round: holds its capability at the
 /// first round not yet allowed to end (the one after the next to complete),
 /// and moves it on as rounds are journalled. Once `hone serve` is asked to
-/// stop it moves no further: the round in flight ends, and no other begins.
+/// stop it moves at most to the round after the last one completed then
+/// (`Telemetry::request_stop`): that round ends, and no other begins.
 fn clock<'s>(scope: timely::dataflow::Scope<'s, u64>, shared: Arc<RunShared>) -> MsgStream<'s> {
     let start = shared.start_round();
     let activations = scope;
@@ -335,7 +336,7 @@ fn clock<'s>(scope: timely::dataflow::Scope<'s, u64>, shared: Arc<RunShared>) ->
             }
             let Some(c) = cap.as_mut() else { return };
             let allowed = shared.telemetry.completed() + 1;
-            if allowed > *c.time() && !shared.telemetry.stop.load(Ordering::SeqCst) {
+            if allowed > *c.time() && shared.telemetry.allows(allowed) {
                 c.downgrade(&allowed);
             }
             // Looked at again shortly: rounds complete on worker 0's sink.

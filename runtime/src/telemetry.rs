@@ -15,8 +15,9 @@ pub struct Telemetry {
     completed: AtomicU64,
     /// Set once the last round is journalled or the run failed.
     finished: AtomicBool,
-    /// `hone serve` was asked to stop: no new round starts.
-    pub stop: AtomicBool,
+    /// `hone serve` was asked to stop after this many rounds complete.
+    stop: AtomicBool,
+    stop_after: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -54,6 +55,23 @@ impl Telemetry {
     /// Records that `n` rounds are complete.
     pub fn set_completed(&self, n: u64) {
         self.completed.fetch_max(n, Ordering::SeqCst);
+    }
+
+    /// `hone serve` asks the run to stop once `completed` rounds plus the
+    /// one the clocks may be about to let finish are complete: round
+    /// `completed` (0-based) still completes, no later one does. Naming
+    /// the round, not just raising a flag, matters: a signal that lands
+    /// after a round completed but before every worker's clock let the next
+    /// one finish would otherwise leave that round unfinishable and the
+    /// server waiting for it forever.
+    pub fn request_stop(&self, completed: u64) {
+        self.stop_after.store(completed + 1, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a worker's clock may let the rounds before `allowed` finish.
+    pub fn allows(&self, allowed: u64) -> bool {
+        !self.stop.load(Ordering::SeqCst) || allowed <= self.stop_after.load(Ordering::SeqCst)
     }
 
     /// Records that the run ended.

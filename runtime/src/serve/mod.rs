@@ -255,7 +255,7 @@ pub fn exit_on_signals(server: &Server, quiet: bool) {
             let t = &shared.telemetry;
             let completed = t.completed();
             let at = *stopping_at.get_or_insert_with(|| {
-                t.stop.store(true, Ordering::SeqCst);
+                t.request_stop(completed);
                 if !quiet {
                     eprintln!(
                         "hone serve: stopping after round {completed} (a second signal exits at once)"
