@@ -476,12 +476,21 @@ fn without_a_last_round_it_runs_until_sigterm_and_resumes_where_it_stopped() {
     let s = Served::start(&dir.0, &file, &run_dir, &["--simulate-annotator"]);
     wait_for_rounds(&run_dir, 3);
     // While it runs: status, the learners' figures, and the newest models.
-    let (_, status) = s.call("GET", "/api/status", None);
-    let status: Value = serde_json::from_str(&status).unwrap();
-    assert!(
-        status["rounds_completed"].as_u64().unwrap() >= 3,
-        "{status}"
-    );
+    // Status counts a round once the journal on disk names it, so it may
+    // trail the journal file by the moment between the write and the count.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let (_, status) = s.call("GET", "/api/status", None);
+        let status: Value = serde_json::from_str(&status).unwrap();
+        if status["rounds_completed"].as_u64().unwrap() >= 3 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never caught up: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(status["labels_total"].as_u64().unwrap() >= 12, "{status}");
     let (_, metrics) = request(&s.addr, "GET", "/metrics", "", None).unwrap();
     for needle in [
