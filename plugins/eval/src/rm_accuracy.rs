@@ -29,8 +29,27 @@ struct Judged {
     /// baseline a reward model must beat, since length is what a weak one
     /// learns first.
     longer: f64,
+    /// Whether the model scores the longer response (characters) higher: 1,
+    /// 0.5 on a reward tie, else 0; `None` when both are equally long. Its
+    /// mean against the set's `longer_wins` says how far the model leans on
+    /// length: a model that only measured length would match the
+    /// heuristic's choice on every pair.
+    prefers_longer: Option<f64>,
     /// The `split_by` meta value, if any.
     split: Option<String>,
+}
+
+/// The share of pairs of unequal length where the model scores the longer
+/// response higher; `None` when every pair's responses are equally long.
+fn mean_prefers_longer<'a>(judged: impl Iterator<Item = &'a Judged>) -> Option<f64> {
+    let (sum, n) = judged
+        .filter_map(|j| j.prefers_longer)
+        .fold((0.0, 0u64), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+fn prefers_longer_text(share: Option<f64>) -> String {
+    share.map_or(String::new(), |s| format!(", prefers longer {s:.4}"))
 }
 
 /// Accuracy and expected calibration error of a reward model.
@@ -51,8 +70,10 @@ impl StageFactory for RmAccuracy {
              reward difference agrees with the truth; a reward tie counts half), `ece/SET` (expected \
              calibration error of p = sigmoid(chosen_score - rejected_score) as the probability that \
              `chosen` is better, each pair counted in both orientations so the label order does not matter), `pairs/SET`, `longer_wins/SET` (the accuracy of the \"longer response wins\" heuristic on the same pairs, \
-             in characters, equal lengths counting half: the baseline to beat), and with `split_by` `accuracy/SET_VALUE`, \
-             `longer_wins/SET_VALUE` and `pairs/SET_VALUE` per meta value (`split_by = \"source\"`: per input file of the jsonl readers). \
+             in characters, equal lengths counting half: the baseline to beat), `prefers_longer/SET` (how often \
+             the model scores the longer response higher, over pairs of unequal length, a reward tie counting \
+             half: how far it leans on length, whatever the labels say), and with `split_by` `accuracy/SET_VALUE`, \
+             `longer_wins/SET_VALUE`, `prefers_longer/SET_VALUE` and `pairs/SET_VALUE` per meta value (`split_by = \"source\"`: per input file of the jsonl readers). \
              Logs the reliability table.",
         )
         .input("pairs", RecordKind::PreferencePair)
@@ -177,6 +198,13 @@ impl Stage for RmAccuracy {
             } else {
                 0.0
             };
+            let prefers_longer = match lc.cmp(&lr) {
+                std::cmp::Ordering::Equal => None,
+                _ if delta == 0.0 => Some(0.5),
+                order => Some(f64::from(u8::from(
+                    (order == std::cmp::Ordering::Greater) == (delta > 0.0),
+                ))),
+            };
             let split = match &self.config.split_by {
                 Some(key) => {
                     let value = pair.meta.get(key).cloned();
@@ -192,6 +220,7 @@ impl Stage for RmAccuracy {
                 y,
                 correct,
                 longer,
+                prefers_longer,
                 split,
             });
         }
@@ -221,30 +250,39 @@ impl Stage for RmAccuracy {
         ctx.metric(&format!("pairs/{set}"), n);
         let longer = judged.iter().map(|j| j.longer).sum::<f64>() / n;
         ctx.metric(&format!("longer_wins/{set}"), longer);
+        let prefers_longer = mean_prefers_longer(judged.iter());
+        if let Some(share) = prefers_longer {
+            ctx.metric(&format!("prefers_longer/{set}"), share);
+        }
         let bins = self.config.bins as usize;
         let (ece, table) = calibration(&judged, bins);
         ctx.metric(&format!("ece/{set}"), ece);
-        let mut by_split: BTreeMap<&str, (f64, f64, u64)> = BTreeMap::new();
+        let mut by_split: BTreeMap<&str, Vec<&Judged>> = BTreeMap::new();
         for j in &judged {
             if let Some(s) = &j.split {
-                let e = by_split.entry(s).or_default();
-                e.0 += j.correct;
-                e.1 += j.longer;
-                e.2 += 1;
+                by_split.entry(s).or_default().push(j);
             }
         }
         let mut lines = vec![format!(
-            "set {set}: accuracy {accuracy:.4} (longer wins {longer:.4}), ECE {ece:.4} over {} pairs",
+            "set {set}: accuracy {accuracy:.4} (longer wins {longer:.4}{}), ECE {ece:.4} over {} pairs",
+            prefers_longer_text(prefers_longer),
             judged.len()
         )];
-        for (value, (correct, longer, count)) in &by_split {
-            let (acc, longer) = (correct / *count as f64, longer / *count as f64);
+        for (value, js) in &by_split {
+            let count = js.len();
+            let acc = js.iter().map(|j| j.correct).sum::<f64>() / count as f64;
+            let longer = js.iter().map(|j| j.longer).sum::<f64>() / count as f64;
+            let prefers = mean_prefers_longer(js.iter().copied());
             ctx.metric(&format!("accuracy/{set}_{value}"), acc);
             ctx.metric(&format!("longer_wins/{set}_{value}"), longer);
-            ctx.metric(&format!("pairs/{set}_{value}"), *count as f64);
+            if let Some(share) = prefers {
+                ctx.metric(&format!("prefers_longer/{set}_{value}"), share);
+            }
+            ctx.metric(&format!("pairs/{set}_{value}"), count as f64);
             lines.push(format!(
-                "  {}={value}: accuracy {acc:.4} (longer wins {longer:.4}) over {count} pairs",
-                self.split_key()
+                "  {}={value}: accuracy {acc:.4} (longer wins {longer:.4}{}) over {count} pairs",
+                self.split_key(),
+                prefers_longer_text(prefers)
             ));
         }
         lines.push(format!(
@@ -388,6 +426,46 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out.metric("longer_wins/s", None), Some(1.0));
+    }
+
+    #[test]
+    fn prefers_longer_counts_the_models_choice_whatever_the_label() {
+        let scored = |id: &str, chosen: &str, rejected: &str, scores: (f64, f64), source: &str| {
+            let mut p = PreferencePair::new(id, "q", chosen, rejected, "world");
+            (p.chosen_score, p.rejected_score) = (Some(scores.0), Some(scores.1));
+            p.meta.insert("source".into(), source.into());
+            Record::Pair(p)
+        };
+        let out = run::<RmAccuracy>(
+            serde_json::json!({"set": "s", "split_by": "source"}),
+            vec![(
+                0,
+                vec![
+                    // Longer chosen, scored higher: prefers longer, and right.
+                    scored("a", "long one", "short", (1.0, 0.0), "x"),
+                    // Longer rejected, scored higher: prefers longer, and wrong.
+                    scored("b", "x", "longer", (0.0, 1.0), "x"),
+                    // Longer rejected, scored lower: prefers shorter.
+                    scored("c", "x", "longer", (1.0, 0.0), "y"),
+                    // A reward tie counts half.
+                    scored("d", "xx", "y", (0.5, 0.5), "y"),
+                    // Equal lengths are left out of the share.
+                    scored("e", "ab", "cd", (1.0, 0.0), "y"),
+                ],
+            )],
+        )
+        .unwrap();
+        assert_eq!(out.metric("prefers_longer/s", None), Some(2.5 / 4.0));
+        assert_eq!(out.metric("prefers_longer/s_x", None), Some(1.0));
+        assert_eq!(out.metric("prefers_longer/s_y", None), Some(0.25));
+        assert!(out.logs[0].contains("prefers longer 0.6250"), "{}", out.logs[0]);
+        // Only equal lengths: no share to report.
+        let out = run::<RmAccuracy>(
+            serde_json::json!({"set": "s"}),
+            vec![(0, vec![scored("e", "ab", "cd", (1.0, 0.0), "y")])],
+        )
+        .unwrap();
+        assert_eq!(out.metric("prefers_longer/s", None), None);
     }
 
     #[test]

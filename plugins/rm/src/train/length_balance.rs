@@ -16,7 +16,7 @@ use hone_sdk::PreferencePair;
 use std::collections::BTreeMap;
 
 /// The meta key that names a pair's source (the jsonl readers' `name`).
-const SOURCE: &str = "source";
+pub(super) const SOURCE: &str = "source";
 
 /// Which response of a pair is longer, in characters.
 fn longer_chosen(p: &PreferencePair) -> Option<bool> {

@@ -2,6 +2,7 @@
 
 mod fit;
 mod length_balance;
+mod source_balance;
 
 use crate::model::Scoring;
 use crate::{artifact_dir, device, OrStageError, REWARD_MODEL};
@@ -53,6 +54,7 @@ struct TrainConfig {
     margin_scale: f64,
     label_smoothing: f64,
     length_balance: bool,
+    source_balance: bool,
     train_on: String,
     start: String,
     device: String,
@@ -222,6 +224,15 @@ impl StageFactory for Train {
              their weights; each source's total weight is unchanged. Takes away a set's length bias \
              (HH-RLHF harmless prefers the shorter response, PandaLM the longer), so the models cannot \
              lower their loss by learning length. Logs the factors per source.",
+        )
+        .optional(
+            "source_balance",
+            FieldType::Bool,
+            false,
+            "Reweight the training pairs so that every source (meta `source`) carries the same total \
+             weight, the training set's total unchanged: on the union of a large set and a small one, the \
+             small one then counts as much in the loss. Applied after `length_balance` when both are set \
+             (which keeps each source's total). Logs the factors per source.",
         )
         .optional(
             "train_on",
@@ -574,7 +585,7 @@ impl Train {
     }
 
     /// The seeded hold-out (the same for all members) and the training
-    /// examples, length-balanced if configured; all pairs train when too
+    /// examples, length- and source-balanced if configured; all pairs train when too
     /// few remain.
     fn split(
         &self,
@@ -598,7 +609,7 @@ impl Train {
         } else {
             t
         };
-        let factors = if self.config.length_balance {
+        let mut factors = if self.config.length_balance {
             let (factors, lines) = length_balance::length_balance(&t);
             for line in lines {
                 ctx.log(line);
@@ -607,6 +618,14 @@ impl Train {
         } else {
             vec![1.0; t.len()]
         };
+        if self.config.source_balance {
+            let weights: Vec<f64> = t.iter().zip(&factors).map(|(p, f)| p.weight * f).collect();
+            let (more, lines) = source_balance::source_balance(&t, &weights);
+            for line in lines {
+                ctx.log(line);
+            }
+            factors.iter_mut().zip(more).for_each(|(f, m)| *f *= m);
+        }
         let train = t
             .into_iter()
             .zip(factors)
