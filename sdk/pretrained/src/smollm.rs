@@ -25,7 +25,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::llama::{open_gguf, Llama};
+use crate::llama::{open_gguf, Llama, LlamaConfig};
 use crate::sample::{continuations, Continuation};
 use crate::{Error, HfTokenizer, Result};
 
@@ -191,6 +191,68 @@ impl ChatLlama {
             tokenizer,
             stop_tokens,
         })
+    }
+
+    /// Writes the model as a hone checkpoint in `dir`: `model.safetensors`
+    /// (Hugging Face names), `config.json` (the [`LlamaConfig`]) and the
+    /// Hugging Face `tokenizer.json`, each atomically; returns the sha256
+    /// of the weights. [`ChatLlama::from_checkpoint`] reads it back.
+    pub fn save(&self, dir: &Path) -> Result<String> {
+        let eos = self.stop_tokens[0];
+        let tok = HfTokenizer::new(self.tokenizer.clone(), eos, eos, eos);
+        Ok(hone_models::checkpoint::save(
+            dir,
+            &self.vars,
+            self.model.config(),
+            &tok,
+        )?)
+    }
+
+    /// Whether `dir` holds a checkpoint written by [`ChatLlama::save`] (its
+    /// config names Llama's layers) rather than one of hone's GPT.
+    pub fn is_checkpoint(dir: &Path) -> bool {
+        std::fs::read_to_string(dir.join(hone_models::checkpoint::CONFIG))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v.get("num_hidden_layers").is_some())
+    }
+
+    /// Loads a checkpoint written by [`ChatLlama::save`] onto `device`.
+    /// Generation stops at `<|im_end|>` and `<|endoftext|>`, found by name in
+    /// the tokenizer.
+    pub fn from_checkpoint(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg: LlamaConfig = hone_models::checkpoint::load_config(dir)?;
+        let mut vars = candle_nn::VarMap::new();
+        let model = Llama::new(
+            &cfg,
+            candle_nn::VarBuilder::from_varmap(&vars, DType::F32, device),
+        )?;
+        hone_models::checkpoint::load_weights(dir, &mut vars)?;
+        let path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| Error::Input(format!("cannot load {}: {e}", path.display())))?;
+        let stop_tokens: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .collect();
+        if stop_tokens.is_empty() {
+            return Err(Error::Input(format!(
+                "{} has neither <|im_end|> nor <|endoftext|>: not a SmolLM2 chat tokenizer",
+                path.display()
+            )));
+        }
+        Ok(Self {
+            model,
+            vars,
+            tokenizer,
+            stop_tokens,
+        })
+    }
+
+    /// The token ids of `text`, special tokens parsed (no BOS added: the
+    /// chat template starts with `<|im_start|>`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, false)?.get_ids().to_vec())
     }
 
     /// Samples one continuation of `prompt` (already templated, e.g. by

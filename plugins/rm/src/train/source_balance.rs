@@ -79,7 +79,10 @@ mod tests {
         assert!((f[0] - share / 4.0).abs() < 1e-12 && f[0] == f[2]);
         assert_eq!(lines.len(), 3);
         assert!(lines[0].contains("(no source): 1 pairs"), "{lines:?}");
-        assert!(lines[1].contains("hh: 3 pairs weighing 4.0, weight x 0.458"), "{lines:?}");
+        assert!(
+            lines[1].contains("hh: 3 pairs weighing 4.0, weight x 0.458"),
+            "{lines:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,179 @@
+//! SmolLM2 (hone's f32 Llama port) as the policy lm.dpo optimises, partly
+//! fine-tuned: the top `train_layers` decoder layers and the final norm
+//! train; the token embedding (tied to the LM head: 28 M of the 135 M
+//! weights) and the layers below stay frozen.
+//!
+//! Two savings make a 135 M-parameter policy train on two CPU cores:
+//! - The frozen layers' output (the residual stream entering the first
+//!   trained layer) depends on the sequence only, so it is computed once per
+//!   sequence and cached; a step runs only the trained layers.
+//! - The LM head (576 × 49,152: the largest matmul) runs on the response
+//!   positions only, the only ones whose log-probs DPO sums, and its frozen
+//!   weight is detached so the backward pass computes no gradient for it.
+
+use super::Item;
+use crate::sft::data::{example_of, Example};
+use candle_core::{DType, Device, Tensor, Var, D};
+use hone_pretrained::smollm::{chat_template, ChatLlama};
+use hone_pretrained::Llama;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// The end of a ChatML turn: what ends each response.
+const TURN_END: &str = "<|im_end|>";
+
+/// A SmolLM2 chat model under partial fine-tuning.
+pub(super) struct Tuned {
+    pub chat: ChatLlama,
+    /// Layers below this index are frozen and run once per sequence.
+    frozen: usize,
+    /// Tokens a sequence keeps (prompt first cut from its start).
+    context: usize,
+    turn_end: u32,
+    /// The residual stream after the frozen layers, per (pair id, chosen?):
+    /// [T, hidden], detached.
+    prefixes: RefCell<HashMap<(String, bool), Tensor>>,
+}
+
+impl Tuned {
+    /// `chat` with its top `train_layers` layers trainable (at least one, at
+    /// most all), sequences cut to `context` tokens.
+    pub fn new(chat: ChatLlama, train_layers: usize, context: usize) -> Result<Self, String> {
+        let layers = chat.model.config().num_hidden_layers;
+        if train_layers == 0 || train_layers > layers {
+            return Err(format!(
+                "train_layers must be in 1..={layers} for this model, found {train_layers}"
+            ));
+        }
+        let turn_end = chat
+            .tokenizer
+            .token_to_id(TURN_END)
+            .ok_or_else(|| format!("the tokenizer has no {TURN_END}: not a ChatML model"))?;
+        Ok(Self {
+            chat,
+            frozen: layers - train_layers,
+            context,
+            turn_end,
+            prefixes: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// The variables a step updates: the trained layers' and the final
+    /// norm's, in name order.
+    pub fn trainable(&self) -> Vec<Var> {
+        let layers = self.chat.model.config().num_hidden_layers;
+        let prefixes: Vec<String> = (self.frozen..layers).map(Llama::layer_prefix).collect();
+        let data = self.chat.vars.data().lock().expect("VarMap lock poisoned");
+        let mut vars: Vec<(&String, &Var)> = data
+            .iter()
+            .filter(|(name, _)| {
+                name.as_str() == "model.norm.weight"
+                    || prefixes.iter().any(|p| name.starts_with(p.as_str()))
+            })
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(b.0));
+        vars.into_iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Parameters trained, and in all.
+    pub fn counts(&self) -> (usize, usize) {
+        let count = |vars: &[Var]| vars.iter().map(|v| v.elem_count()).sum::<usize>();
+        (count(&self.trainable()), count(&self.chat.vars.all_vars()))
+    }
+
+    /// A pair's prompt in SmolLM2's chat template (an HH-RLHF transcript
+    /// becomes its turns) and one response, ended as a chat turn ends.
+    pub fn example(&self, prompt: &str, response: &str) -> Result<Example, String> {
+        let encode = |text: &str| self.chat.encode(text).map_err(|e| e.to_string());
+        let prompt = encode(&chat_template(prompt))?;
+        let mut response = encode(response)?;
+        response.push(self.turn_end);
+        Ok(example_of(prompt, &response, self.context))
+    }
+
+    /// log pi of every chosen then every rejected response [2B], and the
+    /// responses' token counts [2B].
+    pub fn score(&self, items: &[&Item], device: &Device) -> hone_models::Result<(Tensor, Tensor)> {
+        let sides: Vec<(&Item, bool)> = items
+            .iter()
+            .map(|i| (*i, true))
+            .chain(items.iter().map(|i| (*i, false)))
+            .collect();
+        fn example<'a>(side: &(&'a Item, bool)) -> &'a Example {
+            if side.1 {
+                &side.0.chosen
+            } else {
+                &side.0.rejected
+            }
+        }
+        let t_max = sides
+            .iter()
+            .map(|s| example(s).inputs.len())
+            .max()
+            .unwrap_or(1);
+        let model = &self.chat.model;
+        let mut rows = Vec::with_capacity(sides.len());
+        for side in &sides {
+            let key = (side.0.id.clone(), side.1);
+            let cached = self.prefixes.borrow().get(&key).cloned();
+            let prefix = match cached {
+                Some(p) => p,
+                None => {
+                    let ids = Tensor::new(example(side).inputs.as_slice(), device)?.unsqueeze(0)?;
+                    let p = model
+                        .residual_after(&ids, self.frozen)
+                        .map_err(model_error)?
+                        .squeeze(0)?
+                        .detach();
+                    self.prefixes.borrow_mut().insert(key, p.clone());
+                    p
+                }
+            };
+            // Right padding: attention is causal, so it changes no earlier row.
+            let t = prefix.dim(0)?;
+            rows.push(if t < t_max {
+                prefix.pad_with_zeros(0, 0, t_max - t)?
+            } else {
+                prefix
+            });
+        }
+        let x = Tensor::stack(&rows, 0)?;
+        let hidden = model.hidden_from(&x, self.frozen).map_err(model_error)?;
+        let width = hidden.dim(D::Minus1)?;
+        let flat = hidden.reshape((sides.len() * t_max, width))?;
+        // The response positions, their targets, and which sequence each is of.
+        let (mut at, mut targets, mut of) = (Vec::new(), Vec::new(), Vec::new());
+        for (s, side) in sides.iter().enumerate() {
+            let e = example(side);
+            for (t, (&m, &y)) in e.mask.iter().zip(&e.targets).enumerate() {
+                if m > 0.0 {
+                    at.push((s * t_max + t) as u32);
+                    targets.push(y);
+                    of.push(s);
+                }
+            }
+        }
+        let n = at.len();
+        let picked = flat.index_select(&Tensor::new(at.as_slice(), device)?, 0)?;
+        let head = model.head_weight().detach();
+        let logits = picked.matmul(&head.t()?)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let token = log_probs
+            .gather(&Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?, 1)?
+            .squeeze(1)?;
+        // Sum each sequence's tokens: a [2B, N] membership matrix times [N].
+        let mut member = vec![0f32; sides.len() * n];
+        for (k, &s) in of.iter().enumerate() {
+            member[s * n + k] = 1.0;
+        }
+        let member = Tensor::from_vec(member, (sides.len(), n), device)?;
+        let lp = member.matmul(&token.unsqueeze(1)?)?.squeeze(1)?;
+        let len = member.sum(1)?.to_dtype(DType::F32)?;
+        Ok((lp, len))
+    }
+}
+
+/// A Llama error as the model core's, for the scorer the trainer calls.
+fn model_error(e: hone_pretrained::Error) -> hone_models::Error {
+    hone_models::Error::Invalid(e.to_string())
+}
