@@ -86,6 +86,19 @@ fn teacher_forcing_start(
     }
 }
 
+/// An error when `dir` holds a SmolLM2 checkpoint, for the stages that
+/// take hone's GPT only (their GPT loader would fail on its config with a
+/// message that does not say why).
+fn refuse_llama(dir: &std::path::Path, doing: &str) -> Result<(), StageError> {
+    if hone_pretrained::ChatLlama::is_checkpoint(dir) {
+        return Err(StageError::new(format!(
+            "{doing}: it is a SmolLM2 (Llama) checkpoint, and this stage takes hone's byte-level GPT \
+             only so far; lm.rollout and lm.dpo take SmolLM2 policies"
+        )));
+    }
+    Ok(())
+}
+
 /// The device named by the `device` field, or a config error naming it.
 fn device(name: &str) -> Result<hone_models::Device, StageError> {
     hone_models::device::device(name).map_err(|e| StageError::config("device", e.to_string()))
@@ -153,12 +166,7 @@ impl NewestPolicy {
             policy.id,
             dir.display()
         );
-        if hone_pretrained::ChatLlama::is_checkpoint(&dir) {
-            return Err(StageError::new(format!(
-                "{doing}: it is a SmolLM2 (Llama) checkpoint, and this stage takes hone's byte-level GPT \
-                 only so far; lm.rollout and lm.dpo take SmolLM2 policies"
-            )));
-        }
+        refuse_llama(&dir, &doing)?;
         let (gpt, _) = checkpoint::load_gpt(&dir, device).or_stage(&doing)?;
         let tok = load_tokenizer(&dir).or_stage(&doing)?;
         self.loaded = Some((policy.clone(), gpt, tok));

@@ -68,6 +68,7 @@ impl Trainee {
         }
         let dir = checkpoint_dir_in(run_dir, policy);
         let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
+        crate::refuse_llama(&dir, &doing)?;
         let (gpt, varmap) = checkpoint::load_gpt(&dir, device).or_stage(&doing)?;
         let tok = load_tokenizer(&dir).or_stage(&doing)?;
         let opt =

@@ -432,6 +432,14 @@ fn smollm2_learns_a_preference_and_its_checkpoint_trains_and_samples_again() {
     .err()
     .unwrap();
     assert!(err.message.contains("SmolLM2"), "{err}");
+    // So does lm.sft, asked to start from it.
+    let mut init = StageInit::for_test(
+        "lm.sft",
+        tiny_config(json!({"init": ckpt.to_str().unwrap()})),
+    );
+    init.run_dir = dir.clone();
+    let err = <crate::Sft as StageFactory>::create(&init).err().unwrap();
+    assert!(err.to_string().contains("SmolLM2"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -104,6 +104,8 @@ impl StageFactory for Sft {
             "scratch" => None,
             path => {
                 let dir = init.run_dir.join(path);
+                crate::refuse_llama(&dir, "init")
+                    .map_err(|e| StageError::config("init", e.message))?;
                 checkpoint::load_config::<GptConfig>(&dir).map_err(|e| {
                     StageError::config(
                         "init",
