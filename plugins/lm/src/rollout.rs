@@ -230,7 +230,7 @@ impl Rollout {
         let c = &self.config;
         if artifact.is_some() && (c.top_k != 0 || c.top_p != 1.0) {
             return Err(StageError::config(
-                "top_k",
+                if c.top_k != 0 { "top_k" } else { "top_p" },
                 "the policy is a SmolLM2 model, which samples without top_k and top_p so far: \
                  leave them at 0 and 1",
             ));

@@ -38,17 +38,23 @@ pub(super) struct Tuned {
 impl Tuned {
     /// `chat` with its top `train_layers` layers trainable (at least one, at
     /// most all), sequences cut to `context` tokens.
-    pub fn new(chat: ChatLlama, train_layers: usize, context: usize) -> Result<Self, String> {
+    pub fn new(
+        chat: ChatLlama,
+        train_layers: usize,
+        context: usize,
+    ) -> Result<Self, hone_sdk::StageError> {
         let layers = chat.model.config().num_hidden_layers;
         if train_layers == 0 || train_layers > layers {
-            return Err(format!(
-                "train_layers must be in 1..={layers} for this model, found {train_layers}"
+            return Err(hone_sdk::StageError::config(
+                "train_layers",
+                format!("must be in 1..={layers} for this model, found {train_layers}"),
             ));
         }
-        let turn_end = chat
-            .tokenizer
-            .token_to_id(TURN_END)
-            .ok_or_else(|| format!("the tokenizer has no {TURN_END}: not a ChatML model"))?;
+        let turn_end = chat.tokenizer.token_to_id(TURN_END).ok_or_else(|| {
+            hone_sdk::StageError::new(format!(
+                "the policy's tokenizer has no {TURN_END}: not a ChatML model"
+            ))
+        })?;
         Ok(Self {
             chat,
             frozen: layers - train_layers,
@@ -81,14 +87,81 @@ impl Tuned {
         (count(&self.trainable()), count(&self.chat.vars.all_vars()))
     }
 
-    /// A pair's prompt in SmolLM2's chat template (an HH-RLHF transcript
-    /// becomes its turns) and one response, ended as a chat turn ends.
-    pub fn example(&self, prompt: &str, response: &str) -> Result<Example, String> {
+    /// A pair's two sequences: the prompt in SmolLM2's chat template (an
+    /// HH-RLHF transcript becomes its turns), then each response, ended as
+    /// a chat turn ends; and whether a response had to be cut.
+    ///
+    /// Both sides keep the same prompt tokens, as many as the longer
+    /// response leaves room for (its start goes first, at least its last
+    /// token stays): DPO compares the two responses' log-ratios, which
+    /// means something only under one context. A response longer than the
+    /// room left then loses its end.
+    pub fn pair(
+        &self,
+        prompt: &str,
+        chosen: &str,
+        rejected: &str,
+    ) -> Result<(Example, Example, bool), String> {
         let encode = |text: &str| self.chat.encode(text).map_err(|e| e.to_string());
         let prompt = encode(&chat_template(prompt))?;
-        let mut response = encode(response)?;
-        response.push(self.turn_end);
-        Ok(example_of(prompt, &response, self.context))
+        let response = |text: &str| -> Result<Vec<u32>, String> {
+            let mut ids = encode(text)?;
+            ids.push(self.turn_end);
+            Ok(ids)
+        };
+        let (chosen, rejected) = (response(chosen)?, response(rejected)?);
+        let longer = chosen.len().max(rejected.len());
+        let room = (self.context + 1).saturating_sub(longer).max(1);
+        let prompt = prompt[prompt.len().saturating_sub(room)..].to_vec();
+        let cut = prompt.len() + longer > self.context + 1;
+        Ok((
+            example_of(prompt.clone(), &chosen, self.context),
+            example_of(prompt, &rejected, self.context),
+            cut,
+        ))
+    }
+
+    /// Runs the frozen layers once on the sequences of `sides` not cached
+    /// yet, in one padded batch (one sequence at a time would leave the
+    /// matmuls a few rows each), and caches each one's rows.
+    fn cache_prefixes(&self, sides: &[(&Item, bool)], device: &Device) -> hone_models::Result<()> {
+        let missing: Vec<(&Example, (String, bool))> = sides
+            .iter()
+            .map(|(i, chosen)| {
+                let e = if *chosen { &i.chosen } else { &i.rejected };
+                (e, (i.id.clone(), *chosen))
+            })
+            .filter(|(_, key)| !self.prefixes.borrow().contains_key(key))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let t_max = missing
+            .iter()
+            .map(|(e, _)| e.inputs.len())
+            .max()
+            .unwrap_or(1);
+        // Padding ids follow each sequence, so causal attention keeps them
+        // out of its rows; they are cut off below.
+        let mut ids = Vec::with_capacity(missing.len() * t_max);
+        for (e, _) in &missing {
+            ids.extend_from_slice(&e.inputs);
+            ids.extend(std::iter::repeat_n(self.turn_end, t_max - e.inputs.len()));
+        }
+        let ids = Tensor::from_vec(ids, (missing.len(), t_max), device)?;
+        let x = self
+            .chat
+            .model
+            .residual_after(&ids, self.frozen)
+            .map_err(model_error)?
+            .detach();
+        let mut cache = self.prefixes.borrow_mut();
+        for (row, (e, key)) in missing.into_iter().enumerate() {
+            // A copy: a view would keep the whole padded batch alive.
+            let rows = x.get(row)?.narrow(0, 0, e.inputs.len())?.copy()?;
+            cache.insert(key, rows);
+        }
+        Ok(())
     }
 
     /// log pi of every chosen then every rejected response [2B], and the
@@ -112,23 +185,11 @@ impl Tuned {
             .max()
             .unwrap_or(1);
         let model = &self.chat.model;
+        self.cache_prefixes(&sides, device)?;
+        let prefixes = self.prefixes.borrow();
         let mut rows = Vec::with_capacity(sides.len());
         for side in &sides {
-            let key = (side.0.id.clone(), side.1);
-            let cached = self.prefixes.borrow().get(&key).cloned();
-            let prefix = match cached {
-                Some(p) => p,
-                None => {
-                    let ids = Tensor::new(example(side).inputs.as_slice(), device)?.unsqueeze(0)?;
-                    let p = model
-                        .residual_after(&ids, self.frozen)
-                        .map_err(model_error)?
-                        .squeeze(0)?
-                        .detach();
-                    self.prefixes.borrow_mut().insert(key, p.clone());
-                    p
-                }
-            };
+            let prefix = prefixes[&(side.0.id.clone(), side.1)].clone();
             // Right padding: attention is causal, so it changes no earlier row.
             let t = prefix.dim(0)?;
             rows.push(if t < t_max {
@@ -137,6 +198,7 @@ impl Tuned {
                 prefix
             });
         }
+        drop(prefixes);
         let x = Tensor::stack(&rows, 0)?;
         let hidden = model.hidden_from(&x, self.frozen).map_err(model_error)?;
         let width = hidden.dim(D::Minus1)?;

@@ -275,11 +275,14 @@ fn smollm_config(overrides: serde_json::Value) -> serde_json::Value {
 fn smollm2_gradients_reach_the_trained_layers_and_nothing_frozen() {
     let chat = ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap();
     let tuned = llama::Tuned::new(chat, 2, 48).unwrap();
-    let example = |r: &str| tuned.example("Human: hi?\n\nAssistant:", r).unwrap();
+    let (chosen, rejected, cut) = tuned
+        .pair("Human: hi?\n\nAssistant:", " Hello there.", " No.")
+        .unwrap();
+    assert!(!cut);
     let item = Item {
         id: "p".into(),
-        chosen: example(" Hello there."),
-        rejected: example(" No."),
+        chosen,
+        rejected,
         reference: (0.0, 0.0),
         margin: 0.0,
         weight: 1.0,
@@ -306,28 +309,27 @@ fn smollm2_gradients_reach_the_trained_layers_and_nothing_frozen() {
         lens,
         vec![responses(&item.chosen), responses(&item.rejected)]
     );
-    // The scorer's log-probs are the whole model's, on the response tokens.
-    let ids = Tensor::new(item.chosen.inputs.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let targets = Tensor::new(item.chosen.targets.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mask = Tensor::new(item.chosen.mask.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let whole = sequence_logprobs(&tuned.chat.model.forward(&ids).unwrap(), &targets, &mask)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()[0];
+    // The scorer's log-probs are the whole model's, on the response tokens,
+    // for the longer side and for the shorter one its batch right-pads.
     let scored = lp.to_vec1::<f32>().unwrap();
-    assert!(
-        (scored[0] - whole).abs() < 1e-3 * whole.abs().max(1.0),
-        "{scored:?} against {whole}"
-    );
+    for (side, e) in [&item.chosen, &item.rejected].into_iter().enumerate() {
+        let row = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let mask = Tensor::new(e.mask.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = tuned.chat.model.forward(&row(&e.inputs)).unwrap();
+        let whole = sequence_logprobs(&logits, &row(&e.targets), &mask)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        let got = scored[side];
+        assert!(
+            (got - whole).abs() < 1e-3 * whole.abs().max(1.0),
+            "side {side}: {got} against {whole}"
+        );
+    }
+    assert_ne!(item.chosen.inputs.len(), item.rejected.inputs.len());
     let grads = (lp.narrow(0, 0, 1).unwrap() - lp.narrow(0, 1, 1).unwrap())
         .unwrap()
         .sum_all()
@@ -472,4 +474,41 @@ fn smollm2_settings_that_cannot_work_are_refused() {
         .unwrap();
     assert!(err.to_string().contains("pretrained"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn smollm2_pairs_share_their_prompt_when_cut_to_fit() {
+    let chat = ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap();
+    let tuned = llama::Tuned::new(chat, 1, 24).unwrap();
+    let prompt = "Human: tell me a long story about a cat who lived by the sea?\n\nAssistant:";
+    let (chosen, rejected, cut) = tuned
+        .pair(prompt, " Once upon a time there was a cat.", " No.")
+        .unwrap();
+    assert!(!cut, "both responses fit");
+    let prompt_of = |e: &Example| {
+        let start = e.mask.iter().position(|&m| m > 0.0).unwrap();
+        e.inputs[..=start].to_vec()
+    };
+    assert_eq!(
+        prompt_of(&chosen),
+        prompt_of(&rejected),
+        "one context for both"
+    );
+    assert!(chosen.inputs.len() <= 24 && rejected.inputs.len() < chosen.inputs.len());
+    // A response longer than the context: one prompt token is left, and the
+    // response loses its end.
+    let long = " word".repeat(40);
+    let (chosen, rejected, cut) = tuned.pair(prompt, &long, " No.").unwrap();
+    assert!(cut);
+    assert_eq!(chosen.inputs.len(), 24);
+    assert_eq!(prompt_of(&chosen), prompt_of(&rejected));
+    assert_eq!(prompt_of(&chosen).len(), 1);
+    let err = llama::Tuned::new(
+        ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap(),
+        31,
+        24,
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("config.train_layers"), "{err}");
 }

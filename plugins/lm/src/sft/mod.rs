@@ -104,7 +104,7 @@ impl StageFactory for Sft {
             "scratch" => None,
             path => {
                 let dir = init.run_dir.join(path);
-                crate::refuse_llama(&dir, "init")
+                crate::refuse_llama(&dir, &dir.display().to_string())
                     .map_err(|e| StageError::config("init", e.message))?;
                 checkpoint::load_config::<GptConfig>(&dir).map_err(|e| {
                     StageError::config(

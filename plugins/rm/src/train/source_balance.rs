@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 
 /// Each pair's weight factor, given each pair's current weight (`weights`,
 /// the pair's own times any earlier factor), and one line per source. Every
-/// source is scaled to `total / k` of the `k` sources' total weight, so the
-/// training set's total weight is unchanged. A source that weighs nothing
-/// keeps its weights. Pairs without a source form one group.
+/// source is scaled to `total / k` of the `k` sources' total weight (those
+/// that weigh something), so the training set's total weight is unchanged.
+/// A source that weighs nothing keeps its weights. Pairs without a source form one group.
 pub(super) fn source_balance(
     pairs: &[&PreferencePair],
     weights: &[f64],
@@ -29,7 +29,10 @@ pub(super) fn source_balance(
         e.1 += 1;
     }
     let total: f64 = sums.values().map(|s| s.0).sum();
-    let share = total / sums.len().max(1) as f64;
+    // Only sources that weigh something share the total: one that weighs
+    // nothing stays at nothing whatever its factor.
+    let weighing = sums.values().filter(|s| s.0 > 0.0).count();
+    let share = total / weighing.max(1) as f64;
     let factor = |sum: f64| if sum > 0.0 { share / sum } else { 1.0 };
     let out = pairs.iter().map(|p| factor(sums[&source(p)].0)).collect();
     let lines = sums
@@ -91,6 +94,7 @@ mod tests {
         let refs: Vec<&PreferencePair> = pairs.iter().collect();
         let (f, _) = source_balance(&refs, &[0.0, 2.0]);
         assert_eq!(f[0], 1.0);
-        assert!((f[1] - 0.5).abs() < 1e-12);
+        // The total (2) is kept: it is all b's.
+        assert!((f[1] - 1.0).abs() < 1e-12);
     }
 }
