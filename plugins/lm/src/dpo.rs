@@ -79,7 +79,7 @@ impl StageFactory for Dpo {
         let float = FieldType::Float;
         StageDescriptor::new(
             "lm.dpo",
-            "Direct preference optimisation of the newest `policy` artifact (byte-level GPT) on the round's \
+            "Direct preference optimisation of the newest `policy` artifact (hone's byte-level GPT, or SmolLM2: see `pretrained`) on the round's \
              pairs, against the frozen `reference` policy (default: the policy it starts from). Losses \
              (hone_models::preference): `sigmoid` (DPO), `ipo`, `robust` (conservative DPO, label_smoothing) \
              and `simpo` (reference-free, length-normalised, gamma). Sequence log-probs are summed over \
@@ -795,15 +795,13 @@ impl Trainer<'_> {
             step: step.map(|s| s as u64),
             member: None,
         };
-        let mut inputs: Vec<String> = Vec::new();
-        if let From::Artifact(a) = &policy.from {
-            inputs.push(a.id.clone());
-        }
-        if let Reference::Gpt(_, a) = reference {
-            if !inputs.contains(&a.id) {
-                inputs.push(a.id.clone());
-            }
-        }
+        // The policy it started from, then its reference (the start again
+        // when that is the reference): pretrained SmolLM2 is no artifact.
+        let inputs: Vec<String> = match (&policy.from, reference) {
+            (From::Artifact(_), Reference::Gpt(_, r)) => vec![from.clone(), r.id.clone()],
+            (From::Artifact(a), _) => vec![a.id.clone(), a.id.clone()],
+            (From::Pretrained, _) => Vec::new(),
+        };
         let artifact = ctx.register_checkpoint(
             "policy",
             &dir.join(checkpoint::WEIGHTS),
