@@ -426,7 +426,8 @@ impl Policy {
     fn save(&self, dir: &std::path::Path) -> Result<(), String> {
         match &self.net {
             Net::Gpt { gpt, varmap, tok } => {
-                { checkpoint::save(dir, varmap, gpt.config(), tok.as_ref()).map(|_| ()) }
+                checkpoint::save(dir, varmap, gpt.config(), tok.as_ref())
+                    .map(|_| ())
                     .map_err(|e| e.to_string())
             }
             Net::Llama(t) => t.chat.save(dir).map(|_| ()).map_err(|e| e.to_string()),

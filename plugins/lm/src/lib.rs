@@ -86,6 +86,20 @@ fn teacher_forcing_start(
     }
 }
 
+/// hone's GPT, its VarMap and tokenizer from the checkpoint in `dir`;
+/// errors start with `doing`, and a SmolLM2 checkpoint is refused with one
+/// that says so.
+fn load_gpt_policy(
+    dir: &std::path::Path,
+    device: &hone_models::Device,
+    doing: &str,
+) -> Result<(Gpt, hone_models::VarMap, Box<dyn Tokenizer>), StageError> {
+    refuse_llama(dir, doing)?;
+    let (gpt, varmap) = checkpoint::load_gpt(dir, device).or_stage(doing)?;
+    let tok = load_tokenizer(dir).or_stage(doing)?;
+    Ok((gpt, varmap, tok))
+}
+
 /// An error when `dir` holds a SmolLM2 checkpoint, for the stages that
 /// take hone's GPT only (their GPT loader would fail on its config with a
 /// message that does not say why).
@@ -166,9 +180,7 @@ impl NewestPolicy {
             policy.id,
             dir.display()
         );
-        refuse_llama(&dir, &doing)?;
-        let (gpt, _) = checkpoint::load_gpt(&dir, device).or_stage(&doing)?;
-        let tok = load_tokenizer(&dir).or_stage(&doing)?;
+        let (gpt, _, tok) = load_gpt_policy(&dir, device, &doing)?;
         self.loaded = Some((policy.clone(), gpt, tok));
         Ok(())
     }

@@ -10,7 +10,7 @@
 
 use crate::{checkpoint_dir_in, OrStageError};
 use hone_models::adamw::{AdamW, AdamWState, ParamsAdamW};
-use hone_models::checkpoint::{self, restore_weights, weights_state, WeightsState};
+use hone_models::checkpoint::{restore_weights, weights_state, WeightsState};
 use hone_models::gpt::{Gpt, GptConfig};
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
 use hone_models::train::vars_by_name;
@@ -68,9 +68,7 @@ impl Trainee {
         }
         let dir = checkpoint_dir_in(run_dir, policy);
         let doing = format!("cannot load policy {} from {}", policy.id, dir.display());
-        crate::refuse_llama(&dir, &doing)?;
-        let (gpt, varmap) = checkpoint::load_gpt(&dir, device).or_stage(&doing)?;
-        let tok = load_tokenizer(&dir).or_stage(&doing)?;
+        let (gpt, varmap, tok) = crate::load_gpt_policy(&dir, device, &doing)?;
         let opt =
             AdamW::new(vars_by_name(&varmap), adam(lr)).or_stage("cannot create the optimiser")?;
         Ok(Trainee {

@@ -687,6 +687,15 @@ pub(crate) mod tests {
         );
     }
 
+    /// The largest absolute difference between two tensors of one shape.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap()
+    }
+
     /// A tiny model with random weights (GQA: 4 query heads, 2 kv heads).
     pub(crate) fn tiny() -> Llama {
         let cfg = LlamaConfig {
@@ -722,14 +731,7 @@ pub(crate) mod tests {
             let split = model
                 .hidden_from(&model.residual_after(&ids, at).unwrap(), at)
                 .unwrap();
-            let diff = (&whole - &split)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&whole, &split);
             assert!(diff < 1e-6, "split at {at}: {diff}");
         }
         assert!(model.residual_after(&ids, 3).is_err());
@@ -757,16 +759,7 @@ pub(crate) mod tests {
         }
         assert_eq!(cache.len(), ids.len());
         let cached = Tensor::cat(&parts, 1).unwrap();
-        let diff = (whole - cached)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&whole, &cached);
         assert!(diff < 1e-4, "cached logits differ by {diff}");
         // Past the context: an error, not a panic.
         let long = Tensor::zeros((1, 60), DType::U32, &Device::Cpu).unwrap();
