@@ -8,12 +8,11 @@
 //! per pair before training and cached; each step runs the policy only.
 //!
 //! The policy is hone's byte-level GPT or SmolLM2-135M-Instruct (`pretrained`,
-//! or a `policy` artifact lm.dpo wrote from it), partly fine-tuned
-//! ([`llama`]).
-
-mod llama;
+//! or a `policy` artifact lm.sft or lm.dpo wrote from it), partly fine-tuned
+//! ([`crate::tuned_llama`]).
 
 use crate::sft::data::{to_tensors, tokenize, Example};
+use crate::tuned_llama::Tuned;
 use crate::{device, NewestPolicy, OrStageError};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use hone_models::batches::Batches;
@@ -272,7 +271,7 @@ impl Stage for Dpo {
             } else {
                 ChatLlama::from_checkpoint(&dir, &self.device).or_stage(&doing)?
             };
-            let tuned = llama::Tuned::new(chat, self.config.train_layers, self.config.max_tokens)?;
+            let tuned = Tuned::new(chat, self.config.train_layers, self.config.max_tokens)?;
             let from = match &start {
                 Some(a) => From::Artifact(a.clone()),
                 None => From::Pretrained,
@@ -350,7 +349,7 @@ enum Net {
         tok: Box<dyn Tokenizer>,
     },
     /// SmolLM2, its top layers trained.
-    Llama(Box<llama::Tuned>),
+    Llama(Box<Tuned>),
 }
 
 /// Where the policy's weights came from.
@@ -418,7 +417,14 @@ impl Policy {
     fn score(&self, items: &[&Item], device: &Device) -> hone_models::Result<(Tensor, Tensor)> {
         match &self.net {
             Net::Gpt { gpt, tok, .. } => gpt_score(gpt, items, tok.pad_id(), device),
-            Net::Llama(t) => t.score(items, device),
+            Net::Llama(t) => {
+                let sides: Vec<&Example> = items
+                    .iter()
+                    .map(|i| &i.chosen)
+                    .chain(items.iter().map(|i| &i.rejected))
+                    .collect();
+                t.sequence_logprobs(&sides, device)
+            }
         }
     }
 

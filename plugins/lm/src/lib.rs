@@ -22,6 +22,7 @@ mod rollout;
 mod sampled;
 mod sft;
 mod trainee;
+mod tuned_llama;
 
 pub use dpo::Dpo;
 pub use grpo::Grpo;
@@ -107,7 +108,7 @@ fn refuse_llama(dir: &std::path::Path, doing: &str) -> Result<(), StageError> {
     if hone_pretrained::ChatLlama::is_checkpoint(dir) {
         return Err(StageError::new(format!(
             "{doing}: it is a SmolLM2 (Llama) checkpoint, and this takes hone's byte-level GPT only \
-             so far; SmolLM2 policies go to lm.rollout and to lm.dpo's `policy` port"
+             so far; SmolLM2 policies go to lm.rollout, lm.sft's `init` and lm.dpo's `policy` port"
         )));
     }
     Ok(())

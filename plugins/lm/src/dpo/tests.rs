@@ -274,7 +274,7 @@ fn smollm_config(overrides: serde_json::Value) -> serde_json::Value {
 #[test]
 fn smollm2_gradients_reach_the_trained_layers_and_nothing_frozen() {
     let chat = ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap();
-    let tuned = llama::Tuned::new(chat, 2, 48).unwrap();
+    let tuned = Tuned::new(chat, 2, 48).unwrap();
     let (chosen, rejected, cut) = tuned
         .pair("Human: hi?\n\nAssistant:", " Hello there.", " No.")
         .unwrap();
@@ -302,7 +302,9 @@ fn smollm2_gradients_reach_the_trained_layers_and_nothing_frozen() {
             .id_to_token(*item.chosen.targets.last().unwrap()),
         Some("<|im_end|>".to_string())
     );
-    let (lp, len) = tuned.score(&[&item], &Device::Cpu).unwrap();
+    let (lp, len) = tuned
+        .sequence_logprobs(&[&item.chosen, &item.rejected], &Device::Cpu)
+        .unwrap();
     let lens = len.to_vec1::<f32>().unwrap();
     let responses = |e: &Example| e.mask.iter().sum::<f32>();
     assert_eq!(
@@ -442,14 +444,6 @@ fn smollm2_learns_a_preference_and_its_checkpoint_trains_and_samples_again() {
     .err()
     .unwrap();
     assert!(err.message.contains("SmolLM2"), "{err}");
-    // So does lm.sft, asked to start from it.
-    let mut init = StageInit::for_test(
-        "lm.sft",
-        tiny_config(json!({"init": ckpt.to_str().unwrap()})),
-    );
-    init.run_dir = dir.clone();
-    let err = <crate::Sft as StageFactory>::create(&init).err().unwrap();
-    assert!(err.to_string().contains("SmolLM2"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -487,7 +481,7 @@ fn smollm2_settings_that_cannot_work_are_refused() {
 #[test]
 fn smollm2_pairs_share_their_prompt_when_cut_to_fit() {
     let chat = ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap();
-    let tuned = llama::Tuned::new(chat, 1, 24).unwrap();
+    let tuned = Tuned::new(chat, 1, 24).unwrap();
     let prompt = "Human: tell me a long story about a cat who lived by the sea?\n\nAssistant:";
     let (chosen, rejected, cut) = tuned
         .pair(prompt, " Once upon a time there was a cat.", " No.")
@@ -511,7 +505,7 @@ fn smollm2_pairs_share_their_prompt_when_cut_to_fit() {
     assert_eq!(chosen.inputs.len(), 24);
     assert_eq!(prompt_of(&chosen), prompt_of(&rejected));
     assert_eq!(prompt_of(&chosen).len(), 1);
-    let err = llama::Tuned::new(
+    let err = Tuned::new(
         ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap(),
         31,
         24,

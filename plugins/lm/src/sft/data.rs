@@ -79,24 +79,21 @@ fn split(demos: &[Demo], seed: u64, eval_fraction: f64) -> (Vec<&Demo>, Vec<&Dem
     (train, eval)
 }
 
-/// Splits and tokenizes demos: the training batches and the held-out examples.
-pub(super) fn prepare(
+/// Splits and tokenizes demos (`encode` turns one into its sequence, as
+/// the model reads it): the training batches and the held-out examples.
+pub(super) fn prepare<E>(
     demos: &[Demo],
-    tok: &dyn Tokenizer,
-    context: usize,
+    mut encode: impl FnMut(&Demo) -> Result<Example, E>,
     seed: u64,
     eval_fraction: f64,
-) -> (Batches, Vec<Example>) {
+) -> Result<(Batches, Vec<Example>), E> {
     let (train, eval) = split(demos, seed, eval_fraction);
-    let encode = |d: &Demo| tokenize(tok, &d.prompt, &d.response, context);
-    let train = train
-        .into_iter()
-        .map(|d| (d.id.clone(), encode(d)))
-        .collect();
-    (
-        Batches::new(train, seed),
-        eval.into_iter().map(encode).collect(),
-    )
+    let mut encoded = Vec::with_capacity(train.len());
+    for d in train {
+        encoded.push((d.id.clone(), encode(d)?));
+    }
+    let eval = eval.into_iter().map(encode).collect::<Result<_, E>>()?;
+    Ok((Batches::new(encoded, seed), eval))
 }
 
 /// Cycles through the training examples, reshuffled (seeded by id) every
@@ -209,9 +206,10 @@ mod tests {
         assert_ne!(ids(eval), ids(split(&demos, 4, 0.2).1));
         // At least one held out, whatever the draws.
         assert_eq!(split(&demos[..2], 3, 0.01).1.len(), 1);
+        let bytes = |d: &Demo| Ok::<_, ()>(tokenize(&ByteTokenizer, &d.prompt, &d.response, 16));
         let (mut a, mut b) = (
-            prepare(&demos, &ByteTokenizer, 16, 3, 0.2).0,
-            prepare(&reversed, &ByteTokenizer, 16, 3, 0.2).0,
+            prepare(&demos, bytes, 3, 0.2).unwrap().0,
+            prepare(&reversed, bytes, 3, 0.2).unwrap().0,
         );
         assert_eq!(a.next(50), b.next(50));
     }

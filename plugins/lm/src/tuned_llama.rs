@@ -1,6 +1,6 @@
-//! SmolLM2 (hone's f32 Llama port) as the policy lm.dpo optimises, partly
-//! fine-tuned: the top `train_layers` decoder layers and the final norm
-//! train; the token embedding (tied to the LM head: 28 M of the 135 M
+//! SmolLM2 (hone's f32 Llama port) as a policy lm.sft and lm.dpo train,
+//! partly fine-tuned: the top `train_layers` decoder layers and the final
+//! norm train; the token embedding (tied to the LM head: 28 M of the 135 M
 //! weights) and the layers below stay frozen.
 //!
 //! Two savings make a 135 M-parameter policy train on two CPU cores:
@@ -8,10 +8,10 @@
 //!   trained layer) depends on the sequence only, so it is computed once per
 //!   sequence and cached; a step runs only the trained layers.
 //! - The LM head (576 × 49,152: the largest matmul) runs on the response
-//!   positions only, the only ones whose log-probs DPO sums, and its frozen
-//!   weight is detached so the backward pass computes no gradient for it.
+//!   positions only, the only ones whose log-probs the losses use, and its
+//!   frozen weight is detached so the backward pass computes no gradient
+//!   for it.
 
-use super::Item;
 use crate::sft::data::{example_of, Example};
 use candle_core::{DType, Device, Tensor, Var, D};
 use hone_pretrained::smollm::{chat_template, ChatLlama};
@@ -30,9 +30,10 @@ pub(super) struct Tuned {
     /// Tokens a sequence keeps (prompt first cut from its start).
     context: usize,
     turn_end: u32,
-    /// The residual stream after the frozen layers, per (pair id, chosen?):
-    /// [T, hidden], detached.
-    prefixes: RefCell<HashMap<(String, bool), Tensor>>,
+    /// The residual stream after the frozen layers, per input sequence
+    /// (keyed by its tokens, so a text seen twice runs once): [T, hidden],
+    /// detached.
+    prefixes: RefCell<HashMap<Vec<u32>, Tensor>>,
 }
 
 impl Tuned {
@@ -121,30 +122,39 @@ impl Tuned {
         ))
     }
 
-    /// Runs the frozen layers once on the sequences of `sides` not cached
-    /// yet, in one padded batch (one sequence at a time would leave the
-    /// matmuls a few rows each), and caches each one's rows.
-    fn cache_prefixes(&self, sides: &[(&Item, bool)], device: &Device) -> hone_models::Result<()> {
-        let missing: Vec<(&Example, (String, bool))> = sides
-            .iter()
-            .map(|(i, chosen)| {
-                let e = if *chosen { &i.chosen } else { &i.rejected };
-                (e, (i.id.clone(), *chosen))
-            })
-            .filter(|(_, key)| !self.prefixes.borrow().contains_key(key))
-            .collect();
+    /// A demonstration's sequence for SFT: the templated prompt, then the
+    /// response ended as a chat turn ends; and whether the response had to
+    /// lose its end (the prompt loses its start first, down to one token).
+    pub fn demo(&self, prompt: &str, response: &str) -> Result<(Example, bool), String> {
+        let encode = |text: &str| self.chat.encode(text).map_err(|e| e.to_string());
+        let prompt = encode(&chat_template(prompt))?;
+        let mut response = encode(response)?;
+        response.push(self.turn_end);
+        let cut = response.len() > self.context;
+        Ok((example_of(prompt, &response, self.context), cut))
+    }
+
+    /// Runs the frozen layers once on the sequences not cached yet, in one
+    /// padded batch (one sequence at a time would leave the matmuls a few
+    /// rows each), and caches each one's rows.
+    fn cache_prefixes(&self, examples: &[&Example], device: &Device) -> hone_models::Result<()> {
+        let mut missing: Vec<&Example> = Vec::new();
+        {
+            let cache = self.prefixes.borrow();
+            for e in examples {
+                if !cache.contains_key(&e.inputs) && !missing.iter().any(|m| m.inputs == e.inputs) {
+                    missing.push(e);
+                }
+            }
+        }
         if missing.is_empty() {
             return Ok(());
         }
-        let t_max = missing
-            .iter()
-            .map(|(e, _)| e.inputs.len())
-            .max()
-            .unwrap_or(1);
+        let t_max = missing.iter().map(|e| e.inputs.len()).max().unwrap_or(1);
         // Padding ids follow each sequence, so causal attention keeps them
         // out of its rows; they are cut off below.
         let mut ids = Vec::with_capacity(missing.len() * t_max);
-        for (e, _) in &missing {
+        for e in &missing {
             ids.extend_from_slice(&e.inputs);
             ids.extend(std::iter::repeat_n(self.turn_end, t_max - e.inputs.len()));
         }
@@ -156,40 +166,28 @@ impl Tuned {
             .map_err(model_error)?
             .detach();
         let mut cache = self.prefixes.borrow_mut();
-        for (row, (e, key)) in missing.into_iter().enumerate() {
+        for (row, e) in missing.into_iter().enumerate() {
             // A copy: a view would keep the whole padded batch alive.
             let rows = x.get(row)?.narrow(0, 0, e.inputs.len())?.copy()?;
-            cache.insert(key, rows);
+            cache.insert(e.inputs.clone(), rows);
         }
         Ok(())
     }
 
-    /// log pi of every chosen then every rejected response [2B], and the
-    /// responses' token counts [2B].
-    pub fn score(&self, items: &[&Item], device: &Device) -> hone_models::Result<(Tensor, Tensor)> {
-        let sides: Vec<(&Item, bool)> = items
-            .iter()
-            .map(|i| (*i, true))
-            .chain(items.iter().map(|i| (*i, false)))
-            .collect();
-        fn example<'a>(side: &(&'a Item, bool)) -> &'a Example {
-            if side.1 {
-                &side.0.chosen
-            } else {
-                &side.0.rejected
-            }
-        }
-        let t_max = sides
-            .iter()
-            .map(|s| example(s).inputs.len())
-            .max()
-            .unwrap_or(1);
+    /// log pi of each sequence's response (its masked targets) [S], and the
+    /// responses' token counts [S]; differentiable in the trained layers.
+    pub fn sequence_logprobs(
+        &self,
+        examples: &[&Example],
+        device: &Device,
+    ) -> hone_models::Result<(Tensor, Tensor)> {
+        let t_max = examples.iter().map(|e| e.inputs.len()).max().unwrap_or(1);
         let model = &self.chat.model;
-        self.cache_prefixes(&sides, device)?;
+        self.cache_prefixes(examples, device)?;
         let prefixes = self.prefixes.borrow();
-        let mut rows = Vec::with_capacity(sides.len());
-        for side in &sides {
-            let prefix = prefixes[&(side.0.id.clone(), side.1)].clone();
+        let mut rows = Vec::with_capacity(examples.len());
+        for e in examples {
+            let prefix = prefixes[&e.inputs].clone();
             // Right padding: attention is causal, so it changes no earlier row.
             let t = prefix.dim(0)?;
             rows.push(if t < t_max {
@@ -202,11 +200,10 @@ impl Tuned {
         let x = Tensor::stack(&rows, 0)?;
         let hidden = model.hidden_from(&x, self.frozen).map_err(model_error)?;
         let width = hidden.dim(D::Minus1)?;
-        let flat = hidden.reshape((sides.len() * t_max, width))?;
+        let flat = hidden.reshape((examples.len() * t_max, width))?;
         // The response positions, their targets, and which sequence each is of.
         let (mut at, mut targets, mut of) = (Vec::new(), Vec::new(), Vec::new());
-        for (s, side) in sides.iter().enumerate() {
-            let e = example(side);
+        for (s, e) in examples.iter().enumerate() {
             for (t, (&m, &y)) in e.mask.iter().zip(&e.targets).enumerate() {
                 if m > 0.0 {
                     at.push((s * t_max + t) as u32);
@@ -223,12 +220,12 @@ impl Tuned {
         let token = log_probs
             .gather(&Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?, 1)?
             .squeeze(1)?;
-        // Sum each sequence's tokens: a [2B, N] membership matrix times [N].
-        let mut member = vec![0f32; sides.len() * n];
+        // Sum each sequence's tokens: a [S, N] membership matrix times [N].
+        let mut member = vec![0f32; examples.len() * n];
         for (k, &s) in of.iter().enumerate() {
             member[s * n + k] = 1.0;
         }
-        let member = Tensor::from_vec(member, (sides.len(), n), device)?;
+        let member = Tensor::from_vec(member, (examples.len(), n), device)?;
         let lp = member.matmul(&token.unsqueeze(1)?)?.squeeze(1)?;
         let len = member.sum(1)?.to_dtype(DType::F32)?;
         Ok((lp, len))
