@@ -13,9 +13,11 @@
 //! - `rm.warm`: weight-averaged reward models (WARM), merged one member at a
 //!   time, refusing members that do not share an initialisation.
 //!
-//! Reward models have one of two backbones (`reward.json`'s `backbone`): a
-//! byte-level GPT trained whole, or all-MiniLM-L6-v2 under a trained linear
-//! head, frozen (`model.rs`) or with its top layers fine-tuned (`tuned.rs`).
+//! Reward models have one of three backbones (`reward.json`'s `backbone`): a
+//! byte-level GPT trained whole; all-MiniLM-L6-v2 under a trained linear
+//! head, frozen (`model.rs`) or with its top layers fine-tuned (`tuned.rs`);
+//! or SmolLM2-135M-Instruct with its top layers fine-tuned
+//! (`tuned_llama.rs`).
 
 mod merge;
 mod model;
@@ -23,6 +25,7 @@ mod score;
 mod strength;
 mod train;
 mod tuned;
+mod tuned_llama;
 mod warm;
 
 pub use merge::{merge, MergeError, MergeStats};
@@ -161,6 +164,8 @@ fn accuracy(pairs: &[PreferencePair], rewards: &[(f64, f64)], gold: bool) -> Opt
 mod tests;
 #[cfg(test)]
 mod tests_minilm;
+#[cfg(test)]
+mod tests_smollm;
 
 /// Test helpers: run a stage in-process with its descriptor's defaults.
 #[cfg(test)]

@@ -15,6 +15,7 @@ use hone_models::reward::{
 };
 use hone_models::{Device, Tensor};
 use hone_pretrained::minilm::{MiniLmRewardModel, HEAD_PREFIX, MODEL_NAME};
+use hone_pretrained::smollm::MODEL_NAME as SMOLLM;
 use hone_sdk::prelude::*;
 use hone_sdk::text::seeded_hash;
 use std::collections::{HashMap, HashSet};
@@ -123,9 +124,9 @@ pub(crate) fn load_rm_dir(dir: &Path, device: &Device) -> Result<Rm, String> {
             .map(Rm::Gpt)
             .map_err(|e| e.to_string());
     }
-    if meta.backbone != MODEL_NAME {
+    if meta.backbone != MODEL_NAME && meta.backbone != SMOLLM {
         return Err(format!(
-            "{}: unknown backbone {:?} (this build knows \"gpt\" and \"{MODEL_NAME}\")",
+            "{}: unknown backbone {:?} (this build knows \"gpt\", \"{MODEL_NAME}\" and \"{SMOLLM}\")",
             dir.join(hone_models::reward::META).display(),
             meta.backbone
         ));
@@ -144,6 +145,12 @@ pub(crate) fn load_rm_dir(dir: &Path, device: &Device) -> Result<Rm, String> {
         .map_err(|e| format!("{}: {e}", file.display()))?;
     if config.train_layers > 0 {
         return Ok(Rm::Tuned(crate::tuned::TunedRm::new(meta, config, tensors)));
+    }
+    if meta.backbone == SMOLLM {
+        return Err(format!(
+            "{}: a {SMOLLM} reward model fine-tunes its top layers, but config.json says train_layers 0",
+            dir.display()
+        ));
     }
     HeadRm::from_tensors(meta, config, &tensors)
         .map(Rm::Head)
@@ -182,14 +189,22 @@ impl Scoring {
         }
     }
 
-    /// The frozen encoder for texts of `max_tokens`, loaded on first use.
-    pub fn frozen(&mut self, max_tokens: usize) -> Result<&crate::tuned::Frozen, StageError> {
+    /// The frozen `backbone` for texts of `max_tokens`, loaded on first use.
+    pub fn frozen(
+        &mut self,
+        backbone: &str,
+        max_tokens: usize,
+    ) -> Result<&crate::tuned::Frozen, StageError> {
         if self
             .frozen
             .as_ref()
-            .is_none_or(|f| f.max_tokens() != max_tokens)
+            .is_none_or(|f| f.max_tokens() != max_tokens || f.backbone() != backbone)
         {
-            self.frozen = Some(crate::tuned::Frozen::load(max_tokens, &self.device)?);
+            self.frozen = Some(crate::tuned::Frozen::load(
+                backbone,
+                max_tokens,
+                &self.device,
+            )?);
             self.states.clear();
             self.states_floats = 0;
         }
@@ -202,10 +217,11 @@ impl Scoring {
         &mut self,
         items: &[(&str, &str)],
         split: usize,
-        max_tokens: usize,
+        (backbone, max_tokens): (&str, usize),
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<Tensor>, StageError> {
-        let key = |p: &str, r: &str| text_key(&format!("{split}/{max_tokens}\u{0}{p}"), r);
+        let key =
+            |p: &str, r: &str| text_key(&format!("{backbone}/{split}/{max_tokens}\u{0}{p}"), r);
         let mut todo: Vec<(&str, &str)> = Vec::new();
         let mut queued = HashSet::new();
         for (p, r) in items {
@@ -216,7 +232,7 @@ impl Scoring {
         }
         let batch = self.batch_size;
         let computed = self
-            .frozen(max_tokens)?
+            .frozen(backbone, max_tokens)?
             .states(&todo, split, batch, progress)?;
         let mut fresh = HashMap::new();
         for ((p, r), t) in todo.iter().zip(computed) {
@@ -372,17 +388,19 @@ impl Scoring {
             }
             Rm::Tuned(tuned) => {
                 let max_tokens = tuned.config.max_tokens;
-                let layers = self.frozen(max_tokens)?.num_layers();
+                let backbone = tuned.meta.backbone.as_str();
+                let layers = self.frozen(backbone, max_tokens)?.num_layers();
                 let split = tuned.split(layers);
-                let states = self.frozen_states(items, split, max_tokens, &mut |_, _| {})?;
+                let states =
+                    self.frozen_states(items, split, (backbone, max_tokens), &mut |_, _| {})?;
                 let device = self.device.clone();
-                let frozen = self.frozen(max_tokens)?;
-                let bert = tuned.encoder(frozen)?;
+                let frozen = self.frozen(backbone, max_tokens)?;
+                let top = tuned.encoder(frozen)?;
                 let head = tuned.head(&device)?;
                 let mut out = Vec::with_capacity(items.len());
                 for chunk in states.chunks(self.batch_size) {
                     let refs: Vec<&Tensor> = chunk.iter().collect();
-                    let r = crate::tuned::rewards_from(bert, &head, &refs, split)
+                    let r = crate::tuned::rewards_from(top, &head, &refs, split)
                         .and_then(|t| Ok(t.to_vec1::<f32>()?))
                         .or_stage("scoring failed")?;
                     out.extend(r.into_iter().map(f64::from));

@@ -11,7 +11,7 @@ use serde_json::json;
 
 /// Pairs with a learnable preference: the chosen response is polite and
 /// helpful, the rejected one rude.
-fn polite_pairs(n: usize) -> Vec<PreferencePair> {
+pub(crate) fn polite_pairs(n: usize) -> Vec<PreferencePair> {
     let prompts = [
         "How do I boil an egg?",
         "Can you help me fix my bike chain?",
@@ -65,7 +65,7 @@ fn minilm_train(overrides: serde_json::Value) -> serde_json::Value {
     c
 }
 
-fn mean(xs: &[f64]) -> f64 {
+pub(crate) fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
 

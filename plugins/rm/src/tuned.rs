@@ -1,48 +1,102 @@
-//! Reward models on all-MiniLM-L6-v2 whose top `k` transformer layers are
-//! fine-tuned with the head (partial fine-tuning). The frozen lower layers
-//! run once per distinct text and their output is cached ([`Frozen`]); the
-//! top layers, the mean pool and the head run per batch, with gradients in
-//! training. A checkpoint holds the head and the top layers' tensors
+//! Reward models on all-MiniLM-L6-v2 (or SmolLM2-135M-Instruct:
+//! [`crate::tuned_llama`]) whose top `k` transformer layers are fine-tuned
+//! with the head (partial fine-tuning). The frozen lower layers run once per
+//! distinct text and their output is cached ([`Frozen`]); the top layers,
+//! the pool (MiniLM's mean, SmolLM2's last token) and the head run per
+//! batch, with gradients in training. A checkpoint holds the head and the top layers' tensors
 //! (checkpoint names), and `config.json` says `train_layers` and
 //! `max_tokens`, so scoring rebuilds the same model: the pretrained
 //! weights with these in place of theirs. Their weights average as WARM
 //! averages any checkpoint, and unlike heads on a frozen encoder the average
 //! is not the mean of the predictions.
 
+use crate::tuned_llama::FrozenLlama;
 use crate::OrStageError;
 use hone_models::{Device, Tensor};
 use hone_pretrained::bert::{self, Bert};
-use hone_pretrained::minilm::{HEAD_PREFIX, MODEL_NAME};
+use hone_pretrained::minilm::{HEAD_PREFIX, MODEL_NAME as MINILM};
+use hone_pretrained::smollm::MODEL_NAME as SMOLLM;
 use hone_pretrained::tokenizers::Tokenizer;
 use hone_pretrained::VarMap;
 use hone_sdk::prelude::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// The pretrained encoder's frozen part, loaded once per stage instance.
+/// A backbone's fine-tuned top: what turns the frozen states of texts into
+/// the pooled representation the head reads, with gradients in the
+/// trained weights.
+pub(crate) trait TopLayers: Send + Sync {
+    /// The pooled representations [N, hidden] of texts whose states after
+    /// layer `split` are `states`: layers `split..` run here.
+    fn pooled_from(&self, states: &[&Tensor], split: usize) -> hone_models::Result<Tensor>;
+    fn hidden_size(&self) -> usize;
+    /// The variables that train above `split`, by checkpoint name.
+    fn trained_vars(&self, vars: &VarMap, split: usize) -> Vec<(String, candle_core::Var)>;
+}
+
+/// MiniLM: the mean pool of the last hidden states.
+impl TopLayers for Bert {
+    fn pooled_from(&self, states: &[&Tensor], split: usize) -> hone_models::Result<Tensor> {
+        Bert::pooled_from(self, states, split)
+            .map_err(|e| hone_models::Error::Invalid(e.to_string()))
+    }
+
+    fn hidden_size(&self) -> usize {
+        Bert::hidden_size(self)
+    }
+
+    fn trained_vars(&self, vars: &VarMap, split: usize) -> Vec<(String, candle_core::Var)> {
+        self.layer_vars(vars, split..Bert::num_layers(self))
+    }
+}
+
+/// The backbones a reward model can fine-tune the top of.
+enum Encoder {
+    MiniLm { bert: Bert, tokenizer: Tokenizer },
+    SmolLm(FrozenLlama),
+}
+
+/// The pretrained backbone's frozen part, loaded once per stage instance.
 pub(crate) struct Frozen {
-    bert: Bert,
-    tokenizer: Tokenizer,
+    encoder: Encoder,
+    backbone: String,
     dir: PathBuf,
     max_tokens: usize,
     device: Device,
 }
 
 impl Frozen {
-    /// all-MiniLM-L6-v2 (fetched on first use) with texts truncated to `max_tokens`.
-    pub fn load(max_tokens: usize, device: &Device) -> Result<Self, StageError> {
-        let dir = hone_sdk::pretrained::fetch(MODEL_NAME)
-            .map_err(|e| StageError::new(format!("cannot fetch {MODEL_NAME}: {e}")))?;
-        let doing = format!("cannot load {MODEL_NAME} from {}", dir.display());
-        let (bert, _) = Bert::load(&dir, device).or_stage(&doing)?;
-        let tokenizer = bert::pair_tokenizer(&dir, max_tokens).or_stage(&doing)?;
+    /// `backbone` (all-MiniLM-L6-v2 or SmolLM2-135M-Instruct, fetched on
+    /// first use) with texts truncated to `max_tokens`.
+    pub fn load(backbone: &str, max_tokens: usize, device: &Device) -> Result<Self, StageError> {
+        let dir = hone_sdk::pretrained::fetch(backbone)
+            .map_err(|e| StageError::new(format!("cannot fetch {backbone}: {e}")))?;
+        let encoder = match backbone {
+            MINILM => {
+                let doing = format!("cannot load {MINILM} from {}", dir.display());
+                let (bert, _) = Bert::load(&dir, device).or_stage(&doing)?;
+                let tokenizer = bert::pair_tokenizer(&dir, max_tokens).or_stage(&doing)?;
+                Encoder::MiniLm { bert, tokenizer }
+            }
+            SMOLLM => Encoder::SmolLm(FrozenLlama::load(max_tokens, device)?),
+            other => {
+                return Err(StageError::new(format!(
+                    "no fine-tunable backbone {other:?}: \"{MINILM}\" or \"{SMOLLM}\""
+                )))
+            }
+        };
         Ok(Frozen {
-            bert,
-            tokenizer,
+            encoder,
+            backbone: backbone.to_string(),
             dir,
             max_tokens,
             device: device.clone(),
         })
+    }
+
+    /// The backbone's name.
+    pub fn backbone(&self) -> &str {
+        &self.backbone
     }
 
     /// The texts' length limit.
@@ -50,13 +104,16 @@ impl Frozen {
         self.max_tokens
     }
 
-    /// Transformer layers of the encoder.
+    /// Transformer layers of the backbone.
     pub fn num_layers(&self) -> usize {
-        self.bert.num_layers()
+        match &self.encoder {
+            Encoder::MiniLm { bert, .. } => bert.num_layers(),
+            Encoder::SmolLm(llama) => llama.num_layers(),
+        }
     }
 
     /// Hidden states after the frozen layers `0..split` of each (prompt,
-    /// response), one [len, 384] tensor each.
+    /// response), one [len, hidden] tensor each.
     pub fn states(
         &self,
         items: &[(&str, &str)],
@@ -64,18 +121,36 @@ impl Frozen {
         batch: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<Tensor>, StageError> {
-        let encoded = bert::encode_pairs(&self.tokenizer, items)
-            .or_stage(&format!("cannot tokenize for {MODEL_NAME}"))?;
-        self.bert
-            .frozen_states(&encoded, split, batch, progress)
-            .or_stage(&format!("cannot run {MODEL_NAME}'s frozen layers"))
+        match &self.encoder {
+            Encoder::MiniLm { bert, tokenizer } => {
+                let encoded = bert::encode_pairs(tokenizer, items)
+                    .or_stage(&format!("cannot tokenize for {MINILM}"))?;
+                bert.frozen_states(&encoded, split, batch, progress)
+                    .or_stage(&format!("cannot run {MINILM}'s frozen layers"))
+            }
+            Encoder::SmolLm(llama) => llama.states(items, split, batch, progress),
+        }
     }
 
-    /// A fresh copy of the encoder (pretrained weights, with `overrides`
-    /// in place of theirs) whose layers a member trains or a model scores with.
-    pub fn copy(&self, overrides: &HashMap<String, Tensor>) -> Result<(Bert, VarMap), StageError> {
-        Bert::load_with(&self.dir, &self.device, overrides)
-            .or_stage(&format!("cannot build {MODEL_NAME} with fine-tuned layers"))
+    /// A fresh copy of the backbone's top (pretrained weights, with
+    /// `overrides` in place of theirs) whose layers from `split` a member
+    /// trains or a model scores with.
+    pub fn copy(
+        &self,
+        overrides: &HashMap<String, Tensor>,
+        split: usize,
+    ) -> Result<(Box<dyn TopLayers>, VarMap), StageError> {
+        match &self.encoder {
+            Encoder::MiniLm { .. } => {
+                let (bert, vars) = Bert::load_with(&self.dir, &self.device, overrides)
+                    .or_stage(&format!("cannot build {MINILM} with fine-tuned layers"))?;
+                Ok((Box::new(bert), vars))
+            }
+            Encoder::SmolLm(llama) => {
+                let (top, vars) = llama.copy(overrides, split)?;
+                Ok((Box::new(top), vars))
+            }
+        }
     }
 }
 
@@ -87,9 +162,9 @@ pub(crate) struct TunedRm {
     pub config: hone_models::reward::PretrainedConfig,
     /// The checkpoint's tensors: the head's and the top layers'.
     pub tensors: HashMap<String, Tensor>,
-    /// The encoder with these layers, built on first use and kept: a model
-    /// scores many batches, in many calls.
-    encoder: std::sync::OnceLock<(Bert, VarMap)>,
+    /// The backbone's top with these layers, built on first use and kept:
+    /// a model scores many batches, in many calls.
+    encoder: std::sync::OnceLock<(Box<dyn TopLayers>, VarMap)>,
 }
 
 impl TunedRm {
@@ -112,12 +187,13 @@ impl TunedRm {
         layers.saturating_sub(self.config.train_layers)
     }
 
-    /// The encoder with this model's top layers. The checkpoint must hold
-    /// exactly the tensors of layers `split..`: a lower one would be
-    /// applied while the cached frozen states came from pretrained weights.
-    pub fn encoder(&self, frozen: &Frozen) -> Result<&Bert, StageError> {
-        if let Some((bert, _)) = self.encoder.get() {
-            return Ok(bert);
+    /// The backbone's top with this model's layers. The checkpoint must
+    /// hold exactly the tensors of the part above `split`: a lower one
+    /// would be applied while the cached frozen states came from pretrained
+    /// weights.
+    pub fn encoder(&self, frozen: &Frozen) -> Result<&dyn TopLayers, StageError> {
+        if let Some((top, _)) = self.encoder.get() {
+            return Ok(top.as_ref());
         }
         let layers: HashMap<String, Tensor> = self
             .tensors
@@ -125,10 +201,10 @@ impl TunedRm {
             .filter(|(n, _)| !n.starts_with(&format!("{HEAD_PREFIX}.")))
             .map(|(n, t)| (n.clone(), t.clone()))
             .collect();
-        let (bert, vars) = frozen.copy(&layers)?;
-        let split = self.split(bert.num_layers());
-        let expected: std::collections::BTreeSet<String> = bert
-            .layer_vars(&vars, split..bert.num_layers())
+        let split = self.split(frozen.num_layers());
+        let (top, vars) = frozen.copy(&layers, split)?;
+        let expected: std::collections::BTreeSet<String> = top
+            .trained_vars(&vars, split)
             .into_iter()
             .map(|(n, _)| n)
             .collect();
@@ -141,8 +217,8 @@ impl TunedRm {
                 self.config.train_layers
             )));
         }
-        let _ = self.encoder.set((bert, vars));
-        Ok(&self.encoder.get().expect("set above").0)
+        let _ = self.encoder.set((top, vars));
+        Ok(self.encoder.get().expect("set above").0.as_ref())
     }
 
     /// The head as a linear layer on `device`.
@@ -160,17 +236,15 @@ impl TunedRm {
     }
 }
 
-/// Rewards [N] of texts whose frozen states are `states`, through `bert`'s
+/// Rewards [N] of texts whose frozen states are `states`, through `top`'s
 /// layers `split..` and `head`.
 pub(crate) fn rewards_from(
-    bert: &Bert,
+    top: &dyn TopLayers,
     head: &candle_nn::Linear,
     states: &[&Tensor],
     split: usize,
 ) -> hone_models::Result<Tensor> {
     use candle_nn::Module;
-    let pooled = bert
-        .pooled_from(states, split)
-        .map_err(|e| hone_models::Error::Invalid(e.to_string()))?;
+    let pooled = top.pooled_from(states, split)?;
     Ok(head.forward(&pooled)?.squeeze(1)?)
 }

@@ -118,7 +118,7 @@ pub(super) enum Net<'a> {
     /// Fine-tuned top layers and a head over cached frozen states;
     /// examples hold one state index.
     Tuned {
-        bert: &'a hone_pretrained::bert::Bert,
+        top: &'a dyn crate::tuned::TopLayers,
         head: &'a Linear,
         states: &'a [Tensor],
         split: usize,
@@ -164,7 +164,7 @@ fn rewards(
             head.forward(&x)?.squeeze(1)?
         }
         Net::Tuned {
-            bert,
+            top,
             head,
             states,
             split,
@@ -174,9 +174,7 @@ fn rewards(
                 .map(|e| &states[e.chosen[0] as usize])
                 .chain(batch.iter().map(|e| &states[e.rejected[0] as usize]))
                 .collect();
-            let mut x = bert
-                .pooled_from(&rows, *split)
-                .map_err(|e| hone_models::Error::Invalid(e.to_string()))?;
+            let mut x = top.pooled_from(&rows, *split)?;
             if let Some((p, seed)) = dropout {
                 x = seeded_dropout(&x, p, seed)?;
             }

@@ -17,6 +17,7 @@ use hone_models::tokenizer::{load_tokenizer, ByteTokenizer, Tokenizer};
 use hone_models::train::{check_shape, Shape};
 use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
 use hone_pretrained::minilm::MODEL_NAME as MINILM;
+use hone_pretrained::smollm::MODEL_NAME as SMOLLM;
 use hone_sdk::prelude::*;
 use hone_sdk::text::{seeded_hash, seeded_unit};
 use serde::Deserialize;
@@ -145,19 +146,23 @@ impl StageFactory for Train {
         .optional("members", FieldType::range(1, 1024), 1, "Ensemble size M; member i runs on worker (offset + i) mod N, where offset counts the members of earlier per-member stages.")
         .optional(
             "backbone",
-            FieldType::one_of(&["gpt", MINILM]),
+            FieldType::one_of(&["gpt", MINILM, SMOLLM]),
             GPT_BACKBONE,
             "`gpt`: a byte-level GPT reward model, trained whole (init scratch or input). `all-minilm-l6-v2`: \
              the pretrained sentence encoder, frozen, under a trained linear head on its mean-pooled embedding \
              of (prompt, response); each distinct text is embedded once and the members train their heads on \
-             the cached embeddings (init must be scratch; d_model..context are ignored).",
+             the cached embeddings (init must be scratch; d_model..context are ignored). \
+             `smollm2-135m-instruct`: the pretrained chat model with its top `train_layers` layers and final \
+             norm fine-tuned under a linear head on the last token's hidden state (the prompt in its ChatML \
+             template, the response ended by <|im_end|>, as TRL's reward models on a causal LM read it); \
+             train_layers >= 1.",
         )
         .optional(
             "train_layers",
             FieldType::range(0, 64),
             0,
-            "With backbone = \"all-minilm-l6-v2\": fine-tune its top k transformer layers with the head \
-             (partial fine-tuning; 0 = the encoder frozen, only the head trains). The frozen lower layers run \
+            "With a pretrained backbone: fine-tune its top k transformer layers with the head \
+             (partial fine-tuning; 0 = the encoder frozen, only the head trains: MiniLM only). The frozen lower layers run \
              once per distinct text and their output is cached; each member trains its own copy of the top \
              layers from the pretrained weights, so WARM averages non-linear weights. The checkpoint holds \
              the head and the top layers; it loads like any reward model.",
@@ -166,8 +171,9 @@ impl StageFactory for Train {
             "max_tokens",
             FieldType::range(8, 512),
             256,
-            "With train_layers > 0: each (prompt, response) is truncated to this many tokens (longest \
-             first), in training and in scoring (it is saved in config.json).",
+            "With train_layers > 0: each (prompt, response) is truncated to this many tokens, in training and \
+             in scoring (it is saved in config.json): MiniLM cuts the longest of the two first, SmolLM2 keeps \
+             the text's last tokens (the prompt loses its start first; the end the head reads stays).",
         )
         .optional(
             "embed_batch_size",
@@ -293,7 +299,16 @@ impl StageFactory for Train {
             return Err(StageError::config(
                 "train_layers",
                 "fine-tunes the top layers of a pretrained backbone: set backbone = \"all-minilm-l6-v2\" \
-                 (a gpt reward model trains whole)",
+                 or \"smollm2-135m-instruct\" (a gpt reward model trains whole)",
+            ));
+        }
+        if config.train_layers == 0 && config.backbone == SMOLLM {
+            return Err(StageError::config(
+                "train_layers",
+                format!(
+                    "a {SMOLLM} reward model fine-tunes its top layers with the head: set train_layers \
+                     to 1 or more (2 to 4 fit two cores)"
+                ),
             ));
         }
         if config.backbone != GPT_BACKBONE && config.init != "scratch" {
@@ -797,12 +812,16 @@ impl Train {
         ctx: &mut Context,
         pairs: &[PreferencePair],
     ) -> Result<FrozenCache, StageError> {
-        let layers = self.scoring.frozen(self.config.max_tokens)?.num_layers();
+        let backbone = self.config.backbone.clone();
+        let layers = self
+            .scoring
+            .frozen(&backbone, self.config.max_tokens)?
+            .num_layers();
         if self.config.train_layers > layers {
             return Err(StageError::config(
                 "train_layers",
                 format!(
-                    "{MINILM} has {layers} transformer layers, so at most {layers} can be fine-tuned, not {}",
+                    "{backbone} has {layers} transformer layers, so at most {layers} can be fine-tuned, not {}",
                     self.config.train_layers
                 ),
             ));
@@ -816,11 +835,11 @@ impl Train {
                 ctx.progress("frozen layers", done as u64, total as u64);
             };
             self.scoring
-                .frozen_states(&items, split, max_tokens, &mut progress)?
+                .frozen_states(&items, split, (&backbone, max_tokens), &mut progress)?
         };
         let tokens: usize = states.iter().map(|t| t.dim(0).unwrap_or(0)).sum();
         ctx.log(format!(
-            "ran {MINILM}'s frozen layers 0..{split} once over {} distinct texts of {} pairs ({tokens} tokens, \
+            "ran {backbone}'s frozen layers 0..{split} once over {} distinct texts of {} pairs ({tokens} tokens, \
              at most {max_tokens} a text) in {:.1} s",
             items.len(),
             pairs.len(),
@@ -830,7 +849,6 @@ impl Train {
             states,
             index,
             split,
-            layers,
         })
     }
 
@@ -845,11 +863,11 @@ impl Train {
         let (seed, lr, dropout) = self.member_setup(ctx, member);
         let init_seed = self.init_seed(ctx);
         let backbone = self.config.backbone.clone();
-        let (bert, all) = self
+        let (top, all) = self
             .scoring
-            .frozen(self.config.max_tokens)?
-            .copy(&HashMap::new())?;
-        let hidden = bert.hidden_size();
+            .frozen(&backbone, self.config.max_tokens)?
+            .copy(&HashMap::new(), cache.split)?;
+        let hidden = top.hidden_size();
         let (head, head_vars) =
             hone_pretrained::minilm::seeded_head(hidden, init_seed, &self.device)
                 .or_stage("cannot build the reward head")?;
@@ -861,7 +879,7 @@ impl Train {
             for (name, var) in head_vars.data().lock().expect("VarMap lock").iter() {
                 data.insert(name.clone(), var.clone());
             }
-            for (name, var) in bert.layer_vars(&all, cache.split..cache.layers) {
+            for (name, var) in top.trained_vars(&all, cache.split) {
                 data.insert(name, var);
             }
         }
@@ -877,7 +895,7 @@ impl Train {
         let encode_text = |p: &str, r: &str| vec![cache.index[&(p.to_string(), r.to_string())]];
         let (eval, train) = self.split(ctx, pairs, &encode_text);
         let net = Net::Tuned {
-            bert: &bert,
+            top: top.as_ref(),
             head: &head,
             states: &cache.states,
             split: cache.split,
@@ -1005,8 +1023,6 @@ struct FrozenCache {
     index: HashMap<(String, String), u32>,
     /// The first trained layer.
     split: usize,
-    /// All layers.
-    layers: usize,
 }
 
 /// The pretrained backbone's embeddings of the round's texts.
