@@ -52,6 +52,9 @@ struct DpoConfig {
     pretrained: String,
     train_layers: usize,
     max_tokens: usize,
+    lora_rank: usize,
+    lora_alpha: f64,
+    lora_targets: Vec<String>,
 }
 
 /// The pretrained policy lm.dpo can start from.
@@ -76,7 +79,7 @@ impl StageFactory for Dpo {
             FieldType::positive().at_most(1 << 20),
         );
         let float = FieldType::Float;
-        StageDescriptor::new(
+        let d = StageDescriptor::new(
             "lm.dpo",
             "Direct preference optimisation of the newest `policy` artifact (hone's byte-level GPT, or SmolLM2: see `pretrained`) on the round's \
              pairs, against the frozen `reference` policy (default: the policy it starts from). Losses \
@@ -140,7 +143,8 @@ impl StageFactory for Dpo {
              pair keep the same prompt tokens, as many as the longer response leaves room for (the \
              prompt loses its start first); a response longer than that loses its end (counted in a log \
              line). The GPT uses its own context.",
-        )
+        );
+        crate::tuned_llama::lora_options(d)
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
@@ -187,6 +191,14 @@ impl StageFactory for Dpo {
                     config.pretrained
                 ),
             ));
+        }
+        if let Some(lora) = crate::tuned_llama::lora_config(
+            config.lora_rank,
+            config.lora_alpha,
+            &config.lora_targets,
+        ) {
+            lora.check(&hone_models::lora::LLAMA_TARGETS)
+                .map_err(|(field, message)| StageError::config(field, message))?;
         }
         let device = device(&config.device)?;
         Ok(Dpo {
@@ -271,7 +283,15 @@ impl Stage for Dpo {
             } else {
                 ChatLlama::from_checkpoint(&dir, &self.device).or_stage(&doing)?
             };
-            let tuned = Tuned::new(chat, self.config.train_layers, self.config.max_tokens)?;
+            let c = &self.config;
+            let lora = crate::tuned_llama::lora_config(c.lora_rank, c.lora_alpha, &c.lora_targets);
+            let tuned = Tuned::new(
+                chat,
+                c.train_layers,
+                c.max_tokens,
+                lora.as_ref(),
+                trainer.seed,
+            )?;
             let from = match &start {
                 Some(a) => From::Artifact(a.clone()),
                 None => From::Pretrained,
@@ -290,6 +310,16 @@ impl Stage for Dpo {
             return trainer.train(ctx, &policy, reference, &pairs);
         }
         let start = start.expect("a policy arrived: no other case is left");
+        if self.config.lora_rank > 0 {
+            return Err(StageError::config(
+                "lora_rank",
+                format!(
+                    "LoRA adapters are for SmolLM2 policies, and policy {} is hone's GPT (it trains whole): \
+                     set lora_rank = 0",
+                    start.id
+                ),
+            ));
+        }
         let dir = dir.expect("the policy's directory");
         let doing = format!("cannot load policy {} from {}", start.id, dir.display());
         let (gpt, varmap) = checkpoint::load_gpt(&dir, &self.device).or_stage(&doing)?;
@@ -592,9 +622,18 @@ impl Trainer<'_> {
         let vars = policy.vars.clone();
         if let Net::Llama(t) = &policy.net {
             let (trained, all) = t.counts();
+            let what =
+                match crate::tuned_llama::lora_config(c.lora_rank, c.lora_alpha, &c.lora_targets) {
+                    None => format!("the top {} layers and the final norm", c.train_layers),
+                    Some(l) => format!(
+                        "LoRA rank {} on {} of the top {} layers",
+                        l.rank,
+                        l.targets.join(", "),
+                        c.train_layers
+                    ),
+                };
             ctx.log(format!(
-                "SmolLM2: {trained} of {all} parameters trained (the top {} layers and the final norm)",
-                c.train_layers
+                "SmolLM2: {trained} of {all} parameters trained ({what})"
             ));
         }
         ctx.log(format!(
@@ -793,9 +832,10 @@ impl Trainer<'_> {
             ]
         };
         if let Net::Llama(_) = &policy.net {
-            lineage.push(format!(
-                "base {SMOLLM}, top {} layers trained",
-                c.train_layers
+            let lora = crate::tuned_llama::lora_config(c.lora_rank, c.lora_alpha, &c.lora_targets);
+            lineage.push(crate::tuned_llama::base_lineage(
+                c.train_layers,
+                lora.as_ref(),
             ));
         }
         let at = Checkpoint {

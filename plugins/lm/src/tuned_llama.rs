@@ -3,6 +3,10 @@
 //! norm train; the token embedding (tied to the LM head: 28 M of the 135 M
 //! weights) and the layers below stay frozen.
 //!
+//! With `lora`, the trained layers keep their weights frozen and learn LoRA
+//! adapters instead (`hone_models::lora`); a checkpoint stores the merged
+//! weights, so it loads as a plain SmolLM2.
+//!
 //! Two savings make a 135 M-parameter policy train on two CPU cores:
 //! - The frozen layers' output (the residual stream entering the first
 //!   trained layer) depends on the sequence only, so it is computed once per
@@ -14,6 +18,7 @@
 
 use crate::sft::data::{example_of, Example};
 use candle_core::{DType, Device, Tensor, Var, D};
+use hone_models::lora::{LoraConfig, LLAMA_TARGETS};
 use hone_pretrained::smollm::{chat_template, ChatLlama};
 use hone_pretrained::Llama;
 use std::cell::RefCell;
@@ -29,6 +34,9 @@ pub(super) struct Tuned {
     frozen: usize,
     /// Tokens a sequence keeps (prompt first cut from its start).
     context: usize,
+    /// LoRA adapters on the trained layers, by name; empty: the layers'
+    /// own weights train.
+    adapters: Vec<(String, Var)>,
     turn_end: u32,
     /// The residual stream after the frozen layers, per input sequence
     /// (keyed by its tokens, so a text seen twice runs once): [T, hidden],
@@ -38,11 +46,14 @@ pub(super) struct Tuned {
 
 impl Tuned {
     /// `chat` with its top `train_layers` layers trainable (at least one, at
-    /// most all), sequences cut to `context` tokens.
+    /// most all), or with LoRA adapters on them (`lora`, their `A` drawn
+    /// from `seed`), sequences cut to `context` tokens.
     pub fn new(
-        chat: ChatLlama,
+        mut chat: ChatLlama,
         train_layers: usize,
         context: usize,
+        lora: Option<&LoraConfig>,
+        seed: u64,
     ) -> Result<Self, hone_sdk::StageError> {
         let layers = chat.model.config().num_hidden_layers;
         if train_layers == 0 || train_layers > layers {
@@ -56,18 +67,36 @@ impl Tuned {
                 "the policy's tokenizer has no {TURN_END}: not a ChatML model"
             ))
         })?;
+        let frozen = layers - train_layers;
+        let adapters = match lora {
+            None => Vec::new(),
+            Some(cfg) => {
+                if let Err((field, message)) = cfg.check(&LLAMA_TARGETS) {
+                    return Err(hone_sdk::StageError::config(field, message));
+                }
+                chat.model
+                    .add_lora(cfg, frozen..layers, seed)
+                    .map_err(|e| {
+                        hone_sdk::StageError::new(format!("cannot add LoRA adapters: {e}"))
+                    })?
+            }
+        };
         Ok(Self {
             chat,
-            frozen: layers - train_layers,
+            frozen,
             context,
+            adapters,
             turn_end,
             prefixes: RefCell::new(HashMap::new()),
         })
     }
 
-    /// The variables a step updates: the trained layers' and the final
-    /// norm's, in name order.
+    /// The variables a step updates, in name order: the LoRA adapters, or
+    /// else the trained layers' weights and the final norm's.
     pub fn trainable(&self) -> Vec<Var> {
+        if !self.adapters.is_empty() {
+            return self.adapters.iter().map(|(_, v)| v.clone()).collect();
+        }
         let layers = self.chat.model.config().num_hidden_layers;
         let prefixes: Vec<String> = (self.frozen..layers).map(Llama::layer_prefix).collect();
         let data = self.chat.vars.data().lock().expect("VarMap lock poisoned");
@@ -82,10 +111,20 @@ impl Tuned {
         vars.into_iter().map(|(_, v)| v.clone()).collect()
     }
 
-    /// Parameters trained, and in all.
+    /// The LoRA adapters' variables by name (empty without LoRA).
+    #[cfg(test)]
+    pub fn adapters(&self) -> &[(String, Var)] {
+        &self.adapters
+    }
+
+    /// Parameters trained, and in all (the adapters' included).
     pub fn counts(&self) -> (usize, usize) {
         let count = |vars: &[Var]| vars.iter().map(|v| v.elem_count()).sum::<usize>();
-        (count(&self.trainable()), count(&self.chat.vars.all_vars()))
+        let adapters: usize = self.adapters.iter().map(|(_, v)| v.elem_count()).sum();
+        (
+            count(&self.trainable()),
+            count(&self.chat.vars.all_vars()) + adapters,
+        )
     }
 
     /// A pair's two sequences: the prompt in SmolLM2's chat template (an
@@ -235,4 +274,55 @@ impl Tuned {
 /// A Llama error as the model core's, for the scorer the trainer calls.
 fn model_error(e: hone_pretrained::Error) -> hone_models::Error {
     hone_models::Error::Invalid(e.to_string())
+}
+
+/// The LoRA options lm.sft and lm.dpo share, added to `d`.
+pub(crate) fn lora_options(d: hone_sdk::StageDescriptor) -> hone_sdk::StageDescriptor {
+    use hone_sdk::FieldType;
+    d.optional(
+        "lora_rank",
+        FieldType::unsigned().at_most(4096),
+        0,
+        "SmolLM2 policies: LoRA (Hu et al. 2021) of this rank on the top `train_layers` layers instead \
+         of training their weights (0 = no LoRA: the layers' own weights and the final norm train). The \
+         adapters start as PEFT's do (A Kaiming-uniform, B zero: the start is the base model), and the \
+         checkpoint stores the merged weights W + (alpha / r) B A, so it loads as a plain SmolLM2 (and \
+         a weight average of such checkpoints averages the merged updates, not A and B apart).",
+    )
+    .optional(
+        "lora_alpha",
+        FieldType::Float,
+        16.0,
+        "With lora_rank: the update is scaled by lora_alpha / lora_rank.",
+    )
+    .optional(
+        "lora_targets",
+        FieldType::List(Box::new(FieldType::one_of(&LLAMA_TARGETS))),
+        serde_json::json!(["q_proj", "v_proj"]),
+        "With lora_rank: the projections that get adapters (PEFT's default for Llama: q_proj and \
+         v_proj; all seven: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).",
+    )
+}
+
+/// The LoRA settings of `lora_options`, `None` when `rank` is 0.
+pub(crate) fn lora_config(rank: usize, alpha: f64, targets: &[String]) -> Option<LoraConfig> {
+    (rank > 0).then(|| LoraConfig {
+        rank,
+        alpha,
+        targets: targets.to_vec(),
+    })
+}
+
+/// The lineage line naming the base model and what of it trained.
+pub(crate) fn base_lineage(train_layers: usize, lora: Option<&LoraConfig>) -> String {
+    let base = hone_pretrained::smollm::MODEL_NAME;
+    match lora {
+        None => format!("base {base}, top {train_layers} layers trained"),
+        Some(l) => format!(
+            "base {base}, LoRA rank {} alpha {} on {} of the top {train_layers} layers, merged",
+            l.rank,
+            l.alpha,
+            l.targets.join(", ")
+        ),
+    }
 }

@@ -20,6 +20,7 @@ pub mod gpt;
 pub mod heads;
 pub mod kv_buffers;
 pub mod linear;
+pub mod lora;
 mod matmul;
 mod ops;
 pub mod policy_gradient;

@@ -24,12 +24,44 @@ type CResult<T> = candle_core::Result<T>;
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// A LoRA update on the (then frozen) weight.
+    adapter: Option<crate::lora::Lora>,
 }
 
 impl Linear {
     /// A layer of `weight` `[out, in]` and an optional `bias` `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            adapter: None,
+        }
+    }
+
+    /// This layer with a LoRA `adapter`: the weight and bias are detached
+    /// (frozen, so no backward pass computes their gradients) and the
+    /// adapter's update is added to the output.
+    pub fn with_adapter(self, adapter: crate::lora::Lora) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.map(|b| b.detach()),
+            adapter: Some(adapter),
+        }
+    }
+
+    /// This layer frozen: the weight and bias detached, so no backward pass
+    /// computes their gradients (an adapter, if any, still trains).
+    pub fn frozen(self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.map(|b| b.detach()),
+            adapter: self.adapter,
+        }
+    }
+
+    /// The LoRA adapter, if the layer has one.
+    pub fn adapter(&self) -> Option<&crate::lora::Lora> {
+        self.adapter.as_ref()
     }
 
     /// The weight, `[out, in]`.
@@ -57,6 +89,17 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let y = self.forward_base(x)?;
+        match &self.adapter {
+            None => Ok(y),
+            Some(a) => y + a.forward(x)?,
+        }
+    }
+}
+
+impl Linear {
+    /// `x W^T + b`, without the adapter.
+    fn forward_base(&self, x: &Tensor) -> CResult<Tensor> {
         if !self.fused(x) {
             return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x);
         }

@@ -116,6 +116,11 @@ impl RmsNorm {
             eps,
         })
     }
+
+    /// Frozen: no backward pass computes a gradient for the weight.
+    fn freeze(&mut self) {
+        self.weight = self.weight.detach();
+    }
 }
 
 impl Module for RmsNorm {
@@ -297,6 +302,44 @@ impl Layer {
             )?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
+    }
+
+    /// Where projection `name` sits in the layer: `self_attn.q_proj`,
+    /// `mlp.up_proj`.
+    fn path(name: &str) -> String {
+        let module = if ["gate_proj", "up_proj", "down_proj"].contains(&name) {
+            "mlp"
+        } else {
+            "self_attn"
+        };
+        format!("{module}.{name}")
+    }
+
+    /// The layer's projections by their Hugging Face names.
+    fn linears(&self) -> [(&'static str, &Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("q_proj", &a.q_proj),
+            ("k_proj", &a.k_proj),
+            ("v_proj", &a.v_proj),
+            ("o_proj", &a.o_proj),
+            ("gate_proj", &m.gate_proj),
+            ("up_proj", &m.up_proj),
+            ("down_proj", &m.down_proj),
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("q_proj", &mut a.q_proj),
+            ("k_proj", &mut a.k_proj),
+            ("v_proj", &mut a.v_proj),
+            ("o_proj", &mut a.o_proj),
+            ("gate_proj", &mut m.gate_proj),
+            ("up_proj", &mut m.up_proj),
+            ("down_proj", &mut m.down_proj),
+        ]
     }
 
     fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
@@ -496,6 +539,74 @@ impl Llama {
             x = layer.forward(&x, &self.rotary, &mask)?;
         }
         Ok(self.norm.forward(&x)?)
+    }
+
+    /// Adds LoRA adapters (`config`'s rank, alpha and target projections)
+    /// to layers `layers`, their `A` drawn from `seed`. Every weight of
+    /// those layers and the final norm is then frozen (detached, so that no
+    /// backward pass computes the gradients of the MLP's and the other
+    /// projections' weights: most of a step's cost); the adapters are all
+    /// that trains. Returns the adapters' variables by name
+    /// (`model.layers.I.self_attn.q_proj.lora_A`, `.lora_B`), sorted.
+    pub fn add_lora(
+        &mut self,
+        config: &hone_models::lora::LoraConfig,
+        layers: std::ops::Range<usize>,
+        seed: u64,
+    ) -> Result<Vec<(String, Var)>> {
+        config
+            .check(&hone_models::lora::LLAMA_TARGETS)
+            .map_err(|(field, message)| Error::Input(format!("{field}: {message}")))?;
+        if layers.end > self.layers.len() {
+            return Err(Error::Input(format!(
+                "LoRA on layers {layers:?} of a model of {}",
+                self.layers.len()
+            )));
+        }
+        let device = self.device.clone();
+        let mut vars = Vec::new();
+        self.norm.freeze();
+        for i in layers {
+            self.layers[i].input_layernorm.freeze();
+            self.layers[i].post_attention_layernorm.freeze();
+            for (name, linear) in self.layers[i].linears_mut() {
+                if !config.targets.iter().any(|t| t == name) {
+                    *linear = linear.clone().frozen();
+                    continue;
+                }
+                let full = format!("{}{}", Self::layer_prefix(i), Layer::path(name));
+                let shape = linear.weight().dims2()?;
+                let lora = hone_models::lora::Lora::new(
+                    shape,
+                    config.rank,
+                    config.alpha,
+                    hone_sdk::text::seeded_hash(seed, &full),
+                    &device,
+                )?;
+                let [a, b] = lora.vars();
+                vars.push((format!("{full}.lora_A"), a.clone()));
+                vars.push((format!("{full}.lora_B"), b.clone()));
+                *linear = linear.clone().with_adapter(lora);
+            }
+        }
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(vars)
+    }
+
+    /// The merged weight `W + (alpha / r) B A` of every layer with a LoRA
+    /// adapter, under the base weight's name: what a checkpoint stores in
+    /// its place, so it loads as the plain model.
+    pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, linear) in layer.linears() {
+                if let Some(lora) = linear.adapter() {
+                    let full = format!("{}{}.weight", Self::layer_prefix(i), Layer::path(name));
+                    out.push((full, (linear.weight() + lora.delta()?)?));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The LM head's weight [vocab, hidden] (the token embedding when tied).

@@ -197,12 +197,31 @@ impl ChatLlama {
     /// (Hugging Face names), `config.json` (the [`LlamaConfig`]) and the
     /// Hugging Face `tokenizer.json`, each atomically; returns the sha256
     /// of the weights. [`ChatLlama::from_checkpoint`] reads it back.
+    ///
+    /// Layers with LoRA adapters are stored merged (`W + (alpha / r) B A`
+    /// under the weight's own name), so the checkpoint is a plain SmolLM2.
     pub fn save(&self, dir: &Path) -> Result<String> {
         let eos = self.stop_tokens[0];
         let tok = HfTokenizer::new(self.tokenizer.clone(), eos, eos, eos);
+        let merged = self.model.merged_weights()?;
+        let vars = if merged.is_empty() {
+            self.vars.clone()
+        } else {
+            let copy = candle_nn::VarMap::new();
+            {
+                let mut data = copy.data().lock().expect("VarMap lock");
+                for (name, var) in self.vars.data().lock().expect("VarMap lock").iter() {
+                    data.insert(name.clone(), var.clone());
+                }
+                for (name, weight) in merged {
+                    data.insert(name, candle_core::Var::from_tensor(&weight)?);
+                }
+            }
+            copy
+        };
         Ok(hone_models::checkpoint::save(
             dir,
-            &self.vars,
+            &vars,
             self.model.config(),
             &tok,
         )?)

@@ -274,7 +274,7 @@ fn smollm_config(overrides: serde_json::Value) -> serde_json::Value {
 #[test]
 fn smollm2_gradients_reach_the_trained_layers_and_nothing_frozen() {
     let chat = ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap();
-    let tuned = Tuned::new(chat, 2, 48).unwrap();
+    let tuned = Tuned::new(chat, 2, 48, None, 0).unwrap();
     let (chosen, rejected, cut) = tuned
         .pair("Human: hi?\n\nAssistant:", " Hello there.", " No.")
         .unwrap();
@@ -481,7 +481,7 @@ fn smollm2_settings_that_cannot_work_are_refused() {
 #[test]
 fn smollm2_pairs_share_their_prompt_when_cut_to_fit() {
     let chat = ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap();
-    let tuned = Tuned::new(chat, 1, 24).unwrap();
+    let tuned = Tuned::new(chat, 1, 24, None, 0).unwrap();
     let prompt = "Human: tell me a long story about a cat who lived by the sea?\n\nAssistant:";
     let (chosen, rejected, cut) = tuned
         .pair(prompt, " Once upon a time there was a cat.", " No.")
@@ -509,8 +509,44 @@ fn smollm2_pairs_share_their_prompt_when_cut_to_fit() {
         ChatLlama::load(&smollm_dir(), &Device::Cpu).unwrap(),
         31,
         24,
+        None,
+        0,
     )
     .err()
     .unwrap();
     assert!(err.to_string().contains("config.train_layers"), "{err}");
+}
+
+#[test]
+fn smollm2_dpo_with_lora_learns_and_the_gpt_refuses_lora() {
+    let dir = temp_run_dir("dpo-smollm-lora");
+    let config = smollm_config(json!({
+        "lora_rank": 8, "lr": 1e-2, "min_lr": 1e-3,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }));
+    let out = run(&dir, config, vec![(0, pairs(6))]).unwrap();
+    let losses = out.series("loss");
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < first, "loss {first} -> {last}: {losses:?}");
+    assert!(
+        out.logs()
+            .iter()
+            .any(|l| l.contains("parameters trained (LoRA rank 8 on q_proj")),
+        "{:?}",
+        out.logs()
+    );
+    let start = policy(&dir);
+    let err = run(
+        &dir,
+        config_with_lora_on_gpt(),
+        vec![(0, pairs(2)), (1, vec![Record::Artifact(start)])],
+    )
+    .err()
+    .unwrap();
+    assert_eq!(err.config_field(), Some("lora_rank"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn config_with_lora_on_gpt() -> serde_json::Value {
+    config(json!({"lora_rank": 4}))
 }

@@ -51,6 +51,9 @@ struct SftConfig {
     pretrained: String,
     train_layers: usize,
     max_tokens: usize,
+    lora_rank: usize,
+    lora_alpha: f64,
+    lora_targets: Vec<String>,
 }
 
 /// What a round's training starts from.
@@ -79,7 +82,7 @@ impl StageFactory for Sft {
         let count = FieldType::unsigned();
         let size = FieldType::positive().at_most(1 << 20);
         let float = FieldType::Float;
-        StageDescriptor::new(
+        let d = StageDescriptor::new(
             "lm.sft",
             "Supervised fine-tuning of hone's byte-level GPT, or of SmolLM2 (see `pretrained`), on demonstrations (pairs: prompt + chosen; completions: \
              prompt + text), loss masked to the responses; emits checkpoints as policy artifacts.",
@@ -129,7 +132,8 @@ impl StageFactory for Sft {
             "SmolLM2: tokens a sequence keeps (templated prompt and response); the prompt loses its start first, \
              then a response longer than that loses its end (counted in a log line). The GPT uses its own context.",
         )
-        .placement(Placement::Single)
+        .placement(Placement::Single);
+        crate::tuned_llama::lora_options(d)
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
@@ -185,6 +189,23 @@ impl StageFactory for Sft {
                 }
             }
         };
+        if config.lora_rank > 0 {
+            if matches!(start, Start::Scratch | Start::Gpt(_)) {
+                return Err(StageError::config(
+                    "lora_rank",
+                    "LoRA adapters are for SmolLM2 (set pretrained, or init to a SmolLM2 checkpoint); \
+                     hone's GPT trains whole: set lora_rank = 0",
+                ));
+            }
+            crate::tuned_llama::lora_config(
+                config.lora_rank,
+                config.lora_alpha,
+                &config.lora_targets,
+            )
+            .expect("rank > 0")
+            .check(&hone_models::lora::LLAMA_TARGETS)
+            .map_err(|(field, message)| StageError::config(field, message))?;
+        }
         Ok(Sft {
             config,
             start,
@@ -239,7 +260,8 @@ impl Sft {
     fn initial_model(&self, ctx: &mut Context, seed: u64) -> Result<Net, StageError> {
         let c = &self.config;
         let llama = |chat: ChatLlama| -> Result<Net, StageError> {
-            let tuned = Tuned::new(chat, c.train_layers, c.max_tokens)?;
+            let lora = self.lora();
+            let tuned = Tuned::new(chat, c.train_layers, c.max_tokens, lora.as_ref(), seed)?;
             Ok(Net::Llama(Box::new(tuned)))
         };
         match &self.start {
@@ -320,10 +342,18 @@ impl Sft {
                         c.lr
                     ));
                 }
-                format!(
-                    "{trained} of {total} parameters (the top {} layers and the final norm of {SMOLLM})",
-                    c.train_layers
-                )
+                match self.lora() {
+                    None => format!(
+                        "{trained} of {total} parameters (the top {} layers and the final norm of {SMOLLM})",
+                        c.train_layers
+                    ),
+                    Some(l) => format!(
+                        "{trained} of {total} parameters (LoRA rank {} on {} of the top {} layers of {SMOLLM})",
+                        l.rank,
+                        l.targets.join(", "),
+                        c.train_layers
+                    ),
+                }
             }
         };
         ctx.log(format!(
@@ -373,6 +403,12 @@ impl Sft {
         self.checkpoint(ctx, &model, "final", c.steps)
     }
 
+    /// The LoRA settings, if `lora_rank` asks for adapters.
+    fn lora(&self) -> Option<hone_models::lora::LoraConfig> {
+        let c = &self.config;
+        crate::tuned_llama::lora_config(c.lora_rank, c.lora_alpha, &c.lora_targets)
+    }
+
     /// What training started from, as the log and the lineage say it.
     fn origin(&self) -> String {
         match self.start {
@@ -401,9 +437,10 @@ impl Sft {
         };
         let mut lineage = vec![origin, format!("lm.sft step {step}")];
         if let Net::Llama(_) = model {
-            lineage.push(format!(
-                "base {SMOLLM}, top {} layers trained",
-                self.config.train_layers
+            let lora = self.lora();
+            lineage.push(crate::tuned_llama::base_lineage(
+                self.config.train_layers,
+                lora.as_ref(),
             ));
         }
         // A numbered checkpoint carries its step; the final model carries none.

@@ -11,7 +11,7 @@ pub(crate) fn tiny_config(overrides: serde_json::Value) -> serde_json::Value {
         "steps": 40, "batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup": 5, "grad_accum": 1,
         "clip": 1.0, "weight_decay": 0.0, "eval_fraction": 0.2, "eval_every": 20,
         "checkpoint_every": 20, "seed": 0, "device": "cpu", "pretrained": "", "train_layers": 4,
-        "max_tokens": 256,
+        "max_tokens": 256, "lora_rank": 0, "lora_alpha": 16.0, "lora_targets": ["q_proj", "v_proj"],
     });
     for (k, v) in overrides.as_object().unwrap() {
         config[k] = v.clone();
@@ -182,7 +182,7 @@ fn smollm_config(overrides: serde_json::Value) -> serde_json::Value {
 fn smollm2_gradients_reach_the_trained_layers_only() {
     let dir = hone_sdk::pretrained::fetch(SMOLLM).unwrap();
     let chat = ChatLlama::load(&dir, &Device::Cpu).unwrap();
-    let net = Net::Llama(Box::new(Tuned::new(chat, 1, 40).unwrap()));
+    let net = Net::Llama(Box::new(Tuned::new(chat, 1, 40, None, 0).unwrap()));
     let demo = Demo {
         id: "d".into(),
         prompt: "Human: say apple\n\nAssistant:".into(),
@@ -263,4 +263,145 @@ fn a_start_named_twice_or_an_unknown_model_is_a_config_error() {
         .err()
         .unwrap();
     assert_eq!(err.config_field(), Some("pretrained"), "{err}");
+}
+
+#[test]
+fn smollm2_lora_trains_only_its_adapters_and_saves_the_merged_model() {
+    use hone_models::lora::LoraConfig;
+    let dir = hone_sdk::pretrained::fetch(SMOLLM).unwrap();
+    let chat = ChatLlama::load(&dir, &Device::Cpu).unwrap();
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    };
+    let tuned = Tuned::new(chat, 2, 40, Some(&lora), 3).unwrap();
+    // Per layer: q's A [4, 576] and B [576, 4], v's A [4, 576] and B [192, 4].
+    let trainable = tuned.trainable();
+    assert_eq!(trainable.len(), 2 * 2 * 2);
+    assert_eq!(tuned.counts().0, 2 * (2 * 4 * 576 + 4 * 576 + 4 * 192));
+    let names: Vec<&str> = tuned.adapters().iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"model.layers.29.self_attn.q_proj.lora_A"),
+        "{names:?}"
+    );
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("model.layers.28.") || n.starts_with("model.layers.29.")));
+    let demo = Demo {
+        id: "d".into(),
+        prompt: "Human: say apple\n\nAssistant:".into(),
+        response: " apple apple apple.".into(),
+    };
+    let (example, _) = tuned.demo(&demo.prompt, &demo.response).unwrap();
+    let (lp, _) = tuned.sequence_logprobs(&[&example], &Device::Cpu).unwrap();
+    let grads = lp.sum_all().unwrap().backward().unwrap();
+    // No weight of the model itself gets a gradient (the adapted layers are
+    // frozen whole); B's do from the start.
+    let missing = hone_models::train::vars_without_gradient(&tuned.chat.vars, &grads).unwrap();
+    assert_eq!(missing.len(), tuned.chat.vars.all_vars().len());
+    for (name, var) in tuned.adapters() {
+        let g = grads.get(var.as_tensor()).expect(name);
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(norm > 0.0, name.ends_with("lora_B"), "{name}: {norm}");
+    }
+    // With B moved off zero, the saved checkpoint is the adapted model.
+    for (name, var) in tuned.adapters() {
+        if name.ends_with("lora_B") {
+            let noise = hone_models::Tensor::randn(0f32, 0.05, var.shape(), &Device::Cpu).unwrap();
+            var.set(&noise).unwrap();
+        }
+    }
+    let adapted = tuned
+        .sequence_logprobs(&[&example], &Device::Cpu)
+        .unwrap()
+        .0;
+    let adapted = adapted.to_vec1::<f32>().unwrap()[0];
+    let out = temp_run_dir("sft-lora-merged");
+    tuned.chat.save(&out).unwrap();
+    let plain = ChatLlama::from_checkpoint(&out, &Device::Cpu).unwrap();
+    let row = |v: &[u32]| {
+        hone_models::Tensor::new(v, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    };
+    let mask = hone_models::Tensor::new(example.mask.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = plain.model.forward(&row(&example.inputs)).unwrap();
+    let whole = hone_models::train::sequence_logprobs(&logits, &row(&example.targets), &mask)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    assert!(
+        (adapted - whole).abs() < 1e-3 * whole.abs().max(1.0),
+        "adapted {adapted}, merged checkpoint {whole}"
+    );
+    // And the adapters moved it: the merged weights are not the base ones.
+    let base = ChatLlama::load(&dir, &Device::Cpu).unwrap();
+    let base_lp = hone_models::train::sequence_logprobs(
+        &base.model.forward(&row(&example.inputs)).unwrap(),
+        &row(&example.targets),
+        &mask,
+    )
+    .unwrap()
+    .to_vec1::<f32>()
+    .unwrap()[0];
+    assert!((base_lp - whole).abs() > 1e-3, "{base_lp} against {whole}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn smollm2_sft_with_lora_lowers_the_loss() {
+    let dir = temp_run_dir("sft-smollm-lora");
+    let config = smollm_config(serde_json::json!({
+        "lora_rank": 8, "lora_alpha": 16.0, "lr": 1e-2, "min_lr": 1e-3,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }));
+    let out = run_sft(&dir, config, demos(16));
+    let eval = metrics(&out, "eval_loss");
+    assert!(eval[1] < eval[0] * 0.9, "eval loss {eval:?}");
+    let policy = out.artifacts(0).pop().expect("a policy");
+    assert!(ChatLlama::is_checkpoint(&crate::checkpoint_dir_in(
+        &dir, &policy
+    )));
+    let lineage = out.events.iter().find_map(|e| match e {
+        Event::Artifact { lineage, .. } => Some(lineage.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        lineage.unwrap()[2],
+        format!(
+            "base {SMOLLM}, LoRA rank 8 alpha 16 on q_proj, k_proj, v_proj, o_proj, gate_proj, \
+             up_proj, down_proj of the top 1 layers, merged"
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn lora_on_the_gpt_or_with_a_bad_alpha_is_a_config_error() {
+    let gpt = tiny_config(serde_json::json!({"lora_rank": 4}));
+    let err = Sft::create(&StageInit::for_test("lm.sft", gpt))
+        .err()
+        .unwrap();
+    assert_eq!(err.config_field(), Some("lora_rank"), "{err}");
+    let alpha = smollm_config(serde_json::json!({"lora_rank": 4, "lora_alpha": 0.0}));
+    let err = Sft::create(&StageInit::for_test("lm.sft", alpha))
+        .err()
+        .unwrap();
+    assert_eq!(err.config_field(), Some("lora_alpha"), "{err}");
+    let target = smollm_config(serde_json::json!({"lora_rank": 4, "lora_targets": ["qkv"]}));
+    let err = Sft::create(&StageInit::for_test("lm.sft", target))
+        .err()
+        .unwrap();
+    assert_eq!(err.config_field(), Some("lora_targets"), "{err}");
 }
