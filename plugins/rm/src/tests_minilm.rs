@@ -451,3 +451,120 @@ fn minilm_workers_embed_together_without_waiting_forever() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn minilm_lora_merges_into_the_weights_it_adapts() {
+    let frozen = crate::tuned::Frozen::load(MODEL_NAME, 48, &Device::Cpu).unwrap();
+    let split = frozen.num_layers() - 1;
+    let items = [
+        ("How do I boil an egg?", "Happy to help!"),
+        ("Hi", "Go away."),
+    ];
+    let states = frozen.states(&items, split, 2, &mut |_, _| {}).unwrap();
+    let refs: Vec<&hone_models::Tensor> = states.iter().collect();
+    let (mut top, vars) = frozen.copy(&Default::default(), split).unwrap();
+    let lora = hone_models::lora::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["attention.self.query".into(), "intermediate.dense".into()],
+    };
+    let adapters = top.add_lora(&lora, split, 1).unwrap();
+    assert_eq!(adapters.len(), 2 * 2);
+    let before = top.pooled_from(&refs, split).unwrap();
+    // Gradients reach the adapters only: the adapted layer is frozen whole.
+    let grads = before.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let missing = hone_models::train::vars_without_gradient(&vars, &grads).unwrap();
+    assert_eq!(missing.len(), vars.all_vars().len());
+    for (name, var) in &adapters {
+        assert!(grads.get(var.as_tensor()).is_some(), "{name}");
+        if name.ends_with("lora_B") {
+            let noise = hone_models::Tensor::randn(0f32, 0.05, var.shape(), &Device::Cpu).unwrap();
+            var.set(&noise).unwrap();
+        }
+    }
+    let adapted = top.pooled_from(&refs, split).unwrap();
+    // The merged weights, loaded as a checkpoint's overrides, are the
+    // adapted model.
+    let merged: std::collections::HashMap<String, hone_models::Tensor> =
+        top.merged_weights().unwrap().into_iter().collect();
+    assert_eq!(merged.len(), 2);
+    assert!(
+        merged.contains_key("encoder.layer.5.attention.self.query.weight"),
+        "{:?}",
+        merged.keys()
+    );
+    let (plain, _) = frozen.copy(&merged, split).unwrap();
+    let reloaded = plain.pooled_from(&refs, split).unwrap();
+    let gap = |a: &hone_models::Tensor, b: &hone_models::Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!(
+        gap(&adapted, &reloaded) < 1e-4,
+        "{}",
+        gap(&adapted, &reloaded)
+    );
+    assert!(
+        gap(&adapted, &before) > 1e-4,
+        "the adapters changed nothing"
+    );
+}
+
+#[test]
+fn minilm_lora_members_learn_and_warm_averages_their_merged_layers() {
+    let dir = temp_run_dir("minilm-lora");
+    let pairs = polite_pairs(40);
+    let config = minilm_train(json!({
+        "train_layers": 1, "max_tokens": 48, "steps": 12, "lrs": [3e-3, 1e-3], "eval_every": 0,
+        "embed_batch_size": 16, "lora_rank": 4, "lora_alpha": 8.0,
+    }));
+    let out = run::<Train>("rm", &dir, config, vec![0, 1], vec![(0, records(&pairs))]).unwrap();
+    for m in 0..2 {
+        let loss = out.series(&format!("m{m}_train_loss"));
+        let (first, last) = (mean(&loss[..3]), mean(&loss[9..]));
+        assert!(last < first, "member {m}: train loss {first} -> {last}");
+    }
+    let member0 = dir.join("outputs/rm/member-0");
+    assert!(load_meta(&member0)
+        .unwrap()
+        .lineage_root
+        .contains("lora_rank=4"));
+    // The head and layer 5's 16 tensors, query and value merged: no adapter.
+    let saved =
+        candle_core::safetensors::load(member0.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(
+        saved.len(),
+        2 + 16,
+        "{:?}",
+        saved.keys().collect::<Vec<_>>()
+    );
+    assert!(saved.keys().all(|k| !k.contains("lora")));
+    let models = out.artifacts(0);
+    let warm = run::<Warm>(
+        "warm",
+        &dir,
+        json!({}),
+        vec![0],
+        vec![
+            (0, models.iter().cloned().map(Record::Artifact).collect()),
+            (1, records(&pairs)),
+        ],
+    )
+    .unwrap();
+    assert_eq!(warm.artifacts(0).len(), 1);
+    let err = Train::create(&hone_sdk::testing::init::<Train>(minilm_train(
+        json!({"lora_rank": 4}),
+    )))
+    .err()
+    .unwrap();
+    assert_eq!(err.config_field(), Some("lora_rank"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

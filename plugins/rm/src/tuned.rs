@@ -12,6 +12,7 @@
 
 use crate::tuned_llama::FrozenLlama;
 use crate::OrStageError;
+use hone_models::lora::LoraConfig;
 use hone_models::{Device, Tensor};
 use hone_pretrained::bert::{self, Bert};
 use hone_pretrained::minilm::{HEAD_PREFIX, MODEL_NAME as MINILM};
@@ -32,6 +33,22 @@ pub(crate) trait TopLayers: Send + Sync {
     fn hidden_size(&self) -> usize;
     /// The variables that train above `split`, by checkpoint name.
     fn trained_vars(&self, vars: &VarMap, split: usize) -> Vec<(String, candle_core::Var)>;
+    /// LoRA adapters on the layers from `split` (`config.targets` empty:
+    /// the backbone's query and value projections, PEFT's default),
+    /// freezing those layers' own weights; the adapters' variables by name.
+    fn add_lora(
+        &mut self,
+        config: &LoraConfig,
+        split: usize,
+        seed: u64,
+    ) -> hone_models::Result<Vec<(String, candle_core::Var)>>;
+    /// The merged weight of every adapted projection, by checkpoint name.
+    fn merged_weights(&self) -> hone_models::Result<Vec<(String, Tensor)>>;
+}
+
+/// A pretrained backbone's error as the model core's.
+fn backbone_error(e: hone_pretrained::Error) -> hone_models::Error {
+    hone_models::Error::Invalid(e.to_string())
 }
 
 /// MiniLM: the mean pool of the last hidden states.
@@ -47,6 +64,24 @@ impl TopLayers for Bert {
 
     fn trained_vars(&self, vars: &VarMap, split: usize) -> Vec<(String, candle_core::Var)> {
         self.layer_vars(vars, split..Bert::num_layers(self))
+    }
+
+    fn add_lora(
+        &mut self,
+        config: &LoraConfig,
+        split: usize,
+        seed: u64,
+    ) -> hone_models::Result<Vec<(String, candle_core::Var)>> {
+        let mut config = config.clone();
+        if config.targets.is_empty() {
+            config.targets = vec!["attention.self.query".into(), "attention.self.value".into()];
+        }
+        let layers = split..Bert::num_layers(self);
+        Bert::add_lora(self, &config, layers, seed).map_err(backbone_error)
+    }
+
+    fn merged_weights(&self) -> hone_models::Result<Vec<(String, Tensor)>> {
+        Bert::merged_weights(self).map_err(backbone_error)
     }
 }
 

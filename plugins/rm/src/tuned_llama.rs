@@ -12,6 +12,7 @@
 
 use crate::tuned::TopLayers;
 use crate::OrStageError;
+use hone_models::lora::LoraConfig;
 use hone_models::{Device, Tensor};
 use hone_pretrained::smollm::{chat_template, ChatLlama, MODEL_NAME};
 use hone_pretrained::{Llama, VarMap};
@@ -215,6 +216,28 @@ impl TopLayers for LlamaTop {
 
     fn hidden_size(&self) -> usize {
         self.model.config().hidden_size
+    }
+
+    fn add_lora(
+        &mut self,
+        config: &LoraConfig,
+        split: usize,
+        seed: u64,
+    ) -> hone_models::Result<Vec<(String, candle_core::Var)>> {
+        let mut config = config.clone();
+        if config.targets.is_empty() {
+            config.targets = vec!["q_proj".into(), "v_proj".into()];
+        }
+        let layers = split..self.model.config().num_hidden_layers;
+        self.model
+            .add_lora(&config, layers, seed)
+            .map_err(|e| hone_models::Error::Invalid(e.to_string()))
+    }
+
+    fn merged_weights(&self) -> hone_models::Result<Vec<(String, Tensor)>> {
+        self.model
+            .merged_weights()
+            .map_err(|e| hone_models::Error::Invalid(e.to_string()))
     }
 
     fn trained_vars(&self, vars: &VarMap, split: usize) -> Vec<(String, candle_core::Var)> {

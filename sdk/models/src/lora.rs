@@ -32,6 +32,17 @@ pub const LLAMA_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
+/// The projections of a BERT layer an adapter can go on, by their paths in
+/// the layer's checkpoint names (`encoder.layer.I.attention.self.query`).
+pub const BERT_TARGETS: [&str; 6] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
 /// What adapters to add: rank, scale and which projections.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraConfig {
@@ -112,6 +123,13 @@ impl Lora {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let low = x.broadcast_matmul(&self.a.as_tensor().t()?)?;
         low.broadcast_matmul(&self.b.as_tensor().t()?)? * self.scale
+    }
+
+    /// The weight update `(alpha / r) · B A` [out, in], with gradients: for
+    /// a layer that adds it to its frozen weight before its product (BERT's
+    /// packed q/k/v projection).
+    pub fn update(&self) -> candle_core::Result<Tensor> {
+        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
     }
 
     /// The weight update `(alpha / r) · B A` [out, in], detached: what a

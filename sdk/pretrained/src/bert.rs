@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{Embedding, Module, VarBuilder, VarMap};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use hone_models::linear::Linear;
+use hone_models::lora::{Lora, LoraConfig, BERT_TARGETS};
 
 use crate::{Error, Result};
 
@@ -33,6 +34,12 @@ impl Norm {
             bias: vb.get(size, "bias")?,
             eps,
         })
+    }
+
+    /// Frozen: no backward pass computes gradients for its weights.
+    fn freeze(&mut self) {
+        self.weight = self.weight.detach();
+        self.bias = self.bias.detach();
     }
 }
 
@@ -54,6 +61,9 @@ struct Layer {
     /// `[H]`, each its own checkpoint tensor (and `Var`), concatenated into
     /// one projection per call.
     qkv: [(Tensor, Tensor); 3],
+    /// LoRA adapters on the query, key and value projections, whose
+    /// updates join the frozen weights before the packed product.
+    qkv_adapters: [Option<Lora>; 3],
     attention_out: Linear,
     attention_norm: Norm,
     intermediate: Linear,
@@ -77,6 +87,7 @@ impl Layer {
                 projection("self.key")?,
                 projection("self.value")?,
             ],
+            qkv_adapters: [None, None, None],
             attention_out: linear(h, h, a.pp("output.dense"))?,
             attention_norm: Norm::new(h, cfg.layer_norm_eps, a.pp("output.LayerNorm"))?,
             intermediate: linear(h, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
@@ -92,8 +103,15 @@ impl Layer {
         // One [3H, H] projection: one gemm instead of three, and the fused
         // attention reads q, k and v out of its rows.
         let [(wq, bq), (wk, bk), (wv, bv)] = &self.qkv;
+        let adapted = |w: &Tensor, a: &Option<Lora>| -> candle_core::Result<Tensor> {
+            match a {
+                None => Ok(w.clone()),
+                Some(a) => w + a.update()?,
+            }
+        };
+        let [aq, ak, av] = &self.qkv_adapters;
         let qkv = Linear::new(
-            Tensor::cat(&[wq, wk, wv], 0)?,
+            Tensor::cat(&[adapted(wq, aq)?, adapted(wk, ak)?, adapted(wv, av)?], 0)?,
             Some(Tensor::cat(&[bq, bk, bv], 0)?),
         )
         .forward(x)?;
@@ -117,6 +135,79 @@ impl Layer {
         Ok(self
             .output_norm
             .forward(&(self.output.forward(&inner)? + attended)?)?)
+    }
+}
+
+impl Layer {
+    /// Adds `config`'s adapters (targets from `BERT_TARGETS`) and freezes
+    /// every other weight of the layer; returns the adapters by the
+    /// projection's path, with the merged-weight name each one updates.
+    fn add_lora(
+        &mut self,
+        config: &LoraConfig,
+        seed: impl Fn(&str) -> u64,
+    ) -> Result<Vec<(&'static str, Lora)>> {
+        let mut added = Vec::new();
+        let wanted = |path: &str| config.targets.iter().any(|t| t == path);
+        for (j, path) in BERT_TARGETS[..3].iter().enumerate() {
+            let (w, b) = &mut self.qkv[j];
+            *w = w.detach();
+            *b = b.detach();
+            if wanted(path) {
+                let lora = Lora::new(
+                    w.dims2()?,
+                    config.rank,
+                    config.alpha,
+                    seed(path),
+                    w.device(),
+                )?;
+                self.qkv_adapters[j] = Some(lora.clone());
+                added.push((*path, lora));
+            }
+        }
+        for (path, linear) in [
+            (BERT_TARGETS[3], &mut self.attention_out),
+            (BERT_TARGETS[4], &mut self.intermediate),
+            (BERT_TARGETS[5], &mut self.output),
+        ] {
+            if wanted(path) {
+                let lora = Lora::new(
+                    linear.weight().dims2()?,
+                    config.rank,
+                    config.alpha,
+                    seed(path),
+                    linear.weight().device(),
+                )?;
+                *linear = linear.clone().with_adapter(lora.clone());
+                added.push((path, lora));
+            } else {
+                *linear = linear.clone().frozen();
+            }
+        }
+        self.attention_norm.freeze();
+        self.output_norm.freeze();
+        Ok(added)
+    }
+
+    /// Each adapted projection's merged weight `W + (alpha / r) B A`, by
+    /// its path.
+    fn merged_weights(&self) -> Result<Vec<(&'static str, Tensor)>> {
+        let mut out = Vec::new();
+        for (j, a) in self.qkv_adapters.iter().enumerate() {
+            if let Some(a) = a {
+                out.push((BERT_TARGETS[j], (&self.qkv[j].0 + a.delta()?)?));
+            }
+        }
+        for (path, linear) in [
+            (BERT_TARGETS[3], &self.attention_out),
+            (BERT_TARGETS[4], &self.intermediate),
+            (BERT_TARGETS[5], &self.output),
+        ] {
+            if let Some(a) = linear.adapter() {
+                out.push((path, (linear.weight() + a.delta()?)?));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -261,6 +352,54 @@ impl Bert {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// Adds LoRA adapters (`config`; targets from
+    /// `hone_models::lora::BERT_TARGETS`) to layers `layers`, their `A`
+    /// drawn from `seed`, and freezes every other weight of those layers:
+    /// the adapters are all that trains there. Returns the adapters'
+    /// variables by name (`encoder.layer.I.attention.self.query.lora_A`,
+    /// `.lora_B`), sorted.
+    pub fn add_lora(
+        &mut self,
+        config: &LoraConfig,
+        layers: Range<usize>,
+        seed: u64,
+    ) -> Result<Vec<(String, Var)>> {
+        config
+            .check(&BERT_TARGETS)
+            .map_err(|(field, message)| Error::Input(format!("{field}: {message}")))?;
+        if layers.end > self.layers.len() {
+            return Err(Error::Input(format!(
+                "LoRA on layers {layers:?} of a model of {}",
+                self.layers.len()
+            )));
+        }
+        let mut vars = Vec::new();
+        for i in layers {
+            let prefix = self.layer_prefix(i);
+            let seed_of =
+                |path: &str| hone_sdk::text::seeded_hash(seed, &format!("{prefix}{path}"));
+            for (path, lora) in self.layers[i].add_lora(config, seed_of)? {
+                let [a, b] = lora.vars();
+                vars.push((format!("{prefix}{path}.lora_A"), a.clone()));
+                vars.push((format!("{prefix}{path}.lora_B"), b.clone()));
+            }
+        }
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(vars)
+    }
+
+    /// The merged weight of every projection with a LoRA adapter, under the
+    /// base weight's checkpoint name: what a checkpoint stores in its place.
+    pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (path, w) in layer.merged_weights()? {
+                out.push((format!("{}{path}.weight", self.layer_prefix(i)), w));
+            }
+        }
+        Ok(out)
     }
 
     /// The embedding layer's output [B, T, H] for token ids and segment ids [B, T].

@@ -59,6 +59,9 @@ struct TrainConfig {
     train_on: String,
     start: String,
     device: String,
+    lora_rank: usize,
+    lora_alpha: f64,
+    lora_targets: Vec<String>,
 }
 
 /// Overwrites the variables of `varmap` that `wanted` names with the
@@ -258,10 +261,63 @@ impl StageFactory for Train {
              average them.",
         )
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+        .optional(
+            "lora_rank",
+            FieldType::unsigned().at_most(4096),
+            0,
+            "With a pretrained backbone and train_layers > 0: LoRA (Hu et al. 2021) of this rank on the \
+             top train_layers layers instead of training their weights (0 = no LoRA); the head trains as \
+             always. The adapters start as PEFT's do (A Kaiming-uniform from init_seed, shared by the \
+             members; B zero), and the checkpoint stores the merged weights W + (alpha / r) B A, so it \
+             loads and scores like any partly fine-tuned model, and rm.warm's average of members is the \
+             mean of their merged updates, not of A and B apart (mean(B_i) mean(A_i) is not the mean of \
+             the products). Not with start = \"last\".",
+        )
+        .optional("lora_alpha", FieldType::Float, 16.0, "With lora_rank: the update is scaled by lora_alpha / lora_rank.")
+        .optional(
+            "lora_targets",
+            FieldType::List(Box::new(FieldType::String)),
+            serde_json::json!([]),
+            "With lora_rank: the projections that get adapters. SmolLM2: q_proj, k_proj, v_proj, o_proj, \
+             gate_proj, up_proj, down_proj; MiniLM: attention.self.query, attention.self.key, \
+             attention.self.value, attention.output.dense, intermediate.dense, output.dense. Empty: the \
+             query and value projections (PEFT's default).",
+        )
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
         let config: TrainConfig = init.config()?;
+        if config.lora_rank > 0 {
+            if config.train_layers == 0 {
+                return Err(StageError::config(
+                    "lora_rank",
+                    "LoRA adapts the fine-tuned top layers: set train_layers to 1 or more (and a \
+                     pretrained backbone)",
+                ));
+            }
+            if config.start == "last" {
+                return Err(StageError::config(
+                    "lora_rank",
+                    "LoRA members cannot continue (start = \"last\"): their checkpoints hold merged \
+                     weights, not adapters; use start = \"init\"",
+                ));
+            }
+            let known: &[&str] = if config.backbone == SMOLLM {
+                &hone_models::lora::LLAMA_TARGETS
+            } else {
+                &hone_models::lora::BERT_TARGETS
+            };
+            let mut lora = hone_models::lora::LoraConfig {
+                rank: config.lora_rank,
+                alpha: config.lora_alpha,
+                targets: config.lora_targets.clone(),
+            };
+            if lora.targets.is_empty() {
+                lora.targets = vec![known[0].to_string()];
+            }
+            lora.check(known)
+                .map_err(|(field, message)| StageError::config(field, message))?;
+        }
         let device = device(&config.device)?;
         let shape = Shape::new(
             config.d_model,
@@ -863,7 +919,7 @@ impl Train {
         let (seed, lr, dropout) = self.member_setup(ctx, member);
         let init_seed = self.init_seed(ctx);
         let backbone = self.config.backbone.clone();
-        let (top, all) = self
+        let (mut top, all) = self
             .scoring
             .frozen(&backbone, self.config.max_tokens)?
             .copy(&HashMap::new(), cache.split)?;
@@ -871,27 +927,54 @@ impl Train {
         let (head, head_vars) =
             hone_pretrained::minilm::seeded_head(hidden, init_seed, &self.device)
                 .or_stage("cannot build the reward head")?;
+        let lora = self.lora();
+        // The adapters start from the shared init seed too: WARM's members
+        // share their whole initialisation.
+        let adapters = match &lora {
+            None => Vec::new(),
+            Some(l) => top
+                .add_lora(l, cache.split, init_seed)
+                .or_stage("cannot add LoRA adapters")?,
+        };
         // What the optimiser sees: the head and the top layers (the same
-        // variables the encoder copy computes with).
+        // variables the encoder copy computes with), or the head and the
+        // LoRA adapters on them.
         let trainable = VarMap::new();
         {
             let mut data = trainable.data().lock().expect("VarMap lock");
             for (name, var) in head_vars.data().lock().expect("VarMap lock").iter() {
                 data.insert(name.clone(), var.clone());
             }
-            for (name, var) in top.trained_vars(&all, cache.split) {
+            let trained = if lora.is_some() {
+                adapters
+            } else {
+                top.trained_vars(&all, cache.split)
+            };
+            for (name, var) in trained {
                 data.insert(name, var);
             }
         }
-        let root = format!(
+        let mut root = format!(
             "{backbone}:init_seed={init_seed}:train_layers={}:max_tokens={}",
             self.config.train_layers, self.config.max_tokens
         );
+        let mut tuned = format!("{backbone}, top {} layers tuned", self.config.train_layers);
+        if let Some(l) = &lora {
+            root.push_str(&format!(
+                ":lora_rank={}:lora_alpha={}:lora_targets={}",
+                l.rank,
+                l.alpha,
+                l.targets.join(",")
+            ));
+            tuned = format!(
+                "{backbone}, LoRA rank {} on the top {} layers, merged",
+                l.rank, self.config.train_layers
+            );
+        }
         let continued = self.continue_last(ctx, member, &trainable)?;
-        let init_desc = continued.as_ref().map_or(
-            format!("{backbone}, top {} layers tuned", self.config.train_layers),
-            |id| format!("continued from {id}"),
-        );
+        let init_desc = continued
+            .as_ref()
+            .map_or(tuned, |id| format!("continued from {id}"));
         let encode_text = |p: &str, r: &str| vec![cache.index[&(p.to_string(), r.to_string())]];
         let (eval, train) = self.split(ctx, pairs, &encode_text);
         let net = Net::Tuned {
@@ -928,10 +1011,50 @@ impl Train {
             train_layers: self.config.train_layers,
             max_tokens: self.config.max_tokens,
         };
-        save_head_reward_model(&dir, &trainable, &config, &meta)
+        // With LoRA the checkpoint holds what it holds without: the head and
+        // the top layers' weights, the adapted ones merged, so it loads,
+        // scores and averages (WARM: the mean of merged weights, so of the
+        // updates) like any partly fine-tuned model.
+        let saved = if lora.is_some() {
+            let merged: HashMap<String, Tensor> = top
+                .merged_weights()
+                .or_stage("cannot merge the LoRA adapters")?
+                .into_iter()
+                .collect();
+            let saved = VarMap::new();
+            {
+                let mut data = saved.data().lock().expect("VarMap lock");
+                for (name, var) in head_vars.data().lock().expect("VarMap lock").iter() {
+                    data.insert(name.clone(), var.clone());
+                }
+                for (name, var) in top.trained_vars(&all, cache.split) {
+                    let var = match merged.get(&name) {
+                        Some(w) => candle_core::Var::from_tensor(w)
+                            .or_stage("cannot merge the LoRA adapters")?,
+                        None => var,
+                    };
+                    data.insert(name, var);
+                }
+            }
+            saved
+        } else {
+            trainable
+        };
+        save_head_reward_model(&dir, &saved, &config, &meta)
             .or_stage(&format!("cannot write reward model {}", dir.display()))?;
         drop(all);
         self.emit(ctx, &dir, continued.into_iter().collect(), &meta)
+    }
+
+    /// The LoRA settings, if `lora_rank` asks for adapters (empty targets:
+    /// the backbone's default, chosen where the adapters are added).
+    fn lora(&self) -> Option<hone_models::lora::LoraConfig> {
+        let c = &self.config;
+        (c.lora_rank > 0).then(|| hone_models::lora::LoraConfig {
+            rank: c.lora_rank,
+            alpha: c.lora_alpha,
+            targets: c.lora_targets.clone(),
+        })
     }
 
     /// With start = "last", overwrites a freshly built member's weights with
