@@ -23,6 +23,7 @@
 
 mod learners;
 mod llama_gen;
+mod llama_train;
 mod lm;
 mod matmul;
 mod minilm;
@@ -288,6 +289,16 @@ fn main() {
     if args.first().map(String::as_str) == Some("llama-gen") {
         llama_gen::run(llama_gen::LlamaGenBench {
             tokens: 32,
+            repeats: 3,
+        });
+        return;
+    }
+    if args.first().map(String::as_str) == Some("llama-train") {
+        llama_train::run(llama_train::LlamaTrainBench {
+            batch: 8,
+            tokens: 192,
+            response: 96,
+            steps: 2,
             repeats: 3,
         });
         return;

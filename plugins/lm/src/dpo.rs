@@ -124,7 +124,7 @@ impl StageFactory for Dpo {
              (fetched from its PyPI wheel, trained as hone's f32 Llama port; each prompt goes into its \
              ChatML template, an HH-RLHF transcript as its turns, and each response ends with <|im_end|>). \
              The reference is the model it starts from. A `policy` artifact that arrives is trained \
-             instead (and this is logged): hone's GPT, or a SmolLM2 one lm.dpo wrote, trained the same \
+             instead (and this is logged): hone's GPT, or a SmolLM2 one lm.sft or lm.dpo wrote, trained the same \
              way. Empty: the `policy` artifact.",
         )
         .optional(

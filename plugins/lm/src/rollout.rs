@@ -71,7 +71,7 @@ impl StageFactory for Rollout {
              (fetched from its PyPI wheel, run as hone's f32 Llama port; each prompt becomes the user turn \
              of its ChatML template, an HH-RLHF transcript its turns; a prompt's n samples decode in one \
              batch; top_k and top_p are not supported with it). Empty: the latest policy artifact, \
-             hone's GPT or a SmolLM2 one lm.dpo wrote (sampled the same way as the pretrained one).",
+             hone's GPT or a SmolLM2 one lm.sft or lm.dpo wrote (sampled the same way as the pretrained one).",
         )
         .placement(Placement::DataParallel)
     }

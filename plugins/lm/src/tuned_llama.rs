@@ -253,12 +253,13 @@ impl Tuned {
         }
         let n = at.len();
         let picked = flat.index_select(&Tensor::new(at.as_slice(), device)?, 0)?;
-        let head = model.head_weight().detach();
-        let logits = picked.matmul(&head.t()?)?;
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let token = log_probs
-            .gather(&Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?, 1)?
-            .squeeze(1)?;
+        // hone's fused linear: its backward skips the detached weight's
+        // gradient (a [576, N] x [N, 49152] gemm a plain matmul would do).
+        let head = hone_models::linear::Linear::new(model.head_weight().detach(), None);
+        let logits = candle_core::Module::forward(&head, &picked)?;
+        // One op, forward and backward: log-softmax over the 49,152-token
+        // vocabulary, then gather, would allocate five such tensors each way.
+        let token = hone_models::picked_logprobs::picked_logprobs(&logits, &targets)?;
         // Sum each sequence's tokens: a [S, N] membership matrix times [N].
         let mut member = vec![0f32; examples.len() * n];
         for (k, &s) in of.iter().enumerate() {

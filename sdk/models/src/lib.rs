@@ -23,6 +23,7 @@ pub mod linear;
 pub mod lora;
 mod matmul;
 mod ops;
+pub mod picked_logprobs;
 pub mod policy_gradient;
 pub mod ppo;
 pub mod preference;

@@ -218,9 +218,16 @@ impl CustomOp2 for FusedLinear {
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.detach().contiguous()?;
+        // candle asks for every argument's gradient, and keeps only those
+        // of the arguments it tracks: skip the others' gemms (a frozen
+        // weight, a LoRA layer's base weight, detached cached states).
         Ok((
-            Some(g.apply_op2_no_bwd(&w.detach(), &Grad::Input)?),
-            Some(g.apply_op2_no_bwd(&x.detach(), &Grad::Weight)?),
+            x.track_op()
+                .then(|| g.apply_op2_no_bwd(&w.detach(), &Grad::Input))
+                .transpose()?,
+            w.track_op()
+                .then(|| g.apply_op2_no_bwd(&x.detach(), &Grad::Weight))
+                .transpose()?,
         ))
     }
 }
@@ -258,15 +265,22 @@ impl CustomOp3 for FusedLinear {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad.detach().contiguous()?;
+        // As above: only the tracked arguments' gradients.
         Ok((
-            Some(g.apply_op2_no_bwd(&w.detach(), &Grad::Input)?),
-            Some(g.apply_op2_no_bwd(&x.detach(), &Grad::Weight)?),
-            Some(g.apply_op1_no_bwd(&ColumnSums)?),
+            x.track_op()
+                .then(|| g.apply_op2_no_bwd(&w.detach(), &Grad::Input))
+                .transpose()?,
+            w.track_op()
+                .then(|| g.apply_op2_no_bwd(&x.detach(), &Grad::Weight))
+                .transpose()?,
+            b.track_op()
+                .then(|| g.apply_op1_no_bwd(&ColumnSums))
+                .transpose()?,
         ))
     }
 }
@@ -283,11 +297,26 @@ enum Grad {
     Weight,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Gradient products computed on this thread, for the tests that check
+    /// which ones a backward pass skips: (input, weight).
+    static GRADS_COMPUTED: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
 fn grad<T: WithDType>(
     wrt: &Grad,
     (g, gl): (&[T], &Layout),
     (o, ol): (&[T], &Layout),
 ) -> CResult<(Vec<T>, Shape)> {
+    #[cfg(test)]
+    GRADS_COMPUTED.with(|c| {
+        let (i, w) = c.get();
+        c.set(match wrt {
+            Grad::Input => (i + 1, w),
+            Grad::Weight => (i, w + 1),
+        });
+    });
     let (m, n) = rows_cols(gl)?;
     match wrt {
         Grad::Input => {
@@ -399,6 +428,34 @@ impl CustomOp1 for ColumnSums {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn backward_skips_the_gradients_of_untracked_arguments() {
+        let computed = || GRADS_COMPUTED.with(|c| c.get());
+        let x = Var::from_tensor(&randn(&[80, 8], DType::F32)).unwrap();
+        let w = Var::from_tensor(&randn(&[6, 8], DType::F32)).unwrap();
+        let b = Var::from_tensor(&randn(&[6], DType::F32)).unwrap();
+        let run = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| {
+            let before = computed();
+            let y = Linear::new(w.clone(), b.cloned()).forward(x).unwrap();
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let after = computed();
+            (grads, (after.0 - before.0, after.1 - before.1))
+        };
+        // Both tracked: both products.
+        let (grads, n) = run(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()));
+        assert_eq!(n, (1, 1));
+        assert!(grads.get(w.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
+        // A frozen weight (and bias): the input's gradient only.
+        let (w0, b0) = (w.as_tensor().detach(), b.as_tensor().detach());
+        let (grads, n) = run(x.as_tensor(), &w0, Some(&b0));
+        assert_eq!(n, (1, 0));
+        assert!(grads.get(x.as_tensor()).is_some());
+        // A detached input (cached frozen states): the weight's only.
+        let (grads, n) = run(&x.as_tensor().detach(), w.as_tensor(), None);
+        assert_eq!(n, (0, 1));
+        assert!(grads.get(w.as_tensor()).is_some());
+    }
 
     fn randn(shape: &[usize], dtype: DType) -> Tensor {
         Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
