@@ -89,7 +89,7 @@ impl StageFactory for Sft {
         )
         .input("demos", RecordKind::Any)
         .output("policy", RecordKind::Artifact(ArtifactKind::Policy))
-        .optional("init", FieldType::String, "scratch", "`scratch` for a fresh model shaped by d_model..context (or `pretrained`), or the \
+        .optional("init", FieldType::String, "scratch", "`scratch` for a fresh model shaped by d_model..context (or the model `pretrained` names), or the \
             directory of a policy checkpoint (relative to the run directory, e.g. `outputs/sft/final`), whose shape is then kept: hone's GPT, \
             or a SmolLM2 one lm.sft or lm.dpo wrote, trained as `pretrained` says. Each round starts from it.")
         .optional("d_model", FieldType::range(1, 65_536), 64, "Width of a fresh model.")
@@ -139,12 +139,21 @@ impl StageFactory for Sft {
     fn create(init: &StageInit) -> Result<Self, StageError> {
         let config: SftConfig = init.config()?;
         let device = device(&config.device)?;
-        let shape = Shape::new(
-            config.d_model,
-            config.n_layers,
-            config.n_heads,
-            config.context,
-        );
+        // A SmolLM2 start keeps its own shape: d_model..context are a fresh
+        // GPT's and are not checked then.
+        let smollm = !config.pretrained.is_empty()
+            || (config.init != "scratch"
+                && ChatLlama::is_checkpoint(&init.run_dir.join(&config.init)));
+        let shape = if smollm {
+            Shape::new(1, 1, 1, 1)
+        } else {
+            Shape::new(
+                config.d_model,
+                config.n_layers,
+                config.n_heads,
+                config.context,
+            )
+        };
         let positive = [
             ("steps", config.steps),
             ("batch_size", config.batch_size),
@@ -182,7 +191,7 @@ impl StageFactory for Sft {
                     checkpoint::load_config::<GptConfig>(&dir).map_err(|e| {
                         StageError::config(
                             "init",
-                            format!("not a policy checkpoint ({e}): give \"scratch\" or a directory written by lm.sft"),
+                            format!("not a policy checkpoint ({e}): give \"scratch\" or a directory written by lm.sft or lm.dpo"),
                         )
                     })?;
                     Start::Gpt(dir)

@@ -158,7 +158,8 @@ impl StageFactory for Train {
              `smollm2-135m-instruct`: the pretrained chat model with its top `train_layers` layers and final \
              norm fine-tuned under a linear head on the last token's hidden state (the prompt in its ChatML \
              template, the response ended by <|im_end|>, as TRL's reward models on a causal LM read it); \
-             train_layers >= 1.",
+             train_layers >= 1 (with lora_rank, LoRA adapters on those layers train instead, the final norm \
+             frozen).",
         )
         .optional(
             "train_layers",
@@ -287,7 +288,7 @@ impl StageFactory for Train {
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
         let config: TrainConfig = init.config()?;
-        if config.lora_rank > 0 {
+        if config.lora_rank > 0 && config.backbone != GPT_BACKBONE {
             if config.train_layers == 0 {
                 return Err(StageError::config(
                     "lora_rank",
@@ -349,6 +350,13 @@ impl StageFactory for Train {
             return Err(StageError::config(
                 "min_lr",
                 format!("must be >= 0, found {}", config.min_lr),
+            ));
+        }
+        if config.lora_rank > 0 && config.backbone == GPT_BACKBONE {
+            return Err(StageError::config(
+                "lora_rank",
+                "LoRA adapts the top layers of a pretrained backbone: set backbone = \"all-minilm-l6-v2\" \
+                 or \"smollm2-135m-instruct\" (a gpt reward model trains whole)",
             ));
         }
         if config.train_layers > 0 && config.backbone == GPT_BACKBONE {
@@ -1027,13 +1035,22 @@ impl Train {
                 for (name, var) in head_vars.data().lock().expect("VarMap lock").iter() {
                     data.insert(name.clone(), var.clone());
                 }
+                let mut merged = merged;
                 for (name, var) in top.trained_vars(&all, cache.split) {
-                    let var = match merged.get(&name) {
-                        Some(w) => candle_core::Var::from_tensor(w)
+                    let var = match merged.remove(&name) {
+                        Some(w) => candle_core::Var::from_tensor(&w)
                             .or_stage("cannot merge the LoRA adapters")?,
                         None => var,
                     };
                     data.insert(name, var);
+                }
+                // Every merged weight must replace one the checkpoint holds;
+                // one left over would be an update silently lost.
+                if !merged.is_empty() {
+                    let left: Vec<&String> = merged.keys().collect();
+                    return Err(StageError::new(format!(
+                        "merged LoRA weights {left:?} are not among the top layers' tensors (a bug: please report it)"
+                    )));
                 }
             }
             saved
@@ -1050,10 +1067,17 @@ impl Train {
     /// the backbone's default, chosen where the adapters are added).
     fn lora(&self) -> Option<hone_models::lora::LoraConfig> {
         let c = &self.config;
-        (c.lora_rank > 0).then(|| hone_models::lora::LoraConfig {
+        // The default resolved here, so that the lineage root names the
+        // projections whether they were given or not.
+        let targets = match (c.lora_targets.is_empty(), c.backbone == SMOLLM) {
+            (false, _) => c.lora_targets.clone(),
+            (true, true) => vec!["q_proj".into(), "v_proj".into()],
+            (true, false) => vec!["attention.self.query".into(), "attention.self.value".into()],
+        };
+        (c.lora_rank > 0).then_some(hone_models::lora::LoraConfig {
             rank: c.lora_rank,
             alpha: c.lora_alpha,
-            targets: c.lora_targets.clone(),
+            targets,
         })
     }
 
