@@ -33,9 +33,9 @@ pub(crate) trait TopLayers: Send + Sync {
     fn hidden_size(&self) -> usize;
     /// The variables that train above `split`, by checkpoint name.
     fn trained_vars(&self, vars: &VarMap, split: usize) -> Vec<(String, candle_core::Var)>;
-    /// LoRA adapters on the layers from `split` (`config.targets` empty:
-    /// the backbone's query and value projections, PEFT's default),
-    /// freezing those layers' own weights; the adapters' variables by name.
+    /// LoRA adapters on the layers from `split` (`config.targets` as
+    /// rm.train resolves them, its default included), freezing those
+    /// layers' own weights; the adapters' variables by name.
     fn add_lora(
         &mut self,
         config: &LoraConfig,
@@ -47,7 +47,7 @@ pub(crate) trait TopLayers: Send + Sync {
 }
 
 /// A pretrained backbone's error as the model core's.
-fn backbone_error(e: hone_pretrained::Error) -> hone_models::Error {
+pub(crate) fn backbone_error(e: hone_pretrained::Error) -> hone_models::Error {
     hone_models::Error::Invalid(e.to_string())
 }
 
@@ -72,12 +72,8 @@ impl TopLayers for Bert {
         split: usize,
         seed: u64,
     ) -> hone_models::Result<Vec<(String, candle_core::Var)>> {
-        let mut config = config.clone();
-        if config.targets.is_empty() {
-            config.targets = vec!["attention.self.query".into(), "attention.self.value".into()];
-        }
         let layers = split..Bert::num_layers(self);
-        Bert::add_lora(self, &config, layers, seed).map_err(backbone_error)
+        Bert::add_lora(self, config, layers, seed).map_err(backbone_error)
     }
 
     fn merged_weights(&self) -> hone_models::Result<Vec<(String, Tensor)>> {

@@ -10,7 +10,7 @@
 //! The frozen lower layers run once per distinct text, as for MiniLM
 //! ([`crate::tuned`]); the LM head is never used.
 
-use crate::tuned::TopLayers;
+use crate::tuned::{backbone_error, TopLayers};
 use crate::OrStageError;
 use hone_models::lora::LoraConfig;
 use hone_models::{Device, Tensor};
@@ -101,7 +101,7 @@ impl FrozenLlama {
                 .chat
                 .model
                 .residual_after(&ids, split)
-                .map_err(|e| hone_models::Error::Invalid(e.to_string()))?
+                .map_err(backbone_error)?
                 .detach();
             chunk
                 .iter()
@@ -200,10 +200,7 @@ impl TopLayers for LlamaTop {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let x = Tensor::stack(&rows, 0)?;
-        let hidden = self
-            .model
-            .hidden_from(&x, split)
-            .map_err(|e| hone_models::Error::Invalid(e.to_string()))?;
+        let hidden = self.model.hidden_from(&x, split).map_err(backbone_error)?;
         let width = hidden.dim(candle_core::D::Minus1)?;
         let last: Vec<u32> = lens
             .iter()
@@ -224,20 +221,14 @@ impl TopLayers for LlamaTop {
         split: usize,
         seed: u64,
     ) -> hone_models::Result<Vec<(String, candle_core::Var)>> {
-        let mut config = config.clone();
-        if config.targets.is_empty() {
-            config.targets = vec!["q_proj".into(), "v_proj".into()];
-        }
         let layers = split..self.model.config().num_hidden_layers;
         self.model
-            .add_lora(&config, layers, seed)
-            .map_err(|e| hone_models::Error::Invalid(e.to_string()))
+            .add_lora(config, layers, seed)
+            .map_err(backbone_error)
     }
 
     fn merged_weights(&self) -> hone_models::Result<Vec<(String, Tensor)>> {
-        self.model
-            .merged_weights()
-            .map_err(|e| hone_models::Error::Invalid(e.to_string()))
+        self.model.merged_weights().map_err(backbone_error)
     }
 
     fn trained_vars(&self, vars: &VarMap, split: usize) -> Vec<(String, candle_core::Var)> {
