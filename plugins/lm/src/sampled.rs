@@ -13,19 +13,22 @@ use std::collections::BTreeMap;
 /// A round's input to a learner from its own samples: the completions on
 /// port 0 (in id order, whatever order they arrived in), the rewards of
 /// them on port 1 (the Scores named `score`, by completion id), and the
-/// policy that sampled them.
+/// policy that sampled them (`None`: the pretrained model, before the first
+/// policy artifact).
 pub(crate) struct OwnSamples {
     pub completions: Vec<Completion>,
     pub rewards: BTreeMap<String, f64>,
-    pub policy: ArtifactRef,
+    pub policy: Option<ArtifactRef>,
 }
 
 impl OwnSamples {
     /// The round's samples; `None` when no completion came; an error naming
-    /// what to wire when completions came without a policy.
+    /// what to wire when completions came without a policy and no
+    /// `pretrained` model is the policy before one.
     pub fn take(
         input: &mut RoundInput,
         policy: &NewestPolicy,
+        pretrained: bool,
         score: &str,
         round: u64,
     ) -> Result<Option<OwnSamples>, StageError> {
@@ -54,13 +57,14 @@ impl OwnSamples {
                 c.meta[crate::rollout::SAMPLING]
             )));
         }
-        let Some(policy) = policy.newest.clone() else {
+        let policy = policy.newest.clone();
+        if policy.is_none() && !pretrained {
             return Err(StageError::new(format!(
                 "no policy artifact arrived by round {round}: wire `policy` to the policy that \
                  sampled the completions (its first from lm.sft, later rounds from this stage's own \
                  output, as feedback)"
             )));
-        };
+        }
         Ok(Some(OwnSamples {
             completions,
             rewards,
@@ -91,6 +95,14 @@ impl Sampled {
     pub fn new(tok: &dyn Tokenizer, c: &Completion, context: usize, max_new_tokens: usize) -> Self {
         let mut ids = vec![tok.bos_id()];
         ids.extend(tok.encode(&c.prompt));
+        Self::after(ids, c, context, max_new_tokens)
+    }
+
+    /// The completion after `prompt` ids (the model's own encoding of its
+    /// prompt: `BOS prompt` for hone's GPT, the chat template for SmolLM2),
+    /// cut as [`Sampled::new`] says.
+    pub fn after(prompt: Vec<u32>, c: &Completion, context: usize, max_new_tokens: usize) -> Self {
+        let mut ids = prompt;
         let prompt_len = ids.len();
         ids.extend(&c.token_ids);
         let start =

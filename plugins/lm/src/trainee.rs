@@ -8,14 +8,19 @@
 //! noisy policy gradient into a random walk. Its state (weights, moments,
 //! step count) goes into the stage's snapshot.
 
+use crate::chat_trainee::{ChatTrainee, ChatTraineeState};
+use crate::sampled::Sampled;
+use crate::sft::data::{to_tensors, Example};
 use crate::{checkpoint_dir_in, OrStageError};
+use candle_core::backprop::GradStore;
 use hone_models::adamw::{AdamW, AdamWState, ParamsAdamW};
-use hone_models::checkpoint::{restore_weights, weights_state, WeightsState};
+use hone_models::checkpoint::{self, restore_weights, weights_state, WeightsState};
 use hone_models::gpt::{Gpt, GptConfig};
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
-use hone_models::train::vars_by_name;
-use hone_models::{DType, Device, VarBuilder, VarMap};
-use hone_sdk::{ArtifactRef, StageError};
+use hone_models::train::{token_logprobs, vars_by_name};
+use hone_models::{DType, Device, Tensor, Var, VarBuilder, VarMap};
+use hone_pretrained::smollm::ChatLlama;
+use hone_sdk::{ArtifactRef, Completion, StageError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -122,6 +127,191 @@ impl Trainee {
             tok,
             opt,
             steps: state.steps,
+        })
+    }
+}
+
+/// The policy an online learner trains: hone's GPT or a SmolLM2.
+pub(crate) enum Learner {
+    Gpt(Trainee),
+    Chat(ChatTrainee),
+}
+
+/// A [`Learner`] in a snapshot.
+#[derive(Serialize, Deserialize)]
+pub(crate) enum LearnerState {
+    Gpt(TraineeState),
+    Chat(ChatTraineeState),
+}
+
+/// How a [`Learner`] is loaded when it is not kept from the last round.
+pub(crate) struct LearnerSpec<'a> {
+    pub run_dir: &'a Path,
+    pub device: &'a Device,
+    pub lr: f64,
+    /// The pretrained SmolLM2 that is the policy before any artifact.
+    pub pretrained: &'a str,
+    /// SmolLM2: the top layers that train.
+    pub train_layers: usize,
+}
+
+impl Learner {
+    /// The learner for `policy` (`None`: the pretrained model): `kept` when
+    /// its weights are exactly that policy, else loaded afresh.
+    pub fn resume_or_load(
+        kept: Option<Learner>,
+        policy: Option<&ArtifactRef>,
+        spec: &LearnerSpec,
+    ) -> Result<Learner, StageError> {
+        if let Some(l) = kept.filter(|l| l.artifact() == policy) {
+            return Ok(l);
+        }
+        let chat = match policy {
+            None => true,
+            Some(a) => ChatLlama::is_checkpoint(&checkpoint_dir_in(spec.run_dir, a)),
+        };
+        if chat {
+            let t = ChatTrainee::load(
+                spec.run_dir,
+                policy,
+                spec.pretrained,
+                spec.train_layers,
+                spec.device,
+                spec.lr,
+            )?;
+            return Ok(Learner::Chat(t));
+        }
+        let policy = policy.expect("a GPT policy is an artifact");
+        Trainee::resume_or_load(None, spec.run_dir, policy, spec.device, spec.lr).map(Learner::Gpt)
+    }
+
+    /// The artifact the weights are (`None`: the pretrained model).
+    pub fn artifact(&self) -> Option<&ArtifactRef> {
+        match self {
+            Learner::Gpt(t) => Some(&t.artifact),
+            Learner::Chat(t) => t.artifact.as_ref(),
+        }
+    }
+
+    /// Records that the weights are now `artifact` (just emitted).
+    pub fn set_artifact(&mut self, artifact: ArtifactRef) {
+        match self {
+            Learner::Gpt(t) => t.artifact = artifact,
+            Learner::Chat(t) => t.artifact = Some(artifact),
+        }
+    }
+
+    /// A completion as teacher-forced training data, its prompt encoded as
+    /// the policy's sampler encoded it.
+    pub fn sampled(&self, c: &Completion, max_new_tokens: usize) -> Result<Sampled, StageError> {
+        match self {
+            Learner::Gpt(t) => Ok(Sampled::new(
+                t.tok.as_ref(),
+                c,
+                t.gpt.config().context,
+                max_new_tokens,
+            )),
+            Learner::Chat(t) => {
+                let prompt = t.tuned.prompt_ids(&c.prompt).map_err(|e| {
+                    StageError::new(format!("cannot tokenize the prompt of {}: {e}", c.id))
+                })?;
+                let context = t.tuned.chat.model.config().max_position_embeddings;
+                Ok(Sampled::after(prompt, c, context, max_new_tokens))
+            }
+        }
+    }
+
+    /// log pi of each target [B,T] and the response mask [B,T];
+    /// differentiable in the trained weights.
+    pub fn token_logprobs(
+        &self,
+        examples: &[Example],
+        device: &Device,
+    ) -> hone_models::Result<(Tensor, Tensor)> {
+        match self {
+            Learner::Gpt(t) => {
+                let (x, y, mask) = to_tensors(examples, t.tok.pad_id(), device)?;
+                Ok((token_logprobs(&t.gpt.forward(&x)?, &y)?, mask))
+            }
+            Learner::Chat(t) => {
+                let (_, _, mask) = to_tensors(examples, 0, device)?;
+                let refs: Vec<&Example> = examples.iter().collect();
+                Ok((t.tuned.token_logprobs(&refs, device)?, mask))
+            }
+        }
+    }
+
+    /// The variables a step updates.
+    pub fn vars(&self) -> Vec<Var> {
+        match self {
+            Learner::Gpt(t) => vars_by_name(&t.varmap),
+            Learner::Chat(t) => t.tuned.trainable(),
+        }
+    }
+
+    /// One optimizer step on `grads`; returns the steps taken so far.
+    pub fn step(&mut self, grads: &GradStore) -> hone_models::Result<u64> {
+        let (opt, steps) = match self {
+            Learner::Gpt(t) => (&mut t.opt, &mut t.steps),
+            Learner::Chat(t) => (&mut t.opt, &mut t.steps),
+        };
+        opt.step(grads)?;
+        *steps += 1;
+        Ok(*steps)
+    }
+
+    /// Optimizer steps since the weights were loaded.
+    pub fn steps(&self) -> u64 {
+        match self {
+            Learner::Gpt(t) => t.steps,
+            Learner::Chat(t) => t.steps,
+        }
+    }
+
+    /// The round is over: a SmolLM2's cached frozen states go.
+    pub fn end_round(&self) {
+        if let Learner::Chat(t) = self {
+            t.tuned.clear_prefixes();
+        }
+    }
+
+    /// Writes the weights as a checkpoint in `dir` (loaded back like any
+    /// policy of their kind).
+    pub fn save(&self, dir: &Path) -> Result<(), StageError> {
+        let doing = format!("cannot write checkpoint {}", dir.display());
+        match self {
+            Learner::Gpt(t) => {
+                checkpoint::save(dir, &t.varmap, t.gpt.config(), t.tok.as_ref())
+                    .or_stage(&doing)?;
+            }
+            Learner::Chat(t) => {
+                t.tuned.chat.save(dir).or_stage(&doing)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The learner for a snapshot.
+    pub fn state(&self) -> Result<LearnerState, StageError> {
+        Ok(match self {
+            Learner::Gpt(t) => LearnerState::Gpt(t.state()?),
+            Learner::Chat(t) => LearnerState::Chat(t.state()?),
+        })
+    }
+
+    /// The learner a snapshot held.
+    pub fn from_state(state: LearnerState, spec: &LearnerSpec) -> Result<Learner, StageError> {
+        Ok(match state {
+            LearnerState::Gpt(s) => {
+                Learner::Gpt(Trainee::from_state(s, spec.run_dir, spec.device, spec.lr)?)
+            }
+            LearnerState::Chat(s) => Learner::Chat(ChatTrainee::from_state(
+                s,
+                spec.run_dir,
+                spec.train_layers,
+                spec.device,
+                spec.lr,
+            )?),
         })
     }
 }

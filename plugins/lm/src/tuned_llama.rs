@@ -213,13 +213,15 @@ impl Tuned {
         Ok(())
     }
 
-    /// log pi of each sequence's response (its masked targets) [S], and the
-    /// responses' token counts [S]; differentiable in the trained layers.
-    pub fn sequence_logprobs(
+    /// The log-prob of every response token (the masked targets, in
+    /// sequence then position order) [N], differentiable in the trained
+    /// layers, with each one's sequence and its flat position in the
+    /// [S, T] layout of the batch's targets (T: the longest input).
+    fn picked_logprobs(
         &self,
         examples: &[&Example],
         device: &Device,
-    ) -> hone_models::Result<(Tensor, Tensor)> {
+    ) -> hone_models::Result<(Tensor, Vec<usize>, Vec<u32>)> {
         let t_max = examples.iter().map(|e| e.inputs.len()).max().unwrap_or(1);
         let model = &self.chat.model;
         self.cache_prefixes(examples, device)?;
@@ -251,7 +253,6 @@ impl Tuned {
                 }
             }
         }
-        let n = at.len();
         let picked = flat.index_select(&Tensor::new(at.as_slice(), device)?, 0)?;
         // hone's fused linear: its backward skips the detached weight's
         // gradient (a [576, N] x [N, 49152] gemm a plain matmul would do).
@@ -260,6 +261,18 @@ impl Tuned {
         // One op, forward and backward: log-softmax over the 49,152-token
         // vocabulary, then gather, would allocate five such tensors each way.
         let token = hone_models::picked_logprobs::picked_logprobs(&logits, &targets)?;
+        Ok((token, of, at))
+    }
+
+    /// log pi of each sequence's response (its masked targets) [S], and the
+    /// responses' token counts [S]; differentiable in the trained layers.
+    pub fn sequence_logprobs(
+        &self,
+        examples: &[&Example],
+        device: &Device,
+    ) -> hone_models::Result<(Tensor, Tensor)> {
+        let (token, of, _) = self.picked_logprobs(examples, device)?;
+        let n = of.len();
         // Sum each sequence's tokens: a [S, N] membership matrix times [N].
         let mut member = vec![0f32; examples.len() * n];
         for (k, &s) in of.iter().enumerate() {
@@ -269,6 +282,37 @@ impl Tuned {
         let lp = member.matmul(&token.unsqueeze(1)?)?.squeeze(1)?;
         let len = member.sum(1)?.to_dtype(DType::F32)?;
         Ok((lp, len))
+    }
+
+    /// log pi of every target [S, T] (T: the longest input), 0 off the
+    /// response (the mask): the per-token layout the policy-gradient
+    /// losses take; differentiable in the trained layers.
+    pub fn token_logprobs(
+        &self,
+        examples: &[&Example],
+        device: &Device,
+    ) -> hone_models::Result<Tensor> {
+        let t_max = examples.iter().map(|e| e.inputs.len()).max().unwrap_or(1);
+        let (token, _, at) = self.picked_logprobs(examples, device)?;
+        let zeros = Tensor::zeros(examples.len() * t_max, DType::F32, device)?;
+        let at = Tensor::new(at.as_slice(), device)?;
+        Ok(zeros
+            .index_add(&at, &token, 0)?
+            .reshape((examples.len(), t_max))?)
+    }
+
+    /// Forgets the cached frozen-layer states: a learner on its own samples
+    /// sees each sequence in one round only, so the cache would only grow.
+    pub fn clear_prefixes(&self) {
+        self.prefixes.borrow_mut().clear();
+    }
+
+    /// The ids of `prompt` in the chat template, as lm.rollout fed them to
+    /// the model before its sampled tokens.
+    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        self.chat
+            .encode(&chat_template(prompt))
+            .map_err(|e| e.to_string())
     }
 }
 

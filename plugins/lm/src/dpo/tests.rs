@@ -428,22 +428,30 @@ fn smollm2_learns_a_preference_and_its_checkpoint_trains_and_samples_again() {
         assert_eq!(c.policy.as_ref(), Some(&second));
         assert!(!c.token_logprobs.is_empty());
     }
-    // Another learner says it takes the GPT only.
+    // lm.logprobs scores them under the checkpoint: its teacher-forced
+    // log-probs are the sampler's.
     let mut init = StageInit::for_test(
         "lm.logprobs",
         hone_sdk::testing::full_config::<crate::Logprobs>(json!({})),
     );
     init.run_dir = dir.clone();
-    let err = hone_sdk::testing::run_round::<crate::Logprobs>(
+    let scored = hone_sdk::testing::run_round::<crate::Logprobs>(
         &init,
         vec![
             (0, completions.to_vec()),
             (1, vec![Record::Artifact(second)]),
         ],
     )
-    .err()
     .unwrap();
-    assert!(err.message.contains("SmolLM2"), "{err}");
+    for c in scored.emitted(0) {
+        let Record::Completion(c) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(c.ref_logprobs.len(), c.token_ids.len());
+        for (a, b) in c.token_logprobs.iter().zip(&c.ref_logprobs) {
+            assert!((a - b).abs() < 2e-3, "{}: sampled {a}, scored {b}", c.id);
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -2,9 +2,11 @@
 //! parameter gets a gradient, missing inputs fail clearly.
 
 use super::*;
+use crate::sft::data::to_tensors;
 use crate::sft::tests::{demos, run_sft, temp_run_dir, tiny_config};
 use hone_models::tokenizer::load_tokenizer;
 use hone_models::tokenizer::Tokenizer as _;
+use hone_models::train::token_logprobs;
 use hone_sdk::Collected;
 use serde_json::json;
 
