@@ -20,6 +20,11 @@ struct ReadConfig {
     limit: u64,
     #[serde(default)]
     per_round: u64,
+    #[serde(default)]
+    every_round: bool,
+    /// jsonl.read-prompts only: longer prompts are dropped and counted.
+    #[serde(default)]
+    max_chars: usize,
     /// The files `path` / `paths` name, globs expanded, in order.
     #[serde(skip)]
     files: Vec<PathBuf>,
@@ -59,6 +64,13 @@ fn common(d: StageDescriptor) -> StageDescriptor {
             "Deal the records over the rounds: round r emits records r * per_round to (r + 1) * per_round - 1 \
              (in file order, counting every file's records in turn, after `limit`), so an online loop \
              gets fresh prompts each round; a round past the end emits none. 0: all of them in round 0.",
+        )
+        .optional(
+            "every_round",
+            FieldType::Bool,
+            false,
+            "Emit every record again in every round: a fixed evaluation set an online loop's current \
+             policy answers each round. Not with `per_round`.",
         )
         // Every worker reads the file and parses its share of the records.
         .placement(Placement::DataParallel)
@@ -228,6 +240,12 @@ impl ReadConfig {
                 "must not be empty; leave it unset to use file names",
             ));
         }
+        if config.every_round && config.per_round > 0 {
+            return Err(StageError::config(
+                "every_round",
+                "deals nothing: with `per_round` each round has its own records; set one of the two",
+            ));
+        }
         let mut files: Vec<(&str, PathBuf)> = Vec::new();
         for (field, pattern) in &patterns {
             let found = expand(pattern).map_err(|e| StageError::config(*field, e))?;
@@ -339,7 +357,7 @@ fn read_round(
     // The global record indexes this round emits: all in round 0 unless dealt.
     let round = ctx.round();
     let window = (c.per_round > 0).then(|| (round * c.per_round, (round + 1) * c.per_round));
-    if window.is_none() && round > 0 {
+    if window.is_none() && round > 0 && !c.every_round {
         return Ok(());
     }
     // Records in the files before this one (each file counts from 0).
@@ -487,6 +505,14 @@ impl StageFactory for ReadPrompts {
             "Reads prompts from {\"prompt\"}, {\"text\"}, MT-Bench {\"turns\"} or HH-RLHF records.",
         ))
         .output("prompts", RecordKind::Prompt)
+        .optional(
+            "max_chars",
+            FieldType::unsigned(),
+            0,
+            "Drop prompts longer than this many characters, counted in the `too_long` metric (a \
+             policy's compute and memory grow with its prompt: an attention layer's weights with its \
+             square). 0: no bound.",
+        )
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
@@ -497,8 +523,15 @@ impl StageFactory for ReadPrompts {
 
 impl Stage for ReadPrompts {
     fn on_round_end(&mut self, ctx: &mut Context) -> Result<(), StageError> {
+        let max_chars = self.config.max_chars;
         read_round(ctx, &self.config, |id, v| {
-            formats::prompt(id, &v).map(|p| Outcome::Emit(Record::Prompt(p)))
+            formats::prompt(id, &v).map(|p| {
+                if max_chars > 0 && p.text.chars().count() > max_chars {
+                    Outcome::Dropped("too_long")
+                } else {
+                    Outcome::Emit(Record::Prompt(p))
+                }
+            })
         })
     }
 }
@@ -601,6 +634,40 @@ mod tests {
         let one = dealt(1);
         assert_eq!(one, [vec!["a0", "a1", "b0"], vec!["b1", "b2"], vec![]]);
         assert_eq!(dealt(2), one);
+        // every_round repeats them all each round, and cannot deal too.
+        let config = |extra: serde_json::Value| {
+            let mut c =
+                hone_sdk::testing::full_config::<ReadPrompts>(serde_json::json!({"path": a}));
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            StageInit::for_test("jsonl.read-prompts", c)
+        };
+        // max_chars drops the longer prompts, and counts them.
+        let init = config(serde_json::json!({"max_chars": 2}));
+        let out = ReadPrompts::create(&init)
+            .and_then(|mut stage| hone_sdk::testing::run_round_of(&mut stage, &init, 0, vec![]))
+            .unwrap();
+        assert_eq!(out.emitted(0).len(), 2);
+        assert_eq!(out.metric("too_long", None), None);
+        let init = config(serde_json::json!({"max_chars": 1}));
+        let out = ReadPrompts::create(&init)
+            .and_then(|mut stage| hone_sdk::testing::run_round_of(&mut stage, &init, 0, vec![]))
+            .unwrap();
+        assert_eq!(out.emitted(0).len(), 0);
+        assert_eq!(out.metric("too_long", None), Some(2.0));
+        let init = config(serde_json::json!({"every_round": true}));
+        let mut stage = ReadPrompts::create(&init).unwrap();
+        for round in 0..2 {
+            let out = hone_sdk::testing::run_round_of(&mut stage, &init, round, vec![]).unwrap();
+            assert_eq!(out.emitted(0).len(), 2, "round {round}");
+        }
+        let err = ReadPrompts::create(&config(
+            serde_json::json!({"every_round": true, "per_round": 1}),
+        ))
+        .err()
+        .unwrap();
+        assert_eq!(err.config_field(), Some("every_round"));
     }
 
     #[test]
