@@ -347,8 +347,11 @@ enum Outcome {
     Dropped(&'static str),
 }
 
-/// In round 0, reads this worker's share of the file and emits what `parse`
-/// makes of each record, counting what was read, skipped and dropped.
+/// In round 0 (every round with `every_round`; with `per_round`, the
+/// round's window of records), reads this worker's share of the files and
+/// emits what `parse` makes of each record, counting what was read, skipped
+/// and dropped. A dealt round still reads the files from their start: the
+/// HH-RLHF split takes well under a second.
 fn read_round(
     ctx: &mut Context,
     c: &ReadConfig,

@@ -113,7 +113,7 @@ impl StageFactory for Grpo {
             4,
             "SmolLM2 policies: the top layers that train, with the final norm (the embedding, tied to \
              the LM head, and the layers below stay frozen; their states are computed once per sample). \
-             Samples are teacher-forced uncut, as lm.rollout drew them.",
+             Samples are teacher-forced uncut, as lm.rollout drew them (set max_new_tokens as there).",
         )
     }
 
@@ -238,6 +238,11 @@ impl Grpo {
         let mut trainee = Learner::resume_or_load(kept, policy, &self.spec(&run_dir))?;
         let result = self.learn(ctx, &mut trainee, completions, rewards);
         trainee.end_round();
+        // Kept only as an artifact: a round with nothing to learn from leaves
+        // the pretrained model untouched, and it reloads for free.
+        if trainee.artifact().is_none() {
+            return result;
+        }
         // A round that failed half-way leaves weights that are no artifact:
         // the next round reloads the policy it is given.
         self.trainee = result.is_ok().then_some(trainee);
@@ -262,6 +267,23 @@ impl Grpo {
         let mut groups: BTreeMap<String, Vec<(Completion, f64)>> = BTreeMap::new();
         let mut unscored = 0u64;
         for comp in completions {
+            // The ratio is against the sampler's log-probs: samples of
+            // another policy would train with a wrong pi_old (and, from
+            // another kind of model, ids of another vocabulary).
+            if let Learner::Chat(_) = trainee {
+                if comp.policy.as_ref() != trainee.artifact() {
+                    let name = |p: Option<&ArtifactRef>| {
+                        p.map_or_else(|| c.pretrained.clone(), |a| a.id.clone())
+                    };
+                    return Err(StageError::new(format!(
+                        "completion {} was sampled by {}, but lm.grpo trains {}: wire `policy` to \
+                         the policy lm.rollout samples (with feedback from this stage's output)",
+                        comp.id,
+                        name(comp.policy.as_ref()),
+                        name(trainee.artifact())
+                    )));
+                }
+            }
             if comp.token_ids.is_empty() || comp.token_ids.len() != comp.token_logprobs.len() {
                 return Err(StageError::new(format!(
                     "completion {} has {} token ids for {} token log-probs: lm.grpo learns from \

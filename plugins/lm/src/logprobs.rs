@@ -156,6 +156,17 @@ impl Stage for Logprobs {
         let total = completions.len() as u64;
         for (done, mut c) in completions.into_iter().enumerate() {
             let mut tokens = self.tokens(tok, &c);
+            // Ids another model sampled (a SmolLM2's, up to 49,151) are no
+            // byte-level GPT's tokens.
+            let vocab = gpt.config().vocab_size;
+            if let Tokens::Ids(ids) = &tokens {
+                if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    tokens = Tokens::Unknown(format!(
+                        "token id {id} is outside the reference's vocabulary of {vocab}: the \
+                         completion was sampled by another kind of model"
+                    ));
+                }
+            }
             let mut lps = Vec::new();
             if let Tokens::Ids(ids) = &tokens {
                 lps = self.score(gpt, tok, &c.prompt, ids).or_stage(&format!(
@@ -237,6 +248,9 @@ impl Logprobs {
         let context = tuned.chat.model.config().max_position_embeddings;
         let (mut scored, mut unmatched, mut kl_sum, mut kl_n) = (0u64, 0u64, 0.0, 0u64);
         let total = completions.len() as u64;
+        // A sequence that had to be cut to fit the context scores only part
+        // of its tokens: unmatched, not a short ref_logprobs.
+        let whole = |s: &Sampled, c: &Completion| s.tokens() == c.token_ids.len();
         // A few sequences a pass: the matmuls get rows, the graph stays small.
         for (done, chunk) in completions.chunks(4).enumerate() {
             let mut ready = Vec::new();
@@ -282,12 +296,22 @@ impl Logprobs {
                 let fits = !c.token_ids.is_empty() && c.token_ids.len() == c.token_logprobs.len();
                 if fits {
                     let (s, row) = rows.next().expect("a row per scored completion");
-                    c.ref_logprobs = row[s.first..s.first + s.tokens()].to_vec();
-                    if let Some(kl) = c.logprob_minus_ref() {
-                        kl_sum += kl;
-                        kl_n += 1;
+                    if whole(s, &c) {
+                        c.ref_logprobs = row[s.first..s.first + s.tokens()].to_vec();
+                        if let Some(kl) = c.logprob_minus_ref() {
+                            kl_sum += kl;
+                            kl_n += 1;
+                        }
+                        scored += 1;
+                    } else {
+                        unmatched += 1;
+                        ctx.log(format!(
+                            "completion {}: {} tokens do not fit the reference's context of \
+                             {context} after the prompt; passed on without ref_logprobs",
+                            c.id,
+                            c.token_ids.len()
+                        ));
                     }
-                    scored += 1;
                 }
                 c.meta.insert("ref_policy".into(), name.clone());
                 ctx.emit(0, Record::Completion(c));

@@ -76,7 +76,8 @@ impl OwnSamples {
 /// One sampled completion ready to learn from.
 pub(crate) struct Sampled {
     pub id: String,
-    /// `BOS prompt completion`, cut as lm.rollout cut it; the mask is on the
+    /// The prompt's ids (`BOS prompt` for hone's GPT, the chat template for
+    /// SmolLM2) then the completion's, cut as lm.rollout cut it; the mask is on the
     /// sampled tokens (from position `first`).
     pub example: Example,
     /// The first masked position: where the response's tokens start.

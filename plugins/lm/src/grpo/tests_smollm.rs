@@ -94,8 +94,16 @@ fn grpo_init(dir: &std::path::Path) -> StageInit {
     stage(dir, "lm.grpo", config)
 }
 
+/// The round's inputs: `comps` as if `policy` had sampled them.
 fn inputs(comps: &[Completion], policy: Option<&ArtifactRef>) -> Vec<(usize, Vec<Record>)> {
-    let records = comps.iter().cloned().map(Record::Completion).collect();
+    let records = comps
+        .iter()
+        .cloned()
+        .map(|mut c| {
+            c.policy = policy.cloned();
+            Record::Completion(c)
+        })
+        .collect();
     let scores = comps.iter().map(|c| score(&c.id, reward(c))).collect();
     let policy = policy.cloned().map(Record::Artifact).into_iter().collect();
     vec![(0, records), (1, scores), (2, policy)]
@@ -227,5 +235,34 @@ fn smollm2_settings_that_cannot_work_are_refused() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("token ids"), "{err}");
+    // Samples of another policy than the one it trains are refused by name.
+    let c = super::tests::completion(
+        "p0#0",
+        "p0",
+        "\n\nHuman: Hi\n\nAssistant:",
+        vec![5],
+        vec![-1.0],
+    );
+    let mut inputs = inputs(&[c], None);
+    if let Record::Completion(c) = &mut inputs[0].1[0] {
+        c.policy = Some(ArtifactRef {
+            id: "elsewhere/policy@0".into(),
+            kind: "policy".into(),
+            path: "elsewhere/final/model.safetensors".into(),
+            sha256: String::new(),
+            round: 0,
+            stage: "elsewhere".into(),
+            name: "policy".into(),
+            step: None,
+            member: None,
+        });
+    }
+    let err = hone_sdk::testing::run_round::<Grpo>(&init, inputs)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("sampled by elsewhere/policy@0"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
