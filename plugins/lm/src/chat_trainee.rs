@@ -53,18 +53,15 @@ impl ChatTrainee {
         device: &Device,
         lr: f64,
     ) -> Result<ChatTrainee, StageError> {
-        let chat = match policy {
-            Some(a) => {
-                let dir = checkpoint_dir_in(run_dir, a);
-                let doing = format!("cannot load policy {} from {}", a.id, dir.display());
-                ChatLlama::from_checkpoint(&dir, device).or_stage(&doing)?
-            }
-            None => {
-                let dir = hone_sdk::pretrained::fetch(pretrained)
-                    .map_err(|e| StageError::config("pretrained", e))?;
-                ChatLlama::load(&dir, device).or_stage(&format!("cannot load {pretrained}"))?
-            }
+        let doing = match policy {
+            Some(a) => format!(
+                "cannot load policy {} from {}",
+                a.id,
+                checkpoint_dir_in(run_dir, a).display()
+            ),
+            None => format!("cannot load {pretrained}"),
         };
+        let chat = crate::load_chat(run_dir, policy, pretrained, device, &doing)?;
         Self::train(chat, policy.cloned(), train_layers, lr)
     }
 

