@@ -69,7 +69,7 @@ impl StageFactory for Grpo {
             FieldType::unsigned(),
             FieldType::positive().at_most(1 << 20),
         );
-        StageDescriptor::new(
+        let d = StageDescriptor::new(
             "lm.grpo",
             "Group-baseline RL (no value head) on the policy's own samples: for each prompt's k \
              completions (lm.rollout with n = k), advantages from their `score` Scores by `baseline` \
@@ -98,23 +98,8 @@ impl StageFactory for Grpo {
         .optional("max_grad_norm", FieldType::Float, 1.0, "Gradient-norm clip.")
         .optional("max_new_tokens", size, 64, "lm.rollout's max_new_tokens: it fixes how rollout cut each prompt (so the ratio starts at 1), and Dr. GRPO divides by it.")
         .optional("seed", count, 0, "Seed of the mini-batch order, combined with the pipeline seed.")
-        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
-        .optional(
-            "pretrained",
-            FieldType::String,
-            "",
-            "`smollm2-135m-instruct`: the policy until a `policy` artifact arrives (lm.rollout's \
-             `pretrained` too, so round 0 samples it; later rounds get this stage's output fed back). \
-             Empty: round 0 needs a policy artifact (hone's GPT, or a SmolLM2 one lm.sft or lm.dpo wrote).",
-        )
-        .optional(
-            "train_layers",
-            FieldType::positive().at_most(1 << 10),
-            4,
-            "SmolLM2 policies: the top layers that train, with the final norm (the embedding, tied to \
-             the LM head, and the layers below stay frozen; their states are computed once per sample). \
-             Samples are teacher-forced uncut, as lm.rollout drew them (set max_new_tokens as there).",
-        )
+        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.");
+        crate::trainee::learner_options(d)
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {

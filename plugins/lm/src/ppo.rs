@@ -2,10 +2,12 @@
 //! against a scalar reward with a per-token KL penalty to the reference
 //! (Ziegler et al. 2019; Ouyang et al. 2022), with a critic.
 //!
-//! The critic is a separate model of the policy's shape with a value head
-//! (`hone_models::heads::Critic`), started from the policy's weights in the
-//! first round and kept, with the KL controller and the reward statistics,
-//! across rounds. A separate critic, not a head on the policy: the value
+//! The policy is hone's GPT or a SmolLM2 (pretrained, or a checkpoint lm.sft
+//! or lm.dpo wrote), whose top `train_layers` layers train. The critic is a
+//! separate model started from the policy's weights in the first round and
+//! kept, with the KL controller and the reward statistics, across rounds
+//! (`critic.rs`: for SmolLM2, copies of the trained layers on the frozen
+//! layers' states). A separate critic, not a head on the policy: the value
 //! loss cannot pull the policy's features, and the policy artifact stays a
 //! plain checkpoint that every lm stage loads.
 //!
@@ -17,22 +19,23 @@
 //! and the clipped value loss. The updated policy goes out for a feedback
 //! edge to lm.rollout.
 
+mod critic;
+
 use crate::sampled::{lay, OwnSamples, Sampled};
 use crate::sft::data::{to_tensors, Example};
-use crate::trainee::{adam, Trainee, TraineeState};
+use crate::trainee::{Learner, LearnerSpec, LearnerState};
 use crate::{device, NewestPolicy, OrStageError};
-use hone_models::adamw::{AdamW, AdamWState};
+use critic::{CriticSnapshot, PpoCritic};
 use hone_models::batches::Batches;
-use hone_models::checkpoint::{self, restore_weights, weights_state, WeightsState};
-use hone_models::gpt::{init_seeded, Gpt, GptConfig};
-use hone_models::heads::Critic;
+use hone_models::checkpoint;
+use hone_models::gpt::Gpt;
 use hone_models::policy_gradient::clipped_surrogate;
 use hone_models::ppo::{
-    clipped_value_loss, entropy, exact_kl, explained_variance, gae, mean_std, token_rewards,
-    whiten, KlController, KlEstimator, RunningMoments,
+    clipped_value_loss, exact_kl, explained_variance, gae, mean_std, token_rewards, whiten,
+    KlController, KlEstimator, RunningMoments,
 };
-use hone_models::train::{clip_grad_norm, token_logprobs, vars_by_name};
-use hone_models::{DType, Device, Tensor, VarBuilder, VarMap};
+use hone_models::train::clip_grad_norm;
+use hone_models::{DType, Device, Tensor};
 use hone_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -64,47 +67,8 @@ struct PpoConfig {
     max_new_tokens: usize,
     seed: u64,
     device: String,
-}
-
-/// The critic, its variables and its optimizer, kept across rounds.
-struct CriticState {
-    critic: Critic,
-    varmap: VarMap,
-    config: GptConfig,
-    opt: AdamW,
-}
-
-impl CriticState {
-    /// A critic of the policy's shape `config` (weights as the builder
-    /// makes them: the caller sets them) with a fresh AdamW at `lr`.
-    fn new(config: &GptConfig, device: &Device, lr: f64) -> hone_models::Result<Self> {
-        let varmap = VarMap::new();
-        let critic = Critic::new(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-        let opt = AdamW::new(Critic::trainable(&varmap), adam(lr))?;
-        Ok(CriticState {
-            critic,
-            varmap,
-            config: config.clone(),
-            opt,
-        })
-    }
-
-    /// Shape, weights and optimizer state, for a snapshot.
-    fn state(&self) -> hone_models::Result<CriticSnapshot> {
-        Ok(CriticSnapshot {
-            config: self.config.clone(),
-            weights: weights_state(&self.varmap)?,
-            opt: self.opt.state()?,
-        })
-    }
-
-    /// The critic a snapshot held.
-    fn from_state(s: &CriticSnapshot, device: &Device, lr: f64) -> hone_models::Result<Self> {
-        let mut state = CriticState::new(&s.config, device, lr)?;
-        restore_weights(&state.varmap, &s.weights)?;
-        state.opt.restore(&s.opt)?;
-        Ok(state)
-    }
+    pretrained: String,
+    train_layers: usize,
 }
 
 /// Updates the policy that sampled a round's completions, with a critic.
@@ -117,8 +81,8 @@ pub struct Ppo {
     /// Optional: the reference model, for the exact KL metric.
     reference: NewestPolicy,
     /// The policy in training and its optimizer, kept across rounds.
-    trainee: Option<Trainee>,
-    critic: Option<CriticState>,
+    trainee: Option<Learner>,
+    critic: Option<PpoCritic>,
     kl: KlController,
     moments: RunningMoments,
     /// Where the run's artifacts are, for restoring a snapshot.
@@ -131,18 +95,10 @@ pub struct Ppo {
 struct PpoState {
     policy: Option<ArtifactRef>,
     reference: Option<ArtifactRef>,
-    trainee: Option<TraineeState>,
+    trainee: Option<LearnerState>,
     critic: Option<CriticSnapshot>,
     kl: KlController,
     moments: RunningMoments,
-}
-
-/// The critic in a snapshot.
-#[derive(Serialize, Deserialize)]
-struct CriticSnapshot {
-    config: GptConfig,
-    weights: WeightsState,
-    opt: AdamWState,
 }
 
 impl StageFactory for Ppo {
@@ -151,10 +107,11 @@ impl StageFactory for Ppo {
             FieldType::unsigned(),
             FieldType::positive().at_most(1 << 20),
         );
-        StageDescriptor::new(
+        let d = StageDescriptor::new(
             "lm.ppo",
             "PPO on the policy's own samples with a critic (a separate model of the policy's shape \
-             with a value head, started from the policy's weights and kept across rounds). Per \
+             with a value head, started from the policy's weights and kept across rounds; for a \
+             SmolLM2 policy, copies of its top train_layers layers on its frozen layers' states). Per \
              completion (lm.rollout, then lm.logprobs for ref_logprobs): per-token rewards -beta * \
              KL (`kl_estimator` k1 or k3, against ref_logprobs) plus its `score` Score on the last \
              token (less missing_eos_penalty when it did not end with EOS; optionally normalised by \
@@ -163,7 +120,7 @@ impl StageFactory for Ppo {
              (clip) and the clipped value loss (value_clip, weighted vf_coef), stopping early when \
              the approximate KL to the sampler passes early_stop_kl. beta is fixed, or adapted \
              towards target_kl (nats per sequence) over `horizon` samples. Wire `reference` (the \
-             SFT policy) to also log the exact KL. Emits the updated `policy` (final/) for a \
+             SFT policy; hone's GPT only) to also log the exact KL. Emits the updated `policy` (final/) for a \
              feedback edge to lm.rollout, and registers the critic (critic/). Metrics: reward, \
              reward_std, kl (k1 sum per sequence), kl_k3, kl_exact (with `reference`), beta, \
              entropy, clip_fraction, approx_kl, value_loss, value_clip_fraction, \
@@ -199,11 +156,13 @@ impl StageFactory for Ppo {
         .optional("max_grad_norm", FieldType::Float, 1.0, "Gradient-norm clip, for the policy and the critic each.")
         .optional("max_new_tokens", size, 64, "lm.rollout's max_new_tokens: it fixes how rollout cut each prompt (so the ratio starts at 1).")
         .optional("seed", count, 0, "Seed of the mini-batch order and the value head's start, combined with the pipeline seed.")
-        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.")
+        .optional("device", FieldType::String, "cpu", "`cpu`, `cuda` or `cuda:N`.");
+        crate::trainee::learner_options(d)
     }
 
     fn create(init: &StageInit) -> Result<Self, StageError> {
         let config: PpoConfig = init.config()?;
+        crate::check_pretrained(&config.pretrained, "train")?;
         let estimator = KlEstimator::parse(&config.kl_estimator).ok_or_else(|| {
             StageError::config(
                 "kl_estimator",
@@ -297,13 +256,13 @@ impl Stage for Ppo {
         let critic = self
             .critic
             .as_ref()
-            .map(CriticState::state)
+            .map(PpoCritic::state)
             .transpose()
             .or_stage("cannot snapshot the critic")?;
         let state = PpoState {
             policy: self.policy.newest.clone(),
             reference: self.reference.newest.clone(),
-            trainee: self.trainee.as_ref().map(Trainee::state).transpose()?,
+            trainee: self.trainee.as_ref().map(Learner::state).transpose()?,
             critic,
             kl: self.kl.clone(),
             moments: self.moments.clone(),
@@ -313,16 +272,15 @@ impl Stage for Ppo {
 
     fn restore(&mut self, round: u64, snapshot: &[u8]) -> Result<(), StageError> {
         let state: PpoState = hone_sdk::snapshot::decode("lm.ppo", round, snapshot)?;
-        let c = &self.config;
+        let spec = self.spec(&self.run_dir);
         self.trainee = state
             .trainee
-            .map(|t| Trainee::from_state(t, &self.run_dir, &self.device, c.lr))
+            .map(|t| Learner::from_state(t, &spec))
             .transpose()?;
         self.critic = state
             .critic
-            .map(|s| CriticState::from_state(&s, &self.device, c.critic_lr))
-            .transpose()
-            .or_stage("cannot restore the critic from the snapshot")?;
+            .map(|s| PpoCritic::from_state(&s, &self.device, self.config.critic_lr))
+            .transpose()?;
         self.policy.newest = state.policy;
         self.reference.newest = state.reference;
         self.kl = state.kl;
@@ -334,18 +292,23 @@ impl Stage for Ppo {
         let mut input = self.input.take();
         self.policy.offer_all(&mut input, 2)?;
         self.reference.offer_all(&mut input, 3)?;
+        let pretrained = !self.config.pretrained.is_empty();
         let Some(round) = OwnSamples::take(
             &mut input,
             &self.policy,
-            false,
+            pretrained,
             &self.config.score,
             ctx.round(),
         )?
         else {
             return Ok(());
         };
-        let policy = round.policy.expect("take refuses a round without a policy");
-        self.update(ctx, &policy, round.completions, &round.rewards)
+        self.update(
+            ctx,
+            round.policy.as_ref(),
+            round.completions,
+            &round.rewards,
+        )
     }
 }
 
@@ -372,22 +335,44 @@ struct StepStats {
 }
 
 impl Ppo {
+    /// How the policy is loaded when it is not kept from the last round.
+    fn spec<'a>(&'a self, run_dir: &'a std::path::Path) -> LearnerSpec<'a> {
+        LearnerSpec {
+            run_dir,
+            device: &self.device,
+            lr: self.config.lr,
+            pretrained: &self.config.pretrained,
+            train_layers: self.config.train_layers,
+        }
+    }
+
     fn update(
         &mut self,
         ctx: &mut Context,
-        policy: &ArtifactRef,
+        policy: Option<&ArtifactRef>,
         completions: Vec<Completion>,
         rewards: &BTreeMap<String, f64>,
     ) -> Result<(), StageError> {
-        let mut trainee = Trainee::resume_or_load(
-            self.trainee.take(),
-            &ctx.init().run_dir,
-            policy,
-            &self.device,
-            self.config.lr,
-        )?;
-        self.ensure_critic(ctx, &trainee.gpt, &trainee.varmap)?;
-        let result = self.learn(ctx, &mut trainee, completions, rewards);
+        let run_dir = ctx.init().run_dir.clone();
+        let kept = self.trainee.take();
+        let mut trainee = Learner::resume_or_load(kept, policy, &self.spec(&run_dir))?;
+        if let (Learner::Chat(_), Some(reference)) = (&trainee, &self.reference.newest) {
+            return Err(StageError::new(format!(
+                "`reference` ({}) is wired, but the exact KL is computed for hone's GPT policies \
+                 only, and this policy is a SmolLM2: leave `reference` unwired (the kl and kl_k3 \
+                 metrics estimate the KL from the samples' ref_logprobs)",
+                reference.id
+            )));
+        }
+        let result = self
+            .ensure_critic(ctx, &trainee)
+            .and_then(|()| self.learn(ctx, &mut trainee, completions, rewards));
+        trainee.end_round();
+        // Kept only as an artifact: a round with nothing to learn from leaves
+        // the pretrained model untouched, and it reloads for free.
+        if trainee.artifact().is_none() {
+            return result;
+        }
         // A round that failed half-way leaves weights that are no artifact:
         // the next round reloads the policy it is given.
         self.trainee = result.is_ok().then_some(trainee);
@@ -398,15 +383,14 @@ impl Ppo {
     fn learn(
         &mut self,
         ctx: &mut Context,
-        trainee: &mut Trainee,
+        trainee: &mut Learner,
         completions: Vec<Completion>,
         rewards: &BTreeMap<String, f64>,
     ) -> Result<(), StageError> {
-        let policy = trainee.artifact.clone();
-        let (gpt, tok) = (&trainee.gpt, trainee.tok.as_ref());
+        let policy = trainee.artifact().cloned();
         let needs_reference = self.config.beta > 0.0 || self.kl.target.is_some();
         let (c, estimator) = (&self.config, self.estimator);
-        let context = gpt.config().context;
+        let stop_ids = trainee.stop_ids();
 
         // Completions with their scores; one without a score is counted.
         let (mut scored, mut unscored, mut no_eos) = (Vec::new(), 0u64, 0u64);
@@ -416,9 +400,26 @@ impl Ppo {
                 continue;
             };
             check_completion(&comp, needs_reference)?;
-            let ended = comp.token_ids.last() == Some(&tok.eos_id());
+            // The ratio is against the sampler's log-probs: samples of
+            // another policy would train with a wrong pi_old (and, from
+            // another kind of model, ids of another vocabulary).
+            if let Learner::Chat(_) = trainee {
+                if comp.policy.as_ref() != trainee.artifact() {
+                    let name = |p: Option<&ArtifactRef>| {
+                        p.map_or_else(|| c.pretrained.clone(), |a| a.id.clone())
+                    };
+                    return Err(StageError::new(format!(
+                        "completion {} was sampled by {}, but lm.ppo trains {}: wire `policy` to \
+                         the policy lm.rollout samples (with feedback from this stage's output)",
+                        comp.id,
+                        name(comp.policy.as_ref()),
+                        name(trainee.artifact())
+                    )));
+                }
+            }
+            let ended = comp.token_ids.last().is_some_and(|t| stop_ids.contains(t));
             no_eos += u64::from(!ended);
-            let sampled = Sampled::new(tok, &comp, context, c.max_new_tokens);
+            let sampled = trainee.sampled(&comp, c.max_new_tokens)?;
             if sampled.tokens() > 0 {
                 scored.push((sampled, raw, ended));
             }
@@ -452,8 +453,7 @@ impl Ppo {
         ctx.metric("beta", beta);
 
         // Values at rollout time, then rewards, GAE and returns.
-        let pad = tok.pad_id();
-        let critic = &self.critic.as_ref().expect("ensured above").critic;
+        let critic = self.critic.as_ref().expect("ensured above");
         let mut samples = Vec::with_capacity(n);
         let (mut kl_k1, mut kl_k3) = (0.0, 0.0);
         let chunk: Vec<&Sampled> = scored.iter().map(|(s, _, _)| s).collect();
@@ -461,7 +461,7 @@ impl Ppo {
         // benchmark in docs/benchmarks.md reads these).
         let clock = std::time::Instant::now();
         let values = self
-            .values(critic, &chunk, pad)
+            .values(critic, trainee, &chunk)
             .or_stage("cannot compute the critic's values")?;
         ctx.metric("values_seconds", clock.elapsed().as_secs_f64());
         for (((sampled, _, _), values), mut score) in scored.into_iter().zip(values).zip(penalised)
@@ -506,14 +506,16 @@ impl Ppo {
                 returns,
             });
         }
-        self.warm_up_critic(ctx, &mut samples, pad)?;
+        self.warm_up_critic(ctx, trainee, &mut samples)?;
         let (kl_k1, kl_k3) = (kl_k1 / n as f64, kl_k3 / n as f64);
         ctx.metric("kl", kl_k1);
         ctx.metric("kl_k3", kl_k3);
         let clock = std::time::Instant::now();
-        if let Some(kl) = self.exact_kl(ctx, gpt, &samples, pad)? {
-            ctx.metric("kl_exact", kl);
-            ctx.metric("exact_kl_seconds", clock.elapsed().as_secs_f64());
+        if let Learner::Gpt(t) = &*trainee {
+            if let Some(kl) = self.exact_kl(ctx, &t.gpt, &samples, t.tok.pad_id())? {
+                ctx.metric("kl_exact", kl);
+                ctx.metric("exact_kl_seconds", clock.elapsed().as_secs_f64());
+            }
         }
         let all = |f: fn(&Sample) -> &Vec<f32>| -> Vec<f32> {
             samples.iter().flat_map(|s| f(s).iter().copied()).collect()
@@ -537,7 +539,7 @@ impl Ppo {
 
         let mut critic = self.critic.take().expect("ensured before");
         let clock = std::time::Instant::now();
-        let optimised = self.optimise(ctx, trainee, &mut critic, &samples, pad);
+        let optimised = self.optimise(ctx, trainee, &mut critic, &samples);
         self.critic = Some(critic);
         let (steps, stats) = optimised?;
         ctx.metric("update_seconds", clock.elapsed().as_secs_f64());
@@ -561,7 +563,7 @@ impl Ppo {
             per(stats.value_loss),
             per(stats.entropy),
         ));
-        self.save(ctx, &policy, trainee, n)
+        self.save(ctx, policy.as_ref(), trainee, n)
     }
 
     /// In the critic's first round (it has taken no step), `critic_warmup`
@@ -573,8 +575,8 @@ impl Ppo {
     fn warm_up_critic(
         &mut self,
         ctx: &mut Context,
+        trainee: &Learner,
         samples: &mut [Sample],
-        pad: u32,
     ) -> Result<(), StageError> {
         let c = &self.config;
         let mut critic = self.critic.take().expect("ensured before");
@@ -599,7 +601,7 @@ impl Ppo {
                     .1,
             );
         }
-        let critic_vars = Critic::trainable(&critic.varmap);
+        let critic_vars = critic.vars();
         let seed = c.seed ^ ctx.init().seed ^ ctx.round() ^ 0xc417_0a11;
         let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
         let d = &self.device;
@@ -613,10 +615,10 @@ impl Ppo {
                 let chosen: Vec<(&Sample, &Vec<f32>)> =
                     batch.iter().map(|&i| (&samples[i], &targets[i])).collect();
                 let run = || -> hone_models::Result<(Tensor, f32)> {
-                    let (x, _, mask) = to_tensors(&examples, pad, d)?;
+                    let (_, _, mask) = to_tensors(&examples, 0, d)?;
                     let (_, t) = mask.dims2()?;
                     let returns = lay(&chosen, t, d, |(s, r)| (s.sampled.first, &r[..]))?;
-                    let values = critic.critic.values(&x)?;
+                    let values = critic.values(trainee, &examples, d)?;
                     let tokens = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
                     let loss = ((((values - returns)?.sqr()? * 0.5)? * &mask)?.sum_all()?
                         / f64::from(tokens))?;
@@ -633,7 +635,7 @@ impl Ppo {
         }
         // The values GAE needs, from the warmed critic.
         let chunk: Vec<&Sampled> = samples.iter().map(|s| &s.sampled).collect();
-        let values = self.values(&critic.critic, &chunk, pad).or_stage(failed)?;
+        let values = self.values(&critic, trainee, &chunk).or_stage(failed)?;
         self.critic = Some(critic);
         for (s, v) in samples.iter_mut().zip(values) {
             let (advantages, returns) =
@@ -648,39 +650,17 @@ impl Ppo {
 
     /// Starts the critic from the policy's weights (and a seeded value
     /// head) the first time; later rounds keep training the same critic.
-    fn ensure_critic(
-        &mut self,
-        ctx: &Context,
-        gpt: &Gpt,
-        policy_vars: &VarMap,
-    ) -> Result<(), StageError> {
-        if let Some(state) = &self.critic {
-            if &state.config != gpt.config() {
-                return Err(StageError::new(
-                    "the policy's shape changed between rounds; lm.ppo's critic was built for the first \
-                     policy: wire `policy` to one lineage (lm.sft, then this stage's feedback)",
-                ));
-            }
-            return Ok(());
+    fn ensure_critic(&mut self, ctx: &Context, trainee: &Learner) -> Result<(), StageError> {
+        if let Some(critic) = &self.critic {
+            return critic.check_fits(trainee);
         }
-        let doing = "cannot build the critic";
-        let state =
-            CriticState::new(gpt.config(), &self.device, self.config.critic_lr).or_stage(doing)?;
-        init_seeded(
-            &state.varmap,
-            self.config.seed ^ ctx.init().seed ^ 0x5eed_c417,
-        )
-        .or_stage(doing)?;
-        {
-            let from = policy_vars.data().lock().expect("VarMap lock poisoned");
-            let to = state.varmap.data().lock().expect("VarMap lock poisoned");
-            for (name, var) in from.iter() {
-                if let Some(target) = to.get(name) {
-                    target.set(var.as_tensor()).or_stage(doing)?;
-                }
-            }
-        }
-        self.critic = Some(state);
+        let seed = self.config.seed ^ ctx.init().seed ^ 0x5eed_c417;
+        self.critic = Some(PpoCritic::for_learner(
+            trainee,
+            &self.device,
+            self.config.critic_lr,
+            seed,
+        )?);
         Ok(())
     }
 
@@ -688,15 +668,17 @@ impl Ppo {
     /// in forward passes of `batch_size` samples.
     fn values(
         &self,
-        critic: &Critic,
+        critic: &PpoCritic,
+        trainee: &Learner,
         samples: &[&Sampled],
-        pad: u32,
     ) -> hone_models::Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(samples.len());
         for batch in samples.chunks(self.config.batch_size) {
             let examples: Vec<Example> = batch.iter().map(|s| s.example.clone()).collect();
-            let (x, _, _) = to_tensors(&examples, pad, &self.device)?;
-            let v = critic.values(&x)?.detach().to_vec2::<f32>()?;
+            let v = critic
+                .values(trainee, &examples, &self.device)?
+                .detach()
+                .to_vec2::<f32>()?;
             out.extend(
                 batch
                     .iter()
@@ -740,14 +722,13 @@ impl Ppo {
     fn optimise(
         &self,
         ctx: &mut Context,
-        trainee: &mut Trainee,
-        critic: &mut CriticState,
+        trainee: &mut Learner,
+        critic: &mut PpoCritic,
         samples: &[Sample],
-        pad: u32,
     ) -> Result<(usize, StepStats), StageError> {
         let c = &self.config;
-        let policy_vars = vars_by_name(&trainee.varmap);
-        let critic_vars = Critic::trainable(&critic.varmap);
+        let policy_vars = trainee.vars();
+        let critic_vars = critic.vars();
         let seed = c.seed ^ ctx.init().seed ^ ctx.round();
         let mut order = Batches::new(samples.iter().map(|s| s.sampled.id.clone()).collect(), seed);
         let steps = c.epochs * samples.len().div_ceil(c.batch_size);
@@ -758,17 +739,14 @@ impl Ppo {
         let batches = (0..c.epochs).flat_map(|_| order.epoch(c.batch_size));
         for (step, batch) in (1..).zip(batches) {
             let batch: Vec<&Sample> = batch.into_iter().map(|i| &samples[i]).collect();
-            let (loss, s) = self
-                .loss(&trainee.gpt, &critic.critic, &batch, pad)
-                .or_stage(failed)?;
+            let (loss, s) = self.loss(trainee, critic, &batch).or_stage(failed)?;
             let mut grads = loss.backward().or_stage(failed)?;
             clip_grad_norm(&mut grads, &policy_vars, c.max_grad_norm).or_stage(failed)?;
             clip_grad_norm(&mut grads, &critic_vars, c.max_grad_norm).or_stage(failed)?;
-            trainee.opt.step(&grads).or_stage(failed)?;
+            let policy_steps = trainee.step(&grads).or_stage(failed)?;
             critic.opt.step(&grads).or_stage(failed)?;
-            trainee.steps += 1;
             let value = f64::from(loss.to_scalar::<f32>().or_stage(failed)?);
-            ctx.metric_at("step_loss", value, trainee.steps);
+            ctx.metric_at("step_loss", value, policy_steps);
             let stop = c.early_stop_kl > 0.0 && s.approx_kl > c.early_stop_kl;
             stats.policy_loss += s.policy_loss;
             stats.value_loss += s.value_loss;
@@ -791,14 +769,13 @@ impl Ppo {
     /// a mean over the batch's response tokens) and its statistics.
     fn loss(
         &self,
-        gpt: &Gpt,
-        critic: &Critic,
+        trainee: &Learner,
+        critic: &PpoCritic,
         batch: &[&Sample],
-        pad: u32,
     ) -> hone_models::Result<(Tensor, StepStats)> {
         let c = &self.config;
         let examples: Vec<Example> = batch.iter().map(|s| s.sampled.example.clone()).collect();
-        let (x, y, mask) = to_tensors(&examples, pad, &self.device)?;
+        let (logp, mask, entropy) = trainee.token_logprobs_entropy(&examples, &self.device)?;
         let (_, t) = mask.dims2()?;
         let d = &self.device;
         let at = |s: &&Sample| s.sampled.first;
@@ -810,10 +787,8 @@ impl Ppo {
         let mean = |x: &Tensor| -> hone_models::Result<Tensor> {
             Ok(((x * &mask)?.sum_all()? / f64::from(tokens))?)
         };
-        let logits = gpt.forward(&x)?;
-        let logp = token_logprobs(&logits, &y)?;
         let policy_loss = mean(&clipped_surrogate(&logp, &old, &advantages, c.clip)?)?;
-        let values = critic.values(&x)?;
+        let values = critic.values(trainee, &examples, &self.device)?;
         let (value_loss, value_clipped) =
             clipped_value_loss(&values, &old_values, &returns, c.value_clip)?;
         let value_loss = mean(&value_loss)?;
@@ -841,7 +816,7 @@ impl Ppo {
             clipped: scalar(outside)?,
             value_clipped: scalar(value_clipped)?,
             approx_kl: scalar(approx)?,
-            entropy: scalar(entropy(&logits.detach())?)?,
+            entropy,
         };
         Ok((loss, stats))
     }
@@ -851,49 +826,49 @@ impl Ppo {
     fn save(
         &self,
         ctx: &mut Context,
-        policy: &ArtifactRef,
-        trainee: &mut Trainee,
+        policy: Option<&ArtifactRef>,
+        trainee: &mut Learner,
         n: usize,
     ) -> Result<(), StageError> {
         let c = &self.config;
         let out = ctx.output_dir()?.join("final");
-        let tok = trainee.tok.as_ref();
-        checkpoint::save(&out, &trainee.varmap, trainee.gpt.config(), tok)
-            .or_stage(&format!("cannot write checkpoint {}", out.display()))?;
-        let lineage = vec![
-            format!("ppo from {}", policy.id),
-            format!(
-                "lm.ppo round {}: {n} completions, {} beta {} (target {}), gamma {} lam {}, clip {}, \
-                 value clip {}, epochs {}, {} optimizer steps in all",
-                ctx.round(),
-                c.kl_estimator,
-                c.beta,
-                c.target_kl,
-                c.gamma,
-                c.lam,
-                c.clip,
-                c.value_clip,
-                c.epochs,
-                trainee.steps
-            ),
-        ];
+        trainee.save(&out)?;
+        let from = policy.map_or_else(|| c.pretrained.clone(), |a| a.id.clone());
+        let mut lineage = vec![format!("ppo from {from}")];
+        if let Learner::Chat(_) = trainee {
+            lineage.push(crate::tuned_llama::base_lineage(c.train_layers, None));
+        }
+        lineage.push(format!(
+            "lm.ppo round {}: {n} completions, {} beta {} (target {}), gamma {} lam {}, clip {}, \
+             value clip {}, epochs {}, {} optimizer steps in all",
+            ctx.round(),
+            c.kl_estimator,
+            c.beta,
+            c.target_kl,
+            c.gamma,
+            c.lam,
+            c.clip,
+            c.value_clip,
+            c.epochs,
+            trainee.steps()
+        ));
+        let parents: Vec<String> = policy.iter().map(|a| a.id.clone()).collect();
         let artifact = ctx.register_artifact(
             "policy",
             &out.join(checkpoint::WEIGHTS),
-            vec![policy.id.clone()],
+            parents.clone(),
             lineage,
         )?;
-        let state = self.critic.as_ref().expect("ensured before");
+        let critic = self.critic.as_ref().expect("ensured before");
         let critic_dir = ctx.output_dir()?.join("critic");
-        checkpoint::save(&critic_dir, &state.varmap, &state.config, tok)
-            .or_stage(&format!("cannot write the critic {}", critic_dir.display()))?;
+        critic.save(&critic_dir, trainee)?;
         ctx.register_artifact(
             "critic",
             &critic_dir.join(checkpoint::WEIGHTS),
-            vec![policy.id.clone()],
+            parents,
             vec![format!("lm.ppo critic, round {}", ctx.round())],
         )?;
-        trainee.artifact = artifact.clone();
+        trainee.set_artifact(artifact.clone());
         ctx.emit(0, Record::Artifact(artifact));
         Ok(())
     }

@@ -144,6 +144,28 @@ pub(crate) enum LearnerState {
     Chat(ChatTraineeState),
 }
 
+/// The options of an online learner (lm.grpo, lm.ppo) that pick and
+/// shape a SmolLM2 policy, added to `d`.
+pub(crate) fn learner_options(d: hone_sdk::StageDescriptor) -> hone_sdk::StageDescriptor {
+    use hone_sdk::FieldType;
+    d        .optional(
+            "pretrained",
+            FieldType::String,
+            "",
+            "`smollm2-135m-instruct`: the policy until a `policy` artifact arrives (lm.rollout's \
+             `pretrained` too, so round 0 samples it; later rounds get this stage's output fed back). \
+             Empty: round 0 needs a policy artifact (hone's GPT, or a SmolLM2 one lm.sft or lm.dpo wrote).",
+        )
+        .optional(
+            "train_layers",
+            FieldType::positive().at_most(1 << 10),
+            4,
+            "SmolLM2 policies: the top layers that train, with the final norm (the embedding, tied to \
+             the LM head, and the layers below stay frozen; their states are computed once per sample). \
+             Samples are teacher-forced uncut, as lm.rollout drew them (set max_new_tokens as there).",
+        )
+}
+
 /// How a [`Learner`] is loaded when it is not kept from the last round.
 pub(crate) struct LearnerSpec<'a> {
     pub run_dir: &'a Path,
@@ -238,6 +260,41 @@ impl Learner {
                 let refs: Vec<&Example> = examples.iter().collect();
                 Ok((t.tuned.token_logprobs(&refs, device)?, mask))
             }
+        }
+    }
+
+    /// [`Learner::token_logprobs`] and the policy's mean entropy per
+    /// response token (a diagnostic, without gradient).
+    pub fn token_logprobs_entropy(
+        &self,
+        examples: &[Example],
+        device: &Device,
+    ) -> hone_models::Result<(Tensor, Tensor, f64)> {
+        match self {
+            Learner::Gpt(t) => {
+                let (x, y, mask) = to_tensors(examples, t.tok.pad_id(), device)?;
+                let logits = t.gpt.forward(&x)?;
+                let logp = token_logprobs(&logits, &y)?;
+                let h = hone_models::ppo::entropy(&logits.detach())?;
+                let tokens = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
+                let h = (h * &mask)?.sum_all()?.to_scalar::<f32>()? / tokens;
+                Ok((logp, mask, f64::from(h)))
+            }
+            Learner::Chat(t) => {
+                let (_, _, mask) = to_tensors(examples, 0, device)?;
+                let refs: Vec<&Example> = examples.iter().collect();
+                let (logp, h) = t.tuned.token_logprobs_entropy(&refs, device, true)?;
+                Ok((logp, mask, h.unwrap_or(0.0)))
+            }
+        }
+    }
+
+    /// The ids a sampled response ends with when the policy stopped it (not
+    /// cut at max_new_tokens).
+    pub fn stop_ids(&self) -> Vec<u32> {
+        match self {
+            Learner::Gpt(t) => vec![t.tok.eos_id()],
+            Learner::Chat(t) => t.tuned.chat.stop_tokens.clone(),
         }
     }
 

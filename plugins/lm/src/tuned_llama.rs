@@ -221,24 +221,10 @@ impl Tuned {
         &self,
         examples: &[&Example],
         device: &Device,
-    ) -> hone_models::Result<(Tensor, Vec<usize>, Vec<u32>)> {
+    ) -> hone_models::Result<(Tensor, Vec<usize>, Vec<u32>, Tensor)> {
         let t_max = examples.iter().map(|e| e.inputs.len()).max().unwrap_or(1);
         let model = &self.chat.model;
-        self.cache_prefixes(examples, device)?;
-        let prefixes = self.prefixes.borrow();
-        let mut rows = Vec::with_capacity(examples.len());
-        for e in examples {
-            let prefix = prefixes[&e.inputs].clone();
-            // Right padding: attention is causal, so it changes no earlier row.
-            let t = prefix.dim(0)?;
-            rows.push(if t < t_max {
-                prefix.pad_with_zeros(0, 0, t_max - t)?
-            } else {
-                prefix
-            });
-        }
-        drop(prefixes);
-        let x = Tensor::stack(&rows, 0)?;
+        let x = self.prefix_batch(examples, device)?;
         let hidden = model.hidden_from(&x, self.frozen).map_err(model_error)?;
         let width = hidden.dim(D::Minus1)?;
         let flat = hidden.reshape((examples.len() * t_max, width))?;
@@ -261,7 +247,37 @@ impl Tuned {
         // One op, forward and backward: log-softmax over the 49,152-token
         // vocabulary, then gather, would allocate five such tensors each way.
         let token = hone_models::picked_logprobs::picked_logprobs(&logits, &targets)?;
-        Ok((token, of, at))
+        Ok((token, of, at, logits))
+    }
+
+    /// The residual stream after the frozen layers of each sequence [S, T,
+    /// hidden] (T: the longest input, right-padded with zeros: attention is
+    /// causal, so padding changes no earlier row), from the cache; what the
+    /// trained layers, and a critic on them, take.
+    pub fn prefix_batch(
+        &self,
+        examples: &[&Example],
+        device: &Device,
+    ) -> hone_models::Result<Tensor> {
+        let t_max = examples.iter().map(|e| e.inputs.len()).max().unwrap_or(1);
+        self.cache_prefixes(examples, device)?;
+        let prefixes = self.prefixes.borrow();
+        let mut rows = Vec::with_capacity(examples.len());
+        for e in examples {
+            let prefix = prefixes[&e.inputs].clone();
+            let t = prefix.dim(0)?;
+            rows.push(if t < t_max {
+                prefix.pad_with_zeros(0, 0, t_max - t)?
+            } else {
+                prefix
+            });
+        }
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+
+    /// The first layer that trains: the layers below it are frozen.
+    pub fn frozen(&self) -> usize {
+        self.frozen
     }
 
     /// log pi of each sequence's response (its masked targets) [S], and the
@@ -271,7 +287,7 @@ impl Tuned {
         examples: &[&Example],
         device: &Device,
     ) -> hone_models::Result<(Tensor, Tensor)> {
-        let (token, of, _) = self.picked_logprobs(examples, device)?;
+        let (token, of, _, _) = self.picked_logprobs(examples, device)?;
         let n = of.len();
         // Sum each sequence's tokens: a [S, N] membership matrix times [N].
         let mut member = vec![0f32; examples.len() * n];
@@ -292,13 +308,32 @@ impl Tuned {
         examples: &[&Example],
         device: &Device,
     ) -> hone_models::Result<Tensor> {
+        Ok(self.token_logprobs_entropy(examples, device, false)?.0)
+    }
+
+    /// [`Tuned::token_logprobs`], and with `entropy` the policy's mean
+    /// entropy over the response tokens (a diagnostic, without gradient).
+    pub fn token_logprobs_entropy(
+        &self,
+        examples: &[&Example],
+        device: &Device,
+        entropy: bool,
+    ) -> hone_models::Result<(Tensor, Option<f64>)> {
         let t_max = examples.iter().map(|e| e.inputs.len()).max().unwrap_or(1);
-        let (token, _, at) = self.picked_logprobs(examples, device)?;
+        let (token, _, at, logits) = self.picked_logprobs(examples, device)?;
         let zeros = Tensor::zeros(examples.len() * t_max, DType::F32, device)?;
+        let n = at.len();
         let at = Tensor::new(at.as_slice(), device)?;
-        Ok(zeros
+        let logp = zeros
             .index_add(&at, &token, 0)?
-            .reshape((examples.len(), t_max))?)
+            .reshape((examples.len(), t_max))?;
+        let entropy = if entropy && n > 0 {
+            let h = hone_models::ppo::entropy(&logits.detach())?;
+            Some(f64::from(h.mean_all()?.to_scalar::<f32>()?))
+        } else {
+            None
+        };
+        Ok((logp, entropy))
     }
 
     /// Forgets the cached frozen-layer states: a learner on its own samples

@@ -369,6 +369,8 @@ impl Layer {
     }
 }
 
+pub mod critic;
+
 /// A Llama-family causal LM whose weights are trainable `Var`s.
 pub struct Llama {
     embed_tokens: Embedding,
@@ -822,6 +824,11 @@ pub(crate) mod tests {
 
     /// A tiny model with random weights (GQA: 4 query heads, 2 kv heads).
     pub(crate) fn tiny() -> Llama {
+        tiny_llama().0
+    }
+
+    /// [`tiny`] with its weights.
+    pub(crate) fn tiny_llama() -> (Llama, VarMap) {
         let cfg = LlamaConfig {
             vocab_size: 50,
             hidden_size: 32,
@@ -837,13 +844,26 @@ pub(crate) mod tests {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let model = Llama::new(&cfg, vb).unwrap();
-        // RMSNorm weights are made at zero by the var builder: set them to one.
-        for (name, var) in varmap.data().lock().unwrap().iter() {
-            if name.ends_with("layernorm.weight") || name.ends_with("norm.weight") {
-                var.set(&var.ones_like().unwrap()).unwrap();
-            }
+        // The var builder makes every weight zero: norms to one, the rest
+        // seeded normal(0, 0.2), in name order.
+        let data = varmap.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let mut rng = hone_models::sample::Rng::new(11);
+        for name in names {
+            let var = &data[name];
+            let value = if name.ends_with("norm.weight") {
+                var.ones_like().unwrap()
+            } else {
+                let values: Vec<f32> = (0..var.elem_count())
+                    .map(|_| (rng.next_normal() * 0.2) as f32)
+                    .collect();
+                Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap()
+            };
+            var.set(&value).unwrap();
         }
-        model
+        drop(data);
+        (model, varmap)
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use super::*;
 use crate::grpo::tests::{completion, logprobs, on_policy, policy, score};
 use crate::sft::tests::temp_run_dir;
-use hone_models::tokenizer::{load_tokenizer, Tokenizer as _};
+use hone_models::tokenizer::Tokenizer as _;
 use hone_sdk::Collected;
 use serde_json::json;
 
@@ -180,21 +180,19 @@ fn gradients_reach_every_parameter_and_a_zero_advantage_moves_no_policy_weight()
     let start = policy(&dir);
     let init = init(&dir, json!({"max_new_tokens": 4}));
     let mut stage = Ppo::create(&init).unwrap();
-    let ckpt = crate::checkpoint_dir(&Context::new(&mut Collected::default(), &init, 0), &start);
-    let (gpt, varmap) = checkpoint::load_gpt(&ckpt, &Device::Cpu).unwrap();
-    let tok = load_tokenizer(&ckpt).unwrap();
+    let learner = Learner::resume_or_load(None, Some(&start), &stage.spec(&dir)).unwrap();
     stage
-        .ensure_critic(
-            &Context::new(&mut Collected::default(), &init, 0),
-            &gpt,
-            &varmap,
-        )
+        .ensure_critic(&Context::new(&mut Collected::default(), &init, 0), &learner)
         .unwrap();
-    let ids = tok.encode(YES);
+    let Learner::Gpt(trainee) = &learner else {
+        panic!("a GPT policy loads as one")
+    };
+    let varmap = trainee.varmap.clone();
+    let ids = trainee.tok.encode(YES);
     let sample = |advantage: f32| {
         let lp = logprobs(&dir, &start, &prompt(1), &ids);
         let c = completion("c", "p", &prompt(1), ids.clone(), lp);
-        let sampled = Sampled::new(tok.as_ref(), &c, gpt.config().context, 4);
+        let sampled = learner.sampled(&c, 4).unwrap();
         let n = sampled.tokens();
         Sample {
             sampled,
@@ -206,9 +204,7 @@ fn gradients_reach_every_parameter_and_a_zero_advantage_moves_no_policy_weight()
     };
     let state = stage.critic.as_ref().unwrap();
     let zero = sample(0.0);
-    let (loss, stats) = stage
-        .loss(&gpt, &state.critic, &[&zero], tok.pad_id())
-        .unwrap();
+    let (loss, stats) = stage.loss(&learner, state, &[&zero]).unwrap();
     assert!(stats.policy_loss.abs() < 1e-7, "{}", stats.policy_loss);
     assert!(stats.approx_kl.abs() < 1e-6 && stats.clipped == 0.0);
     let grads = loss.backward().unwrap();
@@ -227,19 +223,17 @@ fn gradients_reach_every_parameter_and_a_zero_advantage_moves_no_policy_weight()
             );
         }
     }
-    let critic_vars = Critic::trainable(&state.varmap);
+    let critic_vars = state.vars();
     assert!(critic_vars.iter().all(|v| grads.get(v).is_some()));
     let one = sample(1.0);
-    let (loss, _) = stage
-        .loss(&gpt, &state.critic, &[&one], tok.pad_id())
-        .unwrap();
+    let (loss, _) = stage.loss(&learner, state, &[&one]).unwrap();
     let grads = loss.backward().unwrap();
     assert_eq!(
         hone_models::train::vars_without_gradient(&varmap, &grads).unwrap(),
         Vec::<String>::new()
     );
     assert_eq!(
-        hone_models::train::vars_without_gradient(&state.varmap, &grads).unwrap(),
+        hone_models::train::vars_without_gradient(state.varmap(), &grads).unwrap(),
         ["lm_head.weight"]
     );
     std::fs::remove_dir_all(&dir).unwrap();
