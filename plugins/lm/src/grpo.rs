@@ -445,4 +445,4 @@ impl Grpo {
 #[cfg(test)]
 pub(crate) mod tests;
 #[cfg(test)]
-mod tests_smollm;
+pub(crate) mod tests_smollm;

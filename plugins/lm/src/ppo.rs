@@ -902,3 +902,5 @@ fn check_completion(comp: &Completion, needs_reference: bool) -> Result<(), Stag
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_smollm;

@@ -9,10 +9,10 @@ use crate::{Logprobs, Rollout};
 use hone_sdk::Collected;
 use serde_json::json;
 
-const SMOLLM: &str = hone_pretrained::smollm::MODEL_NAME;
-const NEW_TOKENS: usize = 8;
+pub(crate) const SMOLLM: &str = hone_pretrained::smollm::MODEL_NAME;
+pub(crate) const NEW_TOKENS: usize = 8;
 
-fn stage(dir: &std::path::Path, kind: &str, config: serde_json::Value) -> StageInit {
+pub(crate) fn stage(dir: &std::path::Path, kind: &str, config: serde_json::Value) -> StageInit {
     let mut init = StageInit::for_test(kind, config);
     init.stage_id = kind.replace('.', "_");
     init.run_dir = dir.to_path_buf();
@@ -34,7 +34,7 @@ fn prompts() -> Vec<Record> {
 }
 
 /// The completions scored under `reference` (`None`: the pretrained model).
-fn under(
+pub(crate) fn under(
     dir: &std::path::Path,
     completions: Vec<Record>,
     reference: Option<&ArtifactRef>,
@@ -65,7 +65,7 @@ fn under(
 
 /// Four samples of each prompt from the pretrained model at temperature 1,
 /// with the pretrained model's teacher-forced log-probs as the reference.
-fn sampled(dir: &std::path::Path) -> Vec<Completion> {
+pub(crate) fn sampled(dir: &std::path::Path) -> Vec<Completion> {
     let config = hone_sdk::testing::full_config::<Rollout>(
         json!({"pretrained": SMOLLM, "n": 4, "max_new_tokens": NEW_TOKENS, "seed": 7}),
     );
@@ -78,7 +78,7 @@ fn sampled(dir: &std::path::Path) -> Vec<Completion> {
 }
 
 /// Sample 0 and 1 of each prompt are rewarded, 2 and 3 not.
-fn reward(c: &Completion) -> f64 {
+pub(crate) fn reward(c: &Completion) -> f64 {
     if c.id.ends_with("#0") || c.id.ends_with("#1") {
         1.0
     } else {
@@ -95,7 +95,10 @@ fn grpo_init(dir: &std::path::Path) -> StageInit {
 }
 
 /// The round's inputs: `comps` as if `policy` had sampled them.
-fn inputs(comps: &[Completion], policy: Option<&ArtifactRef>) -> Vec<(usize, Vec<Record>)> {
+pub(crate) fn inputs(
+    comps: &[Completion],
+    policy: Option<&ArtifactRef>,
+) -> Vec<(usize, Vec<Record>)> {
     let records = comps
         .iter()
         .cloned()
