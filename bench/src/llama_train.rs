@@ -6,7 +6,11 @@
 //! AdamW step. Two ways of training those layers: their own weights and the
 //! final norm (14.2 M parameters), or LoRA rank 16 on their seven
 //! projections (the weights frozen). 8 sequences of 192 tokens, the last 96
-//! the response; medians of the repeats, 2 threads.
+//! the response; medians of the repeats, at `RAYON_NUM_THREADS` threads.
+//!
+//! The first against PyTorch/transformers in the same run
+//! (bench/torch/llama_train_bench.py: the same GGUF, ids, step and AdamW),
+//! with both sides' first loss, to show they compute the same thing.
 
 use crate::median;
 use candle_core::{Device, Tensor, Var, D};
@@ -28,14 +32,15 @@ pub struct LlamaTrainBench {
 
 const FROZEN: usize = 26;
 
-/// Milliseconds per step over `b.repeats` repeats of `b.steps` steps.
+/// Milliseconds per step over `b.repeats` repeats of `b.steps` steps, and
+/// the first step's loss.
 fn time_steps(
     model: &Llama,
     vars: Vec<Var>,
     x: &Tensor,
     targets: &[u32],
     b: &LlamaTrainBench,
-) -> Vec<f64> {
+) -> (Vec<f64>, f32) {
     let dev = Device::Cpu;
     let t = b.tokens;
     let at: Vec<u32> = (0..b.batch)
@@ -65,9 +70,10 @@ fn time_steps(
             .unwrap();
         let grads = loss.backward().unwrap();
         opt.step(&grads).unwrap();
+        loss.to_scalar::<f32>().unwrap()
     };
-    step();
-    (0..b.repeats)
+    let first = step();
+    let ms = (0..b.repeats)
         .map(|_| {
             let started = Instant::now();
             for _ in 0..b.steps {
@@ -75,7 +81,8 @@ fn time_steps(
             }
             started.elapsed().as_secs_f64() * 1000.0 / b.steps as f64
         })
-        .collect()
+        .collect();
+    (ms, first)
 }
 
 pub fn run(b: LlamaTrainBench) {
@@ -93,16 +100,18 @@ pub fn run(b: LlamaTrainBench) {
     };
     let ids: Vec<u32> = (0..b.batch * b.tokens).map(|_| next()).collect();
     let targets: Vec<u32> = (0..b.batch * b.response).map(|_| next()).collect();
+    let torch_config = serde_json::json!({
+        "threads": candle_core::utils::get_num_threads(), "model_dir": dir, "gguf_file": GGUF_FILE,
+        "ids": ids, "targets": targets, "batch": b.batch, "tokens": b.tokens,
+        "response": b.response, "frozen": FROZEN, "steps": b.steps, "repeats": b.repeats,
+    });
     let ids = Tensor::from_vec(ids, (b.batch, b.tokens), &dev).unwrap();
     let x = model.residual_after(&ids, FROZEN).unwrap().detach();
     let trained: Vec<Var> = {
         let data = varmap.data().lock().unwrap();
         let mut named: Vec<(&String, &Var)> = data
             .iter()
-            .filter(|(n, _)| {
-                n.as_str() == "model.norm.weight"
-                    || (FROZEN..30).any(|i| n.starts_with(&Llama::layer_prefix(i)))
-            })
+            .filter(|(n, _)| Llama::in_top(n, FROZEN))
             .collect();
         named.sort_by(|a, c| a.0.cmp(c.0));
         named.into_iter().map(|(_, v)| v.clone()).collect()
@@ -110,18 +119,38 @@ pub fn run(b: LlamaTrainBench) {
     let count = |v: &[Var]| v.iter().map(|v| v.elem_count()).sum::<usize>();
     let tokens = (b.batch * b.tokens) as f64;
     println!(
-        "SmolLM2 training step: {} sequences of {} tokens ({} response), top {} layers from cached states",
+        "SmolLM2 training step: {} sequences of {} tokens ({} response), top {} layers from cached states, {} threads",
         b.batch,
         b.tokens,
         b.response,
-        30 - FROZEN
+        30 - FROZEN,
+        candle_core::utils::get_num_threads()
     );
     let n = count(&trained);
-    let ms = median(time_steps(&model, trained, &x, &targets, &b));
+    let (times, first) = time_steps(&model, trained, &x, &targets, &b);
+    let ms = median(times);
     println!(
-        "  top layers trained ({n} parameters): {ms:.0} ms/step, {:.0} tokens/s",
+        "  top layers trained ({n} parameters): {ms:.0} ms/step, {:.0} tokens/s (first loss {first:.5})",
         tokens / ms * 1000.0
     );
+    match crate::lm::run_torch(
+        "bench/torch/llama_train_bench.py",
+        &torch_config,
+        "bench/llama-train.sh",
+    ) {
+        Ok(v) => {
+            let theirs = v["ms"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "  PyTorch {} / transformers {}, the same step: {theirs:.0} ms/step, {:.0} tokens/s (first loss {:.5}); hone / PyTorch {:.2}",
+                v["torch"].as_str().unwrap_or("?"),
+                v["transformers"].as_str().unwrap_or("?"),
+                tokens / theirs * 1000.0,
+                v["first_loss"].as_f64().unwrap_or(f64::NAN),
+                theirs / ms
+            );
+        }
+        Err(e) => println!("  (PyTorch comparison missing: {e})"),
+    }
     let lora = LoraConfig {
         rank: 16,
         alpha: 32.0,
@@ -134,7 +163,7 @@ pub fn run(b: LlamaTrainBench) {
         .map(|(_, v)| v)
         .collect();
     let n = count(&adapters);
-    let lora_ms = median(time_steps(&model, adapters, &x, &targets, &b));
+    let lora_ms = median(time_steps(&model, adapters, &x, &targets, &b).0);
     println!(
         "  LoRA rank 16 on all 7 projections ({n} parameters): {lora_ms:.0} ms/step, {:.0} tokens/s ({:.2}x the full layers' speed)",
         tokens / lora_ms * 1000.0,

@@ -11,13 +11,22 @@
 //! (a round that fails drops the trainee), so the 540 MB of a SmolLM2 need
 //! not be copied into every round's snapshot. The optimizer moments of the
 //! trained layers are there (113 MB for the top four).
+//!
+//! With LoRA the adapters sit on the model the trainee was first loaded
+//! from (its `base`) and keep training across rounds; each emitted
+//! checkpoint holds the merged weights. Loading that checkpoint and adding
+//! the adapters again would count the update twice, and starting fresh
+//! adapters on it would lose the trained ones (a resumed run would not
+//! take the steps the straight one took), so the snapshot holds the base
+//! and the adapters themselves (a few MB) instead.
 
 use crate::trainee::adam;
 use crate::tuned_llama::Tuned;
 use crate::{checkpoint_dir_in, OrStageError};
 use hone_models::adamw::{AdamW, AdamWState};
-use hone_models::Device;
-use hone_pretrained::smollm::ChatLlama;
+use hone_models::checkpoint::{restore_weights, weights_state, WeightsState};
+use hone_models::lora::LoraConfig;
+use hone_models::{Device, VarMap};
 use hone_sdk::{ArtifactRef, StageError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -31,6 +40,9 @@ pub(crate) struct ChatTrainee {
     pub opt: AdamW,
     /// Optimizer steps taken since the weights were loaded.
     pub steps: u64,
+    /// With LoRA: the model the adapters sit on (`None`: the pretrained
+    /// one); `None` without LoRA.
+    lora_base: Option<Option<ArtifactRef>>,
 }
 
 /// A [`ChatTrainee`] in a snapshot: its weights are its artifact's.
@@ -39,17 +51,30 @@ pub(crate) struct ChatTraineeState {
     artifact: ArtifactRef,
     opt: AdamWState,
     steps: u64,
+    /// With LoRA: the base the adapters sit on, and the adapters.
+    lora: Option<LoraState>,
+}
+
+/// A LoRA trainee's adapters in a snapshot, and the model under them.
+#[derive(Serialize, Deserialize)]
+struct LoraState {
+    base: Option<ArtifactRef>,
+    adapters: WeightsState,
 }
 
 impl ChatTrainee {
     /// The SmolLM2 policy `policy` (a checkpoint under `run_dir`), or the
     /// pretrained model `pretrained` when `policy` is `None`, with its top
-    /// `train_layers` layers trainable and a fresh AdamW at `lr`.
+    /// `train_layers` layers trainable (or, with `lora`, adapters on them,
+    /// drawn from `seed`) and a fresh AdamW at `lr`.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         run_dir: &Path,
         policy: Option<&ArtifactRef>,
         pretrained: &str,
         train_layers: usize,
+        lora: Option<&LoraConfig>,
+        seed: u64,
         device: &Device,
         lr: f64,
     ) -> Result<ChatTrainee, StageError> {
@@ -62,27 +87,31 @@ impl ChatTrainee {
             None => format!("cannot load {pretrained}"),
         };
         let chat = crate::load_chat(run_dir, policy, pretrained, device, &doing)?;
-        Self::train(chat, policy.cloned(), train_layers, lr)
-    }
-
-    fn train(
-        chat: ChatLlama,
-        artifact: Option<ArtifactRef>,
-        train_layers: usize,
-        lr: f64,
-    ) -> Result<ChatTrainee, StageError> {
         // Sequences are teacher-forced uncut, as lm.rollout sampled them:
         // the model's whole context.
         let context = chat.model.config().max_position_embeddings;
-        let tuned = Tuned::new(chat, train_layers, context, None, 0)?;
+        let tuned = Tuned::new(chat, train_layers, context, lora, seed)?;
         let opt =
             AdamW::new(tuned.trainable(), adam(lr)).or_stage("cannot create the optimiser")?;
         Ok(ChatTrainee {
-            artifact,
+            artifact: policy.cloned(),
             tuned: Box::new(tuned),
             opt,
             steps: 0,
+            lora_base: lora.map(|_| policy.cloned()),
         })
+    }
+
+    /// The adapters as a VarMap (the same variables), for their snapshot.
+    fn adapters(&self) -> VarMap {
+        let map = VarMap::new();
+        {
+            let mut data = map.data().lock().expect("VarMap lock poisoned");
+            for (name, var) in self.tuned.adapters() {
+                data.insert(name.clone(), var.clone());
+            }
+        }
+        map
     }
 
     /// Optimizer state, step count and the artifact the weights are.
@@ -92,27 +121,73 @@ impl ChatTrainee {
                 "cannot snapshot the policy: it is the pretrained model, not yet an artifact",
             ));
         };
+        let doing = "cannot snapshot the policy";
+        let lora = match &self.lora_base {
+            None => None,
+            Some(base) => Some(LoraState {
+                base: base.clone(),
+                adapters: weights_state(&self.adapters()).or_stage(doing)?,
+            }),
+        };
         Ok(ChatTraineeState {
             artifact,
-            opt: self.opt.state().or_stage("cannot snapshot the policy")?,
+            opt: self.opt.state().or_stage(doing)?,
             steps: self.steps,
+            lora,
         })
     }
 
     /// The trainee a snapshot held: its artifact's checkpoint under
-    /// `run_dir`, the optimizer put back.
+    /// `run_dir` (with LoRA: its base, `pretrained` when that is `None`, and
+    /// the adapters on it), the optimizer put back.
     pub fn from_state(
         state: ChatTraineeState,
-        run_dir: &Path,
-        train_layers: usize,
-        device: &Device,
-        lr: f64,
+        spec: &crate::trainee::LearnerSpec,
     ) -> Result<ChatTrainee, StageError> {
         let doing = format!(
             "cannot restore policy {} from the snapshot",
             state.artifact.id
         );
-        let mut t = Self::load(run_dir, Some(&state.artifact), "", train_layers, device, lr)?;
+        let (run_dir, layers) = (spec.run_dir, spec.train_layers);
+        let (device, lr) = (spec.device, spec.lr);
+        let mut t = match (&state.lora, spec.lora) {
+            (None, None) => Self::load(
+                run_dir,
+                Some(&state.artifact),
+                "",
+                layers,
+                None,
+                0,
+                device,
+                lr,
+            )?,
+            (Some(l), Some(cfg)) => {
+                let base = l.base.as_ref();
+                let mut t = Self::load(
+                    run_dir,
+                    base,
+                    spec.pretrained,
+                    layers,
+                    Some(cfg),
+                    spec.seed,
+                    device,
+                    lr,
+                )?;
+                restore_weights(&t.adapters(), &l.adapters).or_stage(&doing)?;
+                t.artifact = Some(state.artifact.clone());
+                t
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(StageError::config(
+                    "lora_rank",
+                    format!(
+                        "{doing}: it was trained {} LoRA adapters and the stage now asks {}; keep                          lora_rank as it was to resume",
+                        if state.lora.is_some() { "with" } else { "without" },
+                        if spec.lora.is_some() { "for them" } else { "for none" }
+                    ),
+                ));
+            }
+        };
         t.opt.restore(&state.opt).or_stage(&doing)?;
         t.steps = state.steps;
         Ok(t)

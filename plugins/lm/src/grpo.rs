@@ -15,6 +15,7 @@ use crate::trainee::{Learner, LearnerSpec, LearnerState};
 use crate::{device, NewestPolicy, OrStageError};
 use hone_models::batches::Batches;
 use hone_models::checkpoint;
+use hone_models::lora::LoraConfig;
 use hone_models::policy_gradient::{clipped_surrogate, group_advantages, k3, Baseline};
 use hone_models::train::clip_grad_norm;
 use hone_models::{Device, Tensor};
@@ -39,6 +40,9 @@ struct GrpoConfig {
     device: String,
     pretrained: String,
     train_layers: usize,
+    lora_rank: usize,
+    lora_alpha: f64,
+    lora_targets: Vec<String>,
 }
 
 /// Updates the policy that sampled a round's completions from their scores.
@@ -54,6 +58,10 @@ pub struct Grpo {
     trainee: Option<Learner>,
     /// Where the run's artifacts are, for restoring a snapshot.
     run_dir: std::path::PathBuf,
+    /// SmolLM2 policies: LoRA adapters instead of the top layers' weights.
+    lora: Option<LoraConfig>,
+    /// Seeds the LoRA adapters' start.
+    lora_seed: u64,
 }
 
 /// What lm.grpo carries from one round to the next, as its snapshot holds it.
@@ -123,6 +131,12 @@ impl StageFactory for Grpo {
             ));
         }
         crate::check_pretrained(&config.pretrained, "train")?;
+        let lora = crate::trainee::learner_lora(
+            config.lora_rank,
+            config.lora_alpha,
+            &config.lora_targets,
+        )?;
+        let lora_seed = config.seed ^ init.seed ^ 0x10_4a;
         let device = device(&config.device)?;
         Ok(Grpo {
             config,
@@ -132,6 +146,8 @@ impl StageFactory for Grpo {
             policy: NewestPolicy::new("policy", "policy", "policy"),
             trainee: None,
             run_dir: init.run_dir.clone(),
+            lora,
+            lora_seed,
         })
     }
 }
@@ -198,6 +214,8 @@ impl Grpo {
             lr: self.config.lr,
             pretrained: &self.config.pretrained,
             train_layers: self.config.train_layers,
+            lora: self.lora.as_ref(),
+            seed: self.lora_seed,
         }
     }
 
@@ -362,7 +380,10 @@ impl Grpo {
         trainee.save(&out)?;
         let mut lineage = vec![format!("{} from {from}", c.baseline)];
         if let Learner::Chat(_) = trainee {
-            lineage.push(crate::tuned_llama::base_lineage(c.train_layers, None));
+            lineage.push(crate::tuned_llama::base_lineage(
+                c.train_layers,
+                self.lora.as_ref(),
+            ));
         }
         lineage.push(format!(
             "lm.grpo round {}: {} completions, kl {} beta {}, clip {}, epochs {}, {} optimizer \

@@ -29,6 +29,7 @@ use critic::{CriticSnapshot, PpoCritic};
 use hone_models::batches::Batches;
 use hone_models::checkpoint;
 use hone_models::gpt::Gpt;
+use hone_models::lora::LoraConfig;
 use hone_models::policy_gradient::clipped_surrogate;
 use hone_models::ppo::{
     clipped_value_loss, exact_kl, explained_variance, gae, mean_std, token_rewards, whiten,
@@ -69,6 +70,9 @@ struct PpoConfig {
     device: String,
     pretrained: String,
     train_layers: usize,
+    lora_rank: usize,
+    lora_alpha: f64,
+    lora_targets: Vec<String>,
 }
 
 /// Updates the policy that sampled a round's completions, with a critic.
@@ -87,6 +91,10 @@ pub struct Ppo {
     moments: RunningMoments,
     /// Where the run's artifacts are, for restoring a snapshot.
     run_dir: std::path::PathBuf,
+    /// SmolLM2 policies: LoRA adapters instead of the top layers' weights.
+    lora: Option<LoraConfig>,
+    /// Seeds the LoRA adapters' start.
+    lora_seed: u64,
 }
 
 /// Everything lm.ppo carries from one round to the next, as its snapshot
@@ -163,6 +171,12 @@ impl StageFactory for Ppo {
     fn create(init: &StageInit) -> Result<Self, StageError> {
         let config: PpoConfig = init.config()?;
         crate::check_pretrained(&config.pretrained, "train")?;
+        let lora = crate::trainee::learner_lora(
+            config.lora_rank,
+            config.lora_alpha,
+            &config.lora_targets,
+        )?;
+        let lora_seed = config.seed ^ init.seed ^ 0x10_4a;
         let estimator = KlEstimator::parse(&config.kl_estimator).ok_or_else(|| {
             StageError::config(
                 "kl_estimator",
@@ -243,6 +257,8 @@ impl StageFactory for Ppo {
             kl,
             moments: RunningMoments::default(),
             run_dir: init.run_dir.clone(),
+            lora,
+            lora_seed,
         })
     }
 }
@@ -343,6 +359,8 @@ impl Ppo {
             lr: self.config.lr,
             pretrained: &self.config.pretrained,
             train_layers: self.config.train_layers,
+            lora: self.lora.as_ref(),
+            seed: self.lora_seed,
         }
     }
 
@@ -836,7 +854,10 @@ impl Ppo {
         let from = policy.map_or_else(|| c.pretrained.clone(), |a| a.id.clone());
         let mut lineage = vec![format!("ppo from {from}")];
         if let Learner::Chat(_) = trainee {
-            lineage.push(crate::tuned_llama::base_lineage(c.train_layers, None));
+            lineage.push(crate::tuned_llama::base_lineage(
+                c.train_layers,
+                self.lora.as_ref(),
+            ));
         }
         lineage.push(format!(
             "lm.ppo round {}: {n} completions, {} beta {} (target {}), gamma {} lam {}, clip {}, \

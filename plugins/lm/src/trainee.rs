@@ -16,6 +16,7 @@ use candle_core::backprop::GradStore;
 use hone_models::adamw::{AdamW, AdamWState, ParamsAdamW};
 use hone_models::checkpoint::{self, restore_weights, weights_state, WeightsState};
 use hone_models::gpt::{Gpt, GptConfig};
+use hone_models::lora::LoraConfig;
 use hone_models::tokenizer::{load_tokenizer, Tokenizer};
 use hone_models::train::{token_logprobs, vars_by_name};
 use hone_models::{DType, Device, Tensor, Var, VarBuilder, VarMap};
@@ -148,6 +149,7 @@ pub(crate) enum LearnerState {
 /// shape a SmolLM2 policy, added to `d`.
 pub(crate) fn learner_options(d: hone_sdk::StageDescriptor) -> hone_sdk::StageDescriptor {
     use hone_sdk::FieldType;
+    let d = crate::tuned_llama::lora_options(d);
     d        .optional(
             "pretrained",
             FieldType::String,
@@ -166,6 +168,20 @@ pub(crate) fn learner_options(d: hone_sdk::StageDescriptor) -> hone_sdk::StageDe
         )
 }
 
+/// The LoRA settings of [`learner_options`] (`None`: lora_rank 0), checked.
+pub(crate) fn learner_lora(
+    rank: usize,
+    alpha: f64,
+    targets: &[String],
+) -> Result<Option<LoraConfig>, StageError> {
+    let lora = crate::tuned_llama::lora_config(rank, alpha, targets);
+    if let Some(l) = &lora {
+        l.check(&hone_models::lora::LLAMA_TARGETS)
+            .map_err(|(field, message)| StageError::config(field, message))?;
+    }
+    Ok(lora)
+}
+
 /// How a [`Learner`] is loaded when it is not kept from the last round.
 pub(crate) struct LearnerSpec<'a> {
     pub run_dir: &'a Path,
@@ -175,6 +191,10 @@ pub(crate) struct LearnerSpec<'a> {
     pub pretrained: &'a str,
     /// SmolLM2: the top layers that train.
     pub train_layers: usize,
+    /// SmolLM2: LoRA adapters on those layers instead of their weights.
+    pub lora: Option<&'a LoraConfig>,
+    /// Seeds the adapters' start.
+    pub seed: u64,
 }
 
 impl Learner {
@@ -198,12 +218,23 @@ impl Learner {
                 policy,
                 spec.pretrained,
                 spec.train_layers,
+                spec.lora,
+                spec.seed,
                 spec.device,
                 spec.lr,
             )?;
             return Ok(Learner::Chat(t));
         }
         let policy = policy.expect("a GPT policy is an artifact");
+        if spec.lora.is_some() {
+            return Err(StageError::config(
+                "lora_rank",
+                format!(
+                    "LoRA adapters are for SmolLM2 policies, and {} is one of hone's GPT, which                      trains whole: set lora_rank = 0",
+                    policy.id
+                ),
+            ));
+        }
         Trainee::resume_or_load(None, spec.run_dir, policy, spec.device, spec.lr).map(Learner::Gpt)
     }
 
@@ -362,13 +393,7 @@ impl Learner {
             LearnerState::Gpt(s) => {
                 Learner::Gpt(Trainee::from_state(s, spec.run_dir, spec.device, spec.lr)?)
             }
-            LearnerState::Chat(s) => Learner::Chat(ChatTrainee::from_state(
-                s,
-                spec.run_dir,
-                spec.train_layers,
-                spec.device,
-                spec.lr,
-            )?),
+            LearnerState::Chat(s) => Learner::Chat(ChatTrainee::from_state(s, spec)?),
         })
     }
 }

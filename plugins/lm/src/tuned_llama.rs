@@ -97,22 +97,16 @@ impl Tuned {
         if !self.adapters.is_empty() {
             return self.adapters.iter().map(|(_, v)| v.clone()).collect();
         }
-        let layers = self.chat.model.config().num_hidden_layers;
-        let prefixes: Vec<String> = (self.frozen..layers).map(Llama::layer_prefix).collect();
         let data = self.chat.vars.data().lock().expect("VarMap lock poisoned");
         let mut vars: Vec<(&String, &Var)> = data
             .iter()
-            .filter(|(name, _)| {
-                name.as_str() == "model.norm.weight"
-                    || prefixes.iter().any(|p| name.starts_with(p.as_str()))
-            })
+            .filter(|(name, _)| Llama::in_top(name, self.frozen))
             .collect();
         vars.sort_by(|a, b| a.0.cmp(b.0));
         vars.into_iter().map(|(_, v)| v.clone()).collect()
     }
 
     /// The LoRA adapters' variables by name (empty without LoRA).
-    #[cfg(test)]
     pub fn adapters(&self) -> &[(String, Var)] {
         &self.adapters
     }

@@ -140,7 +140,7 @@ impl FrozenLlama {
             let source = self.chat.vars.data().lock().expect("VarMap lock");
             let mut data = vars.data().lock().expect("VarMap lock");
             for (name, var) in source.iter() {
-                let var = if trained(name, split) {
+                let var = if Llama::in_top(name, split) {
                     let t = overrides.get(name).unwrap_or(var.as_tensor());
                     let t = t
                         .to_device(var.device())
@@ -162,16 +162,6 @@ impl FrozenLlama {
             .or_stage(&format!("cannot build {MODEL_NAME} with fine-tuned layers"))?;
         Ok((LlamaTop { model }, vars))
     }
-}
-
-/// Whether variable `name` is in the part that trains above `split`.
-fn trained(name: &str, split: usize) -> bool {
-    name == "model.norm.weight"
-        || name
-            .strip_prefix("model.layers.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .is_some_and(|i| i >= split)
 }
 
 /// SmolLM2 with a member's top layers: what scores from frozen states.
@@ -235,25 +225,10 @@ impl TopLayers for LlamaTop {
         let data = vars.data().lock().expect("VarMap lock");
         let mut out: Vec<(String, candle_core::Var)> = data
             .iter()
-            .filter(|(name, _)| trained(name, split))
+            .filter(|(name, _)| Llama::in_top(name, split))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::trained;
-
-    #[test]
-    fn the_trained_part_is_the_layers_from_split_and_the_final_norm() {
-        assert!(trained("model.layers.29.mlp.up_proj.weight", 28));
-        assert!(trained("model.layers.28.input_layernorm.weight", 28));
-        assert!(!trained("model.layers.27.mlp.up_proj.weight", 28));
-        assert!(!trained("model.layers.2.mlp.up_proj.weight", 28));
-        assert!(trained("model.norm.weight", 28));
-        assert!(!trained("model.embed_tokens.weight", 28));
     }
 }

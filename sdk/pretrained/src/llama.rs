@@ -623,10 +623,21 @@ impl Llama {
         self.lm_head.weight()
     }
 
-    /// The prefix of layer `i`'s variable names (`model.layers.I.`), to pick
-    /// the variables a partial fine-tune trains.
+    /// The prefix of layer `i`'s variable names (`model.layers.I.`).
     pub fn layer_prefix(i: usize) -> String {
         format!("model.layers.{i}.")
+    }
+
+    /// Whether variable `name` is one a partial fine-tune from layer
+    /// `first` trains: a weight of layer `first` or above, or the final norm
+    /// (not the embedding, which is tied to the LM head).
+    pub fn in_top(name: &str, first: usize) -> bool {
+        name == "model.norm.weight"
+            || name
+                .strip_prefix("model.layers.")
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i >= first)
     }
 
     /// Next-token logits [B, T, vocab] of token ids [B, T].
@@ -908,6 +919,18 @@ pub(crate) mod tests {
         // Past the context: an error, not a panic.
         let long = Tensor::zeros((1, 60), DType::U32, &Device::Cpu).unwrap();
         assert!(model.forward_cached(&long, &mut cache).is_err());
+    }
+
+    #[test]
+    fn the_top_of_a_partial_fine_tune_is_its_layers_from_the_first_and_the_final_norm() {
+        assert!(Llama::in_top("model.layers.29.mlp.up_proj.weight", 28));
+        assert!(Llama::in_top("model.layers.28.input_layernorm.weight", 28));
+        assert!(!Llama::in_top("model.layers.27.mlp.up_proj.weight", 28));
+        // By number, not by text: layer 2 is not layer 28's prefix.
+        assert!(!Llama::in_top("model.layers.2.mlp.up_proj.weight", 28));
+        assert!(Llama::in_top("model.layers.100.mlp.up_proj.weight", 28));
+        assert!(Llama::in_top("model.norm.weight", 28));
+        assert!(!Llama::in_top("model.embed_tokens.weight", 28));
     }
 
     #[test]

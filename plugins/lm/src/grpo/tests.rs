@@ -231,12 +231,17 @@ fn equal_rewards_teach_nothing_and_inputs_are_checked() {
     assert!(err.message.contains("lm.logprobs"), "{err}");
     assert_eq!(err.config_field(), Some("kl"));
     // Without token ids: a clear error.
-    let mut text_only = comps;
+    let mut text_only = comps.clone();
     if let Record::Completion(c) = &mut text_only[0] {
         c.token_ids.clear();
     }
     let err = run(&dir, json!({}), input(text_only)).err().unwrap();
     assert!(err.message.contains("token ids"), "{err}");
+    // LoRA adapters are for SmolLM2: on hone's GPT they are refused by field.
+    let err = run(&dir, json!({"lora_rank": 4}), input(comps.clone()))
+        .err()
+        .unwrap();
+    assert_eq!(err.config_field(), Some("lora_rank"), "{err}");
     // No policy at all.
     let err = run(&dir, json!({}), vec![(0, input(vec![]).remove(1).1)]);
     assert!(err.is_ok(), "no completions: nothing to do");

@@ -82,13 +82,10 @@ impl LlamaCritic {
         };
         let varmap = VarMap::new();
         {
-            let prefixes: Vec<String> = (first_layer..config.llama.num_hidden_layers)
-                .map(Llama::layer_prefix)
-                .collect();
             let from = vars.data().lock().expect("VarMap lock");
             let mut to = varmap.data().lock().expect("VarMap lock");
             for (name, var) in from.iter() {
-                if name == "model.norm.weight" || prefixes.iter().any(|p| name.starts_with(p)) {
+                if Llama::in_top(name, first_layer) {
                     // A copy: the critic trains its own.
                     to.insert(name.clone(), Var::from_tensor(&var.as_tensor().copy()?)?);
                 }
