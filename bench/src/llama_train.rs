@@ -6,7 +6,7 @@
 //! AdamW step. Two ways of training those layers: their own weights and the
 //! final norm (14.2 M parameters), or LoRA rank 16 on their seven
 //! projections (the weights frozen). 8 sequences of 192 tokens, the last 96
-//! the response; medians of the repeats, at `RAYON_NUM_THREADS` threads.
+//! the response; medians of 5 repeats of 2 steps, at `RAYON_NUM_THREADS` threads.
 //!
 //! The first against PyTorch/transformers in the same run
 //! (bench/torch/llama_train_bench.py: the same GGUF, ids, step and AdamW),
@@ -72,7 +72,12 @@ fn time_steps(
         opt.step(&grads).unwrap();
         loss.to_scalar::<f32>().unwrap()
     };
+    // Warm-up: the first steps grow the allocator's pool (page faults) and
+    // would be timed otherwise.
     let first = step();
+    for _ in 0..2 {
+        step();
+    }
     let ms = (0..b.repeats)
         .map(|_| {
             let started = Instant::now();

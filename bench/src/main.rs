@@ -299,7 +299,7 @@ fn main() {
             tokens: 192,
             response: 96,
             steps: 2,
-            repeats: 3,
+            repeats: 5,
         });
         return;
     }

@@ -43,6 +43,8 @@ pub(crate) struct ChatTrainee {
     /// With LoRA: the model the adapters sit on (`None`: the pretrained
     /// one); `None` without LoRA.
     lora_base: Option<Option<ArtifactRef>>,
+    /// With LoRA: its alpha, for the snapshot.
+    lora_alpha: f64,
 }
 
 /// A [`ChatTrainee`] in a snapshot: its weights are its artifact's.
@@ -60,6 +62,10 @@ pub(crate) struct ChatTraineeState {
 struct LoraState {
     base: Option<ArtifactRef>,
     adapters: WeightsState,
+    /// The update's scale is alpha / rank: adapters trained under one alpha
+    /// mean another update under another (the rank and the targets show in
+    /// the adapters' shapes and names).
+    alpha: f64,
 }
 
 impl ChatTrainee {
@@ -99,6 +105,7 @@ impl ChatTrainee {
             opt,
             steps: 0,
             lora_base: lora.map(|_| policy.cloned()),
+            lora_alpha: lora.map_or(0.0, |l| l.alpha),
         })
     }
 
@@ -127,6 +134,7 @@ impl ChatTrainee {
             Some(base) => Some(LoraState {
                 base: base.clone(),
                 adapters: weights_state(&self.adapters()).or_stage(doing)?,
+                alpha: self.lora_alpha,
             }),
         };
         Ok(ChatTraineeState {
@@ -150,44 +158,56 @@ impl ChatTrainee {
         );
         let (run_dir, layers) = (spec.run_dir, spec.train_layers);
         let (device, lr) = (spec.device, spec.lr);
-        let mut t = match (&state.lora, spec.lora) {
-            (None, None) => Self::load(
-                run_dir,
-                Some(&state.artifact),
-                "",
-                layers,
-                None,
-                0,
-                device,
-                lr,
-            )?,
-            (Some(l), Some(cfg)) => {
-                let base = l.base.as_ref();
-                let mut t = Self::load(
+        let mut t =
+            match (&state.lora, spec.lora) {
+                (None, None) => Self::load(
                     run_dir,
-                    base,
-                    spec.pretrained,
+                    Some(&state.artifact),
+                    "",
                     layers,
-                    Some(cfg),
-                    spec.seed,
+                    None,
+                    0,
                     device,
                     lr,
-                )?;
-                restore_weights(&t.adapters(), &l.adapters).or_stage(&doing)?;
-                t.artifact = Some(state.artifact.clone());
-                t
-            }
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(StageError::config(
-                    "lora_rank",
-                    format!(
-                        "{doing}: it was trained {} LoRA adapters and the stage now asks {}; keep                          lora_rank as it was to resume",
+                )?,
+                (Some(l), Some(cfg)) => {
+                    if l.alpha != cfg.alpha {
+                        return Err(StageError::config(
+                            "lora_alpha",
+                            format!(
+                            "{doing}: its adapters were trained with lora_alpha {}, and the stage \
+                             now has {}; keep lora_alpha as it was to resume",
+                            l.alpha, cfg.alpha
+                        ),
+                        ));
+                    }
+                    let base = l.base.as_ref();
+                    let mut t = Self::load(
+                        run_dir,
+                        base,
+                        spec.pretrained,
+                        layers,
+                        Some(cfg),
+                        spec.seed,
+                        device,
+                        lr,
+                    )?;
+                    restore_weights(&t.adapters(), &l.adapters).or_stage(&doing)?;
+                    t.artifact = Some(state.artifact.clone());
+                    t
+                }
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(StageError::config(
+                        "lora_rank",
+                        format!(
+                        "{doing}: it was trained {} LoRA adapters and the stage now asks {}; keep \
+                         lora_rank as it was to resume",
                         if state.lora.is_some() { "with" } else { "without" },
                         if spec.lora.is_some() { "for them" } else { "for none" }
                     ),
-                ));
-            }
-        };
+                    ));
+                }
+            };
         t.opt.restore(&state.opt).or_stage(&doing)?;
         t.steps = state.steps;
         Ok(t)

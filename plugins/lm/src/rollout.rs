@@ -72,7 +72,7 @@ impl StageFactory for Rollout {
              wheel, run as hone's f32 Llama port; each prompt becomes the user turn of its ChatML template, \
              an HH-RLHF transcript its turns; a prompt's n samples decode in one batch; top_k and top_p are \
              not supported with it). Empty: the latest policy artifact, hone's GPT or a SmolLM2 one lm.sft, \
-             lm.dpo or lm.grpo wrote (sampled the same way as the pretrained one). SmolLM2 completions carry \
+             lm.dpo, lm.grpo or lm.ppo wrote (sampled the same way as the pretrained one). SmolLM2 completions carry \
              their token_ids, the closing <|im_end|> included when it was drawn.",
         )
         .placement(Placement::DataParallel)

@@ -150,7 +150,7 @@ pub(crate) enum LearnerState {
 pub(crate) fn learner_options(d: hone_sdk::StageDescriptor) -> hone_sdk::StageDescriptor {
     use hone_sdk::FieldType;
     let d = crate::tuned_llama::lora_options(d);
-    d        .optional(
+    d.optional(
             "pretrained",
             FieldType::String,
             "",
@@ -230,7 +230,8 @@ impl Learner {
             return Err(StageError::config(
                 "lora_rank",
                 format!(
-                    "LoRA adapters are for SmolLM2 policies, and {} is one of hone's GPT, which                      trains whole: set lora_rank = 0",
+                    "LoRA adapters are for SmolLM2 policies, and {} is one of hone's GPT, which \
+                     trains whole: set lora_rank = 0",
                     policy.id
                 ),
             ));

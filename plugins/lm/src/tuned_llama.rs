@@ -350,7 +350,7 @@ fn model_error(e: hone_pretrained::Error) -> hone_models::Error {
     hone_models::Error::Invalid(e.to_string())
 }
 
-/// The LoRA options lm.sft and lm.dpo share, added to `d`.
+/// The LoRA options lm.sft, lm.dpo and the online learners share, added to `d`.
 pub(crate) fn lora_options(d: hone_sdk::StageDescriptor) -> hone_sdk::StageDescriptor {
     use hone_sdk::FieldType;
     d.optional(

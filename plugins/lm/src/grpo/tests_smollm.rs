@@ -344,5 +344,14 @@ fn smollm2_grpo_with_lora_trains_the_adapters_and_resumes_exactly() {
     let mut plain = Grpo::create(&grpo_init(&dir)).unwrap();
     let err = plain.restore(0, &bytes).err().unwrap();
     assert_eq!(err.config_field(), Some("lora_rank"), "{err}");
+    // Nor into one whose alpha scales the same adapters to another update.
+    let mut other = init.clone();
+    other.config["lora_alpha"] = json!(32.0);
+    let err = Grpo::create(&other)
+        .unwrap()
+        .restore(0, &bytes)
+        .err()
+        .unwrap();
+    assert_eq!(err.config_field(), Some("lora_alpha"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
