@@ -260,23 +260,7 @@ impl Grpo {
         let mut groups: BTreeMap<String, Vec<(Completion, f64)>> = BTreeMap::new();
         let mut unscored = 0u64;
         for comp in completions {
-            // The ratio is against the sampler's log-probs: samples of
-            // another policy would train with a wrong pi_old (and, from
-            // another kind of model, ids of another vocabulary).
-            if let Learner::Chat(_) = trainee {
-                if comp.policy.as_ref() != trainee.artifact() {
-                    let name = |p: Option<&ArtifactRef>| {
-                        p.map_or_else(|| c.pretrained.clone(), |a| a.id.clone())
-                    };
-                    return Err(StageError::new(format!(
-                        "completion {} was sampled by {}, but lm.grpo trains {}: wire `policy` to \
-                         the policy lm.rollout samples (with feedback from this stage's output)",
-                        comp.id,
-                        name(comp.policy.as_ref()),
-                        name(trainee.artifact())
-                    )));
-                }
-            }
+            trainee.check_sampler(&comp, &c.pretrained, "lm.grpo")?;
             if comp.token_ids.is_empty() || comp.token_ids.len() != comp.token_logprobs.len() {
                 return Err(StageError::new(format!(
                     "completion {} has {} token ids for {} token log-probs: lm.grpo learns from \

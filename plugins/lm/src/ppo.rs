@@ -418,23 +418,7 @@ impl Ppo {
                 continue;
             };
             check_completion(&comp, needs_reference)?;
-            // The ratio is against the sampler's log-probs: samples of
-            // another policy would train with a wrong pi_old (and, from
-            // another kind of model, ids of another vocabulary).
-            if let Learner::Chat(_) = trainee {
-                if comp.policy.as_ref() != trainee.artifact() {
-                    let name = |p: Option<&ArtifactRef>| {
-                        p.map_or_else(|| c.pretrained.clone(), |a| a.id.clone())
-                    };
-                    return Err(StageError::new(format!(
-                        "completion {} was sampled by {}, but lm.ppo trains {}: wire `policy` to \
-                         the policy lm.rollout samples (with feedback from this stage's output)",
-                        comp.id,
-                        name(comp.policy.as_ref()),
-                        name(trainee.artifact())
-                    )));
-                }
-            }
+            trainee.check_sampler(&comp, &c.pretrained, "lm.ppo")?;
             let ended = comp.token_ids.last().is_some_and(|t| stop_ids.contains(t));
             no_eos += u64::from(!ended);
             let sampled = trainee.sampled(&comp, c.max_new_tokens)?;

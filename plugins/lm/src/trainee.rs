@@ -255,6 +255,31 @@ impl Learner {
         }
     }
 
+    /// An error unless `c` was sampled by the policy this learner trains
+    /// (a SmolLM2's; `pretrained` names the model before any artifact):
+    /// the ratio is against the sampler's log-probs, so samples of another
+    /// policy would train with a wrong pi_old (and, from another kind of
+    /// model, ids of another vocabulary). `stage` names the learner.
+    pub fn check_sampler(
+        &self,
+        c: &Completion,
+        pretrained: &str,
+        stage: &str,
+    ) -> Result<(), StageError> {
+        if !matches!(self, Learner::Chat(_)) || c.policy.as_ref() == self.artifact() {
+            return Ok(());
+        }
+        let name =
+            |p: Option<&ArtifactRef>| p.map_or_else(|| pretrained.to_string(), |a| a.id.clone());
+        Err(StageError::new(format!(
+            "completion {} was sampled by {}, but {stage} trains {}: wire `policy` to the policy \
+             lm.rollout samples (with feedback from this stage's output)",
+            c.id,
+            name(c.policy.as_ref()),
+            name(self.artifact())
+        )))
+    }
+
     /// A completion as teacher-forced training data, its prompt encoded as
     /// the policy's sampler encoded it.
     pub fn sampled(&self, c: &Completion, max_new_tokens: usize) -> Result<Sampled, StageError> {

@@ -86,6 +86,36 @@ pub(crate) fn reward(c: &Completion) -> f64 {
     }
 }
 
+/// The mean change of log-probability of the rewarded samples and of the
+/// others, from the sampler's to `policy`'s (scored by lm.logprobs).
+pub(crate) fn gains(
+    dir: &std::path::Path,
+    comps: &[Completion],
+    policy: &ArtifactRef,
+) -> (f64, f64) {
+    let after = under(
+        dir,
+        comps.iter().cloned().map(Record::Completion).collect(),
+        Some(policy),
+    );
+    let gain = |rewarded: bool| -> f64 {
+        let moved: Vec<f64> = after
+            .iter()
+            .filter(|c| (reward(c) > 0.0) == rewarded)
+            .map(|c| {
+                let before = comps.iter().find(|b| b.id == c.id).unwrap();
+                c.ref_logprobs
+                    .iter()
+                    .zip(&before.token_logprobs)
+                    .map(|(n, o)| f64::from(n - o))
+                    .sum()
+            })
+            .collect();
+        moved.iter().sum::<f64>() / moved.len() as f64
+    };
+    (gain(true), gain(false))
+}
+
 fn grpo_init(dir: &std::path::Path) -> StageInit {
     let config = hone_sdk::testing::full_config::<Grpo>(json!({
         "score": "reward", "pretrained": SMOLLM, "train_layers": 1, "epochs": 3,
@@ -142,27 +172,7 @@ fn smollm2_learns_from_its_own_rewarded_samples_and_resumes_exactly() {
     let a0 = out.artifacts(0).pop().expect("a policy");
     // Under the updated policy the rewarded samples gained log-probability
     // against the others.
-    let after = under(
-        &dir,
-        comps.iter().cloned().map(Record::Completion).collect(),
-        Some(&a0),
-    );
-    let gain = |rewarded: bool| -> f64 {
-        let moved: Vec<f64> = after
-            .iter()
-            .filter(|c| (reward(c) > 0.0) == rewarded)
-            .map(|c| {
-                let before = comps.iter().find(|b| b.id == c.id).unwrap();
-                c.ref_logprobs
-                    .iter()
-                    .zip(&before.token_logprobs)
-                    .map(|(n, o)| f64::from(n - o))
-                    .sum()
-            })
-            .collect();
-        moved.iter().sum::<f64>() / moved.len() as f64
-    };
-    let (up, down) = (gain(true), gain(false));
+    let (up, down) = gains(&dir, &comps, &a0);
     assert!(
         up > down + 0.5,
         "log-prob change: rewarded {up}, others {down}"
@@ -303,27 +313,7 @@ fn smollm2_grpo_with_lora_trains_the_adapters_and_resumes_exactly() {
     let out =
         hone_sdk::testing::run_round_of(&mut straight, &init, 0, inputs(&comps, None)).unwrap();
     let a0 = out.artifacts(0).pop().expect("a policy");
-    let after = under(
-        &dir,
-        comps.iter().cloned().map(Record::Completion).collect(),
-        Some(&a0),
-    );
-    let gain = |rewarded: bool| -> f64 {
-        let moved: Vec<f64> = after
-            .iter()
-            .filter(|c| (reward(c) > 0.0) == rewarded)
-            .map(|c| {
-                let before = comps.iter().find(|b| b.id == c.id).unwrap();
-                c.ref_logprobs
-                    .iter()
-                    .zip(&before.token_logprobs)
-                    .map(|(n, o)| f64::from(n - o))
-                    .sum()
-            })
-            .collect();
-        moved.iter().sum::<f64>() / moved.len() as f64
-    };
-    let (up, down) = (gain(true), gain(false));
+    let (up, down) = gains(&dir, &comps, &a0);
     assert!(
         up > down + 0.5,
         "log-prob change: rewarded {up}, others {down}"

@@ -5,7 +5,7 @@
 //! a gradient; a restored stage continues exactly.
 
 use super::*;
-use crate::grpo::tests_smollm::{inputs, reward, sampled, stage, under, NEW_TOKENS, SMOLLM};
+use crate::grpo::tests_smollm::{gains, inputs, reward, sampled, stage, NEW_TOKENS, SMOLLM};
 use crate::sft::tests::temp_run_dir;
 use hone_sdk::Collected;
 use serde_json::json;
@@ -56,27 +56,7 @@ fn smollm2_ppo_learns_from_its_own_rewarded_samples_and_resumes_exactly() {
         .is_file());
     // Under the updated policy the rewarded samples gained log-probability
     // against the others.
-    let after = under(
-        &dir,
-        comps.iter().cloned().map(Record::Completion).collect(),
-        Some(&a0),
-    );
-    let gain = |rewarded: bool| -> f64 {
-        let moved: Vec<f64> = after
-            .iter()
-            .filter(|c| (reward(c) > 0.0) == rewarded)
-            .map(|c| {
-                let before = comps.iter().find(|b| b.id == c.id).unwrap();
-                c.ref_logprobs
-                    .iter()
-                    .zip(&before.token_logprobs)
-                    .map(|(n, o)| f64::from(n - o))
-                    .sum()
-            })
-            .collect();
-        moved.iter().sum::<f64>() / moved.len() as f64
-    };
-    let (up, down) = (gain(true), gain(false));
+    let (up, down) = gains(&dir, &comps, &a0);
     assert!(
         up > down + 0.5,
         "log-prob change: rewarded {up}, others {down}"
